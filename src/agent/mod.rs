@@ -1,0 +1,370 @@
+//! The agent: on every isolated host, dials OUT to the relays and keeps `redundancy` tunnels to
+//! distinct relays; serves the streams relays open, but only to its own IPs and exposed ports.
+
+mod stream;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
+
+use crate::backoff::Backoff;
+use crate::config::AgentConfig;
+use crate::protocol::{self, close, Hello, Message, Welcome};
+
+/// How often a tunnel that lands on a relay the agent already holds is redialled from a fresh UDP
+/// port before the slot backs off.
+const DUPLICATE_REDIALS: u32 = 8;
+/// Deadline for dialling a relay (QUIC handshake + hello/welcome).
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pongs a tunnel may miss before the agent gives up on it and redials.
+const MAX_MISSED_PONGS: u32 = 3;
+
+/// What the agent shares between its tunnel slots.
+struct Shared {
+    config: AgentConfig,
+    ips: Vec<IpAddr>,
+    /// slot → relay id it currently holds.
+    held: Mutex<HashMap<usize, String>>,
+    /// Live relays as last reported by a relay; slots beyond it idle.
+    live_relays: AtomicU32,
+    tunnels_up: watch::Sender<usize>,
+}
+
+/// A running agent's observable state.
+#[derive(Clone)]
+pub struct AgentHandle {
+    tunnels: watch::Receiver<usize>,
+    ips: Vec<IpAddr>,
+}
+
+impl AgentHandle {
+    /// Number of tunnels currently up.
+    pub fn tunnels(&self) -> usize {
+        *self.tunnels.borrow()
+    }
+
+    /// Waits until at least `n` tunnels are up.
+    pub async fn wait_tunnels(&mut self, n: usize) {
+        let _ = self.tunnels.wait_for(|up| *up >= n).await;
+    }
+
+    /// The IPs the agent claims.
+    pub fn ips(&self) -> &[IpAddr] {
+        &self.ips
+    }
+}
+
+/// A configured agent, ready to [`Agent::run`].
+pub struct Agent {
+    shared: Arc<Shared>,
+}
+
+impl Agent {
+    pub fn new(config: AgentConfig) -> anyhow::Result<Self> {
+        let ips = if config.ips.is_empty() {
+            host_addresses()?
+        } else {
+            config.ips.clone()
+        };
+        if ips.is_empty() {
+            bail!(
+                "no IP to advertise: the host has no non-loopback address; set `ips` in the config"
+            );
+        }
+        let live = config.redundancy;
+        Ok(Agent {
+            shared: Arc::new(Shared {
+                config,
+                ips,
+                held: Mutex::new(HashMap::new()),
+                live_relays: AtomicU32::new(live),
+                tunnels_up: watch::channel(0).0,
+            }),
+        })
+    }
+
+    pub fn handle(&self) -> AgentHandle {
+        AgentHandle {
+            tunnels: self.shared.tunnels_up.subscribe(),
+            ips: self.shared.ips.clone(),
+        }
+    }
+
+    /// Keeps the tunnels up until `shutdown`; then lets in-flight streams finish briefly and closes.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let c = &self.shared.config;
+        tracing::info!(agent_id = %c.id, namespace = %c.namespace, ips = ?self.shared.ips,
+            ports = %c.ports.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(","), "agent starting");
+        let tasks = TaskTracker::new();
+        for slot in 0..c.redundancy as usize {
+            let shared = self.shared.clone();
+            let shutdown = shutdown.clone();
+            tasks.spawn(
+                async move { shared.run_slot(slot, shutdown).await }
+                    .instrument(tracing::info_span!("tunnel", slot)),
+            );
+        }
+        tasks.close();
+        tasks.wait().await;
+        Ok(())
+    }
+}
+
+impl Shared {
+    fn lock_held(&self) -> std::sync::MutexGuard<'_, HashMap<usize, String>> {
+        // The map holds plain strings; a poisoned lock still holds a coherent map.
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wanted(&self) -> usize {
+        self.config
+            .redundancy
+            .min(self.live_relays.load(Ordering::Relaxed).max(1)) as usize
+    }
+
+    /// One tunnel slot: dial, serve until the tunnel ends, back off, repeat.
+    async fn run_slot(self: Arc<Self>, slot: usize, shutdown: CancellationToken) {
+        let mut backoff = Backoff::new(self.config.reconnect_min, self.config.reconnect_max);
+        let mut duplicates = 0u32;
+        // Slots start staggered so the first tunnel's Welcome can tell the others the cluster size.
+        if slot > 0 {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(self.config.reconnect_min * slot as u32) => {}
+            }
+        }
+        while !shutdown.is_cancelled() {
+            if slot >= self.wanted() {
+                // The cluster is smaller than `redundancy`: idle, and look again later.
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(self.config.reconnect_max.min(Duration::from_secs(5))) => continue,
+                }
+            }
+            match self.dial().await {
+                Ok(tunnel) => {
+                    self.live_relays
+                        .store(tunnel.welcome.live_relays, Ordering::Relaxed);
+                    let duplicate = {
+                        let mut held = self.lock_held();
+                        let dup = held
+                            .iter()
+                            .any(|(s, r)| *s != slot && *r == tunnel.welcome.relay_id);
+                        if !dup {
+                            held.insert(slot, tunnel.welcome.relay_id.clone());
+                        }
+                        dup
+                    };
+                    if duplicate {
+                        tracing::debug!(relay_id = %tunnel.welcome.relay_id, "tunnel landed on a relay already held");
+                        tunnel
+                            .connection
+                            .close(close::DUPLICATE.into(), b"duplicate relay");
+                        if slot < self.wanted() && duplicates < DUPLICATE_REDIALS {
+                            // Redial at once: a fresh UDP port is a new 5-tuple for the load balancer.
+                            duplicates += 1;
+                            continue;
+                        }
+                        duplicates = 0;
+                    } else {
+                        duplicates = 0;
+                        backoff.reset();
+                        self.tunnels_up.send_modify(|n| *n += 1);
+                        let relay_id = tunnel.welcome.relay_id.clone();
+                        tracing::info!(%relay_id, session_id = tunnel.welcome.session_id, "tunnel up");
+                        let result = self.serve(tunnel, &shutdown).await;
+                        self.tunnels_up.send_modify(|n| *n -= 1);
+                        self.lock_held().remove(&slot);
+                        match result {
+                            Ok(()) => tracing::info!(%relay_id, "tunnel closed"),
+                            Err(err) => {
+                                tracing::warn!(%relay_id, err = format!("{err:#}"), "tunnel lost")
+                            }
+                        }
+                    }
+                }
+                Err(err) => tracing::warn!(err = format!("{err:#}"), "dial failed"),
+            }
+            let delay = backoff.next_delay();
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Dials one relay endpoint from a fresh UDP port and completes the hello.
+    async fn dial(&self) -> anyhow::Result<Tunnel> {
+        let addrs = self.resolve_relays().await?;
+        let mut last_err = None;
+        for addr in addrs {
+            match tokio::time::timeout(DIAL_TIMEOUT, self.dial_addr(addr)).await {
+                Ok(Ok(tunnel)) => return Ok(tunnel),
+                Ok(Err(err)) => last_err = Some(err.context(format!("relay {addr}"))),
+                Err(_) => last_err = Some(anyhow::anyhow!("relay {addr}: timed out")),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| anyhow::anyhow!("no relay endpoint resolved")))
+    }
+
+    /// Every address of every endpoint, shuffled so agents spread over a multi-address name.
+    async fn resolve_relays(&self) -> anyhow::Result<Vec<SocketAddr>> {
+        use rand::seq::SliceRandom as _;
+        let mut addrs = Vec::new();
+        for endpoint in &self.config.relays {
+            match tokio::net::lookup_host(endpoint.as_str()).await {
+                Ok(found) => addrs.extend(found),
+                Err(err) => tracing::warn!(%endpoint, %err, "cannot resolve relay endpoint"),
+            }
+        }
+        addrs.shuffle(&mut rand::rng());
+        Ok(addrs)
+    }
+
+    async fn dial_addr(&self, addr: SocketAddr) -> anyhow::Result<Tunnel> {
+        let c = &self.config;
+        let bind: SocketAddr = if addr.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            ([0u16; 8], 0).into()
+        };
+        let mut endpoint = crate::tls::bind_endpoint(bind, None, c.transport.udp_buffer)?;
+        let transport = Arc::new(c.transport.quinn(c.max_streams));
+        endpoint.set_default_client_config(crate::tls::client_config(
+            &c.trust,
+            protocol::ALPN_AGENT,
+            None,
+            transport,
+        )?);
+        let connection = endpoint
+            .connect(addr, &c.server_name)?
+            .await
+            .context("QUIC handshake")?;
+        let (mut send, mut recv) = connection.open_bi().await?;
+        let hello = Hello {
+            agent_id: c.id.clone(),
+            namespace: c.namespace.clone(),
+            ips: self.ips.clone(),
+            ports: c.ports.clone(),
+            token: c.token.expose().to_string(),
+        };
+        protocol::write_message(&mut send, &Message::Hello(hello)).await?;
+        match protocol::read_message_timeout(&mut recv, protocol::HELLO_TIMEOUT).await? {
+            Message::Welcome(welcome) => Ok(Tunnel {
+                endpoint,
+                connection,
+                control: (send, recv),
+                welcome,
+            }),
+            Message::Reject(reject) => bail!(
+                "relay rejected the agent ({:?}): {}",
+                reject.code,
+                reject.reason
+            ),
+            other => bail!(protocol::Error::unexpected(&other)),
+        }
+    }
+
+    /// Serves relay-opened streams and pings the relay until the tunnel ends or `shutdown`.
+    async fn serve(&self, tunnel: Tunnel, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let Tunnel {
+            endpoint,
+            connection,
+            control: (mut send, mut recv),
+            welcome,
+        } = tunnel;
+        let streams = TaskTracker::new();
+        let ping = async {
+            let mut nonce = 0u64;
+            let mut interval = tokio::time::interval(protocol::PING_INTERVAL);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut outstanding = 0u32;
+            loop {
+                tokio::select! {
+                    _ = interval.tick() => {
+                        if outstanding >= MAX_MISSED_PONGS {
+                            bail!("relay missed {outstanding} pongs");
+                        }
+                        nonce += 1;
+                        outstanding += 1;
+                        protocol::write_message(&mut send, &Message::Ping { nonce }).await?;
+                    }
+                    msg = protocol::read_message(&mut recv) => match msg? {
+                        Message::Pong { .. } => outstanding = 0,
+                        Message::Drain { grace_ms } => {
+                            tracing::info!(grace_ms, "relay is draining; redialling");
+                            return Ok(());
+                        }
+                        other => bail!(protocol::Error::unexpected(&other)),
+                    },
+                }
+            }
+        };
+        let accept = async {
+            loop {
+                let (send, recv) = connection.accept_bi().await?;
+                let shared_ips = self.ips.clone();
+                let ports = self.config.ports.clone();
+                let connect_timeout = self.config.connect_timeout;
+                let session_id = welcome.session_id;
+                streams.spawn(stream::serve(
+                    send,
+                    recv,
+                    stream::Policy {
+                        ips: shared_ips,
+                        ports,
+                        session_id,
+                        connect_timeout,
+                    },
+                ));
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), anyhow::Error>(())
+        };
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => Ok(()),
+            r = ping => r,
+            r = accept => r,
+        };
+        // Let in-flight streams finish briefly, then close the tunnel.
+        streams.close();
+        if shutdown.is_cancelled() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), streams.wait()).await;
+        }
+        connection.close(close::SHUTDOWN.into(), b"agent closing tunnel");
+        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        result
+    }
+}
+
+struct Tunnel {
+    endpoint: quinn::Endpoint,
+    connection: quinn::Connection,
+    control: (quinn::SendStream, quinn::RecvStream),
+    welcome: Welcome,
+}
+
+/// The host's own addresses: not loopback, not link-local, not unspecified.
+fn host_addresses() -> anyhow::Result<Vec<IpAddr>> {
+    let mut ips: Vec<IpAddr> = if_addrs::get_if_addrs()
+        .context("listing the host's addresses")?
+        .into_iter()
+        .map(|i| i.ip())
+        .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+        .filter(|ip| match ip {
+            IpAddr::V4(v4) => !v4.is_link_local(),
+            IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) != 0xfe80,
+        })
+        .collect();
+    ips.sort();
+    ips.dedup();
+    Ok(ips)
+}

@@ -1,0 +1,769 @@
+//! Configuration: TOML files (`*File` structs, `deny_unknown_fields`) converted once into runtime
+//! structs with every default applied, every secret read and every certificate loaded — so a config
+//! that converts is a config that runs, and `postern check` is just the conversion.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer};
+
+use crate::protocol::PortRange;
+use crate::tls::{self, Identity, Trust};
+
+/// Errors loading or converting a config.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+    #[error("{key}: {source}")]
+    Tls { key: String, source: tls::Error },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> Error {
+    Error::Invalid {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+/// A duration written the human way: `"250ms"`, `"10s"`, `"2m"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map(HumanDuration)
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
+    }
+}
+
+/// A secret: `"env:NAME"` reads an environment variable, `"file:/path"` a file (trailing newline
+/// trimmed), anything else is the literal value. `Debug` never prints it.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Resolves a `env:` / `file:` / literal reference; `key` names the config key in errors.
+    pub fn resolve(reference: &str, key: &str) -> Result<Self, Error> {
+        if let Some(var) = reference.strip_prefix("env:") {
+            std::env::var(var)
+                .map(Secret)
+                .map_err(|_| invalid(key, format!("environment variable {var} is not set")))
+        } else if let Some(path) = reference.strip_prefix("file:") {
+            std::fs::read_to_string(path)
+                .map(|s| Secret(s.trim_end_matches(['\n', '\r']).to_string()))
+                .map_err(|e| invalid(key, format!("cannot read secret file {path}: {e}")))
+        } else {
+            Ok(Secret(reference.to_string()))
+        }
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(****)")
+    }
+}
+
+/// Lower-case hex SHA-256 of a token, as stored in relay configs.
+pub fn token_hash(token: &str) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref())
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn parse_hex32(s: &str, key: &str) -> Result<[u8; 32], Error> {
+    let s = s.trim();
+    if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(invalid(key, "expected 64 hex digits (a SHA-256)"));
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16)
+            .map_err(|e| invalid(key, e.to_string()))?;
+    }
+    Ok(out)
+}
+
+fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Error> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_toml(&text, path)
+}
+
+/// Parses TOML text; `origin` only names the source in errors.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, origin: &Path) -> Result<T, Error> {
+    toml::from_str(text).map_err(|e| Error::Parse {
+        path: origin.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+fn default_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "postern".to_string())
+}
+
+fn identity(cert: &Path, key: &Path, key_name: &str) -> Result<Identity, Error> {
+    let chain = tls::load_certs(cert).map_err(|source| Error::Tls {
+        key: format!("{key_name}.cert"),
+        source,
+    })?;
+    let key = tls::load_key(key).map_err(|source| Error::Tls {
+        key: format!("{key_name}.key"),
+        source,
+    })?;
+    Ok(Identity { chain, key })
+}
+
+pub(crate) fn check_namespace(ns: &str, key: &str) -> Result<(), Error> {
+    let ok = !ns.is_empty()
+        && ns.len() <= 63
+        && ns
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            format!("namespace {ns:?} must be 1-63 of [A-Za-z0-9_-]"),
+        ))
+    }
+}
+
+/// Agent ids appear in route values and in `<agent-id>.<suffix>` names: DNS-label characters only.
+pub(crate) fn check_agent_id(id: &str, key: &str) -> Result<(), Error> {
+    let ok = !id.is_empty()
+        && id.len() <= 63
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !id.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            format!("agent id {id:?} must be a DNS label (1-63 of [A-Za-z0-9-])"),
+        ))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// QUIC transport knobs shared by every role.
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransportFile {
+    pub idle_timeout: Option<HumanDuration>,
+    pub keep_alive: Option<HumanDuration>,
+    pub stream_window: Option<ByteSize>,
+    pub connection_window: Option<ByteSize>,
+    pub send_window: Option<ByteSize>,
+    pub udp_buffer: Option<ByteSize>,
+}
+
+/// QUIC transport settings. quinn's connection receive window is unbounded by default; ours never is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transport {
+    pub idle_timeout: Duration,
+    pub keep_alive: Duration,
+    pub stream_window: u64,
+    pub connection_window: u64,
+    pub send_window: u64,
+    pub udp_buffer: usize,
+}
+
+impl Default for Transport {
+    fn default() -> Self {
+        Transport {
+            idle_timeout: Duration::from_secs(30),
+            keep_alive: Duration::from_secs(5),
+            stream_window: 2 * 1024 * 1024,
+            connection_window: 16 * 1024 * 1024,
+            send_window: 16 * 1024 * 1024,
+            udp_buffer: 4 * 1024 * 1024,
+        }
+    }
+}
+
+impl Transport {
+    fn from_file(f: TransportFile, key: &str) -> Result<Self, Error> {
+        let d = Transport::default();
+        let t = Transport {
+            idle_timeout: f.idle_timeout.map_or(d.idle_timeout, |v| v.0),
+            keep_alive: f.keep_alive.map_or(d.keep_alive, |v| v.0),
+            stream_window: f.stream_window.map_or(d.stream_window, |v| v.as_u64()),
+            connection_window: f
+                .connection_window
+                .map_or(d.connection_window, |v| v.as_u64()),
+            send_window: f.send_window.map_or(d.send_window, |v| v.as_u64()),
+            udp_buffer: f.udp_buffer.map_or(d.udp_buffer, |v| v.as_u64() as usize),
+        };
+        if t.keep_alive >= t.idle_timeout {
+            return Err(invalid(
+                &format!("{key}.keep_alive"),
+                "must be shorter than idle_timeout",
+            ));
+        }
+        if t.stream_window < 16 * 1024 || t.connection_window < t.stream_window {
+            return Err(invalid(
+                &format!("{key}.connection_window"),
+                "stream_window must be at least 16KiB and connection_window at least stream_window",
+            ));
+        }
+        Ok(t)
+    }
+
+    /// The quinn transport config for these settings. `max_bidi` is how many streams the *remote*
+    /// side may open concurrently (quinn reserves state for each up front).
+    pub fn quinn(&self, max_bidi: u32) -> quinn::TransportConfig {
+        let mut t = quinn::TransportConfig::default();
+        let window = |v: u64| quinn::VarInt::from_u64(v).unwrap_or(quinn::VarInt::MAX);
+        t.max_concurrent_bidi_streams(max_bidi.into())
+            .max_concurrent_uni_streams(0u32.into())
+            .stream_receive_window(window(self.stream_window))
+            .receive_window(window(self.connection_window))
+            .send_window(self.send_window)
+            .keep_alive_interval(Some(self.keep_alive))
+            .max_idle_timeout(quinn::IdleTimeout::try_from(self.idle_timeout).ok());
+        t
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Agent.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentFile {
+    pub id: Option<String>,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    pub relays: Vec<String>,
+    pub server_name: Option<String>,
+    pub ca: Option<PathBuf>,
+    pub pin: Option<String>,
+    pub token: Option<String>,
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
+    pub ports: Vec<String>,
+    pub redundancy: Option<u32>,
+    pub reconnect_min: Option<HumanDuration>,
+    pub reconnect_max: Option<HumanDuration>,
+    pub connect_timeout: Option<HumanDuration>,
+    pub max_streams: Option<u32>,
+    #[serde(default)]
+    pub transport: TransportFile,
+}
+
+/// A running agent's settings.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub id: String,
+    pub namespace: String,
+    /// `host:port` endpoints (a VIP, several, or a DNS name with many addresses).
+    pub relays: Vec<String>,
+    /// TLS name the relay's certificate must carry (CA trust only).
+    pub server_name: String,
+    pub trust: Trust,
+    pub token: Secret,
+    /// Addresses this agent claims; empty means "the host's own addresses, found at start".
+    pub ips: Vec<IpAddr>,
+    pub ports: Vec<PortRange>,
+    pub redundancy: u32,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    pub connect_timeout: Duration,
+    /// Concurrent proxied connections a relay may open on one tunnel.
+    pub max_streams: u32,
+    pub transport: Transport,
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        Self::from_file(read_toml(path)?)
+    }
+
+    pub fn from_file(f: AgentFile) -> Result<Self, Error> {
+        let id = f.id.unwrap_or_else(default_hostname);
+        check_agent_id(&id, "id")?;
+        let namespace = f.namespace.unwrap_or_else(|| "default".to_string());
+        check_namespace(&namespace, "namespace")?;
+        if f.relays.is_empty() {
+            return Err(invalid(
+                "relays",
+                "at least one relay endpoint (host:port) is required",
+            ));
+        }
+        for r in &f.relays {
+            if r.rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_none()
+            {
+                return Err(invalid("relays", format!("{r:?} is not host:port")));
+            }
+        }
+        let server_name = match f.server_name {
+            Some(n) => n,
+            None => host_of(&f.relays[0]).to_string(),
+        };
+        let trust = match (f.ca, f.pin) {
+            (Some(_), Some(_)) => return Err(invalid("pin", "set either ca or pin, not both")),
+            (Some(ca), None) => Trust::Ca(tls::load_certs(&ca).map_err(|source| Error::Tls {
+                key: "ca".into(),
+                source,
+            })?),
+            (None, Some(pin)) => Trust::Pin(tls::parse_pin(&pin).map_err(|source| Error::Tls {
+                key: "pin".into(),
+                source,
+            })?),
+            (None, None) => return Err(invalid("ca", "the relay must be verified: set ca or pin")),
+        };
+        let token = match f.token {
+            Some(t) => Secret::resolve(&t, "token")?,
+            None => {
+                return Err(invalid(
+                    "token",
+                    "required (e.g. token = \"env:POSTERN_AGENT_TOKEN\")",
+                ))
+            }
+        };
+        if token.expose().is_empty() {
+            return Err(invalid("token", "is empty"));
+        }
+        if f.ports.is_empty() {
+            return Err(invalid(
+                "ports",
+                "list at least one port to expose (e.g. [\"9100\"])",
+            ));
+        }
+        let ports = f
+            .ports
+            .iter()
+            .map(|p| p.parse::<PortRange>().map_err(|m| invalid("ports", m)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let redundancy = f.redundancy.unwrap_or(2);
+        if !(1..=8).contains(&redundancy) {
+            return Err(invalid("redundancy", "must be 1-8"));
+        }
+        let reconnect_min = f.reconnect_min.map_or(Duration::from_millis(200), |d| d.0);
+        let reconnect_max = f.reconnect_max.map_or(Duration::from_secs(30), |d| d.0);
+        if reconnect_min.is_zero() || reconnect_min > reconnect_max {
+            return Err(invalid("reconnect_min", "must be > 0 and <= reconnect_max"));
+        }
+        let max_streams = f.max_streams.unwrap_or(1024);
+        if max_streams == 0 {
+            return Err(invalid("max_streams", "must be at least 1"));
+        }
+        Ok(AgentConfig {
+            id,
+            namespace,
+            relays: f.relays,
+            server_name,
+            trust,
+            token,
+            ips: f.ips,
+            ports,
+            redundancy,
+            reconnect_min,
+            reconnect_max,
+            connect_timeout: f
+                .connect_timeout
+                .map_or(crate::protocol::CONNECT_TIMEOUT, |d| d.0),
+            max_streams,
+            transport: Transport::from_file(f.transport, "transport")?,
+        })
+    }
+}
+
+/// The host part of `host:port` / `[v6]:port`.
+pub fn host_of(endpoint: &str) -> &str {
+    let host = endpoint.rsplit_once(':').map_or(endpoint, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+// ---------------------------------------------------------------------------------------------
+// Relay.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayFile {
+    pub id: Option<String>,
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    #[serde(default)]
+    pub agents: Vec<AgentCredentialFile>,
+    pub drain_grace: Option<HumanDuration>,
+    #[serde(default)]
+    pub transport: TransportFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentCredentialFile {
+    pub name: String,
+    pub token_sha256: String,
+    pub allow: Vec<IpNet>,
+    pub namespaces: Option<Vec<String>>,
+}
+
+/// One agent credential: a token (stored as its SHA-256) and the address ranges it may claim.
+#[derive(Clone, Debug)]
+pub struct AgentCredential {
+    pub name: String,
+    pub token_sha256: [u8; 32],
+    pub allow: Vec<IpNet>,
+    /// Namespaces this credential may join; empty = any.
+    pub namespaces: Vec<String>,
+}
+
+impl AgentCredential {
+    /// A credential for `token` allowed to claim `allow` (used by tests and the demo).
+    pub fn new(name: &str, token: &str, allow: Vec<IpNet>) -> Self {
+        let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+        let mut token_sha256 = [0u8; 32];
+        token_sha256.copy_from_slice(digest.as_ref());
+        AgentCredential {
+            name: name.to_string(),
+            token_sha256,
+            allow,
+            namespaces: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct RelayConfig {
+    pub id: String,
+    pub listen: SocketAddr,
+    pub identity: Identity,
+    pub agents: Vec<AgentCredential>,
+    pub drain_grace: Duration,
+    pub transport: Transport,
+}
+
+impl RelayConfig {
+    pub fn from_file(f: RelayFile) -> Result<Self, Error> {
+        let id = f.id.unwrap_or_else(default_hostname);
+        check_agent_id(&id, "relay.id")?;
+        let identity = identity(&f.cert, &f.key, "relay")?;
+        let mut agents = Vec::with_capacity(f.agents.len());
+        for (i, a) in f.agents.into_iter().enumerate() {
+            let key = format!("relay.agents[{i}]");
+            if a.allow.is_empty() {
+                return Err(invalid(
+                    &format!("{key}.allow"),
+                    "list the CIDRs this agent may claim",
+                ));
+            }
+            let namespaces = a.namespaces.unwrap_or_default();
+            for ns in &namespaces {
+                check_namespace(ns, &format!("{key}.namespaces"))?;
+            }
+            agents.push(AgentCredential {
+                token_sha256: parse_hex32(&a.token_sha256, &format!("{key}.token_sha256"))?,
+                name: a.name,
+                allow: a.allow,
+                namespaces,
+            });
+        }
+        Ok(RelayConfig {
+            id,
+            listen: f.listen,
+            identity,
+            agents,
+            drain_grace: f.drain_grace.map_or(Duration::from_secs(30), |d| d.0),
+            transport: Transport::from_file(f.transport, "relay.transport")?,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gateway.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayFile {
+    pub socks5: Option<SocketAddr>,
+    pub namespace: Option<String>,
+    pub agent_suffix: Option<String>,
+    #[serde(default)]
+    pub resolve_names: bool,
+    pub handshake_timeout: Option<HumanDuration>,
+    pub max_connections: Option<usize>,
+    #[serde(default)]
+    pub users: Vec<UserFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserFile {
+    pub name: String,
+    pub password: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct User {
+    pub name: String,
+    pub password: Secret,
+}
+
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    pub socks5: Option<SocketAddr>,
+    /// Namespace for clients that do not pick one.
+    pub namespace: String,
+    /// `<agent-id>.<agent_suffix>` names route to that agent.
+    pub agent_suffix: String,
+    /// Resolve other names with the system resolver (then route by IP); off by default.
+    pub resolve_names: bool,
+    pub handshake_timeout: Duration,
+    pub max_connections: usize,
+    /// Empty: no authentication.
+    pub users: Vec<User>,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            socks5: Some(SocketAddr::from(([127, 0, 0, 1], 1080))),
+            namespace: "default".into(),
+            agent_suffix: "postern".into(),
+            resolve_names: false,
+            handshake_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            users: Vec::new(),
+        }
+    }
+}
+
+impl GatewayConfig {
+    pub fn from_file(f: GatewayFile) -> Result<Self, Error> {
+        let d = GatewayConfig::default();
+        let namespace = f.namespace.unwrap_or(d.namespace);
+        check_namespace(&namespace, "gateway.namespace")?;
+        let agent_suffix = f
+            .agent_suffix
+            .unwrap_or(d.agent_suffix)
+            .trim_matches('.')
+            .to_ascii_lowercase();
+        if agent_suffix.is_empty() {
+            return Err(invalid("gateway.agent_suffix", "must not be empty"));
+        }
+        let mut users = Vec::with_capacity(f.users.len());
+        for (i, u) in f.users.into_iter().enumerate() {
+            if u.name.is_empty() || u.name.len() > 255 {
+                return Err(invalid(
+                    &format!("gateway.users[{i}].name"),
+                    "must be 1-255 bytes",
+                ));
+            }
+            let password = Secret::resolve(&u.password, &format!("gateway.users[{i}].password"))?;
+            if password.expose().is_empty() || password.expose().len() > 255 {
+                return Err(invalid(
+                    &format!("gateway.users[{i}].password"),
+                    "must be 1-255 bytes",
+                ));
+            }
+            users.push(User {
+                name: u.name,
+                password,
+            });
+        }
+        let max_connections = f.max_connections.unwrap_or(d.max_connections);
+        if max_connections == 0 {
+            return Err(invalid("gateway.max_connections", "must be at least 1"));
+        }
+        Ok(GatewayConfig {
+            socks5: f.socks5,
+            namespace,
+            agent_suffix,
+            resolve_names: f.resolve_names,
+            handshake_timeout: f.handshake_timeout.map_or(d.handshake_timeout, |v| v.0),
+            max_connections,
+            users,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Registry.
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct RegistryFile {
+    pub kind: Option<RegistryKind>,
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    pub prefix: Option<String>,
+    pub lease_ttl: Option<HumanDuration>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RegistryKind {
+    #[default]
+    Memory,
+    Etcd,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RegistryConfig {
+    /// Embedded, single process.
+    Memory,
+    /// etcd v3.
+    Etcd {
+        endpoints: Vec<String>,
+        prefix: String,
+        lease_ttl: Duration,
+    },
+}
+
+impl RegistryConfig {
+    pub fn from_file(f: RegistryFile) -> Result<Self, Error> {
+        match f.kind.unwrap_or_default() {
+            RegistryKind::Memory => {
+                if !f.endpoints.is_empty() {
+                    return Err(invalid(
+                        "registry.endpoints",
+                        "only meaningful with kind = \"etcd\"",
+                    ));
+                }
+                Ok(RegistryConfig::Memory)
+            }
+            RegistryKind::Etcd => {
+                if f.endpoints.is_empty() {
+                    return Err(invalid(
+                        "registry.endpoints",
+                        "etcd needs at least one endpoint",
+                    ));
+                }
+                let lease_ttl = f.lease_ttl.map_or(Duration::from_secs(10), |d| d.0);
+                if lease_ttl < Duration::from_secs(2) {
+                    return Err(invalid("registry.lease_ttl", "must be at least 2s"));
+                }
+                Ok(RegistryConfig::Etcd {
+                    endpoints: f.endpoints,
+                    prefix: f
+                        .prefix
+                        .unwrap_or_else(|| "/postern".into())
+                        .trim_end_matches('/')
+                        .to_string(),
+                    lease_ttl,
+                })
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// `postern server`: relay + gateway in one process.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerFile {
+    pub relay: RelayFile,
+    pub gateway: GatewayFile,
+    #[serde(default)]
+    pub registry: RegistryFile,
+}
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub relay: RelayConfig,
+    pub gateway: GatewayConfig,
+    pub registry: RegistryConfig,
+}
+
+impl ServerConfig {
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        Self::from_file(read_toml(path)?)
+    }
+
+    pub fn from_file(f: ServerFile) -> Result<Self, Error> {
+        Ok(ServerConfig {
+            relay: RelayConfig::from_file(f.relay)?,
+            gateway: GatewayConfig::from_file(f.gateway)?,
+            registry: RegistryConfig::from_file(f.registry)?,
+        })
+    }
+}
+
+/// What kind of config a file holds, told by its top-level keys (for `postern check`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Agent,
+    Server,
+}
+
+/// Loads and converts `path` as `role` (or the role its top-level keys suggest), returning a
+/// one-line summary on success.
+pub fn check(path: &Path, role: Option<Role>) -> Result<String, Error> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let role = match role {
+        Some(r) => r,
+        None => {
+            let table: toml::Table = parse_toml(&text, path)?;
+            if table.contains_key("relays") {
+                Role::Agent
+            } else {
+                Role::Server
+            }
+        }
+    };
+    match role {
+        Role::Agent => {
+            let c = AgentConfig::from_file(parse_toml(&text, path)?)?;
+            Ok(format!(
+                "agent config OK: id {}, namespace {}, {} relay endpoint(s), {} port range(s)",
+                c.id,
+                c.namespace,
+                c.relays.len(),
+                c.ports.len()
+            ))
+        }
+        Role::Server => {
+            let c = ServerConfig::from_file(parse_toml(&text, path)?)?;
+            Ok(format!(
+                "server config OK: relay {} on {}, {} agent credential(s), socks5 {}",
+                c.relay.id,
+                c.relay.listen,
+                c.relay.agents.len(),
+                c.gateway
+                    .socks5
+                    .map_or("off".to_string(), |a| a.to_string())
+            ))
+        }
+    }
+}

@@ -1,0 +1,559 @@
+//! The whole wire protocol in one place: ALPNs, messages, result codes, limits and timeouts.
+//!
+//! Every control message is one frame: `[version: u8][length: u32 big-endian][JSON body]`. The body is
+//! bounded by [`MAX_FRAME_LEN`], every read runs under a deadline, and decoding returns an [`Error`] on
+//! any input — hostile bytes end the stream, never the process.
+//!
+//! Streams:
+//! * agent → relay, the first bidirectional stream of a tunnel (control): [`Hello`] → [`Welcome`] or
+//!   [`Reject`], then [`Message::Ping`]/[`Message::Pong`] and [`Message::Drain`] for the tunnel's life.
+//! * relay → agent, one bidirectional stream per proxied connection: [`Open`] → [`OpenResult`], then
+//!   raw bytes both ways; a FIN carries a TCP half-close.
+//! * gateway → relay (peer ALPN), one stream per proxied connection: [`Forward`] → [`ForwardResult`],
+//!   then raw bytes.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+pub use crate::tls::{ALPN_AGENT, ALPN_PEER};
+
+/// Protocol version carried in every frame; a peer speaking another version is refused.
+pub const VERSION: u8 = 1;
+/// Largest accepted frame body. A `Hello` listing a few thousand addresses fits; anything larger is
+/// hostile or broken.
+pub const MAX_FRAME_LEN: usize = 64 * 1024;
+/// Deadline for the agent's `Hello` after its QUIC handshake completed.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline for the answer to `Open` / `Forward` (covers the agent's TCP connect to its service).
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline for the agent's TCP connect to a local service.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the agent pings on its control stream; a tunnel that misses a few pongs is redialled.
+pub const PING_INTERVAL: Duration = Duration::from_secs(5);
+
+/// QUIC application error codes used when closing connections and resetting streams.
+pub mod close {
+    /// Normal shutdown.
+    pub const SHUTDOWN: u32 = 0;
+    /// The peer broke the protocol (bad frame, unexpected message, timeout).
+    pub const PROTOCOL: u32 = 1;
+    /// The agent was rejected (credentials or claims).
+    pub const REJECTED: u32 = 2;
+    /// The tunnel is redundant (landed on a relay the agent already holds).
+    pub const DUPLICATE: u32 = 3;
+    /// A proxied connection failed mid-way; the stream is reset so the far end does not mistake
+    /// truncated data for a clean end.
+    pub const STREAM_ABORTED: u32 = 4;
+    /// The relay drained and its grace period ended.
+    pub const DRAINED: u32 = 5;
+}
+
+/// Why a connection could not be opened, shared by every hop so that an agent's answer reaches the
+/// client as the right SOCKS5 reply or HTTP status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Code {
+    Ok,
+    /// The target IP is not one of the agent's own addresses (a stale route).
+    NotMine,
+    /// The port is not exposed, or a rule forbids the connection.
+    NotAllowed,
+    /// No route (no agent) for the target.
+    NoRoute,
+    /// The relay no longer has the session the route named (a stale route).
+    NoSuchSession,
+    /// The agent's service refused the connection.
+    ConnectionRefused,
+    /// The agent could not reach its service.
+    Unreachable,
+    /// A deadline passed.
+    Timeout,
+    /// Credentials missing or wrong.
+    Unauthorized,
+    /// The relay or tunnel is draining and takes no new streams.
+    Draining,
+    /// The peer sent something the protocol does not allow.
+    BadRequest,
+    /// An internal failure (e.g. the tunnel broke while opening).
+    Internal,
+}
+
+impl Code {
+    /// The SOCKS5 reply code (RFC 1928 §6).
+    pub fn socks5_reply(self) -> u8 {
+        match self {
+            Code::Ok => 0x00,
+            Code::NotAllowed | Code::Unauthorized => 0x02,
+            Code::NoRoute
+            | Code::NotMine
+            | Code::NoSuchSession
+            | Code::Unreachable
+            | Code::Draining => 0x04,
+            Code::ConnectionRefused => 0x05,
+            Code::Timeout => 0x06,
+            Code::BadRequest | Code::Internal => 0x01,
+        }
+    }
+
+    /// The HTTP status a proxy answers with.
+    pub fn http_status(self) -> u16 {
+        match self {
+            Code::Ok => 200,
+            Code::NotAllowed => 403,
+            Code::Unauthorized => 407,
+            Code::BadRequest => 400,
+            Code::Timeout => 504,
+            Code::NoRoute
+            | Code::NotMine
+            | Code::NoSuchSession
+            | Code::ConnectionRefused
+            | Code::Unreachable
+            | Code::Draining
+            | Code::Internal => 502,
+        }
+    }
+
+    /// A short human sentence for logs and HTTP error bodies.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Code::Ok => "ok",
+            Code::NotMine => "the agent does not own this address",
+            Code::NotAllowed => "port not exposed or not allowed",
+            Code::NoRoute => "no route to this address",
+            Code::NoSuchSession => "tunnel session no longer exists",
+            Code::ConnectionRefused => "connection refused by the target",
+            Code::Unreachable => "target unreachable from the agent",
+            Code::Timeout => "timed out",
+            Code::Unauthorized => "authentication required",
+            Code::Draining => "relay is draining",
+            Code::BadRequest => "bad request",
+            Code::Internal => "relay unavailable",
+        }
+    }
+
+    /// Whether another owner of the same route may succeed where this one failed.
+    pub fn try_next_owner(self) -> bool {
+        matches!(
+            self,
+            Code::NotMine | Code::NoSuchSession | Code::Draining | Code::Internal | Code::Timeout
+        )
+    }
+}
+
+impl std::fmt::Display for Code {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.describe())
+    }
+}
+
+/// The agent's greeting on its control stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub agent_id: String,
+    pub namespace: String,
+    pub ips: Vec<IpAddr>,
+    pub ports: Vec<PortRange>,
+    /// Bearer token; empty when the agent authenticates by client certificate.
+    pub token: String,
+}
+
+/// An inclusive port range; a single port is `start == end`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PortRange {
+    pub start: u16,
+    pub end: u16,
+}
+
+impl PortRange {
+    pub fn contains(&self, port: u16) -> bool {
+        self.start <= port && port <= self.end
+    }
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.start == self.end {
+            write!(f, "{}", self.start)
+        } else {
+            write!(f, "{}-{}", self.start, self.end)
+        }
+    }
+}
+
+impl std::str::FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let parse = |p: &str| {
+            p.trim()
+                .parse::<u16>()
+                .map_err(|_| format!("invalid port {p:?} (expected 1-65535)"))
+                .and_then(|n| {
+                    if n == 0 {
+                        Err("port 0 is not a port".to_string())
+                    } else {
+                        Ok(n)
+                    }
+                })
+        };
+        let (start, end) = match s.split_once('-') {
+            Some((a, b)) => (parse(a)?, parse(b)?),
+            None => {
+                let p = parse(s)?;
+                (p, p)
+            }
+        };
+        if start > end {
+            return Err(format!("port range {s:?} is reversed"));
+        }
+        Ok(PortRange { start, end })
+    }
+}
+
+/// The relay's acceptance of a tunnel.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub relay_id: String,
+    pub session_id: u64,
+    /// How many relays the cluster has live, so an agent settles for fewer tunnels on a small cluster.
+    pub live_relays: u32,
+}
+
+/// The relay's refusal of a tunnel.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reject {
+    pub code: Code,
+    pub reason: String,
+}
+
+/// Relay → agent: connect this proxied stream to `target`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Open {
+    pub target: SocketAddr,
+    pub session_id: u64,
+}
+
+/// Gateway → relay: forward this stream to `target` through the named session (or any of the relay's
+/// sessions for the IP when `session_id` is absent).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Forward {
+    pub namespace: String,
+    pub target: SocketAddr,
+    pub session_id: Option<u64>,
+}
+
+/// The answer to `Open` or `Forward`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenResult {
+    pub code: Code,
+}
+
+/// Every message the protocol knows.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Message {
+    Hello(Hello),
+    Welcome(Welcome),
+    Reject(Reject),
+    Open(Open),
+    OpenResult(OpenResult),
+    Forward(Forward),
+    ForwardResult(OpenResult),
+    Ping {
+        nonce: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
+    /// The relay is draining: open a replacement tunnel, then let this one go within `grace_ms`.
+    Drain {
+        grace_ms: u64,
+    },
+}
+
+impl Message {
+    fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "hello",
+            Message::Welcome(_) => "welcome",
+            Message::Reject(_) => "reject",
+            Message::Open(_) => "open",
+            Message::OpenResult(_) => "open_result",
+            Message::Forward(_) => "forward",
+            Message::ForwardResult(_) => "forward_result",
+            Message::Ping { .. } => "ping",
+            Message::Pong { .. } => "pong",
+            Message::Drain { .. } => "drain",
+        }
+    }
+}
+
+/// Failures reading or writing frames.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("stream ended before a complete frame")]
+    Truncated,
+    #[error("unsupported protocol version {0} (this build speaks {VERSION})")]
+    Version(u8),
+    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME_LEN}")]
+    TooLarge(usize),
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    #[error("timed out after {0:?} waiting for a frame")]
+    Timeout(Duration),
+    #[error("unexpected message {0}")]
+    Unexpected(&'static str),
+}
+
+impl Error {
+    /// The unexpected-message error for `msg`.
+    pub fn unexpected(msg: &Message) -> Self {
+        Error::Unexpected(msg.kind())
+    }
+}
+
+/// Encodes one frame (header + JSON body) into a new buffer.
+pub fn encode(msg: &Message) -> Result<Vec<u8>, Error> {
+    let body = serde_json::to_vec(msg).map_err(|e| Error::Malformed(e.to_string()))?;
+    if body.len() > MAX_FRAME_LEN {
+        return Err(Error::TooLarge(body.len()));
+    }
+    let mut frame = Vec::with_capacity(5 + body.len());
+    frame.push(VERSION);
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&body);
+    Ok(frame)
+}
+
+/// Decodes one frame from the front of `buf`. Returns the message and the bytes consumed, `Ok(None)`
+/// when `buf` holds only a prefix of a frame.
+pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, Error> {
+    let Some(header) = buf.get(..5) else {
+        if let Some(&v) = buf.first() {
+            if v != VERSION {
+                return Err(Error::Version(v));
+            }
+        }
+        return Ok(None);
+    };
+    if header[0] != VERSION {
+        return Err(Error::Version(header[0]));
+    }
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    if len > MAX_FRAME_LEN {
+        return Err(Error::TooLarge(len));
+    }
+    let Some(body) = buf.get(5..5 + len) else {
+        return Ok(None);
+    };
+    let msg = serde_json::from_slice(body).map_err(|e| Error::Malformed(e.to_string()))?;
+    Ok(Some((msg, 5 + len)))
+}
+
+/// Writes one frame.
+pub async fn write_message<W: AsyncWrite + Unpin>(w: &mut W, msg: &Message) -> Result<(), Error> {
+    let frame = encode(msg)?;
+    w.write_all(&frame).await?;
+    Ok(())
+}
+
+/// Reads exactly one frame; never reads past it, so the raw bytes that follow stay in the stream.
+pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<Message, Error> {
+    let mut header = [0u8; 5];
+    read_full(r, &mut header).await?;
+    if header[0] != VERSION {
+        return Err(Error::Version(header[0]));
+    }
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    if len > MAX_FRAME_LEN {
+        return Err(Error::TooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    read_full(r, &mut body).await?;
+    serde_json::from_slice(&body).map_err(|e| Error::Malformed(e.to_string()))
+}
+
+/// [`read_message`] under a deadline.
+pub async fn read_message_timeout<R: AsyncRead + Unpin>(
+    r: &mut R,
+    timeout: Duration,
+) -> Result<Message, Error> {
+    tokio::time::timeout(timeout, read_message(r))
+        .await
+        .map_err(|_| Error::Timeout(timeout))?
+}
+
+async fn read_full<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<(), Error> {
+    match r.read_exact(buf).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(Error::Truncated),
+        Err(e) => Err(Error::Io(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn samples() -> Vec<Message> {
+        vec![
+            Message::Hello(Hello {
+                agent_id: "web-1".into(),
+                namespace: "default".into(),
+                ips: vec!["10.1.2.3".parse().unwrap(), "fd00::1".parse().unwrap()],
+                ports: vec!["9100".parse().unwrap(), "8000-8080".parse().unwrap()],
+                token: "s3cret".into(),
+            }),
+            Message::Welcome(Welcome {
+                relay_id: "relay-1".into(),
+                session_id: 7,
+                live_relays: 3,
+            }),
+            Message::Reject(Reject {
+                code: Code::Unauthorized,
+                reason: "bad token".into(),
+            }),
+            Message::Open(Open {
+                target: "10.1.2.3:9100".parse().unwrap(),
+                session_id: 7,
+            }),
+            Message::OpenResult(OpenResult {
+                code: Code::NotMine,
+            }),
+            Message::Forward(Forward {
+                namespace: "default".into(),
+                target: "[fd00::1]:80".parse().unwrap(),
+                session_id: None,
+            }),
+            Message::ForwardResult(OpenResult { code: Code::Ok }),
+            Message::Ping { nonce: u64::MAX },
+            Message::Pong { nonce: 0 },
+            Message::Drain { grace_ms: 30_000 },
+        ]
+    }
+
+    #[tokio::test]
+    async fn round_trip_over_tiny_duplex_buffer() {
+        let (mut a, mut b) = tokio::io::duplex(3);
+        let msgs = samples();
+        let sent = msgs.clone();
+        let writer = tokio::spawn(async move {
+            for m in &sent {
+                write_message(&mut a, m).await.unwrap();
+            }
+            // Raw bytes after the last frame must stay unread by the frame reader.
+            a.write_all(b"raw").await.unwrap();
+        });
+        for m in &msgs {
+            assert_eq!(&read_message(&mut b).await.unwrap(), m);
+        }
+        let mut rest = [0u8; 3];
+        b.read_exact(&mut rest).await.unwrap();
+        assert_eq!(&rest, b"raw");
+        writer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn oversized_and_wrong_version_frames_are_refused() {
+        let (mut a, mut b) = tokio::io::duplex(16);
+        a.write_all(&[VERSION, 0xff, 0xff, 0xff, 0xff])
+            .await
+            .unwrap();
+        assert!(matches!(
+            read_message(&mut b).await,
+            Err(Error::TooLarge(_))
+        ));
+        let (mut a, mut b) = tokio::io::duplex(16);
+        a.write_all(&[9, 0, 0, 0, 2, b'{', b'}']).await.unwrap();
+        assert!(matches!(read_message(&mut b).await, Err(Error::Version(9))));
+    }
+
+    #[tokio::test]
+    async fn truncated_frame_is_an_error_not_a_hang() {
+        let frame = encode(&samples()[0]).unwrap();
+        for cut in 0..frame.len() {
+            let (mut a, mut b) = tokio::io::duplex(4);
+            let part = frame[..cut].to_vec();
+            tokio::spawn(async move {
+                a.write_all(&part).await.unwrap();
+                drop(a);
+            });
+            assert!(read_message(&mut b).await.is_err(), "cut at {cut}");
+            assert!(matches!(decode(&frame[..cut]), Ok(None)), "cut at {cut}");
+        }
+    }
+
+    #[tokio::test]
+    async fn read_times_out() {
+        let (_a, mut b) = tokio::io::duplex(16);
+        let err = read_message_timeout(&mut b, Duration::from_millis(20))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Timeout(_)));
+    }
+
+    /// Random, mutated and truncated inputs: decode must return, never panic.
+    #[test]
+    fn decoding_arbitrary_bytes_never_panics() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x9057_e27);
+        let frames: Vec<Vec<u8>> = samples().iter().map(|m| encode(m).unwrap()).collect();
+        let mut decoded_ok = 0;
+        for i in 0..200_000 {
+            let mut input = if i % 2 == 0 {
+                let len = rng.random_range(0..64);
+                (0..len).map(|_| rng.random()).collect::<Vec<u8>>()
+            } else {
+                frames[i % frames.len()].clone()
+            };
+            if i % 2 == 1 {
+                for _ in 0..rng.random_range(1..4) {
+                    if input.is_empty() {
+                        break;
+                    }
+                    let at = rng.random_range(0..input.len());
+                    input[at] = rng.random();
+                }
+                let cut = rng.random_range(0..=input.len());
+                input.truncate(cut);
+            }
+            if let Ok(Some(_)) = decode(&input) {
+                decoded_ok += 1;
+            }
+        }
+        // Some mutations land in JSON whitespace-insensitive spots or are cut after the frame;
+        // most must be rejected.
+        assert!(decoded_ok < 100_000);
+    }
+
+    #[test]
+    fn codes_map_to_socks_and_http() {
+        assert_eq!(Code::NoRoute.socks5_reply(), 0x04);
+        assert_eq!(Code::NotAllowed.socks5_reply(), 0x02);
+        assert_eq!(Code::ConnectionRefused.socks5_reply(), 0x05);
+        assert_eq!(Code::NotAllowed.http_status(), 403);
+        assert_eq!(Code::Unauthorized.http_status(), 407);
+        assert_eq!(Code::Timeout.http_status(), 504);
+        assert_eq!(Code::NoRoute.http_status(), 502);
+    }
+
+    #[test]
+    fn port_ranges_parse() {
+        assert_eq!(
+            "80".parse::<PortRange>().unwrap(),
+            PortRange { start: 80, end: 80 }
+        );
+        assert_eq!(
+            "80-90".parse::<PortRange>().unwrap(),
+            PortRange { start: 80, end: 90 }
+        );
+        assert!("90-80".parse::<PortRange>().is_err());
+        assert!("0".parse::<PortRange>().is_err());
+        assert!("x".parse::<PortRange>().is_err());
+        assert!("70000".parse::<PortRange>().is_err());
+    }
+}

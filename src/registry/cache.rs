@@ -1,0 +1,245 @@
+//! The gateway's route cache: a full list, then a watch from the next revision; re-listed whenever the
+//! watch breaks or resets. Lookups are in-memory reads — no registry round trip on a connection's path.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::{Event, Registry, RelayInfo, Route, RouteKey, WatchItem};
+
+/// One owner of an IP, as the gateway sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub relay_id: Arc<str>,
+    pub session_id: u64,
+    pub agent_id: Arc<str>,
+    pub draining: bool,
+}
+
+#[derive(Default)]
+struct State {
+    /// `(namespace, ip)` → its owners.
+    routes: HashMap<(String, IpAddr), Vec<Owner>>,
+    /// `(namespace, agent_id)` → the IPs routes give it, for `<agent-id>.<suffix>` names.
+    agents: HashMap<(String, String), BTreeSet<IpAddr>>,
+    relays: HashMap<String, RelayInfo>,
+    route_count: usize,
+}
+
+impl State {
+    fn put(&mut self, route: &Route) {
+        let k = &route.key;
+        let owners = self.routes.entry((k.namespace.clone(), k.ip)).or_default();
+        let owner = Owner {
+            relay_id: k.relay_id.as_str().into(),
+            session_id: k.session_id,
+            agent_id: route.value.agent_id.as_str().into(),
+            draining: route.value.draining,
+        };
+        let replaced = match owners
+            .iter_mut()
+            .find(|o| *o.relay_id == *k.relay_id && o.session_id == k.session_id)
+        {
+            Some(existing) => Some(std::mem::replace(existing, owner)),
+            None => {
+                owners.push(owner);
+                self.route_count += 1;
+                None
+            }
+        };
+        if let Some(old) = replaced.filter(|old| *old.agent_id != *route.value.agent_id) {
+            self.forget_agent_ip(&k.namespace, &old.agent_id, k.ip);
+        }
+        self.agents
+            .entry((k.namespace.clone(), route.value.agent_id.clone()))
+            .or_default()
+            .insert(k.ip);
+    }
+
+    fn delete(&mut self, k: &RouteKey) {
+        let slot = (k.namespace.clone(), k.ip);
+        let Some(owners) = self.routes.get_mut(&slot) else {
+            return;
+        };
+        let Some(pos) = owners
+            .iter()
+            .position(|o| *o.relay_id == *k.relay_id && o.session_id == k.session_id)
+        else {
+            return;
+        };
+        let removed = owners.remove(pos);
+        self.route_count -= 1;
+        let agent_still_owns = owners.iter().any(|o| o.agent_id == removed.agent_id);
+        if owners.is_empty() {
+            self.routes.remove(&slot);
+        }
+        if !agent_still_owns {
+            self.forget_agent_ip(&k.namespace, &removed.agent_id, k.ip);
+        }
+    }
+
+    fn forget_agent_ip(&mut self, namespace: &str, agent_id: &str, ip: IpAddr) {
+        let key = (namespace.to_string(), agent_id.to_string());
+        if let Some(ips) = self.agents.get_mut(&key) {
+            ips.remove(&ip);
+            if ips.is_empty() {
+                self.agents.remove(&key);
+            }
+        }
+    }
+
+    fn apply(&mut self, event: &Event) {
+        match event {
+            Event::PutRoute(r) => self.put(r),
+            Event::DeleteRoute(k) => self.delete(k),
+            Event::PutRelay(r) => {
+                self.relays.insert(r.id.clone(), r.clone());
+            }
+            Event::DeleteRelay(id) => {
+                self.relays.remove(id);
+            }
+        }
+    }
+}
+
+/// Routes and relays as last seen in the registry.
+pub struct RouteCache {
+    state: RwLock<State>,
+    ready: watch::Sender<bool>,
+}
+
+impl Default for RouteCache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RouteCache {
+    pub fn new() -> Self {
+        RouteCache {
+            state: RwLock::new(State::default()),
+            ready: watch::channel(false).0,
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        // Writers only run whole map operations; a poisoned lock still holds a coherent map.
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The owners of `ip` in `namespace`, not draining ones first.
+    pub fn owners(&self, namespace: &str, ip: IpAddr) -> Vec<Owner> {
+        let state = self.read();
+        let mut owners = state
+            .routes
+            .get(&(namespace.to_string(), ip))
+            .cloned()
+            .unwrap_or_default();
+        owners.sort_by_key(|o| o.draining);
+        owners
+    }
+
+    /// The IPs routed to `agent_id` in `namespace`.
+    pub fn agent_ips(&self, namespace: &str, agent_id: &str) -> Vec<IpAddr> {
+        let state = self.read();
+        state
+            .agents
+            .get(&(namespace.to_string(), agent_id.to_string()))
+            .map(|ips| ips.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    pub fn relay(&self, relay_id: &str) -> Option<RelayInfo> {
+        self.read().relays.get(relay_id).cloned()
+    }
+
+    /// Every relay the registry lists.
+    pub fn relays(&self) -> Vec<RelayInfo> {
+        self.read().relays.values().cloned().collect()
+    }
+
+    /// How many routes the cache holds.
+    pub fn route_count(&self) -> usize {
+        self.read().route_count
+    }
+
+    /// True once the first full list has loaded.
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
+    /// Resolves when the first full list has loaded.
+    pub async fn wait_ready(&self) {
+        let mut rx = self.ready.subscribe();
+        // The sender lives in `self`, so the channel cannot close while we borrow it.
+        let _ = rx.wait_for(|ready| *ready).await;
+    }
+
+    fn replace(&self, routes: &[Route], relays: &[RelayInfo]) {
+        let mut fresh = State::default();
+        for r in routes {
+            fresh.put(r);
+        }
+        for r in relays {
+            fresh.relays.insert(r.id.clone(), r.clone());
+        }
+        *self.write() = fresh;
+        self.ready.send_replace(true);
+    }
+
+    /// Keeps the cache in step with `registry` until `shutdown`: list, watch, and on any break
+    /// (error, reset, closed watch) list again after a capped backoff.
+    pub async fn run(self: Arc<Self>, registry: Arc<dyn Registry>, shutdown: CancellationToken) {
+        let mut backoff =
+            crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            let synced = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = self.sync_once(&*registry) => r,
+            };
+            match synced {
+                Ok(()) => {
+                    tracing::info!("route watch reset; re-listing");
+                    backoff.reset();
+                }
+                Err(err) => tracing::warn!(%err, "route watch failed; re-listing after backoff"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+            }
+        }
+    }
+
+    /// One list + watch cycle. Returns `Ok` when the watch asked for a re-list.
+    async fn sync_once(&self, registry: &dyn Registry) -> Result<(), super::Error> {
+        let snapshot = registry.snapshot().await?;
+        let mut changes = registry.watch(snapshot.revision).await?;
+        self.replace(&snapshot.routes, &snapshot.relays);
+        tracing::debug!(
+            routes = snapshot.routes.len(),
+            revision = snapshot.revision,
+            "route list loaded"
+        );
+        while let Some(item) = changes.recv().await {
+            match item {
+                WatchItem::Events { events, .. } => {
+                    let mut state = self.write();
+                    for event in &events {
+                        state.apply(event);
+                    }
+                }
+                WatchItem::Reset => return Ok(()),
+            }
+        }
+        Err(super::Error::Unavailable("watch closed".into()))
+    }
+}

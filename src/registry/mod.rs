@@ -1,0 +1,186 @@
+//! The registry: where relays publish which agent IPs they hold a tunnel for, and where gateways learn
+//! it. One trait, two implementations: [`memory`] (embedded, one process) and etcd (a cluster).
+//!
+//! Layout (the etcd keys; the memory registry keeps the same shape):
+//! ```text
+//! {prefix}/relays/{relay_id}                               → RelayInfo
+//! {prefix}/routes/{namespace}/{ip}/{relay_id}/{session_id} → Route
+//! ```
+//! Every key a relay writes hangs off that relay's one lease, so a dead relay's routes vanish with it.
+//! Nothing on the data path talks to the registry: gateways read an in-memory [`cache::RouteCache`].
+
+pub mod cache;
+pub mod memory;
+
+use std::net::IpAddr;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::protocol::PortRange;
+
+/// Registry failures.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("registry unavailable: {0}")]
+    Unavailable(String),
+    #[error("relay {0} is not registered")]
+    NotRegistered(String),
+    #[error("malformed registry entry {key}: {message}")]
+    Malformed { key: String, message: String },
+}
+
+/// Identifies one route: one tunnel session of one relay serving one IP of one namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RouteKey {
+    pub namespace: String,
+    pub ip: IpAddr,
+    pub relay_id: String,
+    pub session_id: u64,
+}
+
+impl RouteKey {
+    /// The key below `{prefix}/routes/`.
+    pub fn path(&self) -> String {
+        format!(
+            "{}/{}/{}/{}",
+            self.namespace, self.ip, self.relay_id, self.session_id
+        )
+    }
+
+    /// Parses [`RouteKey::path`]'s output.
+    pub fn parse(path: &str) -> Result<Self, Error> {
+        let bad = |m: &str| Error::Malformed {
+            key: path.to_string(),
+            message: m.to_string(),
+        };
+        let mut parts = path.split('/');
+        let (Some(ns), Some(ip), Some(relay), Some(session), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return Err(bad("expected namespace/ip/relay_id/session_id"));
+        };
+        Ok(RouteKey {
+            namespace: ns.to_string(),
+            ip: ip.parse().map_err(|_| bad("invalid IP"))?,
+            relay_id: relay.to_string(),
+            session_id: session.parse().map_err(|_| bad("invalid session id"))?,
+        })
+    }
+}
+
+/// A route: which session of which relay reaches an IP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub key: RouteKey,
+    pub value: RouteValue,
+}
+
+/// What a route key maps to (the JSON value in etcd).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteValue {
+    pub agent_id: String,
+    pub ports: Vec<PortRange>,
+    /// Unix seconds.
+    pub connected_at: u64,
+    pub draining: bool,
+}
+
+impl Route {
+    pub fn new(key: RouteKey, agent_id: String, ports: Vec<PortRange>) -> Self {
+        Route {
+            key,
+            value: RouteValue {
+                agent_id,
+                ports,
+                connected_at: unix_now(),
+                draining: false,
+            },
+        }
+    }
+}
+
+/// A relay's record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayInfo {
+    pub id: String,
+    /// Where gateways and other relays reach this relay's peer endpoint.
+    pub peer_addr: Option<SocketAddr>,
+    pub version: String,
+    pub started_at: u64,
+    pub draining: bool,
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A change to the registry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    PutRoute(Route),
+    DeleteRoute(RouteKey),
+    PutRelay(RelayInfo),
+    DeleteRelay(String),
+}
+
+/// The whole registry at one revision.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub revision: i64,
+    pub routes: Vec<Route>,
+    pub relays: Vec<RelayInfo>,
+}
+
+/// What a watch delivers.
+#[derive(Clone, Debug)]
+pub enum WatchItem {
+    /// Changes up to and including `revision`.
+    Events { revision: i64, events: Vec<Event> },
+    /// The watch cannot continue from where it was (compacted history, lagging consumer): re-list.
+    Reset,
+}
+
+/// The registry as relays and gateways use it. Implementations must be cheap to call concurrently.
+#[async_trait::async_trait]
+pub trait Registry: Send + Sync + 'static {
+    /// Grants (or re-grants) the relay's lease and writes its record under it.
+    async fn register_relay(&self, relay: &RelayInfo) -> Result<(), Error>;
+    /// Revokes the relay's lease: its record and every route it wrote disappear at once.
+    async fn deregister_relay(&self, relay_id: &str) -> Result<(), Error>;
+    /// Writes routes under the owning relay's lease.
+    async fn put_routes(&self, relay_id: &str, routes: &[Route]) -> Result<(), Error>;
+    async fn delete_routes(&self, keys: &[RouteKey]) -> Result<(), Error>;
+    /// Every route and relay, with the revision they were read at.
+    async fn snapshot(&self) -> Result<Snapshot, Error>;
+    /// Changes after `revision` (exclusive), in order. The channel closes when the watch breaks.
+    async fn watch(&self, after_revision: i64) -> Result<mpsc::Receiver<WatchItem>, Error>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_key_path_round_trips() {
+        for ip in ["10.1.2.3", "fd00::1"] {
+            let key = RouteKey {
+                namespace: "default".into(),
+                ip: ip.parse().unwrap(),
+                relay_id: "relay-1".into(),
+                session_id: 42,
+            };
+            assert_eq!(RouteKey::parse(&key.path()).unwrap(), key);
+        }
+        assert!(RouteKey::parse("a/b").is_err());
+        assert!(RouteKey::parse("ns/1.2.3.4/r/x").is_err());
+        assert!(RouteKey::parse("ns/1.2.3.4/r/1/extra").is_err());
+    }
+}

@@ -1,0 +1,387 @@
+//! The relay: accepts agent tunnels, authenticates them, keeps the session table, publishes routes,
+//! and opens a stream on the owning tunnel for every proxied connection.
+
+pub mod publisher;
+pub mod sessions;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use quinn::{Connection, RecvStream, SendStream};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
+
+use crate::config::{AgentCredential, RelayConfig};
+use crate::protocol::{self, close, Code, Hello, Message, Open, OpenResult, Reject, Welcome};
+use crate::registry::cache::RouteCache;
+use crate::registry::{unix_now, Registry, RelayInfo};
+use publisher::{Change, Publisher};
+use sessions::{Session, SessionTable};
+
+/// Streams an agent may open on its tunnel: the control stream and a little slack. quinn reserves
+/// per-stream state for every permitted stream, so this stays tiny.
+const AGENT_MAX_STREAMS: u32 = 4;
+/// Deadline for a QUIC handshake to complete.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A bound relay, ready to [`Relay::run`].
+pub struct Relay {
+    config: RelayConfig,
+    endpoint: quinn::Endpoint,
+    sessions: Arc<SessionTable>,
+    registry: Arc<dyn Registry>,
+    cache: Arc<RouteCache>,
+    changes: mpsc::UnboundedSender<Change>,
+    publisher: std::sync::Mutex<Option<Publisher>>,
+    in_sync: watch::Receiver<bool>,
+    draining: AtomicBool,
+}
+
+impl Relay {
+    /// Binds the relay's UDP endpoint. `cache` is the registry view this process keeps (shared with
+    /// a co-located gateway); the relay uses it to tell agents how many relays are live.
+    pub fn bind(
+        config: RelayConfig,
+        registry: Arc<dyn Registry>,
+        cache: Arc<RouteCache>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let transport = Arc::new(config.transport.quinn(AGENT_MAX_STREAMS));
+        let server = crate::tls::server_config(
+            config.identity.clone(),
+            &[protocol::ALPN_AGENT],
+            None,
+            transport,
+        )
+        .context("relay TLS config")?;
+        let endpoint =
+            crate::tls::bind_endpoint(config.listen, Some(server), config.transport.udp_buffer)
+                .with_context(|| format!("binding relay endpoint on {}", config.listen))?;
+        let sessions = Arc::new(SessionTable::default());
+        let relay_info = RelayInfo {
+            id: config.id.clone(),
+            peer_addr: None,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            started_at: unix_now(),
+            draining: false,
+        };
+        let (changes_tx, changes_rx) = mpsc::unbounded_channel();
+        let (in_sync_tx, in_sync) = watch::channel(false);
+        let publisher = Publisher {
+            registry: registry.clone(),
+            sessions: sessions.clone(),
+            relay: relay_info,
+            changes: changes_rx,
+            in_sync: in_sync_tx,
+        };
+        Ok(Arc::new(Relay {
+            config,
+            endpoint,
+            sessions,
+            registry,
+            cache,
+            changes: changes_tx,
+            publisher: std::sync::Mutex::new(Some(publisher)),
+            in_sync,
+            draining: AtomicBool::new(false),
+        }))
+    }
+
+    pub fn id(&self) -> &str {
+        &self.config.id
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    pub fn sessions(&self) -> &SessionTable {
+        &self.sessions
+    }
+
+    /// True once the relay is registered and its routes are in step with the registry.
+    pub fn is_registered(&self) -> bool {
+        *self.in_sync.borrow()
+    }
+
+    /// Accepts tunnels until `shutdown`, then closes them and removes this relay from the registry.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let tasks = TaskTracker::new();
+        let publisher = self
+            .publisher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .context("relay is already running")?;
+        let publisher_stop = CancellationToken::new();
+        let publisher_task = tokio::spawn(publisher.run(publisher_stop.clone()));
+        tracing::info!(relay_id = %self.config.id, addr = %self.endpoint.local_addr()?, "relay listening");
+        loop {
+            let incoming = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                i = self.endpoint.accept() => match i { Some(i) => i, None => break },
+            };
+            let relay = self.clone();
+            let conn_shutdown = shutdown.child_token();
+            tasks.spawn(async move {
+                let remote = incoming.remote_address();
+                if let Err(err) = relay.serve_incoming(incoming, conn_shutdown).await {
+                    tracing::debug!(%remote, err = format!("{err:#}"), "tunnel ended");
+                }
+            });
+        }
+        self.draining.store(true, Ordering::Relaxed);
+        self.endpoint
+            .close(close::SHUTDOWN.into(), b"relay shutting down");
+        tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
+        publisher_stop.cancel();
+        let _ = publisher_task.await;
+        if let Err(err) = self.registry.deregister_relay(&self.config.id).await {
+            tracing::warn!(%err, "could not deregister relay; its lease will expire");
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        Ok(())
+    }
+
+    async fn serve_incoming(
+        self: Arc<Self>,
+        incoming: quinn::Incoming,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming)
+            .await
+            .context("QUIC handshake timed out")?
+            .context("QUIC handshake failed")?;
+        let (mut send, mut recv) = tokio::time::timeout(protocol::HELLO_TIMEOUT, conn.accept_bi())
+            .await
+            .context("no control stream within the hello timeout")?
+            .context("control stream")?;
+        let hello = match protocol::read_message_timeout(&mut recv, protocol::HELLO_TIMEOUT).await {
+            Ok(Message::Hello(hello)) => hello,
+            Ok(other) => {
+                conn.close(close::PROTOCOL.into(), b"expected hello");
+                anyhow::bail!(protocol::Error::unexpected(&other));
+            }
+            Err(err) => {
+                conn.close(close::PROTOCOL.into(), b"bad hello");
+                return Err(err).context("reading hello");
+            }
+        };
+        let span = tracing::info_span!("session", agent_id = %hello.agent_id, remote = %conn.remote_address());
+        async move {
+            if let Err(reject) = self.admit(&hello) {
+                tracing::warn!(code = ?reject.code, reason = %reject.reason, "agent rejected");
+                let _ = protocol::write_message(&mut send, &Message::Reject(reject.clone())).await;
+                let _ = send.finish();
+                // Give the reject a moment to reach the agent before the close overtakes it.
+                let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
+                conn.close(close::REJECTED.into(), reject.reason.as_bytes());
+                return Ok(());
+            }
+            let session = Arc::new(Session {
+                id: rand::random(),
+                agent_id: hello.agent_id.clone(),
+                namespace: hello.namespace.clone(),
+                ips: hello.ips.clone(),
+                ports: hello.ports.clone(),
+                connection: conn.clone(),
+                connected_at: unix_now(),
+                draining: AtomicBool::new(false),
+            });
+            let welcome = Welcome {
+                relay_id: self.config.id.clone(),
+                session_id: session.id,
+                live_relays: self.live_relays(),
+            };
+            self.sessions.insert(session.clone());
+            let _ = self
+                .changes
+                .send(Change::Put(session.routes(&self.config.id)));
+            tracing::info!(session_id = session.id, ips = ?session.ips, "tunnel up");
+            let result = async {
+                protocol::write_message(&mut send, &Message::Welcome(welcome)).await?;
+                self.control_loop(&conn, &mut send, &mut recv, &shutdown)
+                    .await
+            }
+            .await;
+            self.sessions.remove(session.id);
+            let keys = session
+                .routes(&self.config.id)
+                .into_iter()
+                .map(|r| r.key)
+                .collect();
+            let _ = self.changes.send(Change::Delete(keys));
+            tracing::info!(session_id = session.id, "tunnel down");
+            result
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Answers pings until the tunnel closes or the relay shuts down.
+    async fn control_loop(
+        &self,
+        conn: &Connection,
+        send: &mut SendStream,
+        recv: &mut RecvStream,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        loop {
+            let msg = tokio::select! {
+                _ = shutdown.cancelled() => {
+                    conn.close(close::SHUTDOWN.into(), b"relay shutting down");
+                    return Ok(());
+                }
+                m = protocol::read_message(recv) => m,
+            };
+            match msg {
+                Ok(Message::Ping { nonce }) => {
+                    protocol::write_message(send, &Message::Pong { nonce }).await?
+                }
+                Ok(other) => {
+                    conn.close(close::PROTOCOL.into(), b"unexpected control message");
+                    anyhow::bail!(protocol::Error::unexpected(&other));
+                }
+                Err(protocol::Error::Truncated) => return Ok(()),
+                Err(err) => {
+                    // A closed connection surfaces here as an i/o error: that is the normal end.
+                    if conn.close_reason().is_some() {
+                        return Ok(());
+                    }
+                    conn.close(close::PROTOCOL.into(), b"bad control frame");
+                    return Err(err.into());
+                }
+            }
+        }
+    }
+
+    /// Checks a `Hello` against the credentials: the token must match, and every claimed IP must lie
+    /// inside that credential's ranges. Either failure rejects the whole tunnel and touches no route.
+    fn admit(&self, hello: &Hello) -> Result<&AgentCredential, Reject> {
+        let reject = |code, reason: String| Reject { code, reason };
+        let digest = ring::digest::digest(&ring::digest::SHA256, hello.token.as_bytes());
+        // Compare against every credential so timing does not reveal which one nearly matched.
+        let mut found = None;
+        for cred in &self.config.agents {
+            let equal = digest
+                .as_ref()
+                .iter()
+                .zip(cred.token_sha256.iter())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+            if equal && found.is_none() {
+                found = Some(cred);
+            }
+        }
+        let cred = found.ok_or_else(|| reject(Code::Unauthorized, "unknown agent token".into()))?;
+        if hello.ips.is_empty() {
+            return Err(reject(Code::BadRequest, "hello claims no IP".into()));
+        }
+        if hello.ports.is_empty() {
+            return Err(reject(Code::BadRequest, "hello exposes no port".into()));
+        }
+        if let Some(ip) = hello
+            .ips
+            .iter()
+            .find(|ip| !cred.allow.iter().any(|net| net.contains(*ip)))
+        {
+            return Err(reject(
+                Code::NotAllowed,
+                format!("credential {} may not claim {ip}", cred.name),
+            ));
+        }
+        if !cred.namespaces.is_empty() && !cred.namespaces.contains(&hello.namespace) {
+            return Err(reject(
+                Code::NotAllowed,
+                format!(
+                    "credential {} may not join namespace {}",
+                    cred.name, hello.namespace
+                ),
+            ));
+        }
+        if crate::config::check_agent_id(&hello.agent_id, "agent_id").is_err()
+            || crate::config::check_namespace(&hello.namespace, "namespace").is_err()
+        {
+            return Err(reject(
+                Code::BadRequest,
+                "agent id must be a DNS label and namespace 1-63 of [A-Za-z0-9_-]".into(),
+            ));
+        }
+        Ok(cred)
+    }
+
+    fn live_relays(&self) -> u32 {
+        let n = self.cache.relays().iter().filter(|r| !r.draining).count();
+        n.max(1) as u32
+    }
+
+    /// Opens a stream to `target` through one of this relay's tunnels: the named session, or any
+    /// session serving the IP (round-robin) when `session_id` is `None`. Tries the next session of the
+    /// same IP when one answers with a stale-route code.
+    pub async fn open(
+        &self,
+        namespace: &str,
+        target: SocketAddr,
+        session_id: Option<u64>,
+    ) -> Result<(SendStream, RecvStream), Code> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Err(Code::Draining);
+        }
+        let candidates = match session_id {
+            Some(id) => match self.sessions.get(id) {
+                Some(s) if s.serves(namespace, target.ip()) => vec![s],
+                _ => return Err(Code::NoSuchSession),
+            },
+            None => self.sessions.candidates(namespace, target.ip()),
+        };
+        let mut last = Code::NoRoute;
+        for session in candidates {
+            match open_on(&session, target).await {
+                Ok(streams) => return Ok(streams),
+                Err(code) if code.try_next_owner() => last = code,
+                Err(code) => return Err(code),
+            }
+        }
+        Err(last)
+    }
+
+    /// Whether this relay has a session for `(namespace, ip)`.
+    pub fn serves(&self, namespace: &str, ip: IpAddr) -> bool {
+        !self.sessions.candidates(namespace, ip).is_empty()
+    }
+}
+
+/// Opens one stream on `session`'s tunnel and waits for the agent's verdict.
+async fn open_on(session: &Session, target: SocketAddr) -> Result<(SendStream, RecvStream), Code> {
+    let attempt = async {
+        let (mut send, mut recv) = session
+            .connection
+            .open_bi()
+            .await
+            .map_err(|_| Code::Internal)?;
+        protocol::write_message(
+            &mut send,
+            &Message::Open(Open {
+                target,
+                session_id: session.id,
+            }),
+        )
+        .await
+        .map_err(|_| Code::Internal)?;
+        match protocol::read_message(&mut recv).await {
+            Ok(Message::OpenResult(OpenResult { code: Code::Ok })) => Ok((send, recv)),
+            Ok(Message::OpenResult(OpenResult { code })) => Err(code),
+            Ok(_) => Err(Code::BadRequest),
+            Err(_) => Err(Code::Internal),
+        }
+    };
+    match tokio::time::timeout(protocol::OPEN_TIMEOUT, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(Code::Timeout),
+    }
+}

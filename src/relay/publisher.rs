@@ -1,0 +1,115 @@
+//! Writes the relay's routes to the registry off the data path. The session table is the truth:
+//! changes are queued and applied in order; after any registry failure the publisher re-registers
+//! the relay and reconciles — puts what is missing, deletes what is stale — before going on.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::sessions::SessionTable;
+use crate::backoff::Backoff;
+use crate::registry::{Registry, RelayInfo, Route, RouteKey};
+
+/// A change for the registry.
+#[derive(Debug)]
+pub enum Change {
+    Put(Vec<Route>),
+    Delete(Vec<RouteKey>),
+    /// Re-write the relay record (e.g. it started draining).
+    Relay(RelayInfo),
+}
+
+pub struct Publisher {
+    pub registry: Arc<dyn Registry>,
+    pub sessions: Arc<SessionTable>,
+    pub relay: RelayInfo,
+    pub changes: mpsc::UnboundedReceiver<Change>,
+    /// Set true once the relay is registered and in step; false while the registry is failing.
+    pub in_sync: watch::Sender<bool>,
+}
+
+impl Publisher {
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        let mut synced = false;
+        loop {
+            if !synced {
+                match self.reconcile().await {
+                    Ok(()) => {
+                        synced = true;
+                        backoff.reset();
+                        self.in_sync.send_replace(true);
+                    }
+                    Err(err) => {
+                        tracing::warn!(%err, relay_id = %self.relay.id, "registry reconcile failed; retrying");
+                        self.in_sync.send_replace(false);
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(backoff.next_delay()) => continue,
+                        }
+                    }
+                }
+            }
+            let change = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                c = self.changes.recv() => match c { Some(c) => c, None => return },
+            };
+            let result = match &change {
+                Change::Put(routes) => self.registry.put_routes(&self.relay.id, routes).await,
+                Change::Delete(keys) => self.registry.delete_routes(keys).await,
+                Change::Relay(info) => {
+                    self.relay = info.clone();
+                    self.registry.register_relay(info).await
+                }
+            };
+            if let Err(err) = result {
+                tracing::warn!(%err, relay_id = %self.relay.id, "registry write failed; will reconcile");
+                self.in_sync.send_replace(false);
+                synced = false;
+            }
+        }
+    }
+
+    /// Registers the relay and makes its routes in the registry equal the session table. Changes
+    /// queued meanwhile are drained first: the table already reflects them.
+    async fn reconcile(&mut self) -> Result<(), crate::registry::Error> {
+        while let Ok(change) = self.changes.try_recv() {
+            if let Change::Relay(info) = change {
+                self.relay = info;
+            }
+        }
+        self.registry.register_relay(&self.relay).await?;
+        let snapshot = self.registry.snapshot().await?;
+        let present: BTreeSet<RouteKey> = snapshot
+            .routes
+            .into_iter()
+            .filter(|r| r.key.relay_id == self.relay.id)
+            .map(|r| r.key)
+            .collect();
+        let desired: BTreeMap<RouteKey, Route> = self
+            .sessions
+            .all()
+            .iter()
+            .flat_map(|s| s.routes(&self.relay.id))
+            .map(|r| (r.key.clone(), r))
+            .collect();
+        let stale: Vec<RouteKey> = present
+            .iter()
+            .filter(|k| !desired.contains_key(*k))
+            .cloned()
+            .collect();
+        let all: Vec<Route> = desired.into_values().collect();
+        if !stale.is_empty() {
+            self.registry.delete_routes(&stale).await?;
+        }
+        // Re-put every route, not only missing ones: a re-granted lease needs every key re-attached.
+        for chunk in all.chunks(128) {
+            self.registry.put_routes(&self.relay.id, chunk).await?;
+        }
+        tracing::debug!(routes = all.len(), stale = stale.len(), relay_id = %self.relay.id, "registry reconciled");
+        Ok(())
+    }
+}

@@ -1,0 +1,135 @@
+//! The relay's session table: the truth about which tunnels this relay holds. Routes in the
+//! registry are derived from it and reconciled against it.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use crate::protocol::PortRange;
+use crate::registry::{Route, RouteKey};
+
+/// One agent tunnel.
+#[derive(Debug)]
+pub struct Session {
+    pub id: u64,
+    pub agent_id: String,
+    pub namespace: String,
+    pub ips: Vec<IpAddr>,
+    pub ports: Vec<PortRange>,
+    pub connection: quinn::Connection,
+    pub connected_at: u64,
+    pub draining: AtomicBool,
+}
+
+impl Session {
+    /// The routes this session implies, one per IP.
+    pub fn routes(&self, relay_id: &str) -> Vec<Route> {
+        self.ips
+            .iter()
+            .map(|ip| {
+                let mut route = Route::new(
+                    RouteKey {
+                        namespace: self.namespace.clone(),
+                        ip: *ip,
+                        relay_id: relay_id.to_string(),
+                        session_id: self.id,
+                    },
+                    self.agent_id.clone(),
+                    self.ports.clone(),
+                );
+                route.value.connected_at = self.connected_at;
+                route.value.draining = self.draining.load(Ordering::Relaxed);
+                route
+            })
+            .collect()
+    }
+
+    pub fn serves(&self, namespace: &str, ip: IpAddr) -> bool {
+        self.namespace == namespace && self.ips.contains(&ip)
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    by_id: HashMap<u64, Arc<Session>>,
+    by_ip: HashMap<(String, IpAddr), Vec<u64>>,
+}
+
+/// Sessions by id and by `(namespace, ip)`; several sessions may serve one IP (an agent that
+/// reconnected before its old tunnel timed out, or several agents sharing a VIP-like address).
+#[derive(Default)]
+pub struct SessionTable {
+    inner: RwLock<Inner>,
+    next: AtomicUsize,
+}
+
+impl SessionTable {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        // Each write is a few whole map operations; a poisoned lock still holds coherent maps.
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn insert(&self, session: Arc<Session>) {
+        let mut inner = self.write();
+        for ip in &session.ips {
+            inner
+                .by_ip
+                .entry((session.namespace.clone(), *ip))
+                .or_default()
+                .push(session.id);
+        }
+        inner.by_id.insert(session.id, session);
+    }
+
+    pub fn remove(&self, id: u64) -> Option<Arc<Session>> {
+        let mut inner = self.write();
+        let session = inner.by_id.remove(&id)?;
+        for ip in &session.ips {
+            let slot = (session.namespace.clone(), *ip);
+            if let Some(ids) = inner.by_ip.get_mut(&slot) {
+                ids.retain(|s| *s != id);
+                if ids.is_empty() {
+                    inner.by_ip.remove(&slot);
+                }
+            }
+        }
+        Some(session)
+    }
+
+    pub fn get(&self, id: u64) -> Option<Arc<Session>> {
+        self.read().by_id.get(&id).cloned()
+    }
+
+    /// Sessions serving `(namespace, ip)`, rotated round-robin across calls, draining ones last.
+    pub fn candidates(&self, namespace: &str, ip: IpAddr) -> Vec<Arc<Session>> {
+        let inner = self.read();
+        let Some(ids) = inner.by_ip.get(&(namespace.to_string(), ip)) else {
+            return Vec::new();
+        };
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % ids.len();
+        let mut sessions: Vec<Arc<Session>> = ids[start..]
+            .iter()
+            .chain(&ids[..start])
+            .filter_map(|id| inner.by_id.get(id).cloned())
+            .collect();
+        sessions.sort_by_key(|s| s.draining.load(Ordering::Relaxed));
+        sessions
+    }
+
+    pub fn all(&self) -> Vec<Arc<Session>> {
+        self.read().by_id.values().cloned().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.read().by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

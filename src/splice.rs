@@ -1,0 +1,87 @@
+//! Moves bytes between a TCP connection and a QUIC stream, both ways at once, carrying half-closes
+//! across: TCP EOF → QUIC FIN and QUIC FIN → TCP `shutdown(Write)`. A failure on either side aborts
+//! both (QUIC reset, TCP RST), so a truncated transfer never looks like a clean end to anyone.
+
+use std::io;
+use std::time::Duration;
+
+use quinn::{RecvStream, SendStream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::protocol::close;
+
+/// Copy buffer per direction; large enough to fill QUIC packets in batches.
+const BUFFER: usize = 64 * 1024;
+
+/// Bytes moved by a finished splice.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Transferred {
+    /// TCP → QUIC.
+    pub up: u64,
+    /// QUIC → TCP.
+    pub down: u64,
+}
+
+/// Splices `tcp` with the stream pair until both directions have ended.
+pub async fn splice(
+    tcp: TcpStream,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) -> io::Result<Transferred> {
+    // Small writes (request/response protocols) must not wait for Nagle.
+    let _ = tcp.set_nodelay(true);
+    let (mut tcp_read, mut tcp_write) = tcp.into_split();
+    let up = async {
+        let mut buf = vec![0u8; BUFFER];
+        let mut total = 0u64;
+        loop {
+            let n = tcp_read.read(&mut buf).await?;
+            if n == 0 {
+                // The stream may already be reset by the peer; then there is nothing left to finish.
+                let _ = send.finish();
+                return Ok::<u64, io::Error>(total);
+            }
+            send.write_all(&buf[..n]).await.map_err(io::Error::from)?;
+            total += n as u64;
+        }
+    };
+    let down = async {
+        let mut total = 0u64;
+        loop {
+            match recv
+                .read_chunk(BUFFER, true)
+                .await
+                .map_err(io::Error::from)?
+            {
+                Some(chunk) => {
+                    tcp_write.write_all(&chunk.bytes).await?;
+                    total += chunk.bytes.len() as u64;
+                }
+                None => {
+                    tcp_write.shutdown().await?;
+                    return Ok::<u64, io::Error>(total);
+                }
+            }
+        }
+    };
+    let result = tokio::try_join!(up, down);
+    match result {
+        Ok((up, down)) => Ok(Transferred { up, down }),
+        Err(err) => {
+            let code = quinn::VarInt::from_u32(close::STREAM_ABORTED);
+            let _ = send.reset(code);
+            let _ = recv.stop(code);
+            if let Ok(tcp) = tcp_read.reunite(tcp_write) {
+                abort(tcp);
+            }
+            Err(err)
+        }
+    }
+}
+
+/// Closes `tcp` with a RST instead of a FIN, so the peer sees an error rather than a clean end.
+pub fn abort(tcp: TcpStream) {
+    let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+    drop(tcp);
+}

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{RegistryConfig, ServerConfig};
 use crate::gateway::Gateway;
 use crate::registry::cache::RouteCache;
+use crate::registry::etcd::EtcdRegistry;
 use crate::registry::memory::MemoryRegistry;
 use crate::registry::Registry;
 use crate::relay::Relay;
@@ -34,9 +35,15 @@ pub struct Addresses {
 pub async fn open_registry(config: &RegistryConfig) -> anyhow::Result<Arc<dyn Registry>> {
     match config {
         RegistryConfig::Memory => Ok(Arc::new(MemoryRegistry::new())),
-        RegistryConfig::Etcd { .. } => {
-            anyhow::bail!("the etcd registry is not available in this build yet")
-        }
+        RegistryConfig::Etcd {
+            endpoints,
+            prefix,
+            lease_ttl,
+        } => Ok(Arc::new(
+            EtcdRegistry::connect(endpoints, prefix, *lease_ttl)
+                .await
+                .context("connecting to etcd")?,
+        )),
     }
 }
 

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 
 use super::{Error, Event, Registry, RelayInfo, Route, RouteKey, Snapshot, WatchItem};
 
@@ -23,6 +23,8 @@ struct State {
 pub struct MemoryRegistry {
     state: Mutex<State>,
     changes: broadcast::Sender<(i64, Event)>,
+    /// Never bumped: an in-process registry cannot lose a lease.
+    epoch: watch::Sender<u64>,
 }
 
 impl Default for MemoryRegistry {
@@ -36,6 +38,7 @@ impl MemoryRegistry {
         MemoryRegistry {
             state: Mutex::new(State::default()),
             changes: broadcast::channel(HISTORY).0,
+            epoch: watch::channel(0).0,
         }
     }
 
@@ -187,6 +190,10 @@ impl Registry for MemoryRegistry {
             }
         });
         Ok(rx)
+    }
+
+    fn lease_epoch(&self) -> watch::Receiver<u64> {
+        self.epoch.subscribe()
     }
 }
 

@@ -10,13 +10,14 @@
 //! Nothing on the data path talks to the registry: gateways read an in-memory [`cache::RouteCache`].
 
 pub mod cache;
+pub mod etcd;
 pub mod memory;
 
 use std::net::IpAddr;
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::protocol::PortRange;
 
@@ -162,6 +163,9 @@ pub trait Registry: Send + Sync + 'static {
     async fn snapshot(&self) -> Result<Snapshot, Error>;
     /// Changes after `revision` (exclusive), in order. The channel closes when the watch breaks.
     async fn watch(&self, after_revision: i64) -> Result<mpsc::Receiver<WatchItem>, Error>;
+    /// Changes whenever this process's relay lease was lost, so the relay re-registers and re-puts
+    /// its routes (the registry forgets keys of a lost lease).
+    fn lease_epoch(&self) -> watch::Receiver<u64>;
 }
 
 #[cfg(test)]

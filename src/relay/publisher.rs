@@ -35,6 +35,7 @@ impl Publisher {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         let mut synced = false;
+        let mut epoch = self.registry.lease_epoch();
         loop {
             if !synced {
                 match self.reconcile().await {
@@ -56,6 +57,13 @@ impl Publisher {
             let change = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 c = self.changes.recv() => match c { Some(c) => c, None => return },
+                changed = epoch.changed() => {
+                    if changed.is_ok() {
+                        self.in_sync.send_replace(false);
+                        synced = false;
+                    }
+                    continue;
+                }
             };
             let result = match &change {
                 Change::Put(routes) => self.registry.put_routes(&self.relay.id, routes).await,

@@ -1,0 +1,375 @@
+//! The etcd v3 registry (tested against etcd 3.4). One lease per relay, kept alive every TTL/3;
+//! every key the relay writes is attached to it. A lease that is lost (etcd outage, expiry) bumps
+//! [`Registry::lease_epoch`] so the relay's publisher re-registers and re-puts every route.
+
+use std::time::Duration;
+
+use etcd_client::{
+    Client, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp, WatchOptions,
+};
+use tokio::sync::{mpsc, watch, Mutex};
+
+use super::{Error, Event, Registry, RelayInfo, Route, RouteKey, RouteValue, Snapshot, WatchItem};
+
+/// Deadline for one etcd request; an unreachable etcd must not stall the publisher forever.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Keys per range page when listing, and operations per transaction (etcd's default limit is 128).
+const PAGE: i64 = 2_000;
+const TXN_OPS: usize = 128;
+
+struct Lease {
+    id: i64,
+    keeper: tokio::task::JoinHandle<()>,
+}
+
+/// A [`Registry`] in etcd.
+pub struct EtcdRegistry {
+    client: Client,
+    keys: Keys,
+    lease_ttl: Duration,
+    lease: Mutex<Option<Lease>>,
+    epoch: watch::Sender<u64>,
+}
+
+fn unavailable(err: impl std::fmt::Display) -> Error {
+    Error::Unavailable(err.to_string())
+}
+
+async fn timed<T>(
+    fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, Error> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
+        Ok(result) => result.map_err(unavailable),
+        Err(_) => Err(Error::Unavailable(format!(
+            "etcd did not answer within {REQUEST_TIMEOUT:?}"
+        ))),
+    }
+}
+
+/// The first key after every key that starts with `prefix`.
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// Key layout and parsing, shared by the registry and its watch tasks.
+#[derive(Clone)]
+struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    fn relay_key(&self, id: &str) -> String {
+        format!("{}/relays/{id}", self.prefix)
+    }
+
+    fn route_key(&self, key: &RouteKey) -> String {
+        format!("{}/routes/{}", self.prefix, key.path())
+    }
+
+    fn parse(&self, kv: &KeyValue) -> Result<Event, Error> {
+        let key = String::from_utf8_lossy(kv.key());
+        let malformed = |m: String| Error::Malformed {
+            key: key.to_string(),
+            message: m,
+        };
+        let rest = key
+            .strip_prefix(&self.prefix)
+            .and_then(|k| k.strip_prefix('/'))
+            .ok_or_else(|| malformed("outside the prefix".into()))?;
+        if let Some(relay) = rest.strip_prefix("relays/") {
+            let info: RelayInfo =
+                serde_json::from_slice(kv.value()).map_err(|e| malformed(e.to_string()))?;
+            if info.id != relay {
+                return Err(malformed("relay id differs from its key".into()));
+            }
+            Ok(Event::PutRelay(info))
+        } else if let Some(route) = rest.strip_prefix("routes/") {
+            let key = RouteKey::parse(route)?;
+            let value: RouteValue =
+                serde_json::from_slice(kv.value()).map_err(|e| malformed(e.to_string()))?;
+            Ok(Event::PutRoute(Route { key, value }))
+        } else {
+            Err(malformed("unknown key kind".into()))
+        }
+    }
+
+    fn parse_delete(&self, kv: &KeyValue) -> Result<Event, Error> {
+        let key = String::from_utf8_lossy(kv.key());
+        let malformed = |m: &str| Error::Malformed {
+            key: key.to_string(),
+            message: m.to_string(),
+        };
+        let rest = key
+            .strip_prefix(&self.prefix)
+            .and_then(|k| k.strip_prefix('/'))
+            .ok_or_else(|| malformed("outside the prefix"))?;
+        if let Some(relay) = rest.strip_prefix("relays/") {
+            Ok(Event::DeleteRelay(relay.to_string()))
+        } else if let Some(route) = rest.strip_prefix("routes/") {
+            Ok(Event::DeleteRoute(RouteKey::parse(route)?))
+        } else {
+            Err(malformed("unknown key kind"))
+        }
+    }
+}
+
+impl EtcdRegistry {
+    /// Connects lazily: an etcd that is down now only delays registration, it does not fail start-up.
+    pub async fn connect(
+        endpoints: &[String],
+        prefix: &str,
+        lease_ttl: Duration,
+    ) -> Result<Self, Error> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
+            .with_keep_alive_while_idle(true);
+        let client = Client::connect(endpoints, Some(options))
+            .await
+            .map_err(unavailable)?;
+        Ok(EtcdRegistry {
+            client,
+            keys: Keys {
+                prefix: prefix.trim_end_matches('/').to_string(),
+            },
+            lease_ttl,
+            lease: Mutex::new(None),
+            epoch: watch::channel(0).0,
+        })
+    }
+
+    /// The current lease id, granting one (and starting its keep-alive) when there is none.
+    async fn lease_id(&self) -> Result<i64, Error> {
+        let mut lease = self.lease.lock().await;
+        if let Some(l) = lease.as_ref() {
+            if !l.keeper.is_finished() {
+                return Ok(l.id);
+            }
+        }
+        if let Some(old) = lease.take() {
+            // Best effort: a lease we abandoned should not keep stale keys alive until it expires.
+            let mut client = self.client.clone();
+            let _ = timed(client.lease_revoke(old.id)).await;
+        }
+        let ttl = self.lease_ttl.as_secs().max(1) as i64;
+        let mut client = self.client.clone();
+        let granted = timed(client.lease_grant(ttl, None)).await?;
+        let id = granted.id();
+        let keeper = tokio::spawn(keep_alive(
+            self.client.clone(),
+            id,
+            self.lease_ttl,
+            self.epoch.clone(),
+        ));
+        tracing::info!(lease = id, ttl, "etcd lease granted");
+        *lease = Some(Lease { id, keeper });
+        Ok(id)
+    }
+
+    async fn put_all(&self, kvs: Vec<(String, Vec<u8>)>, lease: i64) -> Result<(), Error> {
+        for chunk in kvs.chunks(TXN_OPS) {
+            let ops: Vec<TxnOp> = chunk
+                .iter()
+                .map(|(k, v)| {
+                    TxnOp::put(
+                        k.clone(),
+                        v.clone(),
+                        Some(PutOptions::new().with_lease(lease)),
+                    )
+                })
+                .collect();
+            let mut client = self.client.clone();
+            timed(client.txn(Txn::new().and_then(ops))).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Refreshes `id` every TTL/3 until etcd says it is gone or the stream breaks; then bumps `epoch`
+/// so the owner re-registers.
+async fn keep_alive(mut client: Client, id: i64, ttl: Duration, epoch: watch::Sender<u64>) {
+    let result = async {
+        let (mut keeper, mut responses) = timed(client.lease_keep_alive(id)).await?;
+        let mut tick = tokio::time::interval(ttl / 3);
+        loop {
+            tick.tick().await;
+            keeper.keep_alive().await.map_err(unavailable)?;
+            match tokio::time::timeout(REQUEST_TIMEOUT, responses.message()).await {
+                Ok(Ok(Some(resp))) if resp.ttl() > 0 => {}
+                Ok(Ok(Some(_))) => return Err(Error::Unavailable("lease expired".into())),
+                Ok(Ok(None)) => return Err(Error::Unavailable("keep-alive stream closed".into())),
+                Ok(Err(e)) => return Err(unavailable(e)),
+                Err(_) => return Err(Error::Unavailable("keep-alive timed out".into())),
+            }
+        }
+        #[allow(unreachable_code)]
+        Ok::<(), Error>(())
+    }
+    .await;
+    if let Err(err) = result {
+        tracing::warn!(lease = id, %err, "etcd lease lost; re-registering");
+    }
+    epoch.send_modify(|e| *e += 1);
+}
+
+#[async_trait::async_trait]
+impl Registry for EtcdRegistry {
+    async fn register_relay(&self, relay: &RelayInfo) -> Result<(), Error> {
+        let lease = self.lease_id().await?;
+        let value = serde_json::to_vec(relay).map_err(unavailable)?;
+        self.put_all(vec![(self.keys.relay_key(&relay.id), value)], lease)
+            .await
+    }
+
+    async fn deregister_relay(&self, relay_id: &str) -> Result<(), Error> {
+        let lease = self.lease.lock().await.take();
+        let mut client = self.client.clone();
+        match lease {
+            Some(l) => {
+                l.keeper.abort();
+                timed(client.lease_revoke(l.id)).await.map(|_| ())
+            }
+            None => timed(client.delete(self.keys.relay_key(relay_id), None))
+                .await
+                .map(|_| ()),
+        }
+    }
+
+    async fn put_routes(&self, relay_id: &str, routes: &[Route]) -> Result<(), Error> {
+        let lease = {
+            let guard = self.lease.lock().await;
+            match guard.as_ref() {
+                Some(l) if !l.keeper.is_finished() => l.id,
+                _ => return Err(Error::NotRegistered(relay_id.to_string())),
+            }
+        };
+        let kvs = routes
+            .iter()
+            .map(|r| {
+                Ok((
+                    self.keys.route_key(&r.key),
+                    serde_json::to_vec(&r.value).map_err(unavailable)?,
+                ))
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        self.put_all(kvs, lease).await
+    }
+
+    async fn delete_routes(&self, keys: &[RouteKey]) -> Result<(), Error> {
+        for chunk in keys.chunks(TXN_OPS) {
+            let ops: Vec<TxnOp> = chunk
+                .iter()
+                .map(|k| TxnOp::delete(self.keys.route_key(k), None))
+                .collect();
+            let mut client = self.client.clone();
+            timed(client.txn(Txn::new().and_then(ops))).await?;
+        }
+        Ok(())
+    }
+
+    async fn snapshot(&self) -> Result<Snapshot, Error> {
+        let start = format!("{}/", self.keys.prefix);
+        let end = prefix_end(&start);
+        let mut snapshot = Snapshot::default();
+        let mut from: Vec<u8> = start.into_bytes();
+        let mut revision = 0;
+        loop {
+            let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            if revision > 0 {
+                // Later pages read the same revision as the first: one consistent list.
+                options = options.with_revision(revision);
+            }
+            let mut client = self.client.clone();
+            let resp = timed(client.get(from.clone(), Some(options))).await?;
+            if revision == 0 {
+                revision = resp.header().map_or(0, |h| h.revision());
+            }
+            for kv in resp.kvs() {
+                match self.keys.parse(kv) {
+                    Ok(Event::PutRoute(r)) => snapshot.routes.push(r),
+                    Ok(Event::PutRelay(r)) => snapshot.relays.push(r),
+                    Ok(_) => {}
+                    Err(err) => tracing::warn!(%err, "ignoring malformed registry entry"),
+                }
+            }
+            match (resp.more(), resp.kvs().last()) {
+                (true, Some(last)) => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
+        snapshot.revision = revision;
+        Ok(snapshot)
+    }
+
+    async fn watch(&self, after_revision: i64) -> Result<mpsc::Receiver<WatchItem>, Error> {
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(after_revision + 1);
+        let mut client = self.client.clone();
+        let mut stream =
+            timed(client.watch(format!("{}/", self.keys.prefix), Some(options))).await?;
+        let (tx, rx) = mpsc::channel(1024);
+        let keys = self.keys.clone();
+        tokio::spawn(async move {
+            loop {
+                let resp = match stream.message().await {
+                    Ok(Some(resp)) => resp,
+                    Ok(None) => return,
+                    Err(err) => {
+                        tracing::warn!(%err, "etcd watch broke");
+                        return;
+                    }
+                };
+                if resp.canceled() {
+                    tracing::info!(
+                        compact_revision = resp.compact_revision(),
+                        reason = resp.cancel_reason(),
+                        "etcd watch canceled"
+                    );
+                    let _ = tx.send(WatchItem::Reset).await;
+                    return;
+                }
+                let revision = resp.header().map_or(0, |h| h.revision());
+                let events: Vec<Event> = resp
+                    .events()
+                    .iter()
+                    .filter_map(|e| {
+                        let kv = e.kv()?;
+                        let parsed = match e.event_type() {
+                            EventType::Put => keys.parse(kv),
+                            EventType::Delete => keys.parse_delete(kv),
+                        };
+                        parsed
+                            .map_err(
+                                |err| tracing::warn!(%err, "ignoring malformed registry change"),
+                            )
+                            .ok()
+                    })
+                    .collect();
+                if !events.is_empty()
+                    && tx
+                        .send(WatchItem::Events { revision, events })
+                        .await
+                        .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    fn lease_epoch(&self) -> watch::Receiver<u64> {
+        self.epoch.subscribe()
+    }
+}

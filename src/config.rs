@@ -279,6 +279,7 @@ pub struct AgentFile {
     pub reconnect_max: Option<HumanDuration>,
     pub connect_timeout: Option<HumanDuration>,
     pub max_streams: Option<u32>,
+    pub drain_grace: Option<HumanDuration>,
     #[serde(default)]
     pub transport: TransportFile,
 }
@@ -303,6 +304,8 @@ pub struct AgentConfig {
     pub connect_timeout: Duration,
     /// Concurrent proxied connections a relay may open on one tunnel.
     pub max_streams: u32,
+    /// How long in-flight connections may finish when the agent stops.
+    pub drain_grace: Duration,
     pub transport: Transport,
 }
 
@@ -398,6 +401,7 @@ impl AgentConfig {
                 .connect_timeout
                 .map_or(crate::protocol::CONNECT_TIMEOUT, |d| d.0),
             max_streams,
+            drain_grace: f.drain_grace.map_or(Duration::from_secs(30), |d| d.0),
             transport: Transport::from_file(f.transport, "transport")?,
         })
     }
@@ -422,6 +426,11 @@ pub struct RelayFile {
     #[serde(default)]
     pub agents: Vec<AgentCredentialFile>,
     pub drain_grace: Option<HumanDuration>,
+    /// UDP address of the peer endpoint gateways and other relays forward through.
+    pub peer_listen: Option<SocketAddr>,
+    /// Address published for peers: `host:port`, or `env:VAR` naming a variable that holds the IP
+    /// (the port is `peer_listen`'s). Defaults to `peer_listen` when that is not a wildcard.
+    pub peer_advertise: Option<String>,
     #[serde(default)]
     pub transport: TransportFile,
 }
@@ -467,7 +476,17 @@ pub struct RelayConfig {
     pub identity: Identity,
     pub agents: Vec<AgentCredential>,
     pub drain_grace: Duration,
+    /// Peer endpoint: where it listens and the address it publishes.
+    pub peer: Option<PeerListen>,
     pub transport: Transport,
+}
+
+/// Where a relay's peer endpoint listens and how others reach it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerListen {
+    pub listen: SocketAddr,
+    /// `None`: publish the bound address (only valid when `listen` is not a wildcard).
+    pub advertise: Option<SocketAddr>,
 }
 
 impl RelayConfig {
@@ -501,7 +520,118 @@ impl RelayConfig {
             identity,
             agents,
             drain_grace: f.drain_grace.map_or(Duration::from_secs(30), |d| d.0),
+            peer: peer_listen(f.peer_listen, f.peer_advertise)?,
             transport: Transport::from_file(f.transport, "relay.transport")?,
+        })
+    }
+}
+
+fn peer_listen(
+    listen: Option<SocketAddr>,
+    advertise: Option<String>,
+) -> Result<Option<PeerListen>, Error> {
+    let Some(listen) = listen else {
+        if advertise.is_some() {
+            return Err(invalid("relay.peer_advertise", "needs relay.peer_listen"));
+        }
+        return Ok(None);
+    };
+    let advertise = match advertise {
+        None if listen.ip().is_unspecified() => {
+            return Err(invalid(
+                "relay.peer_advertise",
+                "required when relay.peer_listen is a wildcard address (peers need a reachable address)",
+            ))
+        }
+        None => None,
+        Some(a) => {
+            let resolved = Secret::resolve(&a, "relay.peer_advertise")?;
+            let text = resolved.expose().trim();
+            let addr = match text.parse::<SocketAddr>() {
+                Ok(addr) => addr,
+                Err(_) => text
+                    .parse::<IpAddr>()
+                    .map(|ip| SocketAddr::new(ip, listen.port()))
+                    .map_err(|_| invalid("relay.peer_advertise", format!("{text:?} is neither ip:port nor an IP")))?,
+            };
+            Some(addr)
+        }
+    };
+    Ok(Some(PeerListen { listen, advertise }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Peer connections (gateway/relay → relay).
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerFile {
+    pub ca: PathBuf,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub server_name: Option<String>,
+    pub connect_timeout: Option<HumanDuration>,
+    pub max_streams: Option<u32>,
+    #[serde(default)]
+    pub transport: TransportFile,
+}
+
+/// How processes authenticate each other on peer connections (mutual TLS under one CA).
+#[derive(Clone, Debug)]
+pub struct PeerConfig {
+    /// Verifies relays' peer endpoints and, on a relay, the client certificates of peers.
+    pub ca: Vec<rustls_pki_types::CertificateDer<'static>>,
+    /// What this process presents when it dials a relay's peer endpoint.
+    pub identity: Option<Identity>,
+    /// The name relay certificates carry for peer connections.
+    pub server_name: String,
+    pub connect_timeout: Duration,
+    /// Concurrent forwarded connections per peer connection.
+    pub max_streams: u32,
+    pub transport: Transport,
+}
+
+impl PeerConfig {
+    /// Peer links cross the data centre: a dead relay must be noticed within about a second.
+    pub fn default_transport() -> Transport {
+        Transport {
+            idle_timeout: Duration::from_millis(1500),
+            keep_alive: Duration::from_millis(300),
+            ..Transport::default()
+        }
+    }
+
+    pub fn from_file(f: PeerFile) -> Result<Self, Error> {
+        let ca = tls::load_certs(&f.ca).map_err(|source| Error::Tls {
+            key: "peer.ca".into(),
+            source,
+        })?;
+        let identity = match (f.cert, f.key) {
+            (Some(cert), Some(key)) => Some(identity(&cert, &key, "peer")?),
+            (None, None) => None,
+            _ => return Err(invalid("peer.cert", "peer.cert and peer.key go together")),
+        };
+        let d = Self::default_transport();
+        let t = f.transport;
+        let transport = Transport::from_file(
+            TransportFile {
+                idle_timeout: t.idle_timeout.or(Some(HumanDuration(d.idle_timeout))),
+                keep_alive: t.keep_alive.or(Some(HumanDuration(d.keep_alive))),
+                ..t
+            },
+            "peer.transport",
+        )?;
+        let max_streams = f.max_streams.unwrap_or(4096);
+        if max_streams == 0 {
+            return Err(invalid("peer.max_streams", "must be at least 1"));
+        }
+        Ok(PeerConfig {
+            ca,
+            identity,
+            server_name: f.server_name.unwrap_or_else(|| "postern-relay".into()),
+            connect_timeout: f.connect_timeout.map_or(Duration::from_secs(2), |d| d.0),
+            max_streams,
+            transport,
         })
     }
 }
@@ -692,6 +822,7 @@ impl RegistryConfig {
 pub struct ServerFile {
     pub relay: RelayFile,
     pub gateway: GatewayFile,
+    pub peer: Option<PeerFile>,
     #[serde(default)]
     pub registry: RegistryFile,
 }
@@ -700,6 +831,7 @@ pub struct ServerFile {
 pub struct ServerConfig {
     pub relay: RelayConfig,
     pub gateway: GatewayConfig,
+    pub peer: Option<PeerConfig>,
     pub registry: RegistryConfig,
 }
 
@@ -709,9 +841,118 @@ impl ServerConfig {
     }
 
     pub fn from_file(f: ServerFile) -> Result<Self, Error> {
+        let peer = f.peer.map(PeerConfig::from_file).transpose()?;
+        let registry = RegistryConfig::from_file(f.registry)?;
+        let relay = RelayConfig::from_file(f.relay)?;
+        check_cluster(&registry, &relay, peer.as_ref(), true)?;
         Ok(ServerConfig {
-            relay: RelayConfig::from_file(f.relay)?,
+            relay,
             gateway: GatewayConfig::from_file(f.gateway)?,
+            peer,
+            registry,
+        })
+    }
+}
+
+/// A relay in a shared registry must be reachable by peers, and a process that forwards to peers
+/// must be able to authenticate to them.
+fn check_cluster(
+    registry: &RegistryConfig,
+    relay: &RelayConfig,
+    peer: Option<&PeerConfig>,
+    forwards: bool,
+) -> Result<(), Error> {
+    if relay.peer.is_some() && peer.is_none() {
+        return Err(invalid(
+            "peer",
+            "relay.peer_listen needs a [peer] section (its ca verifies peers)",
+        ));
+    }
+    if matches!(registry, RegistryConfig::Etcd { .. }) {
+        if relay.peer.is_none() {
+            return Err(invalid(
+                "relay.peer_listen",
+                "required with an etcd registry: other gateways forward through it",
+            ));
+        }
+        if forwards && peer.is_some_and(|p| p.identity.is_none()) {
+            return Err(invalid(
+                "peer.cert",
+                "required with an etcd registry: this process forwards to other relays",
+            ));
+        }
+    }
+    Ok(())
+}
+
+// `postern relay`: a relay alone.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayRoleFile {
+    pub relay: RelayFile,
+    pub peer: Option<PeerFile>,
+    #[serde(default)]
+    pub registry: RegistryFile,
+}
+
+#[derive(Clone, Debug)]
+pub struct RelayRoleConfig {
+    pub relay: RelayConfig,
+    pub peer: Option<PeerConfig>,
+    pub registry: RegistryConfig,
+}
+
+impl RelayRoleConfig {
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        Self::from_file(read_toml(path)?)
+    }
+
+    pub fn from_file(f: RelayRoleFile) -> Result<Self, Error> {
+        let peer = f.peer.map(PeerConfig::from_file).transpose()?;
+        let registry = RegistryConfig::from_file(f.registry)?;
+        let relay = RelayConfig::from_file(f.relay)?;
+        check_cluster(&registry, &relay, peer.as_ref(), false)?;
+        Ok(RelayRoleConfig {
+            relay,
+            peer,
+            registry,
+        })
+    }
+}
+
+// `postern gateway`: front doors alone, forwarding to relays over peer connections.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayRoleFile {
+    pub gateway: GatewayFile,
+    pub peer: PeerFile,
+    #[serde(default)]
+    pub registry: RegistryFile,
+}
+
+#[derive(Clone, Debug)]
+pub struct GatewayRoleConfig {
+    pub gateway: GatewayConfig,
+    pub peer: PeerConfig,
+    pub registry: RegistryConfig,
+}
+
+impl GatewayRoleConfig {
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        Self::from_file(read_toml(path)?)
+    }
+
+    pub fn from_file(f: GatewayRoleFile) -> Result<Self, Error> {
+        let peer = PeerConfig::from_file(f.peer)?;
+        if peer.identity.is_none() {
+            return Err(invalid(
+                "peer.cert",
+                "a gateway needs a peer certificate to forward through relays",
+            ));
+        }
+        Ok(GatewayRoleConfig {
+            gateway: GatewayConfig::from_file(f.gateway)?,
+            peer,
             registry: RegistryConfig::from_file(f.registry)?,
         })
     }
@@ -722,6 +963,8 @@ impl ServerConfig {
 pub enum Role {
     Agent,
     Server,
+    Relay,
+    Gateway,
 }
 
 /// Loads and converts `path` as `role` (or the role its top-level keys suggest), returning a
@@ -731,15 +974,32 @@ pub fn check(path: &Path, role: Option<Role>) -> Result<String, Error> {
         path: path.to_path_buf(),
         source,
     })?;
-    let role = match role {
-        Some(r) => r,
-        None => {
-            let table: toml::Table = parse_toml(&text, path)?;
-            if table.contains_key("relays") {
-                Role::Agent
-            } else {
-                Role::Server
+    let role =
+        match role {
+            Some(r) => r,
+            None => {
+                let table: toml::Table = parse_toml(&text, path)?;
+                match (
+                    table.contains_key("relays"),
+                    table.contains_key("relay"),
+                    table.contains_key("gateway"),
+                ) {
+                    (true, _, _) => Role::Agent,
+                    (_, true, true) => Role::Server,
+                    (_, true, false) => Role::Relay,
+                    (_, false, true) => Role::Gateway,
+                    _ => return Err(invalid(
+                        "(top level)",
+                        "cannot tell the role: expected `relays` (agent), [relay] and/or [gateway]",
+                    )),
+                }
             }
+        };
+    let socks = |g: &GatewayConfig| g.socks5.map_or("off".to_string(), |a| a.to_string());
+    let registry = |r: &RegistryConfig| match r {
+        RegistryConfig::Memory => "memory registry".to_string(),
+        RegistryConfig::Etcd { endpoints, .. } => {
+            format!("etcd registry ({} endpoint(s))", endpoints.len())
         }
     };
     match role {
@@ -756,13 +1016,30 @@ pub fn check(path: &Path, role: Option<Role>) -> Result<String, Error> {
         Role::Server => {
             let c = ServerConfig::from_file(parse_toml(&text, path)?)?;
             Ok(format!(
-                "server config OK: relay {} on {}, {} agent credential(s), socks5 {}",
+                "server config OK: relay {} on {}, {} agent credential(s), socks5 {}, {}",
                 c.relay.id,
                 c.relay.listen,
                 c.relay.agents.len(),
-                c.gateway
-                    .socks5
-                    .map_or("off".to_string(), |a| a.to_string())
+                socks(&c.gateway),
+                registry(&c.registry)
+            ))
+        }
+        Role::Relay => {
+            let c = RelayRoleConfig::from_file(parse_toml(&text, path)?)?;
+            Ok(format!(
+                "relay config OK: relay {} on {}, {} agent credential(s), {}",
+                c.relay.id,
+                c.relay.listen,
+                c.relay.agents.len(),
+                registry(&c.registry)
+            ))
+        }
+        Role::Gateway => {
+            let c = GatewayRoleConfig::from_file(parse_toml(&text, path)?)?;
+            Ok(format!(
+                "gateway config OK: socks5 {}, {}",
+                socks(&c.gateway),
+                registry(&c.registry)
             ))
         }
     }

@@ -67,23 +67,25 @@ pub async fn run(socks5: SocketAddr, shutdown: CancellationToken) -> anyhow::Res
                 vec!["127.77.0.0/16".parse()?],
             )],
             drain_grace: Duration::from_secs(2),
+            peer: None,
             transport: Transport::default(),
         },
         gateway: GatewayConfig {
             socks5: Some(socks5),
             ..GatewayConfig::default()
         },
+        peer: None,
         registry: RegistryConfig::Memory,
     };
     let server = Server::bind(config).await?;
-    let addrs = server.addresses()?;
+    let addrs = server.addresses();
     let cache = server.cache().clone();
     let server_task = tokio::spawn(server.run(shutdown.clone()));
 
     let agent = Agent::new(AgentConfig {
         id: AGENT_ID.into(),
         namespace: "default".into(),
-        relays: vec![addrs.relay.to_string()],
+        relays: vec![addrs.relay.context("no relay address")?.to_string()],
         server_name: "localhost".into(),
         trust: Trust::Ca(crate::tls::load_certs(&bundle.ca)?),
         token: Secret::new(token),
@@ -97,6 +99,7 @@ pub async fn run(socks5: SocketAddr, shutdown: CancellationToken) -> anyhow::Res
         reconnect_max: Duration::from_secs(5),
         connect_timeout: Duration::from_secs(5),
         max_streams: 1024,
+        drain_grace: Duration::from_secs(2),
         transport: Transport::default(),
     })?;
     let mut handle = agent.handle();

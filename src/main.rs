@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
-use postern::config::{self, AgentConfig, ServerConfig};
+use postern::config::{self, AgentConfig, GatewayRoleConfig, RelayRoleConfig, ServerConfig};
 
 #[derive(Parser)]
 #[command(
@@ -42,6 +42,16 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Run a relay alone: agent tunnels in, peer streams from gateways.
+    Relay {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run the SOCKS5 front door alone, forwarding to relays as a peer.
+    Gateway {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Run everything on loopback and print a curl line to try.
     Demo {
         /// SOCKS5 listen address (falls back to a free port when taken).
@@ -65,6 +75,8 @@ enum Command {
 enum CheckRole {
     Agent,
     Server,
+    Relay,
+    Gateway,
 }
 
 #[derive(Subcommand)]
@@ -132,14 +144,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Server { config } => {
             let config = ServerConfig::load(&config)?;
-            let server = postern::server::Server::bind(config).await?;
-            let addrs = server.addresses()?;
-            println!(
-                "ready relay={} socks5={}",
-                addrs.relay,
-                addrs.socks5.map_or("off".into(), |a| a.to_string())
-            );
-            server.run(shutdown_on_signal()).await
+            let server = postern::server::Process::bind(config).await?;
+            run_process(server).await
+        }
+        Command::Relay { config } => {
+            let config = RelayRoleConfig::load(&config)?;
+            run_process(postern::server::Process::bind_relay(config, None).await?).await
+        }
+        Command::Gateway { config } => {
+            let config = GatewayRoleConfig::load(&config)?;
+            run_process(postern::server::Process::bind_gateway(config, None).await?).await
         }
         Command::Demo { socks5 } => postern::demo::run(socks5, shutdown_on_signal()).await,
         Command::Cert(cmd) => cert(cmd),
@@ -147,12 +161,24 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let role = role.map(|r| match r {
                 CheckRole::Agent => config::Role::Agent,
                 CheckRole::Server => config::Role::Server,
+                CheckRole::Relay => config::Role::Relay,
+                CheckRole::Gateway => config::Role::Gateway,
             });
             let summary = config::check(&config, role)?;
             println!("{summary}");
             Ok(())
         }
     }
+}
+
+/// Prints where the process listens (one `ready …` line on stdout, for scripts and tests), then
+/// runs it until a signal.
+async fn run_process(process: postern::server::Process) -> anyhow::Result<()> {
+    let shutdown = shutdown_on_signal();
+    println!("ready {}", process.addresses());
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    process.run(shutdown).await
 }
 
 fn cert(cmd: CertCommand) -> anyhow::Result<()> {

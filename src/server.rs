@@ -1,5 +1,8 @@
-//! `postern server`: a relay and a gateway in one process, sharing one registry view; routes this
-//! relay owns short-circuit from the gateway into the relay without a network hop.
+//! How the long-running commands compose the pieces:
+//! * `postern server`: a relay and a gateway in one process sharing one registry view; routes this
+//!   relay owns short-circuit from the gateway into the relay, other relays are reached as peers.
+//! * `postern relay`: a relay alone (its peer endpoint serves gateways).
+//! * `postern gateway`: the front doors alone, forwarding to relays over peer connections.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,7 +10,8 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{RegistryConfig, ServerConfig};
+use crate::config::{GatewayRoleConfig, RegistryConfig, RelayRoleConfig, ServerConfig};
+use crate::gateway::pool::PeerPool;
 use crate::gateway::Gateway;
 use crate::registry::cache::RouteCache;
 use crate::registry::etcd::EtcdRegistry;
@@ -15,20 +19,25 @@ use crate::registry::memory::MemoryRegistry;
 use crate::registry::Registry;
 use crate::relay::Relay;
 
-/// A bound server, ready to [`Server::run`].
-pub struct Server {
-    relay: Arc<Relay>,
-    gateway: Gateway,
-    cache: Arc<RouteCache>,
-    registry: Arc<dyn Registry>,
-    config: ServerConfig,
+/// Where a bound process listens.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Addresses {
+    pub relay: Option<SocketAddr>,
+    pub peer: Option<SocketAddr>,
+    pub socks5: Option<SocketAddr>,
 }
 
-/// Where a bound server listens.
-#[derive(Clone, Copy, Debug)]
-pub struct Addresses {
-    pub relay: SocketAddr,
-    pub socks5: Option<SocketAddr>,
+impl std::fmt::Display for Addresses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let show = |a: Option<SocketAddr>| a.map_or("off".to_string(), |a| a.to_string());
+        write!(
+            f,
+            "relay={} peer={} socks5={}",
+            show(self.relay),
+            show(self.peer),
+            show(self.socks5)
+        )
+    }
 }
 
 /// Opens the registry a config names.
@@ -47,47 +56,123 @@ pub async fn open_registry(config: &RegistryConfig) -> anyhow::Result<Arc<dyn Re
     }
 }
 
-impl Server {
+/// A bound `postern server`, `relay` or `gateway`, ready to [`Process::run`].
+pub struct Process {
+    relay: Option<Arc<Relay>>,
+    gateway: Option<Gateway>,
+    cache: Arc<RouteCache>,
+    registry: Arc<dyn Registry>,
+    grace: std::time::Duration,
+}
+
+/// `postern server`.
+pub type Server = Process;
+
+impl Process {
+    /// Binds a relay + gateway.
     pub async fn bind(config: ServerConfig) -> anyhow::Result<Self> {
         let registry = open_registry(&config.registry).await?;
         Self::bind_with_registry(config, registry).await
     }
 
-    /// Binds with a given registry (tests share one memory registry between several roles).
+    /// Binds a relay + gateway with a given registry (tests share one memory registry between
+    /// several processes' worth of roles).
     pub async fn bind_with_registry(
         config: ServerConfig,
         registry: Arc<dyn Registry>,
     ) -> anyhow::Result<Self> {
         let cache = Arc::new(RouteCache::new());
-        let relay = Relay::bind(config.relay.clone(), registry.clone(), cache.clone())?;
-        let gateway =
-            Gateway::bind(config.gateway.clone(), cache.clone(), Some(relay.clone())).await?;
-        Ok(Server {
-            relay,
-            gateway,
+        let relay = Relay::bind(
+            config.relay.clone(),
+            config.peer.as_ref(),
+            registry.clone(),
+            cache.clone(),
+        )?;
+        let peers = match &config.peer {
+            Some(peer) if peer.identity.is_some() => Some(PeerPool::new(peer, cache.clone())?),
+            _ => None,
+        };
+        let gateway = Gateway::bind(
+            config.gateway.clone(),
+            cache.clone(),
+            Some(relay.clone()),
+            peers,
+        )
+        .await?;
+        Ok(Process {
+            relay: Some(relay),
+            gateway: Some(gateway),
             cache,
             registry,
-            config,
+            grace: config.relay.drain_grace,
         })
     }
 
-    pub fn addresses(&self) -> anyhow::Result<Addresses> {
-        Ok(Addresses {
-            relay: self.relay.local_addr().context("relay address")?,
-            socks5: self.gateway.socks5_addr(),
+    /// Binds a relay alone.
+    pub async fn bind_relay(
+        config: RelayRoleConfig,
+        registry: Option<Arc<dyn Registry>>,
+    ) -> anyhow::Result<Self> {
+        let registry = match registry {
+            Some(r) => r,
+            None => open_registry(&config.registry).await?,
+        };
+        let cache = Arc::new(RouteCache::new());
+        let relay = Relay::bind(
+            config.relay.clone(),
+            config.peer.as_ref(),
+            registry.clone(),
+            cache.clone(),
+        )?;
+        Ok(Process {
+            relay: Some(relay),
+            gateway: None,
+            cache,
+            registry,
+            grace: config.relay.drain_grace,
         })
     }
 
-    pub fn relay(&self) -> &Arc<Relay> {
-        &self.relay
+    /// Binds a gateway alone.
+    pub async fn bind_gateway(
+        config: GatewayRoleConfig,
+        registry: Option<Arc<dyn Registry>>,
+    ) -> anyhow::Result<Self> {
+        let registry = match registry {
+            Some(r) => r,
+            None => open_registry(&config.registry).await?,
+        };
+        let cache = Arc::new(RouteCache::new());
+        let peers = PeerPool::new(&config.peer, cache.clone())?;
+        let gateway =
+            Gateway::bind(config.gateway.clone(), cache.clone(), None, Some(peers)).await?;
+        Ok(Process {
+            relay: None,
+            gateway: Some(gateway),
+            cache,
+            registry,
+            grace: std::time::Duration::from_secs(30),
+        })
+    }
+
+    pub fn addresses(&self) -> Addresses {
+        Addresses {
+            relay: self.relay.as_ref().and_then(|r| r.local_addr().ok()),
+            peer: self.relay.as_ref().and_then(|r| r.peer_addr()),
+            socks5: self.gateway.as_ref().and_then(|g| g.socks5_addr()),
+        }
+    }
+
+    pub fn relay(&self) -> Option<&Arc<Relay>> {
+        self.relay.as_ref()
     }
 
     pub fn cache(&self) -> &Arc<RouteCache> {
         &self.cache
     }
 
-    /// Runs until `shutdown`: the gateway stops taking clients and drains, the relay closes its
-    /// tunnels and deregisters.
+    /// Runs until `shutdown`: the gateway stops taking clients and drains while the relay drains its
+    /// tunnels; then the relay deregisters.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let cache_stop = CancellationToken::new();
         let cache_task = tokio::spawn(
@@ -95,14 +180,21 @@ impl Server {
                 .clone()
                 .run(self.registry.clone(), cache_stop.clone()),
         );
-        let relay_stop = CancellationToken::new();
-        let relay_task = tokio::spawn(self.relay.clone().run(relay_stop.clone()));
-        let gateway_result = self
-            .gateway
-            .run(shutdown.clone(), self.config.relay.drain_grace)
-            .await;
-        relay_stop.cancel();
-        let relay_result = relay_task.await.context("relay task panicked")?;
+        let relay_task = self
+            .relay
+            .clone()
+            .map(|relay| tokio::spawn(relay.run(shutdown.clone())));
+        let gateway_result = match self.gateway {
+            Some(gateway) => gateway.run(shutdown.clone(), self.grace).await,
+            None => {
+                shutdown.cancelled().await;
+                Ok(())
+            }
+        };
+        let relay_result = match relay_task {
+            Some(task) => task.await.context("relay task panicked")?,
+            None => Ok(()),
+        };
         cache_stop.cancel();
         let _ = cache_task.await;
         gateway_result.and(relay_result)

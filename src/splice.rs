@@ -85,3 +85,43 @@ pub fn abort(tcp: TcpStream) {
     let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
     drop(tcp);
 }
+
+/// Splices two QUIC stream pairs (a peer's stream with an agent's), chunk by chunk without copying,
+/// carrying FIN both ways; a reset or error on either side resets both.
+pub async fn splice_quic(
+    a: (SendStream, RecvStream),
+    b: (SendStream, RecvStream),
+) -> io::Result<Transferred> {
+    let (mut a_send, mut a_recv) = a;
+    let (mut b_send, mut b_recv) = b;
+    async fn pump(from: &mut RecvStream, to: &mut SendStream) -> io::Result<u64> {
+        let mut total = 0u64;
+        while let Some(chunk) = from
+            .read_chunk(BUFFER, true)
+            .await
+            .map_err(io::Error::from)?
+        {
+            total += chunk.bytes.len() as u64;
+            to.write_chunk(chunk.bytes).await.map_err(io::Error::from)?;
+        }
+        let _ = to.finish();
+        Ok(total)
+    }
+    let result = tokio::try_join!(
+        pump(&mut a_recv, &mut b_send),
+        pump(&mut b_recv, &mut a_send)
+    );
+    match result {
+        Ok((up, down)) => Ok(Transferred { up, down }),
+        Err(err) => {
+            let code = quinn::VarInt::from_u32(close::STREAM_ABORTED);
+            for send in [&mut a_send, &mut b_send] {
+                let _ = send.reset(code);
+            }
+            for recv in [&mut a_recv, &mut b_recv] {
+                let _ = recv.stop(code);
+            }
+            Err(err)
+        }
+    }
+}

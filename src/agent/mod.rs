@@ -273,7 +273,9 @@ impl Shared {
         }
     }
 
-    /// Serves relay-opened streams and pings the relay until the tunnel ends or `shutdown`.
+    /// Serves relay-opened streams and pings the relay until the tunnel ends, the relay drains, or
+    /// `shutdown`. A draining relay's tunnel is wound down in the background (its in-flight streams
+    /// finish) while the slot dials a replacement at once.
     async fn serve(&self, tunnel: Tunnel, shutdown: &CancellationToken) -> anyhow::Result<()> {
         let Tunnel {
             endpoint,
@@ -299,10 +301,7 @@ impl Shared {
                     }
                     msg = protocol::read_message(&mut recv) => match msg? {
                         Message::Pong { .. } => outstanding = 0,
-                        Message::Drain { grace_ms } => {
-                            tracing::info!(grace_ms, "relay is draining; redialling");
-                            return Ok(());
-                        }
+                        Message::Drain { grace_ms } => return Ok(Some(Duration::from_millis(grace_ms))),
                         other => bail!(protocol::Error::unexpected(&other)),
                     },
                 }
@@ -311,37 +310,52 @@ impl Shared {
         let accept = async {
             loop {
                 let (send, recv) = connection.accept_bi().await?;
-                let shared_ips = self.ips.clone();
-                let ports = self.config.ports.clone();
-                let connect_timeout = self.config.connect_timeout;
-                let session_id = welcome.session_id;
-                streams.spawn(stream::serve(
-                    send,
-                    recv,
-                    stream::Policy {
-                        ips: shared_ips,
-                        ports,
-                        session_id,
-                        connect_timeout,
-                    },
-                ));
+                let policy = stream::Policy {
+                    ips: self.ips.clone(),
+                    ports: self.config.ports.clone(),
+                    session_id: welcome.session_id,
+                    connect_timeout: self.config.connect_timeout,
+                };
+                streams.spawn(stream::serve(send, recv, policy));
             }
             #[allow(unreachable_code)]
-            Ok::<(), anyhow::Error>(())
+            Ok::<Option<Duration>, anyhow::Error>(None)
         };
         let result = tokio::select! {
-            _ = shutdown.cancelled() => Ok(()),
+            _ = shutdown.cancelled() => Ok(None),
             r = ping => r,
             r = accept => r,
         };
-        // Let in-flight streams finish briefly, then close the tunnel.
         streams.close();
-        if shutdown.is_cancelled() {
-            let _ = tokio::time::timeout(Duration::from_secs(5), streams.wait()).await;
+        let grace = match result {
+            Ok(Some(grace)) => {
+                tracing::info!(relay_id = %welcome.relay_id, grace_ms = grace.as_millis() as u64,
+                    in_flight = streams.len(), "relay is draining; opening a replacement tunnel");
+                grace
+            }
+            Ok(None) if shutdown.is_cancelled() => self.config.drain_grace,
+            // The tunnel is gone: its streams are gone with it.
+            _ => Duration::ZERO,
+        };
+        let wind_down = async move {
+            let _ = tokio::time::timeout(grace, streams.wait()).await;
+            connection.close(close::SHUTDOWN.into(), b"agent closing tunnel");
+            let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        };
+        match result {
+            Ok(Some(_)) => {
+                tokio::spawn(wind_down);
+                Ok(())
+            }
+            Ok(None) => {
+                wind_down.await;
+                Ok(())
+            }
+            Err(err) => {
+                wind_down.await;
+                Err(err)
+            }
         }
-        connection.close(close::SHUTDOWN.into(), b"agent closing tunnel");
-        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
-        result
     }
 }
 

@@ -1,14 +1,17 @@
 //! Turns a client's target into a stream on the tunnel that owns it: look the IP up in the route
-//! cache, then try each owner in order (this process's relay first) until one accepts.
+//! cache, then try each owner in order — this process's relay first, then relays whose peer
+//! connection is healthy, then the rest — until one accepts.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use quinn::{RecvStream, SendStream};
 
-use crate::protocol::Code;
-use crate::registry::cache::RouteCache;
-use crate::relay::Relay;
+use super::pool::PeerPool;
+use crate::protocol::{Code, Forward};
+use crate::registry::cache::{Owner, RouteCache};
+use crate::relay::{InFlight, Relay};
 
 /// Where a connection goes: a namespace and an address inside it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,28 +33,39 @@ pub struct Opened {
     pub recv: RecvStream,
     pub relay_id: Arc<str>,
     pub agent_id: Arc<str>,
+    /// Set when the local relay carries the stream: counts it as in flight for its drain.
+    pub guard: Option<InFlight>,
 }
 
 pub struct Forwarder {
     cache: Arc<RouteCache>,
     local: Option<Arc<Relay>>,
+    peers: Option<PeerPool>,
     agent_suffix: String,
     resolve_names: bool,
+    rotation: AtomicUsize,
 }
 
 impl Forwarder {
     pub fn new(
         cache: Arc<RouteCache>,
         local: Option<Arc<Relay>>,
+        peers: Option<PeerPool>,
         agent_suffix: String,
         resolve_names: bool,
     ) -> Self {
         Forwarder {
             cache,
             local,
+            peers,
             agent_suffix,
             resolve_names,
+            rotation: AtomicUsize::new(0),
         }
+    }
+
+    pub fn peers(&self) -> Option<&PeerPool> {
+        self.peers.as_ref()
     }
 
     /// Resolves what the client asked for into a routed address. Names are `<agent-id>.<suffix>`
@@ -97,11 +111,28 @@ impl Forwarder {
         })
     }
 
+    /// The owners of `target` in the order to try them.
+    fn ordered_owners(&self, target: &Target) -> Vec<Owner> {
+        let mut owners = self.cache.owners(&target.namespace, target.addr.ip());
+        if owners.len() > 1 {
+            // Spread load over equal owners; the stable sort below keeps this rotation within ranks.
+            let n = self.rotation.fetch_add(1, Ordering::Relaxed) % owners.len();
+            owners.rotate_left(n);
+        }
+        let local_id = self.local.as_ref().map(|l| l.id().to_string());
+        owners.sort_by_key(|o| {
+            let local = local_id.as_deref() == Some(&*o.relay_id);
+            let down = self.peers.as_ref().is_some_and(|p| p.is_down(&o.relay_id));
+            (!local, o.draining, down)
+        });
+        owners
+    }
+
     /// Opens a stream to `target` through the first owner that accepts. Owners answering with a
-    /// stale-route code (no such session, not mine, draining) are skipped; a definite answer (port
-    /// not exposed, connection refused) ends the search.
+    /// stale-route code (no such session, not mine, draining, unreachable relay) are skipped; a
+    /// definite answer (port not exposed, connection refused) ends the search.
     pub async fn open(&self, target: &Target) -> Result<Opened, Code> {
-        let owners = self.cache.owners(&target.namespace, target.addr.ip());
+        let owners = self.ordered_owners(target);
         if owners.is_empty() {
             // The cache may trail this process's own session table by a moment.
             if let Some(local) = self
@@ -109,38 +140,45 @@ impl Forwarder {
                 .as_ref()
                 .filter(|l| l.serves(&target.namespace, target.addr.ip()))
             {
-                let (send, recv) = local.open(&target.namespace, target.addr, None).await?;
+                let t = local.open(&target.namespace, target.addr, None).await?;
                 return Ok(Opened {
-                    send,
-                    recv,
+                    send: t.send,
+                    recv: t.recv,
                     relay_id: local.id().into(),
                     agent_id: "".into(),
+                    guard: Some(t.guard),
                 });
             }
             return Err(Code::NoRoute);
         }
-        let mut ordered = owners;
-        if let Some(local) = &self.local {
-            ordered.sort_by_key(|o| *o.relay_id != *local.id());
-        }
         let mut last = Code::NoRoute;
-        for owner in ordered {
-            let result = match &self.local {
-                Some(local) if *owner.relay_id == *local.id() => {
-                    local
-                        .open(&target.namespace, target.addr, Some(owner.session_id))
+        for owner in owners {
+            let result = match (&self.local, &self.peers) {
+                (Some(local), _) if *owner.relay_id == *local.id() => local
+                    .open(&target.namespace, target.addr, Some(owner.session_id))
+                    .await
+                    .map(|t| (t.send, t.recv, Some(t.guard))),
+                (_, Some(peers)) => {
+                    let forward = Forward {
+                        namespace: target.namespace.clone(),
+                        target: target.addr,
+                        session_id: Some(owner.session_id),
+                    };
+                    peers
+                        .forward(&owner.relay_id, forward)
                         .await
+                        .map(|(s, r)| (s, r, None))
                 }
-                // Peer forwarding to other relays arrives with the cluster roles.
                 _ => Err(Code::Internal),
             };
             match result {
-                Ok((send, recv)) => {
+                Ok((send, recv, guard)) => {
                     return Ok(Opened {
                         send,
                         recv,
                         relay_id: owner.relay_id,
                         agent_id: owner.agent_id,
+                        guard,
                     })
                 }
                 Err(code) if code.try_next_owner() => {

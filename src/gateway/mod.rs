@@ -2,6 +2,7 @@
 //! looked up in the route cache and carried through a tunnel; nothing is dialled directly.
 
 pub mod forward;
+pub mod pool;
 pub mod socks;
 
 use std::net::SocketAddr;
@@ -18,6 +19,7 @@ use crate::config::GatewayConfig;
 use crate::registry::cache::RouteCache;
 use crate::relay::Relay;
 use forward::Forwarder;
+use pool::PeerPool;
 
 /// A bound gateway, ready to [`Gateway::run`].
 pub struct Gateway {
@@ -28,11 +30,13 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Binds the front doors. `local` is the relay of this process, whose routes short-circuit.
+    /// Binds the front doors. `local` is the relay of this process, whose routes short-circuit;
+    /// `peers` reaches every other relay.
     pub async fn bind(
         config: GatewayConfig,
         cache: Arc<RouteCache>,
         local: Option<Arc<Relay>>,
+        peers: Option<PeerPool>,
     ) -> anyhow::Result<Self> {
         let socks5 = match config.socks5 {
             Some(addr) => Some(
@@ -45,6 +49,7 @@ impl Gateway {
         let forwarder = Forwarder::new(
             cache,
             local,
+            peers,
             config.agent_suffix.clone(),
             config.resolve_names,
         );

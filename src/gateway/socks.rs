@@ -86,6 +86,7 @@ pub async fn serve(gateway: Arc<Gateway>, tcp: TcpStream, client: SocketAddr) {
         }
     };
     let started = std::time::Instant::now();
+    let _in_flight = opened.guard;
     let result = crate::splice::splice(tcp, opened.send, opened.recv).await;
     let (up, down, outcome) = match &result {
         Ok(t) => (t.up, t.down, "ok".to_string()),

@@ -1,11 +1,17 @@
 //! The relay: accepts agent tunnels, authenticates them, keeps the session table, publishes routes,
-//! and opens a stream on the owning tunnel for every proxied connection.
+//! and opens a stream on the owning tunnel for every proxied connection — for the gateway in its own
+//! process directly, for other gateways and relays through its peer endpoint ([`peer`]).
+//!
+//! Drain (SIGTERM): the relay marks itself and its routes draining, tells every agent (which opens a
+//! replacement tunnel elsewhere first), refuses new streams and tunnels, lets in-flight streams finish
+//! within the grace period, then revokes its lease and closes.
 
+pub mod peer;
 pub mod publisher;
 pub mod sessions;
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
-use crate::config::{AgentCredential, RelayConfig};
+use crate::config::{AgentCredential, PeerConfig, RelayConfig};
 use crate::protocol::{self, close, Code, Hello, Message, Open, OpenResult, Reject, Welcome};
 use crate::registry::cache::RouteCache;
 use crate::registry::{unix_now, Registry, RelayInfo};
@@ -29,10 +35,35 @@ const AGENT_MAX_STREAMS: u32 = 4;
 /// Deadline for a QUIC handshake to complete.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A stream opened on an agent's tunnel. `guard` counts it as in flight until dropped, so a
+/// draining relay knows when it may close.
+pub struct Tunnelled {
+    pub send: SendStream,
+    pub recv: RecvStream,
+    pub guard: InFlight,
+}
+
+/// Counts one in-flight stream while alive.
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn new(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::AcqRel);
+        InFlight(counter.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// A bound relay, ready to [`Relay::run`].
 pub struct Relay {
     config: RelayConfig,
     endpoint: quinn::Endpoint,
+    peer_endpoint: Option<quinn::Endpoint>,
     sessions: Arc<SessionTable>,
     registry: Arc<dyn Registry>,
     cache: Arc<RouteCache>,
@@ -40,13 +71,17 @@ pub struct Relay {
     publisher: std::sync::Mutex<Option<Publisher>>,
     in_sync: watch::Receiver<bool>,
     draining: AtomicBool,
+    in_flight: Arc<AtomicUsize>,
+    info: std::sync::Mutex<RelayInfo>,
 }
 
 impl Relay {
-    /// Binds the relay's UDP endpoint. `cache` is the registry view this process keeps (shared with
-    /// a co-located gateway); the relay uses it to tell agents how many relays are live.
+    /// Binds the relay's UDP endpoints. `cache` is the registry view this process keeps (shared with
+    /// a co-located gateway); the relay uses it to tell agents how many relays are live. `peer`
+    /// authenticates peer connections when the relay has a peer endpoint.
     pub fn bind(
         config: RelayConfig,
+        peer: Option<&PeerConfig>,
         registry: Arc<dyn Registry>,
         cache: Arc<RouteCache>,
     ) -> anyhow::Result<Arc<Self>> {
@@ -61,10 +96,32 @@ impl Relay {
         let endpoint =
             crate::tls::bind_endpoint(config.listen, Some(server), config.transport.udp_buffer)
                 .with_context(|| format!("binding relay endpoint on {}", config.listen))?;
+        let (peer_endpoint, peer_addr) = match (&config.peer, peer) {
+            (Some(listen), Some(peer)) => {
+                let transport = Arc::new(peer.transport.quinn(peer.max_streams));
+                let server = crate::tls::server_config(
+                    config.identity.clone(),
+                    &[protocol::ALPN_PEER],
+                    Some(&peer.ca),
+                    transport,
+                )
+                .context("relay peer TLS config")?;
+                let ep = crate::tls::bind_endpoint(
+                    listen.listen,
+                    Some(server),
+                    peer.transport.udp_buffer,
+                )
+                .with_context(|| format!("binding relay peer endpoint on {}", listen.listen))?;
+                let addr = listen.advertise.unwrap_or(ep.local_addr()?);
+                (Some(ep), Some(addr))
+            }
+            (Some(_), None) => anyhow::bail!("relay.peer_listen needs a [peer] section"),
+            (None, _) => (None, None),
+        };
         let sessions = Arc::new(SessionTable::default());
-        let relay_info = RelayInfo {
+        let info = RelayInfo {
             id: config.id.clone(),
-            peer_addr: None,
+            peer_addr,
             version: env!("CARGO_PKG_VERSION").to_string(),
             started_at: unix_now(),
             draining: false,
@@ -74,13 +131,14 @@ impl Relay {
         let publisher = Publisher {
             registry: registry.clone(),
             sessions: sessions.clone(),
-            relay: relay_info,
+            relay: info.clone(),
             changes: changes_rx,
             in_sync: in_sync_tx,
         };
         Ok(Arc::new(Relay {
             config,
             endpoint,
+            peer_endpoint,
             sessions,
             registry,
             cache,
@@ -88,6 +146,8 @@ impl Relay {
             publisher: std::sync::Mutex::new(Some(publisher)),
             in_sync,
             draining: AtomicBool::new(false),
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            info: std::sync::Mutex::new(info),
         }))
     }
 
@@ -99,6 +159,13 @@ impl Relay {
         self.endpoint.local_addr()
     }
 
+    /// The peer endpoint's bound address, when the relay has one.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.peer_endpoint
+            .as_ref()
+            .and_then(|e| e.local_addr().ok())
+    }
+
     pub fn sessions(&self) -> &SessionTable {
         &self.sessions
     }
@@ -108,7 +175,16 @@ impl Relay {
         *self.in_sync.borrow()
     }
 
-    /// Accepts tunnels until `shutdown`, then closes them and removes this relay from the registry.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Streams currently carried.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Accepts tunnels (and peer streams) until `shutdown`; then drains and deregisters.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> anyhow::Result<()> {
         let tasks = TaskTracker::new();
         let publisher = self
@@ -119,24 +195,49 @@ impl Relay {
             .context("relay is already running")?;
         let publisher_stop = CancellationToken::new();
         let publisher_task = tokio::spawn(publisher.run(publisher_stop.clone()));
-        tracing::info!(relay_id = %self.config.id, addr = %self.endpoint.local_addr()?, "relay listening");
-        loop {
-            let incoming = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                i = self.endpoint.accept() => match i { Some(i) => i, None => break },
-            };
-            let relay = self.clone();
-            let conn_shutdown = shutdown.child_token();
-            tasks.spawn(async move {
-                let remote = incoming.remote_address();
-                if let Err(err) = relay.serve_incoming(incoming, conn_shutdown).await {
-                    tracing::debug!(%remote, err = format!("{err:#}"), "tunnel ended");
-                }
-            });
+        // Connections stay open through the drain; `closed` ends them afterwards.
+        let closed = CancellationToken::new();
+        tracing::info!(relay_id = %self.config.id, addr = %self.endpoint.local_addr()?,
+            peer_addr = ?self.peer_addr(), "relay listening");
+        if let Some(peer_endpoint) = self.peer_endpoint.clone() {
+            tasks.spawn(peer::accept_loop(
+                self.clone(),
+                peer_endpoint,
+                closed.clone(),
+                tasks.clone(),
+            ));
         }
-        self.draining.store(true, Ordering::Relaxed);
+        let accept = {
+            let relay = self.clone();
+            let closed = closed.clone();
+            let tasks = tasks.clone();
+            async move {
+                loop {
+                    let incoming = tokio::select! {
+                        _ = closed.cancelled() => break,
+                        i = relay.endpoint.accept() => match i { Some(i) => i, None => break },
+                    };
+                    let relay = relay.clone();
+                    let conn_closed = closed.clone();
+                    tasks.spawn(async move {
+                        let remote = incoming.remote_address();
+                        if let Err(err) = relay.serve_incoming(incoming, conn_closed).await {
+                            tracing::debug!(%remote, err = format!("{err:#}"), "tunnel ended");
+                        }
+                    });
+                }
+            }
+        };
+        let accept_task = tokio::spawn(accept);
+        shutdown.cancelled().await;
+        self.drain().await;
+        closed.cancel();
+        let _ = accept_task.await;
         self.endpoint
-            .close(close::SHUTDOWN.into(), b"relay shutting down");
+            .close(close::DRAINED.into(), b"relay shut down");
+        if let Some(ep) = &self.peer_endpoint {
+            ep.close(close::DRAINED.into(), b"relay shut down");
+        }
         tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
         publisher_stop.cancel();
@@ -145,13 +246,53 @@ impl Relay {
             tracing::warn!(%err, "could not deregister relay; its lease will expire");
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        tracing::info!(relay_id = %self.config.id, "relay stopped");
         Ok(())
+    }
+
+    /// Marks the relay and its routes draining, tells the agents, and waits for in-flight streams
+    /// (bounded by the grace period).
+    async fn drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        let info = {
+            let mut info = self.info.lock().unwrap_or_else(|e| e.into_inner());
+            info.draining = true;
+            info.clone()
+        };
+        let _ = self.changes.send(Change::Relay(info));
+        let sessions = self.sessions.all();
+        for s in &sessions {
+            s.draining.store(true, Ordering::Relaxed);
+        }
+        let routes = sessions
+            .iter()
+            .flat_map(|s| s.routes(&self.config.id))
+            .collect::<Vec<_>>();
+        if !routes.is_empty() {
+            let _ = self.changes.send(Change::Put(routes));
+        }
+        for s in &sessions {
+            s.drain.cancel();
+        }
+        let grace = self.config.drain_grace;
+        tracing::info!(relay_id = %self.config.id, tunnels = sessions.len(), in_flight = self.in_flight(),
+            grace_ms = grace.as_millis() as u64, "draining");
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.in_flight() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if self.in_flight() > 0 {
+            tracing::warn!(
+                in_flight = self.in_flight(),
+                "drain grace period over; closing remaining streams"
+            );
+        }
     }
 
     async fn serve_incoming(
         self: Arc<Self>,
         incoming: quinn::Incoming,
-        shutdown: CancellationToken,
+        closed: CancellationToken,
     ) -> anyhow::Result<()> {
         let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming)
             .await
@@ -174,8 +315,20 @@ impl Relay {
         };
         let span = tracing::info_span!("session", agent_id = %hello.agent_id, remote = %conn.remote_address());
         async move {
-            if let Err(reject) = self.admit(&hello) {
-                tracing::warn!(code = ?reject.code, reason = %reject.reason, "agent rejected");
+            let admitted = if self.is_draining() {
+                Err(Reject {
+                    code: Code::Draining,
+                    reason: "relay is draining".into(),
+                })
+            } else {
+                self.admit(&hello).map(|_| ())
+            };
+            if let Err(reject) = admitted {
+                if reject.code == Code::Draining {
+                    tracing::debug!("tunnel refused while draining");
+                } else {
+                    tracing::warn!(code = ?reject.code, reason = %reject.reason, "agent rejected");
+                }
                 let _ = protocol::write_message(&mut send, &Message::Reject(reject.clone())).await;
                 let _ = send.finish();
                 // Give the reject a moment to reach the agent before the close overtakes it.
@@ -192,6 +345,7 @@ impl Relay {
                 connection: conn.clone(),
                 connected_at: unix_now(),
                 draining: AtomicBool::new(false),
+                drain: CancellationToken::new(),
             });
             let welcome = Welcome {
                 relay_id: self.config.id.clone(),
@@ -205,7 +359,7 @@ impl Relay {
             tracing::info!(session_id = session.id, ips = ?session.ips, "tunnel up");
             let result = async {
                 protocol::write_message(&mut send, &Message::Welcome(welcome)).await?;
-                self.control_loop(&conn, &mut send, &mut recv, &shutdown)
+                self.control_loop(&session, &mut send, &mut recv, &closed)
                     .await
             }
             .await;
@@ -223,19 +377,27 @@ impl Relay {
         .await
     }
 
-    /// Answers pings until the tunnel closes or the relay shuts down.
+    /// Answers pings, and announces a drain, until the tunnel closes or the relay closes.
     async fn control_loop(
         &self,
-        conn: &Connection,
+        session: &Session,
         send: &mut SendStream,
         recv: &mut RecvStream,
-        shutdown: &CancellationToken,
+        closed: &CancellationToken,
     ) -> anyhow::Result<()> {
+        let conn: &Connection = &session.connection;
+        let mut drain_sent = false;
         loop {
             let msg = tokio::select! {
-                _ = shutdown.cancelled() => {
-                    conn.close(close::SHUTDOWN.into(), b"relay shutting down");
+                _ = closed.cancelled() => {
+                    conn.close(close::DRAINED.into(), b"relay shut down");
                     return Ok(());
+                }
+                _ = session.drain.cancelled(), if !drain_sent => {
+                    drain_sent = true;
+                    let grace_ms = self.config.drain_grace.as_millis() as u64;
+                    protocol::write_message(send, &Message::Drain { grace_ms }).await?;
+                    continue;
                 }
                 m = protocol::read_message(recv) => m,
             };
@@ -285,6 +447,14 @@ impl Relay {
         if hello.ports.is_empty() {
             return Err(reject(Code::BadRequest, "hello exposes no port".into()));
         }
+        if crate::config::check_agent_id(&hello.agent_id, "agent_id").is_err()
+            || crate::config::check_namespace(&hello.namespace, "namespace").is_err()
+        {
+            return Err(reject(
+                Code::BadRequest,
+                "agent id must be a DNS label and namespace 1-63 of [A-Za-z0-9_-]".into(),
+            ));
+        }
         if let Some(ip) = hello
             .ips
             .iter()
@@ -304,14 +474,6 @@ impl Relay {
                 ),
             ));
         }
-        if crate::config::check_agent_id(&hello.agent_id, "agent_id").is_err()
-            || crate::config::check_namespace(&hello.namespace, "namespace").is_err()
-        {
-            return Err(reject(
-                Code::BadRequest,
-                "agent id must be a DNS label and namespace 1-63 of [A-Za-z0-9_-]".into(),
-            ));
-        }
         Ok(cred)
     }
 
@@ -328,10 +490,11 @@ impl Relay {
         namespace: &str,
         target: SocketAddr,
         session_id: Option<u64>,
-    ) -> Result<(SendStream, RecvStream), Code> {
-        if self.draining.load(Ordering::Relaxed) {
+    ) -> Result<Tunnelled, Code> {
+        if self.is_draining() {
             return Err(Code::Draining);
         }
+        let guard = InFlight::new(&self.in_flight);
         let candidates = match session_id {
             Some(id) => match self.sessions.get(id) {
                 Some(s) if s.serves(namespace, target.ip()) => vec![s],
@@ -342,7 +505,7 @@ impl Relay {
         let mut last = Code::NoRoute;
         for session in candidates {
             match open_on(&session, target).await {
-                Ok(streams) => return Ok(streams),
+                Ok((send, recv)) => return Ok(Tunnelled { send, recv, guard }),
                 Err(code) if code.try_next_owner() => last = code,
                 Err(code) => return Err(code),
             }

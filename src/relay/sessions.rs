@@ -20,6 +20,8 @@ pub struct Session {
     pub connection: quinn::Connection,
     pub connected_at: u64,
     pub draining: AtomicBool,
+    /// Cancelled when the relay drains: the control loop then tells the agent.
+    pub drain: tokio_util::sync::CancellationToken,
 }
 
 impl Session {

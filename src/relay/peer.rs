@@ -1,0 +1,104 @@
+//! The relay's peer endpoint (ALPN `postern-peer/1`, mutual TLS): gateways and other relays send
+//! `Forward` on a fresh stream; the relay opens the target on its own tunnel and splices.
+
+use std::sync::Arc;
+
+use quinn::{RecvStream, SendStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::Relay;
+use crate::protocol::{self, close, Code, Forward, Message, OpenResult};
+
+/// Accepts peer connections until `closed`.
+pub async fn accept_loop(
+    relay: Arc<Relay>,
+    endpoint: quinn::Endpoint,
+    closed: CancellationToken,
+    tasks: TaskTracker,
+) {
+    loop {
+        let incoming = tokio::select! {
+            _ = closed.cancelled() => return,
+            i = endpoint.accept() => match i { Some(i) => i, None => return },
+        };
+        let relay = relay.clone();
+        let closed = closed.clone();
+        let streams = tasks.clone();
+        tasks.spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match tokio::time::timeout(super::HANDSHAKE_TIMEOUT, incoming).await {
+                Ok(Ok(conn)) => conn,
+                Ok(Err(err)) => {
+                    tracing::info!(%remote, %err, "peer handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!(%remote, "peer handshake timed out");
+                    return;
+                }
+            };
+            tracing::debug!(%remote, "peer connected");
+            loop {
+                let (send, recv) = tokio::select! {
+                    _ = closed.cancelled() => {
+                        conn.close(close::DRAINED.into(), b"relay shut down");
+                        return;
+                    }
+                    s = conn.accept_bi() => match s {
+                        Ok(s) => s,
+                        Err(err) => {
+                            tracing::debug!(%remote, %err, "peer connection ended");
+                            return;
+                        }
+                    },
+                };
+                streams.spawn(serve_forward(relay.clone(), send, recv));
+            }
+        });
+    }
+}
+
+/// One forwarded connection: `Forward` → open on a local tunnel → `ForwardResult` → splice.
+async fn serve_forward(relay: Arc<Relay>, mut send: SendStream, mut recv: RecvStream) {
+    let forward = match protocol::read_message_timeout(&mut recv, protocol::OPEN_TIMEOUT).await {
+        Ok(Message::Forward(f)) => f,
+        Ok(other) => {
+            tracing::warn!(msg = ?other, "peer stream without Forward");
+            let _ = send.reset(close::PROTOCOL.into());
+            return;
+        }
+        Err(err) => {
+            tracing::debug!(%err, "peer stream ended before Forward");
+            let _ = send.reset(close::PROTOCOL.into());
+            return;
+        }
+    };
+    let Forward {
+        namespace,
+        target,
+        session_id,
+    } = forward;
+    let opened = relay.open(&namespace, target, session_id).await;
+    let code = opened.as_ref().err().copied().unwrap_or(Code::Ok);
+    if protocol::write_message(&mut send, &Message::ForwardResult(OpenResult { code }))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let tunnelled = match opened {
+        Ok(t) => t,
+        Err(code) => {
+            tracing::debug!(%target, %namespace, ?code, "forward refused");
+            let _ = send.finish();
+            return;
+        }
+    };
+    let _guard = tunnelled.guard;
+    if let Err(err) =
+        crate::splice::splice_quic((send, recv), (tunnelled.send, tunnelled.recv)).await
+    {
+        tracing::debug!(%target, %err, "forwarded stream aborted");
+    }
+}

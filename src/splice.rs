@@ -40,6 +40,7 @@ pub async fn splice(
             if n == 0 {
                 // The stream may already be reset by the peer; then there is nothing left to finish.
                 let _ = send.finish();
+                delivered(&mut send).await;
                 return Ok::<u64, io::Error>(total);
             }
             send.write_all(&buf[..n]).await.map_err(io::Error::from)?;
@@ -80,6 +81,14 @@ pub async fn splice(
     }
 }
 
+/// Waits (bounded) until the peer has acknowledged everything written to a finished stream. Closing
+/// a QUIC connection discards unacknowledged data, so whoever closes a tunnel (a draining relay, an
+/// agent winding down) must not count a stream done before this.
+async fn delivered(send: &mut SendStream) {
+    const LIMIT: Duration = Duration::from_secs(10);
+    let _ = tokio::time::timeout(LIMIT, send.stopped()).await;
+}
+
 /// Closes `tcp` with a RST instead of a FIN, so the peer sees an error rather than a clean end.
 pub fn abort(tcp: TcpStream) {
     let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
@@ -105,6 +114,7 @@ pub async fn splice_quic(
             to.write_chunk(chunk.bytes).await.map_err(io::Error::from)?;
         }
         let _ = to.finish();
+        delivered(to).await;
         Ok(total)
     }
     let result = tokio::try_join!(

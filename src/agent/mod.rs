@@ -22,8 +22,9 @@ use crate::protocol::{self, close, Hello, Message, Welcome};
 /// How often a tunnel that lands on a relay the agent already holds is redialled from a fresh UDP
 /// port before the slot backs off.
 const DUPLICATE_REDIALS: u32 = 8;
-/// Deadline for dialling a relay (QUIC handshake + hello/welcome).
-const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline for dialling one relay address (QUIC handshake + hello/welcome). Short, because the next
+/// address may be alive: a restarting relay's port just stays silent.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
 /// Pongs a tunnel may miss before the agent gives up on it and redials.
 const MAX_MISSED_PONGS: u32 = 3;
 

@@ -152,7 +152,8 @@ impl Forwarder {
             return Err(Code::NoRoute);
         }
         let mut last = Code::NoRoute;
-        for owner in owners {
+        let count = owners.len();
+        for (index, owner) in owners.into_iter().enumerate() {
             let result = match (&self.local, &self.peers) {
                 (Some(local), _) if *owner.relay_id == *local.id() => local
                     .open(&target.namespace, target.addr, Some(owner.session_id))
@@ -165,7 +166,7 @@ impl Forwarder {
                         session_id: Some(owner.session_id),
                     };
                     peers
-                        .forward(&owner.relay_id, forward)
+                        .forward(&owner.relay_id, forward, index + 1 == count)
                         .await
                         .map(|(s, r)| (s, r, None))
                 }

@@ -100,9 +100,11 @@ impl PeerPool {
             .is_some_and(|s| s.is_down())
     }
 
-    async fn connection(&self, relay_id: &str) -> Result<Connection, Code> {
+    /// The pooled connection to `relay_id`, dialling it when there is none. A relay marked down is
+    /// skipped unless it is the `last_resort`: a client is never refused only because of an old mark.
+    async fn connection(&self, relay_id: &str, last_resort: bool) -> Result<Connection, Code> {
         let slot = self.slot(relay_id);
-        if slot.is_down() {
+        if slot.is_down() && !last_resort {
             return Err(Code::Internal);
         }
         let mut conn = slot.conn.lock().await;
@@ -136,8 +138,16 @@ impl PeerPool {
                 let id = relay_id.to_string();
                 tokio::spawn(async move {
                     let reason = watched.closed().await;
-                    tracing::info!(relay_id = %id, %reason, "peer connection lost; relay marked down");
-                    watched_slot.mark_down();
+                    // A relay that closed us because it drained is gone on purpose (and may come back
+                    // under the same id at once); anything else is a failure worth avoiding.
+                    let drained = matches!(&reason, quinn::ConnectionError::ApplicationClosed(c)
+                        if c.error_code == quinn::VarInt::from_u32(close::DRAINED));
+                    if drained {
+                        tracing::debug!(relay_id = %id, "peer connection closed by a drained relay");
+                    } else {
+                        tracing::info!(relay_id = %id, %reason, "peer connection lost; relay marked down");
+                        watched_slot.mark_down();
+                    }
                 });
                 *conn = Some(c.clone());
                 Ok(c)
@@ -161,8 +171,9 @@ impl PeerPool {
         &self,
         relay_id: &str,
         forward: Forward,
+        last_resort: bool,
     ) -> Result<(SendStream, RecvStream), Code> {
-        let conn = self.connection(relay_id).await?;
+        let conn = self.connection(relay_id, last_resort).await?;
         let attempt = async {
             let (mut send, mut recv) = conn.open_bi().await.map_err(|_| Code::Internal)?;
             protocol::write_message(&mut send, &Message::Forward(forward))

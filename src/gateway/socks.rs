@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use fast_socks5::server::{
-    AuthMethodSuccessState as _, Socks5ServerProtocol, StandardAuthentication,
+    AuthMethodSuccessState as _, NoAuthentication, Socks5ServerProtocol, StandardAuthentication,
     StandardAuthenticationStarted,
 };
 use fast_socks5::util::target_addr::TargetAddr;
@@ -106,8 +106,16 @@ async fn authenticate(
     tcp: TcpStream,
 ) -> Result<(Authenticated, Option<String>), String> {
     let require_password = !gateway.config.users.is_empty();
+    // Offer exactly one method. fast-socks5's `allow_no_auth(true)` also offers password (first), so
+    // a client offering both (curl, PySocks given credentials) would be steered into a password
+    // check no user can pass when none are configured.
+    let methods: &[StandardAuthentication] = if require_password {
+        StandardAuthentication::allow_no_auth(false)
+    } else {
+        &[StandardAuthentication::NoAuthentication(NoAuthentication)]
+    };
     let started = Socks5ServerProtocol::start(tcp)
-        .negotiate_auth(StandardAuthentication::allow_no_auth(!require_password))
+        .negotiate_auth(methods)
         .await
         .map_err(|e| e.to_string())?;
     match started {

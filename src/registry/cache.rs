@@ -199,7 +199,7 @@ impl RouteCache {
     /// (error, reset, closed watch) list again after a capped backoff.
     pub async fn run(self: Arc<Self>, registry: Arc<dyn Registry>, shutdown: CancellationToken) {
         let mut backoff =
-            crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+            crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         loop {
             let synced = tokio::select! {
                 _ = shutdown.cancelled() => return,

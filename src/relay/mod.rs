@@ -277,14 +277,18 @@ impl Relay {
         let grace = self.config.drain_grace;
         tracing::info!(relay_id = %self.config.id, tunnels = sessions.len(), in_flight = self.in_flight(),
             grace_ms = grace.as_millis() as u64, "draining");
+        // Agents close their tunnel here once their in-flight streams are done (after opening a
+        // replacement elsewhere); wait for that, or for the grace period.
         let deadline = tokio::time::Instant::now() + grace;
-        while self.in_flight() > 0 && tokio::time::Instant::now() < deadline {
+        let busy = || self.in_flight() > 0 || !self.sessions.is_empty();
+        while busy() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        if self.in_flight() > 0 {
+        if busy() {
             tracing::warn!(
                 in_flight = self.in_flight(),
-                "drain grace period over; closing remaining streams"
+                tunnels = self.sessions.len(),
+                "drain grace period over; closing remaining tunnels and streams"
             );
         }
     }

@@ -33,7 +33,7 @@ pub struct Publisher {
 
 impl Publisher {
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
         let mut synced = false;
         let mut epoch = self.registry.lease_epoch();
         loop {

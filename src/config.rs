@@ -123,10 +123,11 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, origin: &Path) -> 
     })
 }
 
+/// The host's name as an id: its first label, lower-cased (an FQDN's dots are not allowed in ids).
 fn default_hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
         .ok()
+        .and_then(|s| s.trim().split('.').next().map(str::to_ascii_lowercase))
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "postern".to_string())
 }
@@ -136,11 +137,29 @@ fn identity(cert: &Path, key: &Path, key_name: &str) -> Result<Identity, Error> 
         key: format!("{key_name}.cert"),
         source,
     })?;
-    let key = tls::load_key(key).map_err(|source| Error::Tls {
+    let key_der = tls::load_key(key).map_err(|source| Error::Tls {
         key: format!("{key_name}.key"),
         source,
     })?;
-    Ok(Identity { chain, key })
+    // A key that does not belong to the certificate would only fail at the first handshake.
+    let signing = rustls::crypto::ring::sign::any_supported_type(&key_der).map_err(|e| {
+        invalid(
+            &format!("{key_name}.key"),
+            format!("unsupported private key: {e}"),
+        )
+    })?;
+    rustls::sign::CertifiedKey::new(chain.clone(), signing)
+        .keys_match()
+        .map_err(|e| {
+            invalid(
+                &format!("{key_name}.key"),
+                format!("does not belong to {}: {e}", cert.display()),
+            )
+        })?;
+    Ok(Identity {
+        chain,
+        key: key_der,
+    })
 }
 
 pub(crate) fn check_namespace(ns: &str, key: &str) -> Result<(), Error> {
@@ -163,14 +182,16 @@ pub(crate) fn check_namespace(ns: &str, key: &str) -> Result<(), Error> {
 pub(crate) fn check_agent_id(id: &str, key: &str) -> Result<(), Error> {
     let ok = !id.is_empty()
         && id.len() <= 63
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !id.starts_with('-');
     if ok {
         Ok(())
     } else {
         Err(invalid(
             key,
-            format!("agent id {id:?} must be a DNS label (1-63 of [A-Za-z0-9-])"),
+            format!("id {id:?} must be a lower-case DNS label (1-63 of [a-z0-9-])"),
         ))
     }
 }
@@ -642,7 +663,9 @@ impl PeerConfig {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayFile {
-    pub socks5: Option<SocketAddr>,
+    /// `"host:port"`, or `"off"`; absent means `127.0.0.1:1080`.
+    pub socks5: Option<String>,
+    pub drain_grace: Option<HumanDuration>,
     pub namespace: Option<String>,
     pub agent_suffix: Option<String>,
     #[serde(default)]
@@ -676,6 +699,8 @@ pub struct GatewayConfig {
     /// Resolve other names with the system resolver (then route by IP); off by default.
     pub resolve_names: bool,
     pub handshake_timeout: Duration,
+    /// How long in-flight client connections may finish after SIGTERM.
+    pub drain_grace: Duration,
     pub max_connections: usize,
     /// Empty: no authentication.
     pub users: Vec<User>,
@@ -689,6 +714,7 @@ impl Default for GatewayConfig {
             agent_suffix: "postern".into(),
             resolve_names: false,
             handshake_timeout: Duration::from_secs(10),
+            drain_grace: Duration::from_secs(30),
             max_connections: 10_000,
             users: Vec::new(),
         }
@@ -733,7 +759,17 @@ impl GatewayConfig {
             return Err(invalid("gateway.max_connections", "must be at least 1"));
         }
         Ok(GatewayConfig {
-            socks5: f.socks5,
+            socks5: match f.socks5.as_deref().map(str::trim) {
+                None => d.socks5,
+                Some("off") => None,
+                Some(addr) => Some(addr.parse().map_err(|_| {
+                    invalid(
+                        "gateway.socks5",
+                        format!("{addr:?} is neither host:port nor \"off\""),
+                    )
+                })?),
+            },
+            drain_grace: f.drain_grace.map_or(d.drain_grace, |v| v.0),
             namespace,
             agent_suffix,
             resolve_names: f.resolve_names,
@@ -950,10 +986,17 @@ impl GatewayRoleConfig {
                 "a gateway needs a peer certificate to forward through relays",
             ));
         }
+        let registry = RegistryConfig::from_file(f.registry)?;
+        if registry == RegistryConfig::Memory {
+            return Err(invalid(
+                "registry.kind",
+                "a standalone gateway needs a shared registry (kind = \"etcd\") to learn routes",
+            ));
+        }
         Ok(GatewayRoleConfig {
             gateway: GatewayConfig::from_file(f.gateway)?,
             peer,
-            registry: RegistryConfig::from_file(f.registry)?,
+            registry,
         })
     }
 }

@@ -264,8 +264,12 @@ pub enum Message {
     Ping {
         nonce: u64,
     },
+    /// The answer to a ping; carries the relay's current count of live relays so an agent on a
+    /// growing cluster tops up its tunnels.
     Pong {
         nonce: u64,
+        #[serde(default)]
+        live_relays: u32,
     },
     /// The relay is draining: open a replacement tunnel, then let this one go within `grace_ms`.
     Drain {
@@ -432,7 +436,10 @@ mod tests {
             }),
             Message::ForwardResult(OpenResult { code: Code::Ok }),
             Message::Ping { nonce: u64::MAX },
-            Message::Pong { nonce: 0 },
+            Message::Pong {
+                nonce: 0,
+                live_relays: 3,
+            },
             Message::Drain { grace_ms: 30_000 },
         ]
     }

@@ -104,7 +104,7 @@ impl Process {
             gateway: Some(gateway),
             cache,
             registry,
-            grace: config.relay.drain_grace,
+            grace: config.gateway.drain_grace,
         })
     }
 
@@ -151,7 +151,7 @@ impl Process {
             gateway: Some(gateway),
             cache,
             registry,
-            grace: std::time::Duration::from_secs(30),
+            grace: config.gateway.drain_grace,
         })
     }
 

@@ -301,7 +301,12 @@ impl Shared {
                         protocol::write_message(&mut send, &Message::Ping { nonce }).await?;
                     }
                     msg = protocol::read_message(&mut recv) => match msg? {
-                        Message::Pong { .. } => outstanding = 0,
+                        Message::Pong { live_relays, .. } => {
+                            outstanding = 0;
+                            if live_relays > 0 {
+                                self.live_relays.store(live_relays, Ordering::Relaxed);
+                            }
+                        }
                         Message::Drain { grace_ms } => return Ok(Some(Duration::from_millis(grace_ms))),
                         other => bail!(protocol::Error::unexpected(&other)),
                     },

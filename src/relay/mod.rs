@@ -407,7 +407,14 @@ impl Relay {
             };
             match msg {
                 Ok(Message::Ping { nonce }) => {
-                    protocol::write_message(send, &Message::Pong { nonce }).await?
+                    protocol::write_message(
+                        send,
+                        &Message::Pong {
+                            nonce,
+                            live_relays: self.live_relays(),
+                        },
+                    )
+                    .await?
                 }
                 Ok(other) => {
                     conn.close(close::PROTOCOL.into(), b"unexpected control message");

@@ -25,6 +25,7 @@ pub struct Addresses {
     pub relay: Option<SocketAddr>,
     pub peer: Option<SocketAddr>,
     pub socks5: Option<SocketAddr>,
+    pub http: Option<SocketAddr>,
 }
 
 impl std::fmt::Display for Addresses {
@@ -32,10 +33,11 @@ impl std::fmt::Display for Addresses {
         let show = |a: Option<SocketAddr>| a.map_or("off".to_string(), |a| a.to_string());
         write!(
             f,
-            "relay={} peer={} socks5={}",
+            "relay={} peer={} socks5={} http={}",
             show(self.relay),
             show(self.peer),
-            show(self.socks5)
+            show(self.socks5),
+            show(self.http)
         )
     }
 }
@@ -160,6 +162,7 @@ impl Process {
             relay: self.relay.as_ref().and_then(|r| r.local_addr().ok()),
             peer: self.relay.as_ref().and_then(|r| r.peer_addr()),
             socks5: self.gateway.as_ref().and_then(|g| g.socks5_addr()),
+            http: self.gateway.as_ref().and_then(|g| g.http_addr()),
         }
     }
 

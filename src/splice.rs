@@ -89,6 +89,55 @@ async fn delivered(send: &mut SendStream) {
     let _ = tokio::time::timeout(LIMIT, send.stopped()).await;
 }
 
+/// Splices any byte stream (an upgraded HTTP connection) with a stream pair; like [`splice`], but
+/// on failure the stream is simply dropped.
+pub async fn splice_io<S>(
+    io: S,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) -> io::Result<Transferred>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (mut io_read, mut io_write) = tokio::io::split(io);
+    let up = async {
+        let mut buf = vec![0u8; BUFFER];
+        let mut total = 0u64;
+        loop {
+            let n = io_read.read(&mut buf).await?;
+            if n == 0 {
+                let _ = send.finish();
+                delivered(&mut send).await;
+                return Ok::<u64, io::Error>(total);
+            }
+            send.write_all(&buf[..n]).await.map_err(io::Error::from)?;
+            total += n as u64;
+        }
+    };
+    let down = async {
+        let mut total = 0u64;
+        while let Some(chunk) = recv
+            .read_chunk(BUFFER, true)
+            .await
+            .map_err(io::Error::from)?
+        {
+            io_write.write_all(&chunk.bytes).await?;
+            total += chunk.bytes.len() as u64;
+        }
+        io_write.shutdown().await?;
+        Ok::<u64, io::Error>(total)
+    };
+    match tokio::try_join!(up, down) {
+        Ok((up, down)) => Ok(Transferred { up, down }),
+        Err(err) => {
+            let code = quinn::VarInt::from_u32(close::STREAM_ABORTED);
+            let _ = send.reset(code);
+            let _ = recv.stop(code);
+            Err(err)
+        }
+    }
+}
+
 /// Closes `tcp` with a RST instead of a FIN, so the peer sees an error rather than a clean end.
 pub fn abort(tcp: TcpStream) {
     let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));

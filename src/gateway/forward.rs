@@ -27,6 +27,15 @@ pub enum Requested {
     Name(String, u16),
 }
 
+impl std::fmt::Display for Requested {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Requested::Ip(addr) => write!(f, "{addr}"),
+            Requested::Name(name, port) => write!(f, "{name}:{port}"),
+        }
+    }
+}
+
 /// The stream a forward opened, and who carries it (for logs).
 pub struct Opened {
     pub send: SendStream,

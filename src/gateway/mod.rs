@@ -1,31 +1,54 @@
-//! The gateway: the front doors legacy applications use (`ALL_PROXY=socks5h://…`). Every target is
-//! looked up in the route cache and carried through a tunnel; nothing is dialled directly.
+//! The gateway: the front doors legacy applications use (`ALL_PROXY=socks5h://…`, `HTTP_PROXY=…`).
+//! Every connection is admitted ([`access`]), resolved and checked against the rules, then carried
+//! through the tunnel that owns the target ([`forward`]); nothing is ever dialled directly.
 
+pub mod access;
 pub mod forward;
+pub mod http;
 pub mod pool;
 pub mod socks;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::GatewayConfig;
+use crate::protocol::{self, Code};
 use crate::registry::cache::RouteCache;
 use crate::relay::Relay;
-use forward::Forwarder;
+use access::{Access, Client};
+use forward::{Forwarder, Opened, Requested, Target};
 use pool::PeerPool;
+
+/// Which front door a connection came through (for logs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Front {
+    Socks5,
+    Http,
+}
+
+impl Front {
+    fn as_str(self) -> &'static str {
+        match self {
+            Front::Socks5 => "socks5",
+            Front::Http => "http",
+        }
+    }
+}
 
 /// A bound gateway, ready to [`Gateway::run`].
 pub struct Gateway {
     config: GatewayConfig,
     socks5: Option<TcpListener>,
+    http: Option<TcpListener>,
     forwarder: Forwarder,
+    access: Access,
     connections: Arc<Semaphore>,
 }
 
@@ -38,14 +61,17 @@ impl Gateway {
         local: Option<Arc<Relay>>,
         peers: Option<PeerPool>,
     ) -> anyhow::Result<Self> {
-        let socks5 = match config.socks5 {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
+        let bind = |addr: Option<SocketAddr>, what: &'static str| async move {
+            match addr {
+                Some(addr) => TcpListener::bind(addr)
                     .await
-                    .with_context(|| format!("binding SOCKS5 on {addr}"))?,
-            ),
-            None => None,
+                    .map(Some)
+                    .with_context(|| format!("binding {what} on {addr}")),
+                None => Ok(None),
+            }
         };
+        let socks5 = bind(config.socks5, "SOCKS5").await?;
+        let http = bind(config.http, "the HTTP proxy").await?;
         let forwarder = Forwarder::new(
             cache,
             local,
@@ -54,10 +80,13 @@ impl Gateway {
             config.resolve_names,
         );
         let connections = Arc::new(Semaphore::new(config.max_connections));
+        let access = Access::new(&config);
         Ok(Gateway {
             config,
             socks5,
+            http,
             forwarder,
+            access,
             connections,
         })
     }
@@ -66,48 +95,50 @@ impl Gateway {
         self.socks5.as_ref().and_then(|l| l.local_addr().ok())
     }
 
-    fn check_password(&self, user: &str, password: &str) -> bool {
-        let name = user.split_once('@').map_or(user, |(name, _)| name);
-        self.config
-            .users
-            .iter()
-            .filter(|u| u.name == name)
-            .any(|u| constant_time_eq(u.password.expose().as_bytes(), password.as_bytes()))
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Resolves, authorises and opens a client's target. The rules see the address that is routed.
+    pub async fn connect(
+        &self,
+        client: &Client,
+        requested: &Requested,
+    ) -> Result<(Target, Opened), Code> {
+        let target = self.forwarder.resolve(&client.namespace, requested).await?;
+        self.access.check(client, &target)?;
+        let opened = tokio::time::timeout(protocol::OPEN_TIMEOUT, self.forwarder.open(&target))
+            .await
+            .unwrap_or(Err(Code::Timeout))?;
+        Ok((target, opened))
     }
 
     /// Serves clients until `shutdown`, then gives in-flight connections `grace` to finish.
     pub async fn run(mut self, shutdown: CancellationToken, grace: Duration) -> anyhow::Result<()> {
-        let Some(listener) = self.socks5.take() else {
-            shutdown.cancelled().await;
-            return Ok(());
-        };
-        tracing::info!(addr = %listener.local_addr()?, "socks5 listening");
+        let listeners: Vec<(Front, TcpListener)> = [
+            (Front::Socks5, self.socks5.take()),
+            (Front::Http, self.http.take()),
+        ]
+        .into_iter()
+        .filter_map(|(front, l)| l.map(|l| (front, l)))
+        .collect();
+        for (front, listener) in &listeners {
+            tracing::info!(addr = %listener.local_addr()?, front = front.as_str(), "gateway listening");
+        }
         let gateway = Arc::new(self);
         let tasks = TaskTracker::new();
-        loop {
-            let (tcp, client) = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(err) => {
-                        // Out of file descriptors and the like: pause instead of spinning.
-                        tracing::warn!(%err, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let Ok(permit) = gateway.connections.clone().try_acquire_owned() else {
-                tracing::warn!(%client, limit = gateway.config.max_connections, "connection limit reached; dropping client");
-                continue;
-            };
-            let gateway = gateway.clone();
-            tasks.spawn(async move {
-                socks::serve(gateway, tcp, client).await;
-                drop(permit);
-            });
+        let accepting = TaskTracker::new();
+        for (front, listener) in listeners {
+            accepting.spawn(accept_loop(
+                gateway.clone(),
+                front,
+                listener,
+                shutdown.clone(),
+                tasks.clone(),
+            ));
         }
-        drop(listener);
+        accepting.close();
+        accepting.wait().await;
         tasks.close();
         if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
             tracing::warn!(
@@ -115,10 +146,99 @@ impl Gateway {
                 "grace period over; closing remaining client connections"
             );
         }
+        if let Some(peers) = gateway.forwarder.peers() {
+            peers.close().await;
+        }
         Ok(())
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Accepts on one front door: allowlist, global and per-client limits, then one task per client.
+async fn accept_loop(
+    gateway: Arc<Gateway>,
+    front: Front,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) {
+    loop {
+        let (tcp, client) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(err) => {
+                    // Out of file descriptors and the like: pause instead of spinning.
+                    tracing::warn!(%err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let slot = match gateway.access.admit(client.ip()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                tracing::info!(%client, front = front.as_str(), why, "client refused");
+                crate::splice::abort(tcp);
+                continue;
+            }
+        };
+        let Ok(permit) = gateway.connections.clone().try_acquire_owned() else {
+            tracing::warn!(%client, limit = gateway.config.max_connections, "connection limit reached; refusing client");
+            crate::splice::abort(tcp);
+            continue;
+        };
+        let gateway = gateway.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            match front {
+                Front::Socks5 => socks::serve(gateway, tcp, client).await,
+                Front::Http => http::serve(gateway, tcp, client, shutdown).await,
+            }
+            drop((slot, permit));
+        });
+    }
+}
+
+/// The access log: one line per proxied connection.
+fn log_connection(
+    front: Front,
+    client: &Client,
+    target: &Target,
+    relay_id: &str,
+    agent_id: &str,
+    started: Instant,
+    result: &std::io::Result<crate::splice::Transferred>,
+) {
+    let (up, down, outcome) = match result {
+        Ok(t) => (t.up, t.down, "ok".to_string()),
+        Err(err) => (0, 0, err.to_string()),
+    };
+    tracing::info!(target: "postern::access", client = %client.addr, user = client.user.as_deref().unwrap_or("-"),
+        front = front.as_str(), target = %target.addr, namespace = %target.namespace, agent_id,
+        relay_id, bytes_up = up, bytes_down = down,
+        duration_ms = started.elapsed().as_millis() as u64, result = %outcome, "connection");
+}
+
+/// The access log line for a connection that was refused before any byte moved.
+fn log_refused(front: Front, client: &Client, requested: &Requested, code: Code) {
+    tracing::info!(target: "postern::access", client = %client.addr, user = client.user.as_deref().unwrap_or("-"),
+        front = front.as_str(), target = %requested, namespace = %client.namespace, result = ?code,
+        reason = code.describe(), "refused");
+}
+
+/// Splices a client TCP connection with an opened tunnel stream and logs the connection.
+async fn carry(front: Front, client: &Client, tcp: TcpStream, target: Target, opened: Opened) {
+    let started = Instant::now();
+    let Opened {
+        send,
+        recv,
+        guard,
+        relay_id,
+        agent_id,
+    } = opened;
+    let result = crate::splice::splice(tcp, send, recv).await;
+    drop(guard);
+    log_connection(
+        front, client, &target, &relay_id, &agent_id, started, &result,
+    );
 }

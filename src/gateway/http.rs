@@ -1,0 +1,673 @@
+//! The HTTP proxy front door (hyper 1): `CONNECT host:port` tunnels, and absolute-form `http://`
+//! requests forwarded through a tunnel stream rewritten to origin-form. Keep-alive to the client,
+//! each request authenticated, authorised and routed by its own target.
+//!
+//! Request smuggling is refused before any byte is forwarded: `Content-Length` together with
+//! `Transfer-Encoding`, differing duplicate `Content-Length`s, any transfer coding but a lone
+//! `chunked`, and bare LF line endings in a request head (hyper's parser tolerates those, so the
+//! connection's bytes are watched while a head is being read). Pipelined requests that arrive in
+//! the same read as the previous body are parsed by hyper but not watched for bare LFs.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode, Uri};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use super::access::Client;
+use super::forward::{Opened, Requested};
+use super::{Front, Gateway};
+use crate::protocol::Code;
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Serves one HTTP proxy client connection (possibly many requests).
+pub async fn serve(
+    gateway: Arc<Gateway>,
+    tcp: TcpStream,
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+) {
+    let _ = tcp.set_nodelay(true);
+    let watch = Arc::new(HeadWatch::default());
+    let io = TokioIo::new(Strict {
+        inner: tcp,
+        watch: watch.clone(),
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(gateway.config.handshake_timeout)
+        .max_buf_size(gateway.config.max_header_bytes);
+    let service = {
+        let gateway = gateway.clone();
+        hyper::service::service_fn(move |req| {
+            let gateway = gateway.clone();
+            let watch = watch.clone();
+            async move { Ok::<_, Infallible>(handle(gateway, req, addr, watch).await) }
+        })
+    };
+    let conn = builder.serve_connection(io, service).with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shutdown.cancelled() => {
+            // Finish the request in progress, then close; upgraded tunnels live on in their tasks.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(err) = result {
+        tracing::debug!(client = %addr, %err, "http connection ended");
+    }
+}
+
+/// Handles one request.
+async fn handle(
+    gateway: Arc<Gateway>,
+    req: Request<Incoming>,
+    addr: SocketAddr,
+    watch: Arc<HeadWatch>,
+) -> Response<Body> {
+    if watch.take_bare_lf() {
+        return closing(text(
+            StatusCode::BAD_REQUEST,
+            "bad request: bare LF line ending in the request head",
+        ));
+    }
+    let client = match credentials(&gateway, &req, addr) {
+        Ok(client) => client,
+        Err(resp) => return resp,
+    };
+    if req.method() == Method::CONNECT {
+        return connect(gateway, req, client).await;
+    }
+    forward(gateway, req, client, watch).await
+}
+
+/// `Proxy-Authorization: Basic` → the client's identity, or the 407 to send.
+fn credentials(
+    gateway: &Gateway,
+    req: &Request<Incoming>,
+    addr: SocketAddr,
+) -> Result<Client, Response<Body>> {
+    let challenge = || {
+        let mut resp = text(
+            StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            "proxy authentication required",
+        );
+        resp.headers_mut().insert(
+            header::PROXY_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"postern\""),
+        );
+        resp
+    };
+    let Some(value) = req.headers().get(header::PROXY_AUTHORIZATION) else {
+        return gateway.access.anonymous(addr).map_err(|_| challenge());
+    };
+    let decoded = value
+        .to_str()
+        .ok()
+        .and_then(|v| {
+            v.strip_prefix("Basic ")
+                .or_else(|| v.strip_prefix("basic "))
+        })
+        .and_then(|b64| {
+            base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .ok()
+        })
+        .and_then(|raw| String::from_utf8(raw).ok());
+    let Some((login, password)) = decoded.as_deref().and_then(|s| s.split_once(':')) else {
+        return Err(challenge());
+    };
+    gateway
+        .access
+        .authenticate(addr, login, password)
+        .map_err(|code| match code {
+            Code::Unauthorized => challenge(),
+            other => refusal(other, &Requested::Name(login.to_string(), 0)),
+        })
+}
+
+/// `CONNECT host:port`: open the tunnel stream first, then answer 200 and splice.
+async fn connect(gateway: Arc<Gateway>, req: Request<Incoming>, client: Client) -> Response<Body> {
+    let Some(requested) = req
+        .uri()
+        .authority()
+        .and_then(|a| requested(a.host(), a.port_u16()))
+    else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "bad request: CONNECT needs host:port",
+        );
+    };
+    let (target, opened) = match gateway.connect(&client, &requested).await {
+        Ok(ok) => ok,
+        Err(code) => {
+            super::log_refused(Front::Http, &client, &requested, code);
+            return refusal(code, &requested);
+        }
+    };
+    tokio::spawn(async move {
+        match hyper::upgrade::on(req).await {
+            Ok(upgraded) => {
+                let started = Instant::now();
+                let Opened {
+                    send,
+                    recv,
+                    guard,
+                    relay_id,
+                    agent_id,
+                } = opened;
+                let result = crate::splice::splice_io(TokioIo::new(upgraded), send, recv).await;
+                drop(guard);
+                super::log_connection(
+                    Front::Http,
+                    &client,
+                    &target,
+                    &relay_id,
+                    &agent_id,
+                    started,
+                    &result,
+                );
+            }
+            Err(err) => tracing::debug!(client = %client.addr, %err, "CONNECT upgrade failed"),
+        }
+    });
+    Response::new(empty())
+}
+
+/// An absolute-form `http://` request: checked, rewritten to origin-form, sent through a tunnel.
+async fn forward(
+    gateway: Arc<Gateway>,
+    req: Request<Incoming>,
+    client: Client,
+    watch: Arc<HeadWatch>,
+) -> Response<Body> {
+    if let Err(message) = check_framing(req.headers()) {
+        return closing(text(
+            StatusCode::BAD_REQUEST,
+            &format!("bad request: {message}"),
+        ));
+    }
+    let uri = req.uri().clone();
+    let Some(authority) = uri.authority().cloned() else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "bad request: this is a proxy; send an absolute http:// URI or CONNECT",
+        );
+    };
+    if uri.scheme_str() != Some("http") {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "bad request: only http:// URIs are forwarded; use CONNECT for TLS",
+        );
+    }
+    let Some(requested) = requested(authority.host(), Some(authority.port_u16().unwrap_or(80)))
+    else {
+        return text(StatusCode::BAD_REQUEST, "bad request: invalid host");
+    };
+    let (target, opened) = match gateway.connect(&client, &requested).await {
+        Ok(ok) => ok,
+        Err(code) => {
+            super::log_refused(Front::Http, &client, &requested, code);
+            return refusal(code, &requested);
+        }
+    };
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.insert(
+        header::HOST,
+        HeaderValue::from_str(authority.as_str()).unwrap_or_else(|_| HeaderValue::from_static("")),
+    );
+    parts.uri = Uri::builder()
+        .path_and_query(uri.path_and_query().map_or("/", |p| p.as_str()))
+        .build()
+        .unwrap_or_else(|_| Uri::from_static("/"));
+    parts.version = hyper::Version::HTTP_11;
+    // The next head starts once this body is fully read; only then are bytes watched again.
+    let body = NotifyEnd {
+        inner: body,
+        watch: Some(watch),
+    };
+    let upstream_req = Request::from_parts(parts, body);
+
+    let Opened {
+        send,
+        recv,
+        guard,
+        relay_id,
+        agent_id,
+    } = opened;
+    let counted = Counted::new(tokio::io::join(recv, send));
+    let counters = counted.counters.clone();
+    let (mut sender, conn) =
+        match hyper::client::conn::http1::handshake(TokioIo::new(counted)).await {
+            Ok(pair) => pair,
+            Err(err) => {
+                tracing::debug!(%err, "upstream handshake failed");
+                return refusal(Code::Internal, &requested);
+            }
+        };
+    let started = Instant::now();
+    tokio::spawn(async move {
+        let result = conn.await.map_err(std::io::Error::other);
+        drop(guard);
+        let transferred = result.map(|()| crate::splice::Transferred {
+            up: counters.0.load(Ordering::Relaxed),
+            down: counters.1.load(Ordering::Relaxed),
+        });
+        super::log_connection(
+            Front::Http,
+            &client,
+            &target,
+            &relay_id,
+            &agent_id,
+            started,
+            &transferred,
+        );
+    });
+    match sender.send_request(upstream_req).await {
+        Ok(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            Response::from_parts(parts, body.boxed())
+        }
+        Err(err) => {
+            tracing::debug!(%err, "upstream request failed");
+            text(
+                StatusCode::BAD_GATEWAY,
+                "bad gateway: the service behind the agent closed the connection",
+            )
+        }
+    }
+}
+
+/// A host and port from a request → what to route.
+fn requested(host: &str, port: Option<u16>) -> Option<Requested> {
+    let port = port?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return None;
+    }
+    Some(match host.parse() {
+        Ok(ip) => Requested::Ip(SocketAddr::new(ip, port)),
+        Err(_) => Requested::Name(host.to_string(), port),
+    })
+}
+
+/// Refuses framings that two parsers could read differently (RFC 9112 §6.3).
+fn check_framing(headers: &HeaderMap) -> Result<(), &'static str> {
+    let lengths: Vec<&HeaderValue> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
+    let codings: Vec<&HeaderValue> = headers.get_all(header::TRANSFER_ENCODING).iter().collect();
+    if !lengths.is_empty() && !codings.is_empty() {
+        return Err("both Content-Length and Transfer-Encoding");
+    }
+    if lengths.windows(2).any(|w| w[0] != w[1])
+        || lengths
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|s| s.contains(',')))
+    {
+        return Err("conflicting Content-Length values");
+    }
+    if codings.len() > 1
+        || codings
+            .first()
+            .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"chunked"))
+    {
+        return Err("unsupported Transfer-Encoding (only a single \"chunked\" is accepted)");
+    }
+    Ok(())
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1): `Connection` and every header it names, and the
+/// classic list. Framing is re-done by hyper on the next hop.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        "connection",
+        "proxy-connection",
+        "keep-alive",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        headers.remove(name);
+    }
+}
+
+fn empty() -> Body {
+    Full::new(Bytes::new())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+fn text(status: StatusCode, message: &str) -> Response<Body> {
+    let body = Full::new(Bytes::from(format!("{message}\n")))
+        .map_err(|never| match never {})
+        .boxed();
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+fn closing(mut resp: Response<Body>) -> Response<Body> {
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+/// The status and a short sentence for a refused target.
+fn refusal(code: Code, requested: &Requested) -> Response<Body> {
+    let status = StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let message = match code {
+        Code::NoRoute => format!("no route to {requested}: no agent announces this address"),
+        Code::NotAllowed => {
+            format!("{requested}: port not exposed, or not allowed for this client")
+        }
+        Code::Timeout => format!("{requested}: timed out"),
+        Code::ConnectionRefused => format!("{requested}: connection refused by the service"),
+        Code::Internal | Code::Draining | Code::NoSuchSession | Code::NotMine => {
+            format!("{requested}: relay unavailable")
+        }
+        other => format!("{requested}: {}", other.describe()),
+    };
+    text(status, &message)
+}
+
+/// Watches a connection's bytes while a request head is being read, for bare LF line endings.
+struct HeadWatch {
+    state: Mutex<HeadState>,
+}
+
+struct HeadState {
+    in_head: bool,
+    bare_lf: bool,
+    started: bool,
+    line_len: usize,
+    last: u8,
+}
+
+impl Default for HeadWatch {
+    fn default() -> Self {
+        HeadWatch {
+            state: Mutex::new(HeadState {
+                in_head: true,
+                bare_lf: false,
+                started: false,
+                line_len: 0,
+                last: 0,
+            }),
+        }
+    }
+}
+
+impl HeadWatch {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HeadState> {
+        // Plain flags: a poisoned lock still holds usable values.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn scan(&self, bytes: &[u8]) {
+        let mut s = self.lock();
+        for &b in bytes {
+            if !s.in_head {
+                return;
+            }
+            match b {
+                b'\n' => {
+                    if s.last != b'\r' {
+                        s.bare_lf = true;
+                    }
+                    if s.line_len == 0 && s.started {
+                        s.in_head = false;
+                    }
+                    s.line_len = 0;
+                }
+                b'\r' => {}
+                _ => {
+                    s.line_len += 1;
+                    s.started = true;
+                }
+            }
+            s.last = b;
+        }
+    }
+
+    fn take_bare_lf(&self) -> bool {
+        std::mem::take(&mut self.lock().bare_lf)
+    }
+
+    /// The request body is done: what follows is the next head.
+    fn next_head(&self) {
+        let mut s = self.lock();
+        *s = HeadState {
+            in_head: true,
+            bare_lf: false,
+            started: false,
+            line_len: 0,
+            last: 0,
+        };
+    }
+}
+
+/// The client connection, with its bytes shown to the [`HeadWatch`].
+struct Strict {
+    inner: TcpStream,
+    watch: Arc<HeadWatch>,
+}
+
+impl AsyncRead for Strict {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = &poll {
+            this.watch.scan(&buf.filled()[before..]);
+        }
+        poll
+    }
+}
+
+impl AsyncWrite for Strict {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// A request body that tells the [`HeadWatch`] when it has been read to the end.
+struct NotifyEnd {
+    inner: Incoming,
+    watch: Option<Arc<HeadWatch>>,
+}
+
+impl hyper::body::Body for NotifyEnd {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_frame(cx);
+        if matches!(poll, Poll::Ready(None)) || this.inner.is_end_stream() {
+            if let Some(watch) = this.watch.take() {
+                watch.next_head();
+            }
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Counts bytes each way through the upstream stream, for the access log.
+struct Counted<S> {
+    inner: S,
+    counters: Arc<(AtomicU64, AtomicU64)>,
+}
+
+impl<S> Counted<S> {
+    fn new(inner: S) -> Self {
+        Counted {
+            inner,
+            counters: Arc::new((AtomicU64::new(0), AtomicU64::new(0))),
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
+        this.counters
+            .1
+            .fetch_add((buf.filled().len() - before) as u64, Ordering::Relaxed);
+        poll
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = &poll {
+            this.counters.0.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        poll
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_watch_finds_bare_lf_only_in_heads() {
+        let w = HeadWatch::default();
+        w.scan(b"GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\nbody\nwith\nlf");
+        assert!(!w.take_bare_lf());
+        w.next_head();
+        w.scan(b"GET http://a/ HTTP/1.1\nHost: a\r\n\r\n");
+        assert!(w.take_bare_lf());
+        w.next_head();
+        // Split across reads.
+        w.scan(b"GET / HTTP/1.1\r");
+        w.scan(b"\nHost: a\r\n\r\n");
+        assert!(!w.take_bare_lf());
+    }
+
+    #[test]
+    fn framing_checks() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        assert!(check_framing(&h).is_ok());
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("6"));
+        assert!(check_framing(&h).is_err());
+        let mut h = HeaderMap::new();
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        h.append(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        assert!(check_framing(&h).is_err());
+        let mut h = HeaderMap::new();
+        h.append(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked, identity"),
+        );
+        assert!(check_framing(&h).is_err());
+        let mut h = HeaderMap::new();
+        h.append(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("Chunked"),
+        );
+        assert!(check_framing(&h).is_ok());
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut h = HeaderMap::new();
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.append("x-secret", HeaderValue::from_static("1"));
+        h.append("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.append(
+            header::PROXY_AUTHORIZATION,
+            HeaderValue::from_static("Basic eA=="),
+        );
+        h.append("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+}

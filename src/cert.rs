@@ -129,9 +129,21 @@ pub fn issue(
         .map_err(Error::CaCertificate)?
         .self_signed(&ca_key)?;
 
+    // Peer certificates always carry the peer name; agent certificates never may.
+    let mut dns = dns.to_vec();
+    match kind {
+        Kind::Peer if !dns.iter().any(|d| d == PEER_NAME) => dns.push(PEER_NAME.to_string()),
+        Kind::Agent if dns.iter().any(|d| d == PEER_NAME) => {
+            return Err(Error::DnsName {
+                name: PEER_NAME.to_string(),
+                source: rcgen::Error::InvalidNameType,
+            })
+        }
+        _ => {}
+    }
     let mut params = CertificateParams::default();
     params.distinguished_name = common_name_only(name);
-    params.subject_alt_names = subject_alt_names(dns, ips)?;
+    params.subject_alt_names = subject_alt_names(&dns, ips)?;
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = kind.extended_key_usages();
@@ -307,6 +319,24 @@ pub fn generate_bundle(dir: &Path, relay_name: &str) -> Result<Bundle, Error> {
 /// claim. rcgen's CA parser is used because it extracts exactly the fields we need (SANs
 /// included) from any certificate; it fails on SAN kinds rcgen cannot represent (directory names,
 /// registered IDs), which postern never issues.
+/// The DNS name every peer certificate carries and no agent certificate may: the relay's peer
+/// endpoint admits only certificates with it, so an agent's certificate (same CA) cannot forward.
+pub const PEER_NAME: &str = "postern-peer";
+
+/// DNS SANs of a DER cert.
+pub fn dns_sans(cert_der: &[u8]) -> Result<Vec<String>, Error> {
+    let params = CertificateParams::from_ca_cert_der(&CertificateDer::from(cert_der))
+        .map_err(Error::Parse)?;
+    Ok(params
+        .subject_alt_names
+        .into_iter()
+        .filter_map(|san| match san {
+            SanType::DnsName(name) => Some(name.to_string()),
+            _ => None,
+        })
+        .collect())
+}
+
 pub fn ip_sans(cert_der: &[u8]) -> Result<Vec<IpAddr>, Error> {
     let params = CertificateParams::from_ca_cert_der(&CertificateDer::from(cert_der))
         .map_err(Error::Parse)?;

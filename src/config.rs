@@ -292,6 +292,8 @@ pub struct AgentFile {
     pub ca: Option<PathBuf>,
     pub pin: Option<String>,
     pub token: Option<String>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
     #[serde(default)]
     pub ips: Vec<IpAddr>,
     pub ports: Vec<String>,
@@ -315,7 +317,10 @@ pub struct AgentConfig {
     /// TLS name the relay's certificate must carry (CA trust only).
     pub server_name: String,
     pub trust: Trust,
+    /// Bearer token; empty when the agent authenticates by certificate only.
     pub token: Secret,
+    /// Client certificate for mutual TLS with the relay.
+    pub identity: Option<Identity>,
     /// Addresses this agent claims; empty means "the host's own addresses, found at start".
     pub ips: Vec<IpAddr>,
     pub ports: Vec<PortRange>,
@@ -331,6 +336,35 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
+    /// An agent with every optional setting at its default (for tests, the demo and the swarm).
+    pub fn new(
+        id: &str,
+        relays: Vec<String>,
+        trust: Trust,
+        token: &str,
+        ips: Vec<IpAddr>,
+        ports: Vec<PortRange>,
+    ) -> Self {
+        AgentConfig {
+            id: id.to_string(),
+            namespace: "default".into(),
+            server_name: host_of(relays.first().map_or("", String::as_str)).to_string(),
+            relays,
+            trust,
+            token: Secret::new(token),
+            identity: None,
+            ips,
+            ports,
+            redundancy: 2,
+            reconnect_min: Duration::from_millis(200),
+            reconnect_max: Duration::from_secs(30),
+            connect_timeout: crate::protocol::CONNECT_TIMEOUT,
+            max_streams: 1024,
+            drain_grace: Duration::from_secs(30),
+            transport: Transport::default(),
+        }
+    }
+
     pub fn load(path: &Path) -> Result<Self, Error> {
         Self::from_file(read_toml(path)?)
     }
@@ -370,16 +404,22 @@ impl AgentConfig {
             })?),
             (None, None) => return Err(invalid("ca", "the relay must be verified: set ca or pin")),
         };
+        let identity = match (f.cert, f.key) {
+            (Some(cert), Some(key)) => Some(identity(&cert, &key, "agent")?),
+            (None, None) => None,
+            _ => return Err(invalid("cert", "cert and key go together")),
+        };
         let token = match f.token {
             Some(t) => Secret::resolve(&t, "token")?,
+            None if identity.is_some() => Secret::default(),
             None => {
                 return Err(invalid(
                     "token",
-                    "required (e.g. token = \"env:POSTERN_AGENT_TOKEN\")",
+                    "required unless the agent has a certificate (e.g. token = \"env:POSTERN_AGENT_TOKEN\")",
                 ))
             }
         };
-        if token.expose().is_empty() {
+        if token.expose().is_empty() && identity.is_none() {
             return Err(invalid("token", "is empty"));
         }
         if f.ports.is_empty() {
@@ -413,6 +453,7 @@ impl AgentConfig {
             server_name,
             trust,
             token,
+            identity,
             ips: f.ips,
             ports,
             redundancy,
@@ -447,6 +488,8 @@ pub struct RelayFile {
     #[serde(default)]
     pub agents: Vec<AgentCredentialFile>,
     pub drain_grace: Option<HumanDuration>,
+    /// CA whose client certificates authenticate agents (their IP SANs are what they may claim).
+    pub agent_ca: Option<PathBuf>,
     /// UDP address of the peer endpoint gateways and other relays forward through.
     pub peer_listen: Option<SocketAddr>,
     /// Address published for peers: `host:port`, or `env:VAR` naming a variable that holds the IP
@@ -496,6 +539,8 @@ pub struct RelayConfig {
     pub listen: SocketAddr,
     pub identity: Identity,
     pub agents: Vec<AgentCredential>,
+    /// Roots for agent client certificates; `None`: agents authenticate by token only.
+    pub agent_ca: Option<Vec<rustls_pki_types::CertificateDer<'static>>>,
     pub drain_grace: Duration,
     /// Peer endpoint: where it listens and the address it publishes.
     pub peer: Option<PeerListen>,
@@ -511,6 +556,25 @@ pub struct PeerListen {
 }
 
 impl RelayConfig {
+    /// A relay with every optional setting at its default (for tests and the demo).
+    pub fn new(
+        id: &str,
+        listen: SocketAddr,
+        identity: Identity,
+        agents: Vec<AgentCredential>,
+    ) -> Self {
+        RelayConfig {
+            id: id.to_string(),
+            listen,
+            identity,
+            agents,
+            agent_ca: None,
+            drain_grace: Duration::from_secs(30),
+            peer: None,
+            transport: Transport::default(),
+        }
+    }
+
     pub fn from_file(f: RelayFile) -> Result<Self, Error> {
         let id = f.id.unwrap_or_else(default_hostname);
         check_agent_id(&id, "relay.id")?;
@@ -540,6 +604,15 @@ impl RelayConfig {
             listen: f.listen,
             identity,
             agents,
+            agent_ca: f
+                .agent_ca
+                .map(|p| {
+                    tls::load_certs(&p).map_err(|source| Error::Tls {
+                        key: "relay.agent_ca".into(),
+                        source,
+                    })
+                })
+                .transpose()?,
             drain_grace: f.drain_grace.map_or(Duration::from_secs(30), |d| d.0),
             peer: peer_listen(f.peer_listen, f.peer_advertise)?,
             transport: Transport::from_file(f.transport, "relay.transport")?,

@@ -14,8 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::Agent;
 use crate::config::{
-    AgentConfig, AgentCredential, GatewayConfig, RegistryConfig, RelayConfig, Secret, ServerConfig,
-    Transport,
+    AgentConfig, AgentCredential, GatewayConfig, RegistryConfig, RelayConfig, ServerConfig,
 };
 use crate::server::Server;
 use crate::tls::{Identity, Trust};
@@ -58,17 +57,17 @@ pub async fn run(socks5: SocketAddr, shutdown: CancellationToken) -> anyhow::Res
     };
     let config = ServerConfig {
         relay: RelayConfig {
-            id: "relay-demo".into(),
-            listen: (Ipv4Addr::LOCALHOST, 0).into(),
-            identity,
-            agents: vec![AgentCredential::new(
-                "demo",
-                &token,
-                vec!["127.77.0.0/16".parse()?],
-            )],
             drain_grace: Duration::from_secs(2),
-            peer: None,
-            transport: Transport::default(),
+            ..RelayConfig::new(
+                "relay-demo",
+                (Ipv4Addr::LOCALHOST, 0).into(),
+                identity,
+                vec![AgentCredential::new(
+                    "demo",
+                    &token,
+                    vec!["127.77.0.0/16".parse()?],
+                )],
+            )
         },
         gateway: GatewayConfig {
             socks5: Some(socks5),
@@ -82,25 +81,24 @@ pub async fn run(socks5: SocketAddr, shutdown: CancellationToken) -> anyhow::Res
     let cache = server.cache().clone();
     let server_task = tokio::spawn(server.run(shutdown.clone()));
 
+    let relay_addr = addrs.relay.context("no relay address")?;
     let agent = Agent::new(AgentConfig {
-        id: AGENT_ID.into(),
-        namespace: "default".into(),
-        relays: vec![addrs.relay.context("no relay address")?.to_string()],
         server_name: "localhost".into(),
-        trust: Trust::Ca(crate::tls::load_certs(&bundle.ca)?),
-        token: Secret::new(token),
-        ips: vec![IpAddr::V4(AGENT_IP)],
-        ports: vec![crate::protocol::PortRange {
-            start: service.port(),
-            end: service.port(),
-        }],
         redundancy: 1,
         reconnect_min: Duration::from_millis(100),
         reconnect_max: Duration::from_secs(5),
-        connect_timeout: Duration::from_secs(5),
-        max_streams: 1024,
         drain_grace: Duration::from_secs(2),
-        transport: Transport::default(),
+        ..AgentConfig::new(
+            AGENT_ID,
+            vec![relay_addr.to_string()],
+            Trust::Ca(crate::tls::load_certs(&bundle.ca)?),
+            &token,
+            vec![IpAddr::V4(AGENT_IP)],
+            vec![crate::protocol::PortRange {
+                start: service.port(),
+                end: service.port(),
+            }],
+        )
     })?;
     let mut handle = agent.handle();
     let agent_task = tokio::spawn(agent.run(shutdown.clone()));

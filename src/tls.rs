@@ -246,17 +246,49 @@ pub fn server_config(
     client_ca: Option<&[CertificateDer<'static>]>,
     transport: Arc<quinn::TransportConfig>,
 ) -> Result<quinn::ServerConfig, Error> {
+    let auth = match client_ca {
+        Some(roots) => ClientAuth::Required(roots),
+        None => ClientAuth::None,
+    };
+    server_config_with(identity, alpn, auth, transport)
+}
+
+/// Whether a server asks its clients for a certificate.
+#[derive(Clone, Copy, Debug)]
+pub enum ClientAuth<'a> {
+    None,
+    /// A certificate is verified against these roots when presented, but not required (agents may
+    /// authenticate by token instead).
+    Optional(&'a [CertificateDer<'static>]),
+    /// A certificate chaining to these roots is required.
+    Required(&'a [CertificateDer<'static>]),
+}
+
+/// [`server_config`] with an explicit client-authentication mode.
+pub fn server_config_with(
+    identity: Identity,
+    alpn: &[&[u8]],
+    client_auth: ClientAuth<'_>,
+    transport: Arc<quinn::TransportConfig>,
+) -> Result<quinn::ServerConfig, Error> {
     let provider = Arc::new(ring_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?;
-    let builder = match client_ca {
-        Some(roots) => {
+    let builder = match client_auth {
+        ClientAuth::Required(roots) => {
             let verifier =
                 WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(roots)?), provider)
                     .build()?;
             builder.with_client_cert_verifier(verifier)
         }
-        None => builder.with_no_client_auth(),
+        ClientAuth::Optional(roots) => {
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(roots)?), provider)
+                    .allow_unauthenticated()
+                    .build()?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        ClientAuth::None => builder.with_no_client_auth(),
     };
     let mut tls = builder.with_single_cert(identity.chain, identity.key)?;
     tls.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();

@@ -242,7 +242,7 @@ impl Shared {
         endpoint.set_default_client_config(crate::tls::client_config(
             &c.trust,
             protocol::ALPN_AGENT,
-            None,
+            c.identity.clone(),
             transport,
         )?);
         let connection = endpoint

@@ -25,27 +25,27 @@ use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::access::Client;
 use super::forward::{Opened, Requested};
+use super::socks::ClientStream;
 use super::{Front, Gateway};
 use crate::protocol::Code;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
 /// Serves one HTTP proxy client connection (possibly many requests).
-pub async fn serve(
+pub async fn serve<S: ClientStream>(
     gateway: Arc<Gateway>,
-    tcp: TcpStream,
+    stream: S,
     addr: SocketAddr,
     shutdown: CancellationToken,
 ) {
-    let _ = tcp.set_nodelay(true);
+    stream.set_low_latency();
     let watch = Arc::new(HeadWatch::default());
     let io = TokioIo::new(Strict {
-        inner: tcp,
+        inner: stream,
         watch: watch.clone(),
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -483,12 +483,12 @@ impl HeadWatch {
 }
 
 /// The client connection, with its bytes shown to the [`HeadWatch`].
-struct Strict {
-    inner: TcpStream,
+struct Strict<S> {
+    inner: S,
     watch: Arc<HeadWatch>,
 }
 
-impl AsyncRead for Strict {
+impl<S: AsyncRead + Unpin> AsyncRead for Strict<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -504,7 +504,7 @@ impl AsyncRead for Strict {
     }
 }
 
-impl AsyncWrite for Strict {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Strict<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

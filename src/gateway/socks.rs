@@ -1,8 +1,10 @@
 //! The SOCKS5 front door (fast-socks5): the whole handshake under a deadline, CONNECT only, and
 //! every target routed through a tunnel — never dialled directly.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use fast_socks5::server::{
     AuthMethodSuccessState as _, NoAuthentication, PasswordAuthentication, Socks5ServerProtocol,
@@ -10,12 +12,59 @@ use fast_socks5::server::{
 };
 use fast_socks5::util::target_addr::TargetAddr;
 use fast_socks5::{ReplyError, Socks5Command};
+use tokio::io::{AsyncRead, AsyncWrite, DuplexStream};
 use tokio::net::TcpStream;
 
 use super::access::Client;
-use super::forward::Requested;
+use super::forward::{Opened, Requested, Target};
 use super::{Front, Gateway};
 use crate::protocol::Code;
+
+/// A client connection a front door serves: a [`TcpStream`] in production, an in-memory
+/// [`DuplexStream`] in tests and fuzzing, which drive the real handshake and parsing paths without
+/// sockets. What differs is how a failed transfer ends: a TCP client is reset (RST), so a truncated
+/// transfer never looks like a clean end.
+pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Turns off Nagle's algorithm where there is one: small writes must not wait.
+    fn set_low_latency(&self) {}
+
+    /// Splices the connection with an opened tunnel stream and writes the access log line.
+    fn carry(
+        self,
+        front: Front,
+        client: Client,
+        target: Target,
+        opened: Opened,
+    ) -> impl Future<Output = ()> + Send;
+}
+
+impl ClientStream for TcpStream {
+    fn set_low_latency(&self) {
+        let _ = self.set_nodelay(true);
+    }
+
+    async fn carry(self, front: Front, client: Client, target: Target, opened: Opened) {
+        super::carry(front, &client, self, target, opened).await;
+    }
+}
+
+impl ClientStream for DuplexStream {
+    async fn carry(self, front: Front, client: Client, target: Target, opened: Opened) {
+        let started = Instant::now();
+        let Opened {
+            send,
+            recv,
+            guard,
+            relay_id,
+            agent_id,
+        } = opened;
+        let result = crate::splice::splice_io(self, send, recv).await;
+        drop(guard);
+        super::log_connection(
+            front, &client, &target, &relay_id, &agent_id, started, &result,
+        );
+    }
+}
 
 fn reply_for(code: Code) -> ReplyError {
     match code.socks5_reply() {
@@ -29,10 +78,10 @@ fn reply_for(code: Code) -> ReplyError {
 }
 
 /// Serves one SOCKS5 client connection.
-pub async fn serve(gateway: Arc<Gateway>, tcp: TcpStream, addr: SocketAddr) {
+pub async fn serve<S: ClientStream>(gateway: Arc<Gateway>, stream: S, addr: SocketAddr) {
     let deadline = gateway.config.handshake_timeout;
     let handshake = async {
-        let (proto, client) = authenticate(&gateway, tcp, addr).await?;
+        let (proto, client) = authenticate(&gateway, stream, addr).await?;
         let (proto, cmd, target) = proto.read_command().await.map_err(|e| e.to_string())?;
         Ok::<_, String>((proto, client, cmd, target))
     };
@@ -65,29 +114,29 @@ pub async fn serve(gateway: Arc<Gateway>, tcp: TcpStream, addr: SocketAddr) {
         }
     };
     // The bound address is the tunnel, not a local socket; report the unspecified address.
-    let tcp = match proto
+    let stream = match proto
         .reply_success(SocketAddr::from(([0, 0, 0, 0], 0)))
         .await
     {
-        Ok(tcp) => tcp,
+        Ok(stream) => stream,
         Err(err) => {
             tracing::debug!(client = %addr, %err, "client left before the reply");
             return;
         }
     };
-    super::carry(Front::Socks5, &client, tcp, target, opened).await;
+    stream.carry(Front::Socks5, client, target, opened).await;
 }
 
-type Authenticated = Socks5ServerProtocol<TcpStream, fast_socks5::server::states::Authenticated>;
+type Authenticated<S> = Socks5ServerProtocol<S, fast_socks5::server::states::Authenticated>;
 
 /// Negotiates authentication. With users configured only username/password is offered. Without,
 /// no-auth is preferred, and a client that offers only username/password (to pick a namespace as
 /// `any@namespace`) is accepted with any password.
-async fn authenticate(
+async fn authenticate<S: ClientStream>(
     gateway: &Gateway,
-    tcp: TcpStream,
+    stream: S,
     addr: SocketAddr,
-) -> Result<(Authenticated, Client), String> {
+) -> Result<(Authenticated<S>, Client), String> {
     let methods: &[StandardAuthentication] = if gateway.access.requires_password() {
         &[StandardAuthentication::PasswordAuthentication(
             PasswordAuthentication,
@@ -98,7 +147,7 @@ async fn authenticate(
             StandardAuthentication::PasswordAuthentication(PasswordAuthentication),
         ]
     };
-    let started = Socks5ServerProtocol::start(tcp)
+    let started = Socks5ServerProtocol::start(stream)
         .negotiate_auth(methods)
         .await
         .map_err(|e| e.to_string())?;

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
-use crate::config::{AgentCredential, PeerConfig, RelayConfig};
+use crate::config::{PeerConfig, RelayConfig};
 use crate::protocol::{self, close, Code, Hello, Message, Open, OpenResult, Reject, Welcome};
 use crate::registry::cache::RouteCache;
 use crate::registry::{unix_now, Registry, RelayInfo};
@@ -86,10 +86,14 @@ impl Relay {
         cache: Arc<RouteCache>,
     ) -> anyhow::Result<Arc<Self>> {
         let transport = Arc::new(config.transport.quinn(AGENT_MAX_STREAMS));
-        let server = crate::tls::server_config(
+        let client_auth = match &config.agent_ca {
+            Some(roots) => crate::tls::ClientAuth::Optional(roots),
+            None => crate::tls::ClientAuth::None,
+        };
+        let server = crate::tls::server_config_with(
             config.identity.clone(),
             &[protocol::ALPN_AGENT],
-            None,
+            client_auth,
             transport,
         )
         .context("relay TLS config")?;
@@ -325,7 +329,10 @@ impl Relay {
                     reason: "relay is draining".into(),
                 })
             } else {
-                self.admit(&hello).map(|_| ())
+                let cert_ips = crate::tls::peer_certificates(&conn)
+                    .and_then(|chain| chain.first().map(|c| crate::cert::ip_sans(c.as_ref())))
+                    .map(|ips| ips.unwrap_or_default());
+                self.admit(&hello, cert_ips)
             };
             if let Err(reject) = admitted {
                 if reject.code == Code::Draining {
@@ -433,10 +440,36 @@ impl Relay {
         }
     }
 
-    /// Checks a `Hello` against the credentials: the token must match, and every claimed IP must lie
-    /// inside that credential's ranges. Either failure rejects the whole tunnel and touches no route.
-    fn admit(&self, hello: &Hello) -> Result<&AgentCredential, Reject> {
+    /// Checks a `Hello` against the agent's credential: a client certificate (verified against
+    /// `relay.agent_ca` during the handshake; it may claim the IPs in its SANs) or a token (it may
+    /// claim the CIDRs configured for it). Any claim outside what the credential allows rejects the
+    /// whole tunnel and touches no route.
+    fn admit(&self, hello: &Hello, cert_ips: Option<Vec<IpAddr>>) -> Result<(), Reject> {
         let reject = |code, reason: String| Reject { code, reason };
+        if hello.ips.is_empty() {
+            return Err(reject(Code::BadRequest, "hello claims no IP".into()));
+        }
+        if hello.ports.is_empty() {
+            return Err(reject(Code::BadRequest, "hello exposes no port".into()));
+        }
+        if crate::config::check_agent_id(&hello.agent_id, "agent_id").is_err()
+            || crate::config::check_namespace(&hello.namespace, "namespace").is_err()
+        {
+            return Err(reject(
+                Code::BadRequest,
+                "agent id must be a lower-case DNS label and namespace 1-63 of [A-Za-z0-9_-]"
+                    .into(),
+            ));
+        }
+        if let Some(allowed) = cert_ips {
+            if let Some(ip) = hello.ips.iter().find(|ip| !allowed.contains(ip)) {
+                return Err(reject(
+                    Code::NotAllowed,
+                    format!("the agent certificate does not name {ip}"),
+                ));
+            }
+            return Ok(());
+        }
         let digest = ring::digest::digest(&ring::digest::SHA256, hello.token.as_bytes());
         // Compare against every credential so timing does not reveal which one nearly matched.
         let mut found = None;
@@ -452,20 +485,6 @@ impl Relay {
             }
         }
         let cred = found.ok_or_else(|| reject(Code::Unauthorized, "unknown agent token".into()))?;
-        if hello.ips.is_empty() {
-            return Err(reject(Code::BadRequest, "hello claims no IP".into()));
-        }
-        if hello.ports.is_empty() {
-            return Err(reject(Code::BadRequest, "hello exposes no port".into()));
-        }
-        if crate::config::check_agent_id(&hello.agent_id, "agent_id").is_err()
-            || crate::config::check_namespace(&hello.namespace, "namespace").is_err()
-        {
-            return Err(reject(
-                Code::BadRequest,
-                "agent id must be a DNS label and namespace 1-63 of [A-Za-z0-9_-]".into(),
-            ));
-        }
         if let Some(ip) = hello
             .ips
             .iter()
@@ -485,7 +504,7 @@ impl Relay {
                 ),
             ));
         }
-        Ok(cred)
+        Ok(())
     }
 
     fn live_relays(&self) -> u32 {

@@ -38,6 +38,16 @@ pub async fn accept_loop(
                     return;
                 }
             };
+            // The CA also signs agent certificates: only a peer certificate may forward.
+            let is_peer = crate::tls::peer_certificates(&conn)
+                .and_then(|chain| chain.first().map(|c| crate::cert::dns_sans(c.as_ref())))
+                .and_then(Result::ok)
+                .is_some_and(|names| names.iter().any(|n| n == crate::cert::PEER_NAME));
+            if !is_peer {
+                tracing::warn!(%remote, "peer connection without a peer certificate refused");
+                conn.close(close::REJECTED.into(), b"a peer certificate is required");
+                return;
+            }
             tracing::debug!(%remote, "peer connected");
             loop {
                 let (send, recv) = tokio::select! {

@@ -197,6 +197,26 @@ pub(crate) fn check_agent_id(id: &str, key: &str) -> Result<(), Error> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The admin listener every role runs.
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminFile {
+    /// `"host:port"` or `"off"`.
+    pub listen: Option<String>,
+}
+
+/// Default admin address of relays, gateways and servers; agents use the next port.
+pub const ADMIN_DEFAULT: SocketAddr =
+    SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9180);
+pub const AGENT_ADMIN_DEFAULT: SocketAddr =
+    SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9181);
+
+fn admin(f: AdminFile, default: SocketAddr) -> Result<Option<SocketAddr>, Error> {
+    listen_or_off(f.listen.as_deref(), Some(default), "admin.listen")
+}
+
+// ---------------------------------------------------------------------------------------------
 // QUIC transport knobs shared by every role.
 
 #[derive(Debug, Default, Deserialize)]
@@ -305,6 +325,8 @@ pub struct AgentFile {
     pub drain_grace: Option<HumanDuration>,
     #[serde(default)]
     pub transport: TransportFile,
+    #[serde(default)]
+    pub admin: AdminFile,
 }
 
 /// A running agent's settings.
@@ -333,6 +355,8 @@ pub struct AgentConfig {
     /// How long in-flight connections may finish when the agent stops.
     pub drain_grace: Duration,
     pub transport: Transport,
+    /// Admin listener (health, readiness, metrics); `None`: off.
+    pub admin: Option<SocketAddr>,
 }
 
 impl AgentConfig {
@@ -362,6 +386,7 @@ impl AgentConfig {
             max_streams: 1024,
             drain_grace: Duration::from_secs(30),
             transport: Transport::default(),
+            admin: None,
         }
     }
 
@@ -465,6 +490,7 @@ impl AgentConfig {
             max_streams,
             drain_grace: f.drain_grace.map_or(Duration::from_secs(30), |d| d.0),
             transport: Transport::from_file(f.transport, "transport")?,
+            admin: admin(f.admin, AGENT_ADMIN_DEFAULT)?,
         })
     }
 }
@@ -1055,6 +1081,8 @@ pub struct ServerFile {
     pub peer: Option<PeerFile>,
     #[serde(default)]
     pub registry: RegistryFile,
+    #[serde(default)]
+    pub admin: AdminFile,
 }
 
 #[derive(Clone, Debug)]
@@ -1063,6 +1091,7 @@ pub struct ServerConfig {
     pub gateway: GatewayConfig,
     pub peer: Option<PeerConfig>,
     pub registry: RegistryConfig,
+    pub admin: Option<SocketAddr>,
 }
 
 impl ServerConfig {
@@ -1080,6 +1109,7 @@ impl ServerConfig {
             gateway: GatewayConfig::from_file(f.gateway)?,
             peer,
             registry,
+            admin: admin(f.admin, ADMIN_DEFAULT)?,
         })
     }
 }
@@ -1123,6 +1153,8 @@ pub struct RelayRoleFile {
     pub peer: Option<PeerFile>,
     #[serde(default)]
     pub registry: RegistryFile,
+    #[serde(default)]
+    pub admin: AdminFile,
 }
 
 #[derive(Clone, Debug)]
@@ -1130,6 +1162,7 @@ pub struct RelayRoleConfig {
     pub relay: RelayConfig,
     pub peer: Option<PeerConfig>,
     pub registry: RegistryConfig,
+    pub admin: Option<SocketAddr>,
 }
 
 impl RelayRoleConfig {
@@ -1146,6 +1179,7 @@ impl RelayRoleConfig {
             relay,
             peer,
             registry,
+            admin: admin(f.admin, ADMIN_DEFAULT)?,
         })
     }
 }
@@ -1158,6 +1192,8 @@ pub struct GatewayRoleFile {
     pub peer: PeerFile,
     #[serde(default)]
     pub registry: RegistryFile,
+    #[serde(default)]
+    pub admin: AdminFile,
 }
 
 #[derive(Clone, Debug)]
@@ -1165,6 +1201,7 @@ pub struct GatewayRoleConfig {
     pub gateway: GatewayConfig,
     pub peer: PeerConfig,
     pub registry: RegistryConfig,
+    pub admin: Option<SocketAddr>,
 }
 
 impl GatewayRoleConfig {
@@ -1191,6 +1228,7 @@ impl GatewayRoleConfig {
             gateway: GatewayConfig::from_file(f.gateway)?,
             peer,
             registry,
+            admin: admin(f.admin, ADMIN_DEFAULT)?,
         })
     }
 }

@@ -27,11 +27,18 @@ pub const AGENT_ID: &str = "demo-agent";
 #[derive(Clone, Debug)]
 pub struct DemoInfo {
     pub socks5: SocketAddr,
+    pub http: SocketAddr,
+    pub admin: SocketAddr,
     pub service: SocketAddr,
 }
 
 /// Runs the demo until `shutdown`, printing how to try it once everything is up.
-pub async fn run(socks5: SocketAddr, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    socks5: SocketAddr,
+    http: SocketAddr,
+    admin: SocketAddr,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new()
         .prefix("postern-demo-")
         .tempdir()
@@ -50,11 +57,17 @@ pub async fn run(socks5: SocketAddr, shutdown: CancellationToken) -> anyhow::Res
         chain: crate::tls::load_certs(&bundle.relay_cert)?,
         key: crate::tls::load_key(&bundle.relay_key)?,
     };
-    let socks5 = if std::net::TcpListener::bind(socks5).is_ok() {
-        socks5
-    } else {
-        SocketAddr::new(socks5.ip(), 0)
+    // The usual ports when free, any free port otherwise.
+    let free_or_any = |addr: SocketAddr| {
+        if std::net::TcpListener::bind(addr).is_ok() {
+            addr
+        } else {
+            SocketAddr::new(addr.ip(), 0)
+        }
     };
+    let socks5 = free_or_any(socks5);
+    let http = free_or_any(http);
+    let admin = free_or_any(admin);
     let config = ServerConfig {
         relay: RelayConfig {
             drain_grace: Duration::from_secs(2),
@@ -71,13 +84,28 @@ pub async fn run(socks5: SocketAddr, shutdown: CancellationToken) -> anyhow::Res
         },
         gateway: GatewayConfig {
             socks5: Some(socks5),
+            http: Some(http),
             ..GatewayConfig::default()
         },
         peer: None,
         registry: RegistryConfig::Memory,
+        admin: None,
     };
     let server = Server::bind(config).await?;
     let addrs = server.addresses();
+    let admin_listener = crate::admin::bind(admin).await?;
+    let admin_addr = admin_listener.local_addr()?;
+    let admin_state = crate::admin::AdminState {
+        role: "server",
+        process: Some(server.handle()),
+        agent: None,
+        shutdown: shutdown.clone(),
+    };
+    let admin_task = tokio::spawn(crate::admin::serve(
+        admin_listener,
+        admin_state,
+        shutdown.clone(),
+    ));
     let cache = server.cache().clone();
     let server_task = tokio::spawn(server.run(shutdown.clone()));
 
@@ -113,34 +141,38 @@ pub async fn run(socks5: SocketAddr, shutdown: CancellationToken) -> anyhow::Res
         _ = shutdown.cancelled() => {}
         r = tokio::time::timeout(Duration::from_secs(20), up) => {
             r.context("the demo agent did not come up within 20s")?;
-            let socks = addrs.socks5.context("no SOCKS5 listener")?;
-            print_banner(&DemoInfo { socks5: socks, service });
+            print_banner(&DemoInfo {
+                socks5: addrs.socks5.context("no SOCKS5 listener")?,
+                http: addrs.http.context("no HTTP proxy listener")?,
+                admin: admin_addr,
+                service,
+            });
         }
     }
     shutdown.cancelled().await;
     let _ = agent_task.await;
     let server_result = server_task.await.context("server task")?;
+    let _ = admin_task.await;
     let _ = service_task.await;
     server_result
 }
 
 fn print_banner(info: &DemoInfo) {
-    let s = info.socks5;
-    let svc = info.service;
+    let (s, h, svc, admin) = (info.socks5, info.http, info.service, info.admin);
+    let port = svc.port();
     println!("postern demo is running (Ctrl-C stops it)");
     println!("  SOCKS5 gateway  {s}");
+    println!("  HTTP proxy      {h}");
+    println!("  status page     http://{admin}/");
     println!(
-        "  agent           {AGENT_ID}, IP {AGENT_IP}, exposing port {} (a small HTTP service)",
-        svc.port()
+        "  agent           {AGENT_ID}, IP {AGENT_IP}, exposing port {port} (a small HTTP service)"
     );
     println!();
     println!("Try it:");
     println!("  curl -sS --proxy socks5h://{s} http://{svc}/");
-    println!(
-        "  curl -sS --proxy socks5h://{s} http://{AGENT_ID}.postern:{}/",
-        svc.port()
-    );
+    println!("  curl -sS --proxy socks5h://{s} http://{AGENT_ID}.postern:{port}/");
     println!("  ALL_PROXY=socks5h://{s} curl -sS http://{svc}/");
+    println!("  http_proxy=http://{h} curl -sS http://{svc}/");
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
 }

@@ -17,12 +17,14 @@
 //! `docs/architecture.md`.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod agent;
 pub mod backoff;
 pub mod cert;
 pub mod config;
 pub mod demo;
 pub mod gateway;
+pub mod metrics;
 pub mod protocol;
 pub mod registry;
 pub mod relay;

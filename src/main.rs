@@ -8,13 +8,15 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
+use postern::admin::AdminState;
 use postern::config::{self, AgentConfig, GatewayRoleConfig, RelayRoleConfig, ServerConfig};
+use postern::server::{Process, ProcessHandle};
 
 #[derive(Parser)]
 #[command(
     name = "postern",
     version,
-    about = "Reach machines in isolated networks by their original IP through SOCKS5"
+    about = "Reach machines in isolated networks by their original IP through SOCKS5 or an HTTP proxy"
 )]
 struct Cli {
     /// Log format.
@@ -37,7 +39,7 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Run a relay and a SOCKS5 gateway in one process.
+    /// Run a relay and a gateway (SOCKS5 + HTTP proxy) in one process.
     Server {
         #[arg(long, short)]
         config: PathBuf,
@@ -47,16 +49,22 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Run the SOCKS5 front door alone, forwarding to relays as a peer.
+    /// Run the front doors alone, forwarding to relays as a peer.
     Gateway {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Run everything on loopback and print a curl line to try.
+    /// Run everything on loopback and print curl lines to try.
     Demo {
-        /// SOCKS5 listen address (falls back to a free port when taken).
+        /// SOCKS5 listen address (a free port when taken).
         #[arg(long, default_value = "127.0.0.1:1080")]
         socks5: SocketAddr,
+        /// HTTP proxy listen address (a free port when taken).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http: SocketAddr,
+        /// Admin listener with the status page (a free port when taken).
+        #[arg(long, default_value = "127.0.0.1:9180")]
+        admin: SocketAddr,
     },
     /// Generate certificates and agent tokens.
     #[command(subcommand)]
@@ -68,6 +76,23 @@ enum Command {
         /// Which role the file is for (default: guessed from its keys).
         #[arg(long, value_enum)]
         role: Option<CheckRole>,
+    },
+    /// Summarise a cluster as one process's admin listener sees it.
+    Status {
+        /// Admin address of a relay, gateway or server.
+        #[arg(long, default_value = "127.0.0.1:9180")]
+        admin: String,
+        /// Print the raw JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Which relay(s) and session(s) own an IP right now.
+    Lookup {
+        ip: std::net::IpAddr,
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        #[arg(long, default_value = "127.0.0.1:9180")]
+        admin: String,
     },
 }
 
@@ -138,24 +163,62 @@ fn main() -> std::process::ExitCode {
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Agent { config } => {
-            let config = AgentConfig::load(&config)?;
-            let agent = postern::agent::Agent::new(config)?;
-            agent.run(shutdown_on_signal()).await
+            let cfg = AgentConfig::load(&config)?;
+            let admin = cfg.admin;
+            let agent = postern::agent::Agent::new(cfg)?;
+            let shutdown = shutdown_on_signal();
+            let state = AdminState {
+                role: "agent",
+                process: None,
+                agent: Some(agent.handle()),
+                shutdown: shutdown.clone(),
+            };
+            let admin_addr = start_admin(admin, state, &shutdown).await?;
+            ready(&format!("admin={}", show(admin_addr)));
+            reload_on_hup(config, Role::Agent, None);
+            agent.run(shutdown).await
         }
-        Command::Server { config } => {
-            let config = ServerConfig::load(&config)?;
-            let server = postern::server::Process::bind(config).await?;
-            run_process(server).await
+        Command::Server { config: path } => {
+            let cfg = ServerConfig::load(&path)?;
+            let admin = cfg.admin;
+            run_process(
+                Process::bind(cfg).await?,
+                "server",
+                admin,
+                path,
+                Role::Server,
+            )
+            .await
         }
-        Command::Relay { config } => {
-            let config = RelayRoleConfig::load(&config)?;
-            run_process(postern::server::Process::bind_relay(config, None).await?).await
+        Command::Relay { config: path } => {
+            let cfg = RelayRoleConfig::load(&path)?;
+            let admin = cfg.admin;
+            run_process(
+                Process::bind_relay(cfg, None).await?,
+                "relay",
+                admin,
+                path,
+                Role::Relay,
+            )
+            .await
         }
-        Command::Gateway { config } => {
-            let config = GatewayRoleConfig::load(&config)?;
-            run_process(postern::server::Process::bind_gateway(config, None).await?).await
+        Command::Gateway { config: path } => {
+            let cfg = GatewayRoleConfig::load(&path)?;
+            let admin = cfg.admin;
+            run_process(
+                Process::bind_gateway(cfg, None).await?,
+                "gateway",
+                admin,
+                path,
+                Role::Gateway,
+            )
+            .await
         }
-        Command::Demo { socks5 } => postern::demo::run(socks5, shutdown_on_signal()).await,
+        Command::Demo {
+            socks5,
+            http,
+            admin,
+        } => postern::demo::run(socks5, http, admin, shutdown_on_signal()).await,
         Command::Cert(cmd) => cert(cmd),
         Command::Check { config, role } => {
             let role = role.map(|r| match r {
@@ -168,17 +231,139 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("{summary}");
             Ok(())
         }
+        Command::Status { admin, json } => {
+            let text = postern::admin::client::status(&admin, json).await?;
+            print!("{text}");
+            Ok(())
+        }
+        Command::Lookup {
+            ip,
+            namespace,
+            admin,
+        } => {
+            let text = postern::admin::client::lookup(&admin, &namespace, ip).await?;
+            print!("{text}");
+            Ok(())
+        }
     }
 }
 
-/// Prints where the process listens (one `ready …` line on stdout, for scripts and tests), then
-/// runs it until a signal.
-async fn run_process(process: postern::server::Process) -> anyhow::Result<()> {
-    let shutdown = shutdown_on_signal();
-    println!("ready {}", process.addresses());
+#[derive(Clone, Copy)]
+enum Role {
+    Agent,
+    Server,
+    Relay,
+    Gateway,
+}
+
+fn show(addr: Option<SocketAddr>) -> String {
+    addr.map_or("off".to_string(), |a| a.to_string())
+}
+
+async fn start_admin(
+    addr: Option<SocketAddr>,
+    state: AdminState,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<SocketAddr>> {
+    let Some(addr) = addr else { return Ok(None) };
+    let listener = postern::admin::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    // The admin listener outlives the drain (readiness reports it) and stops with the process.
+    let _ = shutdown;
+    tokio::spawn(postern::admin::serve(
+        listener,
+        state,
+        CancellationToken::new(),
+    ));
+    Ok(Some(bound))
+}
+
+/// Prints the one `ready …` line scripts and tests wait for, and tells systemd (`Type=notify`).
+fn ready(details: &str) {
+    println!("ready {details}");
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
-    process.run(shutdown).await
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+}
+
+/// Runs a relay / gateway / server with its admin listener until a signal; SIGHUP reloads.
+async fn run_process(
+    process: Process,
+    role: &'static str,
+    admin: Option<SocketAddr>,
+    path: PathBuf,
+    reload_role: Role,
+) -> anyhow::Result<()> {
+    let shutdown = shutdown_on_signal();
+    let handle = process.handle();
+    let state = AdminState {
+        role,
+        process: Some(handle.clone()),
+        agent: None,
+        shutdown: shutdown.clone(),
+    };
+    let admin_addr = start_admin(admin, state, &shutdown).await?;
+    ready(&format!(
+        "{} admin={}",
+        process.addresses(),
+        show(admin_addr)
+    ));
+    reload_on_hup(path, reload_role, Some(handle));
+    let result = process.run(shutdown).await;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    result
+}
+
+/// On SIGHUP, re-reads `path` and applies what may change at run time (agent credentials, users,
+/// client allowlist, rules). An invalid file is refused with its precise error; the running config
+/// stays in force.
+fn reload_on_hup(path: PathBuf, role: Role, handle: Option<ProcessHandle>) {
+    tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            tracing::error!("cannot listen for SIGHUP; reload disabled");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            let result: Result<(), config::Error> = (|| {
+                match role {
+                    Role::Agent => {
+                        AgentConfig::load(&path)?;
+                        tracing::warn!(
+                            "agent settings apply at start only: restart the agent to use them"
+                        );
+                    }
+                    Role::Server => {
+                        let c = ServerConfig::load(&path)?;
+                        if let Some(h) = &handle {
+                            h.reload(Some(c.relay.agents), Some(&c.gateway));
+                        }
+                    }
+                    Role::Relay => {
+                        let c = RelayRoleConfig::load(&path)?;
+                        if let Some(h) = &handle {
+                            h.reload(Some(c.relay.agents), None);
+                        }
+                    }
+                    Role::Gateway => {
+                        let c = GatewayRoleConfig::load(&path)?;
+                        if let Some(h) = &handle {
+                            h.reload(None, Some(&c.gateway));
+                        }
+                    }
+                }
+                Ok(())
+            })();
+            match result {
+                Ok(()) => {
+                    tracing::info!(config = %path.display(), "configuration reloaded (credentials, users, allowlist, rules)")
+                }
+                Err(err) => {
+                    tracing::error!(config = %path.display(), %err, "reload refused; the running configuration stays in force")
+                }
+            }
+        }
+    });
 }
 
 fn cert(cmd: CertCommand) -> anyhow::Result<()> {

@@ -61,7 +61,7 @@ pub async fn open_registry(config: &RegistryConfig) -> anyhow::Result<Arc<dyn Re
 /// A bound `postern server`, `relay` or `gateway`, ready to [`Process::run`].
 pub struct Process {
     relay: Option<Arc<Relay>>,
-    gateway: Option<Gateway>,
+    gateway: Option<Arc<Gateway>>,
     cache: Arc<RouteCache>,
     registry: Arc<dyn Registry>,
     grace: std::time::Duration,
@@ -69,6 +69,31 @@ pub struct Process {
 
 /// `postern server`.
 pub type Server = Process;
+
+/// What outlives [`Process::run`]'s start: for the admin listener and for reloads.
+#[derive(Clone)]
+pub struct ProcessHandle {
+    pub relay: Option<Arc<Relay>>,
+    pub gateway: Option<Arc<Gateway>>,
+    pub cache: Arc<RouteCache>,
+}
+
+impl ProcessHandle {
+    /// Applies what a reload may change — agent credentials, users, client allowlist, rules — and
+    /// leaves everything else as it started.
+    pub fn reload(
+        &self,
+        agents: Option<Vec<crate::config::AgentCredential>>,
+        gateway: Option<&crate::config::GatewayConfig>,
+    ) {
+        if let (Some(relay), Some(agents)) = (&self.relay, agents) {
+            relay.reload_credentials(agents);
+        }
+        if let (Some(g), Some(config)) = (&self.gateway, gateway) {
+            g.reload(config);
+        }
+    }
+}
 
 impl Process {
     /// Binds a relay + gateway.
@@ -103,7 +128,7 @@ impl Process {
         .await?;
         Ok(Process {
             relay: Some(relay),
-            gateway: Some(gateway),
+            gateway: Some(Arc::new(gateway)),
             cache,
             registry,
             grace: config.gateway.drain_grace,
@@ -150,7 +175,7 @@ impl Process {
             Gateway::bind(config.gateway.clone(), cache.clone(), None, Some(peers)).await?;
         Ok(Process {
             relay: None,
-            gateway: Some(gateway),
+            gateway: Some(Arc::new(gateway)),
             cache,
             registry,
             grace: config.gateway.drain_grace,
@@ -172,6 +197,14 @@ impl Process {
 
     pub fn cache(&self) -> &Arc<RouteCache> {
         &self.cache
+    }
+
+    pub fn handle(&self) -> ProcessHandle {
+        ProcessHandle {
+            relay: self.relay.clone(),
+            gateway: self.gateway.clone(),
+            cache: self.cache.clone(),
+        }
     }
 
     /// Runs until `shutdown`: the gateway stops taking clients and drains while the relay drains its

@@ -179,10 +179,12 @@ impl Shared {
                         duplicates = 0;
                         backoff.reset();
                         self.tunnels_up.send_modify(|n| *n += 1);
+                        crate::metrics::metrics().agent_tunnels.inc();
                         let relay_id = tunnel.welcome.relay_id.clone();
                         tracing::info!(%relay_id, session_id = tunnel.welcome.session_id, "tunnel up");
                         let result = self.serve(tunnel, &shutdown).await;
                         self.tunnels_up.send_modify(|n| *n -= 1);
+                        crate::metrics::metrics().agent_tunnels.dec();
                         self.lock_held().remove(&slot);
                         match result {
                             Ok(()) => tracing::info!(%relay_id, "tunnel closed"),
@@ -207,8 +209,14 @@ impl Shared {
         let addrs = self.resolve_relays().await?;
         let mut last_err = None;
         for addr in addrs {
+            let started = std::time::Instant::now();
             match tokio::time::timeout(DIAL_TIMEOUT, self.dial_addr(addr)).await {
-                Ok(Ok(tunnel)) => return Ok(tunnel),
+                Ok(Ok(tunnel)) => {
+                    crate::metrics::metrics()
+                        .handshake_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    return Ok(tunnel);
+                }
                 Ok(Err(err)) => last_err = Some(err.context(format!("relay {addr}"))),
                 Err(_) => last_err = Some(anyhow::anyhow!("relay {addr}: timed out")),
             }

@@ -22,6 +22,61 @@ pub struct Client {
     pub namespace: String,
 }
 
+/// The access policy in force; replaced whole on reload (SIGHUP) while connections keep their
+/// per-client slots.
+pub struct AccessHandle {
+    current: std::sync::RwLock<Arc<Access>>,
+}
+
+impl AccessHandle {
+    pub fn new(config: &GatewayConfig) -> Self {
+        AccessHandle {
+            current: std::sync::RwLock::new(Arc::new(Access::new(config))),
+        }
+    }
+
+    fn get(&self) -> Arc<Access> {
+        // Replaced whole under the lock: a poisoned lock still holds a complete policy.
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Puts `config`'s users, allowlist and rules in force for every later check.
+    pub fn reload(&self, config: &GatewayConfig) {
+        let old = self.get();
+        let mut fresh = Access::new(config);
+        fresh.per_client = old.per_client.clone();
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh);
+    }
+
+    pub fn admit(&self, ip: IpAddr) -> Result<ClientSlot, &'static str> {
+        self.get().admit(ip)
+    }
+
+    pub fn requires_password(&self) -> bool {
+        self.get().requires_password()
+    }
+
+    pub fn authenticate(
+        &self,
+        addr: std::net::SocketAddr,
+        login: &str,
+        password: &str,
+    ) -> Result<Client, Code> {
+        self.get().authenticate(addr, login, password)
+    }
+
+    pub fn anonymous(&self, addr: std::net::SocketAddr) -> Result<Client, Code> {
+        self.get().anonymous(addr)
+    }
+
+    pub fn check(&self, client: &Client, target: &Target) -> Result<(), Code> {
+        self.get().check(client, target)
+    }
+}
+
 pub struct Access {
     users: Vec<User>,
     clients: Vec<ipnet::IpNet>,

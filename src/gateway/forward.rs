@@ -73,6 +73,10 @@ impl Forwarder {
         }
     }
 
+    pub fn cache(&self) -> &Arc<RouteCache> {
+        &self.cache
+    }
+
     pub fn peers(&self) -> Option<&PeerPool> {
         self.peers.as_ref()
     }
@@ -181,6 +185,14 @@ impl Forwarder {
                 }
                 _ => Err(Code::Internal),
             };
+            let label = match &result {
+                Ok(_) => "ok",
+                Err(code) => crate::metrics::code_label(*code),
+            };
+            crate::metrics::metrics()
+                .open_attempts
+                .get_or_create(&crate::metrics::Outcome { result: label })
+                .inc();
             match result {
                 Ok((send, recv, guard)) => {
                     return Ok(Opened {

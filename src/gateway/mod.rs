@@ -22,7 +22,7 @@ use crate::config::GatewayConfig;
 use crate::protocol::{self, Code};
 use crate::registry::cache::RouteCache;
 use crate::relay::Relay;
-use access::{Access, Client};
+use access::{AccessHandle, Client};
 use forward::{Forwarder, Opened, Requested, Target};
 use pool::PeerPool;
 
@@ -45,10 +45,12 @@ impl Front {
 /// A bound gateway, ready to [`Gateway::run`].
 pub struct Gateway {
     config: GatewayConfig,
-    socks5: Option<TcpListener>,
-    http: Option<TcpListener>,
+    socks5: std::sync::Mutex<Option<TcpListener>>,
+    http: std::sync::Mutex<Option<TcpListener>>,
+    socks5_addr: Option<SocketAddr>,
+    http_addr: Option<SocketAddr>,
     forwarder: Forwarder,
-    access: Access,
+    access: AccessHandle,
     connections: Arc<Semaphore>,
 }
 
@@ -80,11 +82,13 @@ impl Gateway {
             config.resolve_names,
         );
         let connections = Arc::new(Semaphore::new(config.max_connections));
-        let access = Access::new(&config);
+        let access = AccessHandle::new(&config);
         Ok(Gateway {
+            socks5_addr: socks5.as_ref().and_then(|l| l.local_addr().ok()),
+            http_addr: http.as_ref().and_then(|l| l.local_addr().ok()),
+            socks5: std::sync::Mutex::new(socks5),
+            http: std::sync::Mutex::new(http),
             config,
-            socks5,
-            http,
             forwarder,
             access,
             connections,
@@ -92,11 +96,11 @@ impl Gateway {
     }
 
     pub fn socks5_addr(&self) -> Option<SocketAddr> {
-        self.socks5.as_ref().and_then(|l| l.local_addr().ok())
+        self.socks5_addr
     }
 
     pub fn http_addr(&self) -> Option<SocketAddr> {
-        self.http.as_ref().and_then(|l| l.local_addr().ok())
+        self.http_addr
     }
 
     /// Resolves, authorises and opens a client's target. The rules see the address that is routed.
@@ -105,19 +109,41 @@ impl Gateway {
         client: &Client,
         requested: &Requested,
     ) -> Result<(Target, Opened), Code> {
+        let started = Instant::now();
         let target = self.forwarder.resolve(&client.namespace, requested).await?;
         self.access.check(client, &target)?;
         let opened = tokio::time::timeout(protocol::OPEN_TIMEOUT, self.forwarder.open(&target))
             .await
             .unwrap_or(Err(Code::Timeout))?;
+        crate::metrics::metrics()
+            .connect_seconds
+            .observe(started.elapsed().as_secs_f64());
         Ok((target, opened))
     }
 
     /// Serves clients until `shutdown`, then gives in-flight connections `grace` to finish.
-    pub async fn run(mut self, shutdown: CancellationToken, grace: Duration) -> anyhow::Result<()> {
+    /// Puts a reloaded config's users, allowlist and rules in force (SIGHUP); connections in flight
+    /// keep going, every later connection is checked against the new policy.
+    pub fn reload(&self, config: &GatewayConfig) {
+        self.access.reload(config);
+    }
+
+    /// The route cache this gateway reads.
+    pub fn cache(&self) -> &Arc<RouteCache> {
+        self.forwarder.cache()
+    }
+
+    pub async fn run(
+        self: Arc<Self>,
+        shutdown: CancellationToken,
+        grace: Duration,
+    ) -> anyhow::Result<()> {
+        let take = |l: &std::sync::Mutex<Option<TcpListener>>| {
+            l.lock().unwrap_or_else(|e| e.into_inner()).take()
+        };
         let listeners: Vec<(Front, TcpListener)> = [
-            (Front::Socks5, self.socks5.take()),
-            (Front::Http, self.http.take()),
+            (Front::Socks5, take(&self.socks5)),
+            (Front::Http, take(&self.http)),
         ]
         .into_iter()
         .filter_map(|(front, l)| l.map(|l| (front, l)))
@@ -125,7 +151,7 @@ impl Gateway {
         for (front, listener) in &listeners {
             tracing::info!(addr = %listener.local_addr()?, front = front.as_str(), "gateway listening");
         }
-        let gateway = Arc::new(self);
+        let gateway = self;
         let tasks = TaskTracker::new();
         let accepting = TaskTracker::new();
         for (front, listener) in listeners {
@@ -190,10 +216,13 @@ async fn accept_loop(
         let gateway = gateway.clone();
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
+            let active = &crate::metrics::metrics().active_client_connections;
+            active.inc();
             match front {
                 Front::Socks5 => socks::serve(gateway, tcp, client).await,
                 Front::Http => http::serve(gateway, tcp, client, shutdown).await,
             }
+            active.dec();
             drop((slot, permit));
         });
     }
@@ -213,6 +242,20 @@ fn log_connection(
         Ok(t) => (t.up, t.down, "ok".to_string()),
         Err(err) => (0, 0, err.to_string()),
     };
+    let m = crate::metrics::metrics();
+    let label = if result.is_ok() { "ok" } else { "aborted" };
+    m.client_connections
+        .get_or_create(&crate::metrics::FrontResult {
+            front: front.as_str(),
+            result: label,
+        })
+        .inc();
+    m.client_bytes
+        .get_or_create(&crate::metrics::Direction { direction: "up" })
+        .inc_by(up);
+    m.client_bytes
+        .get_or_create(&crate::metrics::Direction { direction: "down" })
+        .inc_by(down);
     tracing::info!(target: "postern::access", client = %client.addr, user = client.user.as_deref().unwrap_or("-"),
         front = front.as_str(), target = %target.addr, namespace = %target.namespace, agent_id,
         relay_id, bytes_up = up, bytes_down = down,
@@ -221,6 +264,13 @@ fn log_connection(
 
 /// The access log line for a connection that was refused before any byte moved.
 fn log_refused(front: Front, client: &Client, requested: &Requested, code: Code) {
+    crate::metrics::metrics()
+        .client_connections
+        .get_or_create(&crate::metrics::FrontResult {
+            front: front.as_str(),
+            result: crate::metrics::code_label(code),
+        })
+        .inc();
     tracing::info!(target: "postern::access", client = %client.addr, user = client.user.as_deref().unwrap_or("-"),
         front = front.as_str(), target = %requested, namespace = %client.namespace, result = ?code,
         reason = code.describe(), "refused");

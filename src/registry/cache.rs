@@ -18,6 +18,22 @@ pub struct Owner {
     pub session_id: u64,
     pub agent_id: Arc<str>,
     pub draining: bool,
+    /// Unix seconds when the tunnel came up.
+    pub connected_at: u64,
+}
+
+/// An agent as the routes describe it (for the admin API).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AgentView {
+    pub id: String,
+    pub namespace: String,
+    pub ips: Vec<IpAddr>,
+    /// Relays holding a tunnel of this agent.
+    pub relays: Vec<String>,
+    pub tunnels: usize,
+    /// Unix seconds of its oldest tunnel.
+    pub connected_since: u64,
+    pub draining: bool,
 }
 
 #[derive(Default)]
@@ -39,6 +55,7 @@ impl State {
             session_id: k.session_id,
             agent_id: route.value.agent_id.as_str().into(),
             draining: route.value.draining,
+            connected_at: route.value.connected_at,
         };
         let replaced = match owners
             .iter_mut()
@@ -161,6 +178,49 @@ impl RouteCache {
         self.read().relays.get(relay_id).cloned()
     }
 
+    /// Every agent the routes name, sorted by namespace and id.
+    pub fn agents(&self) -> Vec<AgentView> {
+        use std::collections::BTreeMap;
+        let state = self.read();
+        let mut agents: BTreeMap<(String, String), AgentView> = BTreeMap::new();
+        let mut sessions: BTreeMap<(String, String), BTreeSet<(Arc<str>, u64)>> = BTreeMap::new();
+        for ((namespace, ip), owners) in &state.routes {
+            for o in owners {
+                let key = (namespace.clone(), o.agent_id.to_string());
+                let view = agents.entry(key.clone()).or_insert_with(|| AgentView {
+                    id: o.agent_id.to_string(),
+                    namespace: namespace.clone(),
+                    ips: Vec::new(),
+                    relays: Vec::new(),
+                    tunnels: 0,
+                    connected_since: o.connected_at,
+                    draining: true,
+                });
+                if !view.ips.contains(ip) {
+                    view.ips.push(*ip);
+                }
+                if !view.relays.iter().any(|r| **r == *o.relay_id) {
+                    view.relays.push(o.relay_id.to_string());
+                }
+                view.connected_since = view.connected_since.min(o.connected_at);
+                view.draining &= o.draining;
+                sessions
+                    .entry(key)
+                    .or_default()
+                    .insert((o.relay_id.clone(), o.session_id));
+            }
+        }
+        agents
+            .into_iter()
+            .map(|(key, mut view)| {
+                view.ips.sort();
+                view.relays.sort();
+                view.tunnels = sessions.get(&key).map_or(0, BTreeSet::len);
+                view
+            })
+            .collect()
+    }
+
     /// Every relay the registry lists.
     pub fn relays(&self) -> Vec<RelayInfo> {
         self.read().relays.values().cloned().collect()
@@ -191,7 +251,9 @@ impl RouteCache {
         for r in relays {
             fresh.relays.insert(r.id.clone(), r.clone());
         }
+        let count = fresh.route_count;
         *self.write() = fresh;
+        crate::metrics::metrics().routes_cached.set(count as i64);
         self.ready.send_replace(true);
     }
 
@@ -236,6 +298,9 @@ impl RouteCache {
                     for event in &events {
                         state.apply(event);
                     }
+                    crate::metrics::metrics()
+                        .routes_cached
+                        .set(state.route_count as i64);
                 }
                 WatchItem::Reset => return Ok(()),
             }

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
-use crate::config::{PeerConfig, RelayConfig};
+use crate::config::{AgentCredential, PeerConfig, RelayConfig};
 use crate::protocol::{self, close, Code, Hello, Message, Open, OpenResult, Reject, Welcome};
 use crate::registry::cache::RouteCache;
 use crate::registry::{unix_now, Registry, RelayInfo};
@@ -49,6 +49,7 @@ pub struct InFlight(Arc<AtomicUsize>);
 impl InFlight {
     fn new(counter: &Arc<AtomicUsize>) -> Self {
         counter.fetch_add(1, Ordering::AcqRel);
+        crate::metrics::metrics().relay_streams_active.inc();
         InFlight(counter.clone())
     }
 }
@@ -56,6 +57,7 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+        crate::metrics::metrics().relay_streams_active.dec();
     }
 }
 
@@ -73,6 +75,8 @@ pub struct Relay {
     draining: AtomicBool,
     in_flight: Arc<AtomicUsize>,
     info: std::sync::Mutex<RelayInfo>,
+    /// Agent tokens in force; replaced whole on reload (SIGHUP).
+    credentials: std::sync::RwLock<Arc<Vec<AgentCredential>>>,
 }
 
 impl Relay {
@@ -140,6 +144,7 @@ impl Relay {
             in_sync: in_sync_tx,
         };
         Ok(Arc::new(Relay {
+            credentials: std::sync::RwLock::new(Arc::new(config.agents.clone())),
             config,
             endpoint,
             peer_endpoint,
@@ -186,6 +191,11 @@ impl Relay {
     /// Streams currently carried.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Puts reloaded agent credentials in force for every later tunnel; tunnels already up stay.
+    pub fn reload_credentials(&self, agents: Vec<AgentCredential>) {
+        *self.credentials.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(agents);
     }
 
     /// Accepts tunnels (and peer streams) until `shutdown`; then drains and deregisters.
@@ -364,6 +374,7 @@ impl Relay {
                 live_relays: self.live_relays(),
             };
             self.sessions.insert(session.clone());
+            crate::metrics::metrics().relay_tunnels.inc();
             let _ = self
                 .changes
                 .send(Change::Put(session.routes(&self.config.id)));
@@ -375,6 +386,7 @@ impl Relay {
             }
             .await;
             self.sessions.remove(session.id);
+            crate::metrics::metrics().relay_tunnels.dec();
             let keys = session
                 .routes(&self.config.id)
                 .into_iter()
@@ -473,7 +485,12 @@ impl Relay {
         let digest = ring::digest::digest(&ring::digest::SHA256, hello.token.as_bytes());
         // Compare against every credential so timing does not reveal which one nearly matched.
         let mut found = None;
-        for cred in &self.config.agents {
+        let credentials = self
+            .credentials
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for cred in credentials.iter() {
             let equal = digest
                 .as_ref()
                 .iter()

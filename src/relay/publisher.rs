@@ -43,10 +43,12 @@ impl Publisher {
                         synced = true;
                         backoff.reset();
                         self.in_sync.send_replace(true);
+                        crate::metrics::metrics().lease_held.set(1);
                     }
                     Err(err) => {
                         tracing::warn!(%err, relay_id = %self.relay.id, "registry reconcile failed; retrying");
                         self.in_sync.send_replace(false);
+                        crate::metrics::metrics().lease_held.set(0);
                         tokio::select! {
                             _ = shutdown.cancelled() => return,
                             _ = tokio::time::sleep(backoff.next_delay()) => continue,
@@ -60,6 +62,7 @@ impl Publisher {
                 changed = epoch.changed() => {
                     if changed.is_ok() {
                         self.in_sync.send_replace(false);
+                        crate::metrics::metrics().lease_held.set(0);
                         synced = false;
                     }
                     continue;
@@ -73,9 +76,23 @@ impl Publisher {
                     self.registry.register_relay(info).await
                 }
             };
+            let op = match &change {
+                Change::Put(_) => "put_routes",
+                Change::Delete(_) => "delete_routes",
+                Change::Relay(_) => "register_relay",
+            };
+            let label = if result.is_ok() { "ok" } else { "error" };
+            crate::metrics::metrics()
+                .registry_operations
+                .get_or_create(&crate::metrics::Operation {
+                    operation: op,
+                    result: label,
+                })
+                .inc();
             if let Err(err) = result {
                 tracing::warn!(%err, relay_id = %self.relay.id, "registry write failed; will reconcile");
                 self.in_sync.send_replace(false);
+                crate::metrics::metrics().lease_held.set(0);
                 synced = false;
             }
         }

@@ -444,6 +444,8 @@ ca = "{ca}"
 kind = "etcd"
 endpoints = ["{etcd}"]
 lease_ttl = "{ttl}s"
+[admin]
+listen = "127.0.0.1:0"
 "#,
                 cert = Self::p(&b.relay_cert),
                 key = Self::p(&b.relay_key),
@@ -495,6 +497,8 @@ key = "{key}"
 [registry]
 kind = "etcd"
 endpoints = ["{etcd}"]
+[admin]
+listen = "127.0.0.1:0"
 "#,
                 ca = Self::p(&b.ca),
                 cert = Self::p(&b.peer_cert),
@@ -544,6 +548,8 @@ drain_grace = "3s"
 [transport]
 idle_timeout = "3s"
 keep_alive = "500ms"
+[admin]
+listen = "127.0.0.1:0"
 "#,
                 relays = relays.join(", "),
                 ca = Self::p(&self.bundle.ca),

@@ -1,0 +1,172 @@
+//! `postern status` and `postern lookup`: read a process's admin JSON API and print it for people.
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use anyhow::{bail, Context as _};
+use http_body_util::{BodyExt as _, Empty};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+
+use super::RouteView;
+use crate::registry::cache::AgentView;
+use crate::registry::RelayInfo;
+
+/// GETs `path` from the admin listener at `admin` (`host:port` or `http://host:port`).
+async fn get(admin: &str, path: &str) -> anyhow::Result<Bytes> {
+    let authority = admin.trim_start_matches("http://").trim_end_matches('/');
+    let tcp = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio::net::TcpStream::connect(authority),
+    )
+    .await
+    .with_context(|| format!("timed out connecting to the admin listener {authority}"))?
+    .with_context(|| format!("cannot reach the admin listener {authority}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header(hyper::header::HOST, authority)
+        .body(Empty::<Bytes>::new())?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    if !status.is_success() {
+        bail!(
+            "{authority}{path}: {status}: {}",
+            String::from_utf8_lossy(&body).trim()
+        );
+    }
+    Ok(body)
+}
+
+fn when(unix: u64) -> String {
+    let ago = crate::registry::unix_now().saturating_sub(unix);
+    match ago {
+        0..=119 => format!("{ago}s ago"),
+        120..=7199 => format!("{}m ago", ago / 60),
+        _ => format!("{}h ago", ago / 3600),
+    }
+}
+
+/// A readable cluster summary: this process, the relays, the agents and their tunnels.
+pub async fn status(admin: &str, raw: bool) -> anyhow::Result<String> {
+    let status_body = get(admin, "/api/status").await?;
+    if raw {
+        let relays = get(admin, "/api/relays").await.unwrap_or_default();
+        let agents = get(admin, "/api/agents").await.unwrap_or_default();
+        return Ok(format!(
+            "{{\"status\": {}, \"relays\": {}, \"agents\": {}}}\n",
+            String::from_utf8_lossy(&status_body),
+            if relays.is_empty() {
+                "null".into()
+            } else {
+                String::from_utf8_lossy(&relays).to_string()
+            },
+            if agents.is_empty() {
+                "null".into()
+            } else {
+                String::from_utf8_lossy(&agents).to_string()
+            },
+        ));
+    }
+    let s: serde_json::Value = serde_json::from_slice(&status_body)?;
+    let mut out = String::new();
+    let ready = if s["ready"].as_bool() == Some(true) {
+        "ready".to_string()
+    } else {
+        format!(
+            "NOT READY ({})",
+            s["not_ready"].as_array().map_or(String::new(), |a| a
+                .iter()
+                .filter_map(|v| v.as_str())
+                .collect::<Vec<_>>()
+                .join("; "))
+        )
+    };
+    writeln!(
+        out,
+        "{} {} at {admin}: {ready}",
+        s["role"].as_str().unwrap_or("?"),
+        s["version"].as_str().unwrap_or("?")
+    )?;
+    if let Some(r) = s["relay"].as_object() {
+        writeln!(
+            out,
+            "  relay {}: {} tunnels, {} streams in flight{}",
+            r["id"].as_str().unwrap_or("?"),
+            r["tunnels"],
+            r["in_flight"],
+            if r["draining"].as_bool() == Some(true) {
+                ", DRAINING"
+            } else {
+                ""
+            }
+        )?;
+    }
+    if let Some(t) = s["agent_tunnels"].as_u64() {
+        writeln!(out, "  agent: {t} tunnels up")?;
+        return Ok(out);
+    }
+    let relays: Vec<RelayInfo> = serde_json::from_slice(&get(admin, "/api/relays").await?)?;
+    let agents: Vec<AgentView> = serde_json::from_slice(&get(admin, "/api/agents").await?)?;
+    writeln!(out, "\nRelays ({}):", relays.len())?;
+    for r in &relays {
+        let tunnels = agents.iter().filter(|a| a.relays.contains(&r.id)).count();
+        writeln!(
+            out,
+            "  {:<20} peer {:<22} up {:<10} {} agents{}",
+            r.id,
+            r.peer_addr.map_or("-".to_string(), |a| a.to_string()),
+            when(r.started_at),
+            tunnels,
+            if r.draining { "  DRAINING" } else { "" }
+        )?;
+    }
+    let routes: usize = s["routes"].as_u64().unwrap_or(0) as usize;
+    writeln!(out, "\nAgents ({}, {routes} routes):", agents.len())?;
+    for a in &agents {
+        let ips: Vec<String> = a.ips.iter().map(|ip| ip.to_string()).collect();
+        let warn = if a.tunnels < 2 {
+            "  (single tunnel)"
+        } else {
+            ""
+        };
+        writeln!(
+            out,
+            "  {:<20} {:<10} {:<18} relays {} since {}{warn}",
+            a.id,
+            a.namespace,
+            ips.join(","),
+            a.relays.join(","),
+            when(a.connected_since)
+        )?;
+    }
+    Ok(out)
+}
+
+/// Which relays and sessions own `ip` in `namespace`.
+pub async fn lookup(admin: &str, namespace: &str, ip: IpAddr) -> anyhow::Result<String> {
+    let path = format!("/api/routes?namespace={namespace}&ip={ip}");
+    let routes: Vec<RouteView> = serde_json::from_slice(&get(admin, &path).await?)?;
+    let mut out = String::new();
+    if routes.is_empty() {
+        writeln!(
+            out,
+            "{namespace}/{ip}: no route (no agent announces this address)"
+        )?;
+        return Ok(out);
+    }
+    writeln!(out, "{namespace}/{ip}: {} owner(s)", routes.len())?;
+    for r in routes {
+        writeln!(
+            out,
+            "  relay {:<20} session {:<20} agent {:<20} since {}{}",
+            r.relay_id,
+            r.session_id,
+            r.agent_id,
+            when(r.connected_at),
+            if r.draining { "  DRAINING" } else { "" }
+        )?;
+    }
+    Ok(out)
+}

@@ -1,0 +1,265 @@
+//! The admin listener every role runs (loopback by default): `/healthz`, `/readyz`, `/metrics`, a
+//! JSON API (`/api/status`, `/api/relays`, `/api/agents`, `/api/routes?namespace=&ip=`) and a
+//! self-contained status page at `/`.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub mod client;
+
+use crate::agent::AgentHandle;
+use crate::server::ProcessHandle;
+
+const PAGE: &str = include_str!("status.html");
+
+/// What the admin listener reports on.
+#[derive(Clone)]
+pub struct AdminState {
+    /// `server`, `relay`, `gateway` or `agent`.
+    pub role: &'static str,
+    pub process: Option<ProcessHandle>,
+    pub agent: Option<AgentHandle>,
+    /// Cancelled when the process starts draining: not ready from then on.
+    pub shutdown: CancellationToken,
+}
+
+/// `/api/status`.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub role: &'static str,
+    pub version: &'static str,
+    pub ready: bool,
+    pub not_ready: Vec<String>,
+    pub draining: bool,
+    pub relay: Option<RelayStatus>,
+    pub routes: Option<usize>,
+    pub relays: Option<usize>,
+    pub agents: Option<usize>,
+    pub agent_tunnels: Option<usize>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RelayStatus {
+    pub id: String,
+    pub tunnels: usize,
+    pub in_flight: usize,
+    pub registered: bool,
+    pub draining: bool,
+}
+
+impl AdminState {
+    /// Readiness with the reasons it is not: relay = registered (lease held) and not draining;
+    /// gateway = first full route list loaded; agent = at least one tunnel; none while draining.
+    pub fn readiness(&self) -> Vec<String> {
+        let mut why = Vec::new();
+        if self.shutdown.is_cancelled() {
+            why.push("draining".to_string());
+        }
+        if let Some(p) = &self.process {
+            if let Some(relay) = &p.relay {
+                if !relay.is_registered() {
+                    why.push("relay not registered in the registry".into());
+                }
+                if relay.is_draining() && !self.shutdown.is_cancelled() {
+                    why.push("relay draining".into());
+                }
+            }
+            if p.gateway.is_some() && !p.cache.is_ready() {
+                why.push("route list not loaded yet".into());
+            }
+        }
+        if let Some(agent) = &self.agent {
+            if agent.tunnels() == 0 {
+                why.push("no tunnel up".into());
+            }
+        }
+        why
+    }
+
+    pub fn status(&self) -> Status {
+        let not_ready = self.readiness();
+        let cache = self.process.as_ref().map(|p| &p.cache);
+        Status {
+            role: self.role,
+            version: env!("CARGO_PKG_VERSION"),
+            ready: not_ready.is_empty(),
+            not_ready,
+            draining: self.shutdown.is_cancelled(),
+            relay: self
+                .process
+                .as_ref()
+                .and_then(|p| p.relay.as_ref())
+                .map(|r| RelayStatus {
+                    id: r.id().to_string(),
+                    tunnels: r.sessions().len(),
+                    in_flight: r.in_flight(),
+                    registered: r.is_registered(),
+                    draining: r.is_draining(),
+                }),
+            routes: cache.map(|c| c.route_count()),
+            relays: cache.map(|c| c.relays().len()),
+            agents: cache.map(|c| c.agents().len()),
+            agent_tunnels: self.agent.as_ref().map(AgentHandle::tunnels),
+        }
+    }
+}
+
+/// Serves the admin listener until `stop`.
+pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationToken) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(err) => {
+                    tracing::warn!(%err, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&state, &req)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}
+
+fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+fn json(value: &impl Serialize) -> Response<Full<Bytes>> {
+    match serde_json::to_vec_pretty(value) {
+        Ok(body) => respond(StatusCode::OK, "application/json", body),
+        Err(err) => respond(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            err.to_string(),
+        ),
+    }
+}
+
+fn query(req: &Request<hyper::body::Incoming>) -> HashMap<String, String> {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.replace("%3A", ":").replace("%3a", ":")))
+        .collect()
+}
+
+fn route(state: &AdminState, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n");
+    }
+    let cache = state.process.as_ref().map(|p| p.cache.clone());
+    match req.uri().path() {
+        "/" => respond(StatusCode::OK, "text/html; charset=utf-8", PAGE),
+        "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n"),
+        "/readyz" => {
+            let why = state.readiness();
+            if why.is_empty() {
+                respond(StatusCode::OK, "text/plain", "ready\n")
+            } else {
+                respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("not ready: {}\n", why.join("; ")),
+                )
+            }
+        }
+        "/metrics" => respond(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            crate::metrics::metrics().encode(),
+        ),
+        "/api/status" => json(&state.status()),
+        "/api/relays" | "/api/agents" | "/api/routes" if cache.is_none() => respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "an agent keeps no registry view; ask a relay or gateway\n",
+        ),
+        "/api/relays" => json(&cache.map(|c| c.relays()).unwrap_or_default()),
+        "/api/agents" => json(&cache.map(|c| c.agents()).unwrap_or_default()),
+        "/api/routes" => {
+            let q = query(req);
+            let namespace = q
+                .get("namespace")
+                .cloned()
+                .unwrap_or_else(|| "default".into());
+            let Some(ip) = q.get("ip").and_then(|ip| ip.parse::<IpAddr>().ok()) else {
+                return respond(
+                    StatusCode::BAD_REQUEST,
+                    "text/plain",
+                    "usage: /api/routes?namespace=NS&ip=IP\n",
+                );
+            };
+            let owners: Vec<RouteView> = cache
+                .map(|c| c.owners(&namespace, ip))
+                .unwrap_or_default()
+                .into_iter()
+                .map(|o| RouteView {
+                    namespace: namespace.clone(),
+                    ip,
+                    relay_id: o.relay_id.to_string(),
+                    session_id: o.session_id,
+                    agent_id: o.agent_id.to_string(),
+                    draining: o.draining,
+                    connected_at: o.connected_at,
+                })
+                .collect();
+            json(&owners)
+        }
+        _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    }
+}
+
+/// One owner of an IP, as `/api/routes` lists it.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct RouteView {
+    pub namespace: String,
+    pub ip: IpAddr,
+    pub relay_id: String,
+    pub session_id: u64,
+    pub agent_id: String,
+    pub draining: bool,
+    pub connected_at: u64,
+}
+
+/// Binds the admin listener (address `addr`).
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    use anyhow::Context as _;
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the admin listener on {addr}"))
+}

@@ -381,6 +381,32 @@ pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<Message, Er
     serde_json::from_slice(&body).map_err(|e| Error::Malformed(e.to_string()))
 }
 
+/// Reads frames from a stream that carries nothing else (a control stream), cancel-safely: a read
+/// raced against other events in `select!` and dropped half-way keeps what it read for the next call.
+#[derive(Default)]
+pub struct FrameReader {
+    buf: Vec<u8>,
+}
+
+impl FrameReader {
+    /// The next frame. May read past it; use only where no raw bytes follow the frames.
+    pub async fn next<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> Result<Message, Error> {
+        loop {
+            if let Some((msg, used)) = decode(&self.buf)? {
+                self.buf.drain(..used);
+                return Ok(msg);
+            }
+            let mut chunk = [0u8; 2048];
+            // `read` is cancel-safe: either it returns bytes, which are kept, or it consumed none.
+            let n = r.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(Error::Truncated);
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
 /// [`read_message`] under a deadline.
 pub async fn read_message_timeout<R: AsyncRead + Unpin>(
     r: &mut R,
@@ -493,6 +519,28 @@ mod tests {
             assert!(read_message(&mut b).await.is_err(), "cut at {cut}");
             assert!(matches!(decode(&frame[..cut]), Ok(None)), "cut at {cut}");
         }
+    }
+
+    #[tokio::test]
+    async fn frame_reader_survives_cancellation() {
+        let (mut a, mut b) = tokio::io::duplex(2);
+        let msgs = samples();
+        let sent = msgs.clone();
+        tokio::spawn(async move {
+            for m in &sent {
+                write_message(&mut a, m).await.unwrap();
+            }
+        });
+        let mut reader = FrameReader::default();
+        let mut got = Vec::new();
+        while got.len() < msgs.len() {
+            // Race every read against a timer that often wins, dropping the read half-way.
+            tokio::select! {
+                m = reader.next(&mut b) => got.push(m.unwrap()),
+                _ = tokio::task::yield_now() => {}
+            }
+        }
+        assert_eq!(got, msgs);
     }
 
     #[tokio::test]

@@ -410,6 +410,8 @@ impl Relay {
     ) -> anyhow::Result<()> {
         let conn: &Connection = &session.connection;
         let mut drain_sent = false;
+        // Raced against drain and close below: the reader must not lose a half-read frame.
+        let mut frames = protocol::FrameReader::default();
         loop {
             let msg = tokio::select! {
                 _ = closed.cancelled() => {
@@ -422,7 +424,7 @@ impl Relay {
                     protocol::write_message(send, &Message::Drain { grace_ms }).await?;
                     continue;
                 }
-                m = protocol::read_message(recv) => m,
+                m = frames.next(recv) => m,
             };
             match msg {
                 Ok(Message::Ping { nonce }) => {

@@ -133,6 +133,17 @@ pub fn issue(
     let mut dns = dns.to_vec();
     match kind {
         Kind::Peer if !dns.iter().any(|d| d == PEER_NAME) => dns.push(PEER_NAME.to_string()),
+        Kind::Agent
+            if !dns.iter().any(|d| d == AGENT_NAME) && !dns.iter().any(|d| d == PEER_NAME) =>
+        {
+            dns.push(AGENT_NAME.to_string())
+        }
+        Kind::Peer | Kind::Relay if dns.iter().any(|d| d == AGENT_NAME) => {
+            return Err(Error::DnsName {
+                name: AGENT_NAME.to_string(),
+                source: rcgen::Error::InvalidNameType,
+            })
+        }
         Kind::Agent if dns.iter().any(|d| d == PEER_NAME) => {
             return Err(Error::DnsName {
                 name: PEER_NAME.to_string(),
@@ -322,6 +333,10 @@ pub fn generate_bundle(dir: &Path, relay_name: &str) -> Result<Bundle, Error> {
 /// The DNS name every peer certificate carries and no agent certificate may: the relay's peer
 /// endpoint admits only certificates with it, so an agent's certificate (same CA) cannot forward.
 pub const PEER_NAME: &str = "postern-peer";
+
+/// The DNS name every agent certificate carries: the relay admits a client certificate as an agent
+/// only with it, so relay or peer certificates from the same CA cannot join as agents.
+pub const AGENT_NAME: &str = "postern-agent";
 
 /// DNS SANs of a DER cert.
 pub fn dns_sans(cert_der: &[u8]) -> Result<Vec<String>, Error> {

@@ -132,27 +132,31 @@ fn default_hostname() -> String {
         .unwrap_or_else(|| "postern".to_string())
 }
 
-fn identity(cert: &Path, key: &Path, key_name: &str) -> Result<Identity, Error> {
+/// Loads a certificate chain and its key; `section` prefixes the error keys (`""` for top-level).
+fn identity(cert: &Path, key: &Path, section: &str) -> Result<Identity, Error> {
+    let key_name = |k: &str| {
+        if section.is_empty() {
+            k.to_string()
+        } else {
+            format!("{section}.{k}")
+        }
+    };
     let chain = tls::load_certs(cert).map_err(|source| Error::Tls {
-        key: format!("{key_name}.cert"),
+        key: key_name("cert"),
         source,
     })?;
     let key_der = tls::load_key(key).map_err(|source| Error::Tls {
-        key: format!("{key_name}.key"),
+        key: key_name("key"),
         source,
     })?;
     // A key that does not belong to the certificate would only fail at the first handshake.
-    let signing = rustls::crypto::ring::sign::any_supported_type(&key_der).map_err(|e| {
-        invalid(
-            &format!("{key_name}.key"),
-            format!("unsupported private key: {e}"),
-        )
-    })?;
+    let signing = rustls::crypto::ring::sign::any_supported_type(&key_der)
+        .map_err(|e| invalid(&key_name("key"), format!("unsupported private key: {e}")))?;
     rustls::sign::CertifiedKey::new(chain.clone(), signing)
         .keys_match()
         .map_err(|e| {
             invalid(
-                &format!("{key_name}.key"),
+                &key_name("key"),
                 format!("does not belong to {}: {e}", cert.display()),
             )
         })?;
@@ -430,7 +434,7 @@ impl AgentConfig {
             (None, None) => return Err(invalid("ca", "the relay must be verified: set ca or pin")),
         };
         let identity = match (f.cert, f.key) {
-            (Some(cert), Some(key)) => Some(identity(&cert, &key, "agent")?),
+            (Some(cert), Some(key)) => Some(identity(&cert, &key, "")?),
             (None, None) => None,
             _ => return Err(invalid("cert", "cert and key go together")),
         };
@@ -516,6 +520,8 @@ pub struct RelayFile {
     pub drain_grace: Option<HumanDuration>,
     /// CA whose client certificates authenticate agents (their IP SANs are what they may claim).
     pub agent_ca: Option<PathBuf>,
+    /// Namespaces agents authenticated by certificate may join (default: `["default"]`).
+    pub agent_cert_namespaces: Option<Vec<String>>,
     /// UDP address of the peer endpoint gateways and other relays forward through.
     pub peer_listen: Option<SocketAddr>,
     /// Address published for peers: `host:port`, or `env:VAR` naming a variable that holds the IP
@@ -567,6 +573,8 @@ pub struct RelayConfig {
     pub agents: Vec<AgentCredential>,
     /// Roots for agent client certificates; `None`: agents authenticate by token only.
     pub agent_ca: Option<Vec<rustls_pki_types::CertificateDer<'static>>>,
+    /// Namespaces agents authenticated by certificate may join.
+    pub agent_cert_namespaces: Vec<String>,
     pub drain_grace: Duration,
     /// Peer endpoint: where it listens and the address it publishes.
     pub peer: Option<PeerListen>,
@@ -595,6 +603,7 @@ impl RelayConfig {
             identity,
             agents,
             agent_ca: None,
+            agent_cert_namespaces: vec!["default".into()],
             drain_grace: Duration::from_secs(30),
             peer: None,
             transport: Transport::default(),
@@ -639,6 +648,15 @@ impl RelayConfig {
                     })
                 })
                 .transpose()?,
+            agent_cert_namespaces: {
+                let list = f
+                    .agent_cert_namespaces
+                    .unwrap_or_else(|| vec!["default".into()]);
+                for ns in &list {
+                    check_namespace(ns, "relay.agent_cert_namespaces")?;
+                }
+                list
+            },
             drain_grace: f.drain_grace.map_or(Duration::from_secs(30), |d| d.0),
             peer: peer_listen(f.peer_listen, f.peer_advertise)?,
             transport: Transport::from_file(f.transport, "relay.transport")?,
@@ -875,10 +893,12 @@ fn listen_or_off(
     match value.map(str::trim) {
         None => Ok(default),
         Some("off") => Ok(None),
-        Some(addr) => addr
-            .parse()
-            .map(Some)
-            .map_err(|_| invalid(key, format!("{addr:?} is neither host:port nor \"off\""))),
+        Some(addr) => addr.parse().map(Some).map_err(|_| {
+            invalid(
+                key,
+                format!("{addr:?} is not an ip:port address (or \"off\")"),
+            )
+        }),
     }
 }
 
@@ -1173,6 +1193,12 @@ impl RelayRoleConfig {
     pub fn from_file(f: RelayRoleFile) -> Result<Self, Error> {
         let peer = f.peer.map(PeerConfig::from_file).transpose()?;
         let registry = RegistryConfig::from_file(f.registry)?;
+        if registry == RegistryConfig::Memory {
+            return Err(invalid(
+                "registry.kind",
+                "a standalone relay needs a shared registry (kind = \"etcd\"); `postern server` runs one process alone",
+            ));
+        }
         let relay = RelayConfig::from_file(f.relay)?;
         check_cluster(&registry, &relay, peer.as_ref(), false)?;
         Ok(RelayRoleConfig {

@@ -356,7 +356,7 @@ fn reload_on_hup(path: PathBuf, role: Role, handle: Option<ProcessHandle>) {
             })();
             match result {
                 Ok(()) => {
-                    tracing::info!(config = %path.display(), "configuration reloaded (credentials, users, allowlist, rules)")
+                    tracing::info!(config = %path.display(), "configuration reloaded (agent credentials; gateway users, client allowlist, rules, default namespace, per-client limit)")
                 }
                 Err(err) => {
                     tracing::error!(config = %path.display(), %err, "reload refused; the running configuration stays in force")

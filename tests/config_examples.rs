@@ -1,5 +1,10 @@
-//! Every example config under `config/` must load through the real conversion, and `postern check`
-//! must reject a broken file naming the key that is wrong.
+//! Every example config under `config/` (every `*.toml`; the Kubernetes manifests and systemd units
+//! there are not postern configs) must load through the real conversion, and `postern check` must
+//! reject a broken file naming the key that is wrong. The four reference examples (agent, server,
+//! relay, gateway) must show every key of every table, their commented-out values must be the real
+//! defaults, and `docs/configuration.md` must document every key in its table's section. The
+//! tables and keys are read from `config.rs` itself (through `deny_unknown_fields`), so a new key
+//! fails here until the examples and the reference show it.
 //!
 //! The examples point at `/etc/postern/...` certificates and read secrets from `env:` variables,
 //! neither of which exists on a test machine. Each test therefore generates a real certificate
@@ -13,8 +18,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use postern::config::{
-    self, AgentConfig, AgentFile, GatewayRoleConfig, GatewayRoleFile, RelayRoleConfig,
-    RelayRoleFile, Role, ServerConfig, ServerFile,
+    self, AgentConfig, AgentFile, GatewayRoleConfig, GatewayRoleFile, RegistryConfig,
+    RelayRoleConfig, RelayRoleFile, Role, ServerConfig, ServerFile,
 };
 use postern::tls::Trust;
 
@@ -25,7 +30,11 @@ fn config_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("config")
 }
 
-/// Every `*.toml` below `config/`, recursively, sorted.
+/// The reference examples: one per role, each showing every key its file accepts.
+const REFERENCE_EXAMPLES: [&str; 4] = ["agent.toml", "server.toml", "relay.toml", "gateway.toml"];
+
+/// Every `*.toml` below `config/`, recursively, sorted. Other files there (Kubernetes manifests,
+/// systemd units) are not postern configs and are left alone.
 fn example_files() -> Vec<PathBuf> {
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
         let entries =
@@ -196,17 +205,25 @@ fn relative(path: &Path) -> String {
         .to_string()
 }
 
-/// Agent and relay ids default to the host name, which on some machines is not a DNS label (an
-/// FQDN, say). That is a property of the machine, not of the example, so on such a machine the
-/// rewritten copy gets an explicit id where the example leaves it to the default.
+/// Agent and relay ids default to the host name's first label, lower-cased, which on some machines
+/// is not a DNS label (it holds an underscore, say). That is a property of the machine, not of the
+/// example, so on such a machine the rewritten copy gets an explicit id where the example leaves
+/// it to the default.
 fn pin_ids_if_hostname_unusable(text: String) -> String {
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_default();
-    let usable = hostname.is_empty() // the code then falls back to "postern"
-        || (hostname.len() <= 63
-            && !hostname.starts_with('-')
-            && hostname.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+    let label = hostname
+        .split('.')
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let usable = label.is_empty() // the code then falls back to "postern"
+        || (label.len() <= 63
+            && !label.starts_with('-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'));
     if usable {
         return text;
     }
@@ -223,7 +240,7 @@ fn pin_ids_if_hostname_unusable(text: String) -> String {
 #[test]
 fn config_dir_holds_the_reference_examples() {
     let files: Vec<String> = example_files().iter().map(|p| relative(p)).collect();
-    for expected in ["agent.toml", "server.toml"] {
+    for expected in REFERENCE_EXAMPLES {
         assert!(
             files.iter().any(|f| f == expected),
             "config/{expected} is missing (found {files:?})"
@@ -286,12 +303,37 @@ fn every_example_config_loads() {
                 let relay = RelayRoleConfig::from_file(raw)
                     .unwrap_or_else(|e| panic!("config/{name}: {e}"));
                 assert!(!relay.relay.identity.chain.is_empty(), "{name}");
+                // A relay alone publishes its routes for gateways elsewhere: with the memory
+                // registry nobody would see them (the conversion does not refuse that, so the
+                // examples must not show it).
+                assert!(
+                    matches!(relay.registry, RegistryConfig::Etcd { .. }),
+                    "config/{name}: a standalone relay needs kind = \"etcd\""
+                );
+                assert!(
+                    relay.relay.peer.is_some() && relay.peer.is_some(),
+                    "config/{name}: gateways reach a standalone relay through its peer endpoint"
+                );
+                for cred in &relay.relay.agents {
+                    assert!(!cred.allow.is_empty(), "{name}: {}", cred.name);
+                }
             }
             Some(Role::Gateway) => {
                 let raw: GatewayRoleFile = config::parse_toml(&text, &copy).unwrap();
                 let gateway = GatewayRoleConfig::from_file(raw)
                     .unwrap_or_else(|e| panic!("config/{name}: {e}"));
                 assert!(gateway.peer.identity.is_some(), "{name}");
+                assert!(
+                    matches!(gateway.registry, RegistryConfig::Etcd { .. }),
+                    "config/{name}: a standalone gateway learns routes from etcd"
+                );
+                assert!(
+                    gateway.gateway.socks5.is_some() || gateway.gateway.http.is_some(),
+                    "config/{name}: a gateway without a front door serves nobody"
+                );
+                for user in &gateway.gateway.users {
+                    assert!(!user.password.expose().is_empty(), "{name}: {}", user.name);
+                }
             }
             // A file whose name tells no role was covered by `check`'s guess above.
             None => {}
@@ -299,12 +341,23 @@ fn every_example_config_loads() {
     }
 }
 
-/// The keys a config table accepts, read from the error `deny_unknown_fields` gives for an unknown
-/// one — so this list follows `config.rs` without being copied from it.
-fn accepted_keys<T: serde::de::DeserializeOwned + std::fmt::Debug>(probe: &str) -> Vec<String> {
-    let err = config::parse_toml::<T>(probe, Path::new("probe"))
-        .expect_err("the probe holds an unknown key")
+/// A key no config table accepts, used to make `deny_unknown_fields` list the ones it does.
+const UNKNOWN_KEY: &str = "zz_not_a_key";
+
+/// The keys the table opened by `header` (`""` for the top level, `"[relay]"`, `"[[relay.agents]]"`)
+/// accepts, read from the error `deny_unknown_fields` gives for an unknown one — so this follows
+/// `config.rs` without being copied from it. `None` when `header` does not open a table of `T`
+/// (the key holds a plain value, a list of values or an enum).
+fn table_keys<T: serde::de::DeserializeOwned + std::fmt::Debug>(
+    header: &str,
+) -> Option<Vec<String>> {
+    let probe = format!("{header}\n{UNKNOWN_KEY} = 1");
+    let err = config::parse_toml::<T>(&probe, Path::new("probe"))
+        .err()?
         .to_string();
+    if !err.contains(&format!("unknown field `{UNKNOWN_KEY}`")) {
+        return None;
+    }
     let expected = err
         .split_once("expected")
         .unwrap_or_else(|| panic!("no field list in {err:?}"))
@@ -316,7 +369,90 @@ fn accepted_keys<T: serde::de::DeserializeOwned + std::fmt::Debug>(probe: &str) 
         .map(str::to_string)
         .collect();
     assert!(!keys.is_empty(), "no field list in {err:?}");
-    keys
+    Some(keys)
+}
+
+/// One table of a config file: how it is written (`"(top level)"`, `"[relay]"`,
+/// `"[[relay.agents]]"`), its dotted path, and the keys it accepts.
+#[derive(Debug)]
+struct Table {
+    label: String,
+    path: String,
+    keys: Vec<String>,
+}
+
+/// Every table a file of type `T` accepts, found by probing each key of each table for a nested
+/// table (`[a.b]`) or array of tables (`[[a.b]]`) — so a table added to `config.rs` is covered
+/// without touching this test.
+fn tables_of<T: serde::de::DeserializeOwned + std::fmt::Debug>() -> Vec<Table> {
+    let top = table_keys::<T>("").expect("the top level is a table");
+    let mut pending = vec![Table {
+        label: "(top level)".into(),
+        path: String::new(),
+        keys: top,
+    }];
+    let mut tables = Vec::new();
+    while let Some(table) = pending.pop() {
+        for key in &table.keys {
+            let path = if table.path.is_empty() {
+                key.clone()
+            } else {
+                format!("{}.{key}", table.path)
+            };
+            for label in [format!("[{path}]"), format!("[[{path}]]")] {
+                if let Some(keys) = table_keys::<T>(&label) {
+                    pending.push(Table {
+                        label,
+                        path: path.clone(),
+                        keys,
+                    });
+                    break;
+                }
+            }
+        }
+        tables.push(table);
+    }
+    tables.sort_by(|a, b| a.label.cmp(&b.label));
+    tables
+}
+
+/// `(reference example, its tables)` for the four roles.
+fn reference_tables() -> Vec<(&'static str, Vec<Table>)> {
+    vec![
+        ("agent.toml", tables_of::<AgentFile>()),
+        ("server.toml", tables_of::<ServerFile>()),
+        ("relay.toml", tables_of::<RelayRoleFile>()),
+        ("gateway.toml", tables_of::<GatewayRoleFile>()),
+    ]
+}
+
+#[test]
+fn table_discovery_finds_the_nested_tables() {
+    // Guards the probing itself: if it stopped finding nested tables, the coverage tests below
+    // would check next to nothing and still pass.
+    let labels =
+        |tables: Vec<Table>| -> Vec<String> { tables.into_iter().map(|t| t.label).collect() };
+    let server = labels(tables_of::<ServerFile>());
+    for expected in [
+        "(top level)",
+        "[relay]",
+        "[relay.transport]",
+        "[[relay.agents]]",
+        "[gateway]",
+        "[[gateway.users]]",
+        "[[gateway.rules]]",
+        "[peer]",
+        "[peer.transport]",
+        "[registry]",
+        "[admin]",
+    ] {
+        assert!(
+            server.iter().any(|l| l == expected),
+            "{expected} not found in {server:?}"
+        );
+    }
+    let agent = labels(tables_of::<AgentFile>());
+    assert_eq!(agent, ["(top level)", "[admin]", "[transport]"]);
 }
 
 /// Whether `key` appears as `key = …` (set or commented out) or as a `[….key]` table header.
@@ -339,82 +475,78 @@ fn mentions_key(text: &str, key: &str) -> bool {
 /// The reference examples list every key of every table (set, or commented out with its default).
 #[test]
 fn reference_examples_cover_every_key() {
-    let agent = std::fs::read_to_string(config_dir().join("agent.toml")).unwrap();
-    let server = std::fs::read_to_string(config_dir().join("server.toml")).unwrap();
-    const UNKNOWN: &str = "zz_not_a_key = 1";
-    let tables: Vec<(&str, &str, Vec<String>)> = vec![
-        (
-            "agent.toml",
-            "(top level)",
-            accepted_keys::<AgentFile>(UNKNOWN),
-        ),
-        (
-            "agent.toml",
-            "[transport]",
-            accepted_keys::<AgentFile>(&format!("[transport]\n{UNKNOWN}")),
-        ),
-        (
-            "server.toml",
-            "(top level)",
-            accepted_keys::<ServerFile>(UNKNOWN),
-        ),
-        (
-            "server.toml",
-            "[relay]",
-            accepted_keys::<ServerFile>(&format!("[relay]\n{UNKNOWN}")),
-        ),
-        (
-            "server.toml",
-            "[relay.transport]",
-            accepted_keys::<ServerFile>(&format!("[relay.transport]\n{UNKNOWN}")),
-        ),
-        (
-            "server.toml",
-            "[[relay.agents]]",
-            accepted_keys::<ServerFile>(&format!("[[relay.agents]]\n{UNKNOWN}")),
-        ),
-        (
-            "server.toml",
-            "[gateway]",
-            accepted_keys::<ServerFile>(&format!("[gateway]\n{UNKNOWN}")),
-        ),
-        (
-            "server.toml",
-            "[[gateway.users]]",
-            accepted_keys::<ServerFile>(&format!("[[gateway.users]]\n{UNKNOWN}")),
-        ),
-        (
-            "server.toml",
-            "[peer]",
-            accepted_keys::<ServerFile>(&format!("[peer]\n{UNKNOWN}")),
-        ),
-        (
-            "server.toml",
-            "[peer.transport]",
-            accepted_keys::<ServerFile>(&format!("[peer.transport]\n{UNKNOWN}")),
-        ),
-        (
-            "server.toml",
-            "[registry]",
-            accepted_keys::<ServerFile>(&format!("[registry]\n{UNKNOWN}")),
-        ),
-    ];
     let mut missing = Vec::new();
-    for (file, table, keys) in &tables {
-        let text = if *file == "agent.toml" {
-            &agent
-        } else {
-            &server
-        };
-        for key in keys {
-            if !mentions_key(text, key) {
-                missing.push(format!("config/{file} {table}: {key}"));
+    for (file, tables) in reference_tables() {
+        let text = std::fs::read_to_string(config_dir().join(file)).unwrap();
+        for table in &tables {
+            for key in &table.keys {
+                if !mentions_key(&text, key) {
+                    missing.push(format!("config/{file} {}: {key}", table.label));
+                }
             }
         }
     }
     assert!(
         missing.is_empty(),
         "keys not shown in the examples: {missing:#?}"
+    );
+}
+
+/// The part of `docs/configuration.md` that documents `table`: the section under its heading, up to
+/// the next heading.
+fn doc_section<'a>(doc: &'a str, file: &str, table: &Table) -> &'a str {
+    let heading = match (file, table.label.as_str()) {
+        ("agent.toml", "(top level)") => "## Agent file".to_string(),
+        // The top level of the other files holds only tables: the overview names them.
+        (_, "(top level)") => {
+            let end = doc
+                .find("\n## General rules")
+                .expect("docs/configuration.md has a General rules section");
+            return &doc[..end];
+        }
+        (_, label) if label.ends_with("transport]") => "## Transport tables".to_string(),
+        (_, label) if label.starts_with("[[") => format!("### `{label}`"),
+        (_, label) => format!("## `{label}`"),
+    };
+    let start = doc
+        .lines()
+        .position(|line| line.trim_end() == heading)
+        .unwrap_or_else(|| panic!("docs/configuration.md has no heading {heading:?}"));
+    let lines: Vec<&str> = doc.lines().collect();
+    let from: usize = lines[..=start].iter().map(|l| l.len() + 1).sum();
+    let len: usize = lines[start + 1..]
+        .iter()
+        .take_while(|l| !l.starts_with("## ") && !l.starts_with("### "))
+        .map(|l| l.len() + 1)
+        .sum();
+    &doc[from..(from + len).min(doc.len())]
+}
+
+/// `docs/configuration.md` names every key of every table, in that table's section.
+#[test]
+fn configuration_reference_names_every_key() {
+    let doc = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/configuration.md"),
+    )
+    .unwrap();
+    let mut missing = Vec::new();
+    for (file, tables) in reference_tables() {
+        for table in &tables {
+            let section = doc_section(&doc, file, table);
+            for key in &table.keys {
+                let named = section.contains(&format!("`{key}`"))
+                    || section.contains(&format!("[{key}]"))
+                    || section.contains(&format!(".{key}]"));
+                if !named {
+                    missing.push(format!("{} (in {file}): {key}", table.label));
+                }
+            }
+        }
+    }
+    missing.dedup();
+    assert!(
+        missing.is_empty(),
+        "keys docs/configuration.md does not document in their table's section: {missing:#?}"
     );
 }
 
@@ -654,4 +786,288 @@ fn check_binary_names_semantic_errors() {
     let mut agent = example_table(&fixture, "agent.toml");
     agent.insert("ports".into(), toml::Value::Array(vec!["90-80".into()]));
     assert_rejected(&fixture, "reversed-ports.toml", &agent, &["ports"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// What the comments in the reference examples promise.
+
+/// Commented-out keys that show an example value, not the default.
+const EXAMPLE_VALUES: &[&str] = &[
+    "id", "pin", "cert", "key", "ips", "agent_ca", "clients", "name", "password",
+];
+
+/// `text` with the commented-out `# key = value` lines whose key `keep` accepts put in force.
+fn uncomment(text: &str, keep: impl Fn(&str) -> bool) -> String {
+    text.lines()
+        .map(|line| {
+            let assignment = line.strip_prefix("# ").and_then(|rest| {
+                let (key, _) = rest.split_once(" = ")?;
+                let is_key =
+                    !key.is_empty() && key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
+                (is_key && keep(key)).then_some(rest)
+            });
+            assignment.unwrap_or(line).to_string() + "\n"
+        })
+        .collect()
+}
+
+/// The converted config at `path`, as `role`, in its `Debug` form (secrets and keys redacted).
+fn converted(path: &Path, role: Role) -> String {
+    let result = match role {
+        Role::Agent => AgentConfig::load(path).map(|c| format!("{c:?}")),
+        Role::Server => ServerConfig::load(path).map(|c| format!("{c:?}")),
+        Role::Relay => RelayRoleConfig::load(path).map(|c| format!("{c:?}")),
+        Role::Gateway => GatewayRoleConfig::load(path).map(|c| format!("{c:?}")),
+    };
+    result.unwrap_or_else(|e| panic!("{} does not load: {e}", path.display()))
+}
+
+/// "Commented-out keys show their default value": putting them all in force changes nothing.
+#[test]
+fn commented_out_defaults_are_the_defaults() {
+    let fixture = Fixture::new();
+    for name in REFERENCE_EXAMPLES {
+        let path = config_dir().join(name);
+        let role = role_by_name(&path).expect("reference examples are named after their role");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let as_shipped = fixture.rewritten_copy(&path);
+        let with_defaults = fixture.write(
+            &format!("defaults-{name}"),
+            &fixture.rewrite(&uncomment(&text, |key| !EXAMPLE_VALUES.contains(&key))),
+        );
+        let (shipped, defaults) = (
+            converted(&as_shipped, role),
+            converted(&with_defaults, role),
+        );
+        if let Some(at) = shipped
+            .bytes()
+            .zip(defaults.bytes())
+            .position(|(a, b)| a != b)
+            .or((shipped.len() != defaults.len()).then(|| shipped.len().min(defaults.len())))
+        {
+            let context = |s: &str| {
+                let bytes = &s.as_bytes()[at.saturating_sub(120)..(at + 60).min(s.len())];
+                String::from_utf8_lossy(bytes).into_owned()
+            };
+            panic!(
+                "config/{name}: a commented-out value is not the default.\n as shipped:         …{}…\n with them in force: …{}…",
+                context(&shipped),
+                context(&defaults)
+            );
+        }
+    }
+}
+
+/// The commented-out agent certificate works in place of the token, and the commented-out
+/// `agent_ca` of the server example loads.
+#[test]
+fn commented_out_certificate_credentials_load() {
+    let fixture = Fixture::new();
+
+    let text = std::fs::read_to_string(config_dir().join("agent.toml")).unwrap();
+    let with_cert: String = uncomment(&text, |key| key == "cert" || key == "key")
+        .lines()
+        .filter(|line| !line.starts_with("token ="))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    assert!(
+        with_cert.contains("\ncert = "),
+        "agent.toml shows `# cert = …`"
+    );
+    let path = fixture.write("agent-with-cert.toml", &fixture.rewrite(&with_cert));
+    let agent = AgentConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert!(agent.identity.is_some());
+    assert!(agent.token.expose().is_empty());
+
+    let text = std::fs::read_to_string(config_dir().join("server.toml")).unwrap();
+    let with_ca = uncomment(&text, |key| key == "agent_ca");
+    assert!(
+        with_ca.contains("\nagent_ca = "),
+        "server.toml shows `# agent_ca = …`"
+    );
+    let path = fixture.write("server-with-agent-ca.toml", &fixture.rewrite(&with_ca));
+    let server = ServerConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert!(server.relay.agent_ca.is_some_and(|roots| !roots.is_empty()));
+}
+
+/// The admin listener's defaults, as the examples' comments give them.
+#[test]
+fn admin_listener_defaults() {
+    let fixture = Fixture::new();
+    let agent = AgentConfig::load(&fixture.rewritten_copy(&config_dir().join("agent.toml")))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(agent.admin, Some(config::AGENT_ADMIN_DEFAULT));
+    assert_eq!(agent.admin.unwrap().to_string(), "127.0.0.1:9181");
+    let server = ServerConfig::load(&fixture.rewritten_copy(&config_dir().join("server.toml")))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(server.admin, Some(config::ADMIN_DEFAULT));
+    assert_eq!(server.admin.unwrap().to_string(), "127.0.0.1:9180");
+
+    let mut server = example_table(&fixture, "server.toml");
+    let mut admin = toml::Table::new();
+    admin.insert("listen".into(), "off".into());
+    server.insert("admin".into(), admin.into());
+    let path = fixture.write("admin-off.toml", &toml::to_string(&server).unwrap());
+    assert_eq!(ServerConfig::load(&path).unwrap().admin, None);
+}
+
+/// The `[n]`th table of the array of tables `[[gateway.<name>]]`.
+fn gateway_entry<'a>(table: &'a mut toml::Table, name: &str, n: usize) -> &'a mut toml::Table {
+    section(table, "gateway")
+        .get_mut(name)
+        .and_then(|v| v.as_array_mut())
+        .and_then(|a| a.get_mut(n))
+        .and_then(|v| v.as_table_mut())
+        .unwrap_or_else(|| panic!("example has no [[gateway.{name}]] #{n}"))
+}
+
+#[test]
+fn check_binary_names_gateway_errors() {
+    let fixture = Fixture::new();
+
+    let mut gateway = example_table(&fixture, "gateway.toml");
+    let socks5 = section(&mut gateway, "gateway")
+        .get("socks5")
+        .cloned()
+        .expect("gateway.toml sets socks5");
+    section(&mut gateway, "gateway").insert("http".into(), socks5);
+    assert_rejected(
+        &fixture,
+        "same-front-door.toml",
+        &gateway,
+        &["gateway.http"],
+    );
+
+    let mut gateway = example_table(&fixture, "gateway.toml");
+    section(&mut gateway, "gateway").insert("max_header_bytes".into(), "4KiB".into());
+    assert_rejected(
+        &fixture,
+        "small-header-limit.toml",
+        &gateway,
+        &["gateway.max_header_bytes"],
+    );
+
+    let mut gateway = example_table(&fixture, "gateway.toml");
+    section(&mut gateway, "gateway").insert("max_connections_per_client".into(), 0.into());
+    assert_rejected(
+        &fixture,
+        "zero-per-client.toml",
+        &gateway,
+        &["gateway.max_connections_per_client"],
+    );
+
+    let mut gateway = example_table(&fixture, "gateway.toml");
+    gateway_entry(&mut gateway, "rules", 0)
+        .insert("users".into(), toml::Value::Array(vec!["nobody".into()]));
+    assert_rejected(
+        &fixture,
+        "rule-unknown-user.toml",
+        &gateway,
+        &["gateway.rules[0].users", "nobody"],
+    );
+
+    let mut gateway = example_table(&fixture, "gateway.toml");
+    gateway_entry(&mut gateway, "rules", 1)
+        .insert("ports".into(), toml::Value::Array(vec!["9100-80".into()]));
+    assert_rejected(
+        &fixture,
+        "rule-reversed-ports.toml",
+        &gateway,
+        &["gateway.rules[1].ports"],
+    );
+
+    let mut gateway = example_table(&fixture, "gateway.toml");
+    let first = gateway_entry(&mut gateway, "users", 0)
+        .get("name")
+        .cloned()
+        .expect("gateway.toml names its first user");
+    gateway_entry(&mut gateway, "users", 1).insert("name".into(), first);
+    assert_rejected(
+        &fixture,
+        "duplicate-user.toml",
+        &gateway,
+        &["gateway.users[1].name"],
+    );
+
+    let mut gateway = example_table(&fixture, "gateway.toml");
+    gateway_entry(&mut gateway, "users", 0).insert("name".into(), "alice@default".into());
+    assert_rejected(
+        &fixture,
+        "user-with-at.toml",
+        &gateway,
+        &["gateway.users[0].name"],
+    );
+
+    let mut gateway = example_table(&fixture, "gateway.toml");
+    section(&mut gateway, "registry").insert("kind".into(), "memory".into());
+    section(&mut gateway, "registry").remove("endpoints");
+    assert_rejected(
+        &fixture,
+        "gateway-memory.toml",
+        &gateway,
+        &["registry.kind"],
+    );
+
+    let mut gateway = example_table(&fixture, "gateway.toml");
+    section(&mut gateway, "peer").remove("cert");
+    section(&mut gateway, "peer").remove("key");
+    assert_rejected(
+        &fixture,
+        "gateway-no-peer-cert.toml",
+        &gateway,
+        &["peer.cert"],
+    );
+
+    let mut gateway = example_table(&fixture, "gateway.toml");
+    let mut admin = toml::Table::new();
+    admin.insert("listen".into(), "localhost:9180".into());
+    gateway.insert("admin".into(), admin.into());
+    assert_rejected(
+        &fixture,
+        "admin-host-name.toml",
+        &gateway,
+        &["admin.listen"],
+    );
+}
+
+#[test]
+fn check_binary_names_agent_certificate_errors() {
+    let fixture = Fixture::new();
+    let dir = fixture.dir.path();
+
+    let mut agent = example_table(&fixture, "agent.toml");
+    agent.remove("token");
+    agent.insert(
+        "cert".into(),
+        dir.join("agent.pem").display().to_string().into(),
+    );
+    assert_rejected(&fixture, "agent-cert-no-key.toml", &agent, &["cert"]);
+
+    // A key that is not the certificate's fails at `check`, not at the first handshake.
+    agent.insert(
+        "key".into(),
+        dir.join("relay-key.pem").display().to_string().into(),
+    );
+    assert_rejected(
+        &fixture,
+        "agent-cert-wrong-key.toml",
+        &agent,
+        &["key", "does not belong"],
+    );
+
+    let mut relay = example_table(&fixture, "relay.toml");
+    section(&mut relay, "relay").insert(
+        "agent_ca".into(),
+        dir.join("no-such-ca.pem").display().to_string().into(),
+    );
+    assert_rejected(
+        &fixture,
+        "relay-missing-agent-ca.toml",
+        &relay,
+        &["relay.agent_ca"],
+    );
+
+    let mut relay = example_table(&fixture, "relay.toml");
+    section(&mut relay, "relay").insert("id".into(), "Relay.1".into());
+    assert_rejected(&fixture, "relay-bad-id.toml", &relay, &["relay.id"]);
 }

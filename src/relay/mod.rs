@@ -339,9 +339,18 @@ impl Relay {
                     reason: "relay is draining".into(),
                 })
             } else {
-                let cert_ips = crate::tls::peer_certificates(&conn)
-                    .and_then(|chain| chain.first().map(|c| crate::cert::ip_sans(c.as_ref())))
-                    .map(|ips| ips.unwrap_or_default());
+                let cert =
+                    crate::tls::peer_certificates(&conn).and_then(|chain| chain.into_iter().next());
+                let cert_ips = cert.map(|c| {
+                    // Only an agent certificate admits an agent; its IPs are all it may claim.
+                    let is_agent = crate::cert::dns_sans(c.as_ref())
+                        .is_ok_and(|names| names.iter().any(|n| n == crate::cert::AGENT_NAME));
+                    if is_agent {
+                        crate::cert::ip_sans(c.as_ref()).unwrap_or_default()
+                    } else {
+                        Vec::new()
+                    }
+                });
                 self.admit(&hello, cert_ips)
             };
             if let Err(reject) = admitted {
@@ -476,6 +485,15 @@ impl Relay {
             ));
         }
         if let Some(allowed) = cert_ips {
+            if !self.config.agent_cert_namespaces.contains(&hello.namespace) {
+                return Err(reject(
+                    Code::NotAllowed,
+                    format!(
+                        "agent certificates may not join namespace {}",
+                        hello.namespace
+                    ),
+                ));
+            }
             if let Some(ip) = hello.ips.iter().find(|ip| !allowed.contains(ip)) {
                 return Err(reject(
                     Code::NotAllowed,

@@ -20,7 +20,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt as _, Full};
-use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -89,14 +89,34 @@ async fn handle(
             "bad request: bare LF line ending in the request head",
         ));
     }
-    let client = match credentials(&gateway, &req, addr) {
-        Ok(client) => client,
-        Err(resp) => return resp,
-    };
-    if req.method() == Method::CONNECT {
-        return connect(gateway, req, client).await;
+    // hyper drops Content-Length when Transfer-Encoding is present, so only the raw head shows both.
+    if watch.take_length_and_coding() {
+        return closing(text(
+            StatusCode::BAD_REQUEST,
+            "bad request: both Content-Length and Transfer-Encoding",
+        ));
     }
-    forward(gateway, req, client, watch).await
+    // Without a body the next bytes are the next head; with one, they are once the body has been
+    // forwarded ([`NotifyEnd`]). A body left unread (a refusal) hides where the next head starts,
+    // so that connection closes instead. After a CONNECT, only a refusal is followed by a head (a
+    // tunnel's bytes are not watched).
+    let has_body = !req.body().is_end_stream();
+    let is_connect = req.method() == Method::CONNECT;
+    if !has_body && !is_connect {
+        watch.next_head();
+    }
+    let resp = match credentials(&gateway, &req, addr) {
+        Err(resp) => resp,
+        Ok(client) if is_connect => connect(gateway, req, client).await,
+        Ok(client) => forward(gateway, req, client, watch.clone()).await,
+    };
+    if has_body && !watch.watching() {
+        return closing(resp);
+    }
+    if is_connect && !resp.status().is_success() {
+        watch.next_head();
+    }
+    resp
 }
 
 /// `Proxy-Authorization: Basic` → the client's identity, or the 407 to send.
@@ -241,9 +261,10 @@ async fn forward(
         .unwrap_or_else(|_| Uri::from_static("/"));
     parts.version = hyper::Version::HTTP_11;
     // The next head starts once this body is fully read; only then are bytes watched again.
+    // (A request without a body was handed back to the watch in `handle`.)
     let body = NotifyEnd {
+        watch: (!body.is_end_stream()).then_some(watch),
         inner: body,
-        watch: Some(watch),
     };
     let upstream_req = Request::from_parts(parts, body);
 
@@ -417,18 +438,44 @@ struct HeadState {
     started: bool,
     line_len: usize,
     last: u8,
+    /// The first bytes of the current line, enough to recognise the framing headers.
+    line_start: [u8; FRAMING_NAME_LEN],
+    content_length: bool,
+    transfer_encoding: bool,
+}
+
+/// `transfer-encoding:` is the longer of the two framing header names, with its colon.
+const FRAMING_NAME_LEN: usize = 18;
+
+impl HeadState {
+    fn new() -> Self {
+        HeadState {
+            in_head: true,
+            bare_lf: false,
+            started: false,
+            line_len: 0,
+            last: 0,
+            line_start: [0; FRAMING_NAME_LEN],
+            content_length: false,
+            transfer_encoding: false,
+        }
+    }
+
+    /// A header line ended: note it if it is one of the framing headers.
+    fn end_line(&mut self) {
+        let start = &self.line_start[..self.line_len.min(FRAMING_NAME_LEN)];
+        let starts = |name: &[u8]| {
+            start.len() >= name.len() && start[..name.len()].eq_ignore_ascii_case(name)
+        };
+        self.content_length |= starts(b"content-length:");
+        self.transfer_encoding |= starts(b"transfer-encoding:");
+    }
 }
 
 impl Default for HeadWatch {
     fn default() -> Self {
         HeadWatch {
-            state: Mutex::new(HeadState {
-                in_head: true,
-                bare_lf: false,
-                started: false,
-                line_len: 0,
-                last: 0,
-            }),
+            state: Mutex::new(HeadState::new()),
         }
     }
 }
@@ -453,10 +500,15 @@ impl HeadWatch {
                     if s.line_len == 0 && s.started {
                         s.in_head = false;
                     }
+                    s.end_line();
                     s.line_len = 0;
                 }
                 b'\r' => {}
                 _ => {
+                    let at = s.line_len;
+                    if let Some(slot) = s.line_start.get_mut(at) {
+                        *slot = b;
+                    }
                     s.line_len += 1;
                     s.started = true;
                 }
@@ -469,16 +521,23 @@ impl HeadWatch {
         std::mem::take(&mut self.lock().bare_lf)
     }
 
+    /// Whether bytes are being watched (a head is expected or being read).
+    fn watching(&self) -> bool {
+        self.lock().in_head
+    }
+
+    /// Whether the head carried both `Content-Length` and `Transfer-Encoding` (any case).
+    fn take_length_and_coding(&self) -> bool {
+        let mut s = self.lock();
+        let both = s.content_length && s.transfer_encoding;
+        s.content_length = false;
+        s.transfer_encoding = false;
+        both
+    }
+
     /// The request body is done: what follows is the next head.
     fn next_head(&self) {
-        let mut s = self.lock();
-        *s = HeadState {
-            in_head: true,
-            bare_lf: false,
-            started: false,
-            line_len: 0,
-            last: 0,
-        };
+        *self.lock() = HeadState::new();
     }
 }
 
@@ -622,6 +681,22 @@ mod tests {
         w.scan(b"GET / HTTP/1.1\r");
         w.scan(b"\nHost: a\r\n\r\n");
         assert!(!w.take_bare_lf());
+    }
+
+    #[test]
+    fn head_watch_sees_content_length_with_transfer_encoding() {
+        // hyper removes Content-Length when Transfer-Encoding is present, in either order.
+        let w = HeadWatch::default();
+        w.scan(b"POST http://a/ HTTP/1.1\r\nContent-Len");
+        w.scan(b"gth: 4\r\ntransfer-ENCODING: chunked\r\n\r\n0\r\n\r\n");
+        assert!(w.take_length_and_coding());
+        w.next_head();
+        w.scan(b"POST http://a/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert!(!w.take_length_and_coding());
+        w.next_head();
+        // Names inside values or bodies do not count.
+        w.scan(b"POST http://a/ HTTP/1.1\r\nX-A: content-length: 1\r\nContent-Length: 19\r\n\r\ntransfer-encoding: x");
+        assert!(!w.take_length_and_coding());
     }
 
     #[test]

@@ -26,6 +26,7 @@ use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::access::Client;
 use super::forward::{Opened, Requested};
@@ -44,6 +45,9 @@ pub async fn serve<S: ClientStream>(
 ) {
     stream.set_low_latency();
     let watch = Arc::new(HeadWatch::default());
+    // CONNECT tunnels outlive the HTTP connection they were upgraded from; tracking them here keeps
+    // the client's connection slots held, and the gateway's drain waiting, until they end.
+    let tunnels = TaskTracker::new();
     let io = TokioIo::new(Strict {
         inner: stream,
         watch: watch.clone(),
@@ -55,10 +59,12 @@ pub async fn serve<S: ClientStream>(
         .max_buf_size(gateway.config.max_header_bytes);
     let service = {
         let gateway = gateway.clone();
+        let tunnels = tunnels.clone();
         hyper::service::service_fn(move |req| {
             let gateway = gateway.clone();
             let watch = watch.clone();
-            async move { Ok::<_, Infallible>(handle(gateway, req, addr, watch).await) }
+            let tunnels = tunnels.clone();
+            async move { Ok::<_, Infallible>(handle(gateway, req, addr, watch, tunnels).await) }
         })
     };
     let conn = builder.serve_connection(io, service).with_upgrades();
@@ -74,6 +80,8 @@ pub async fn serve<S: ClientStream>(
     if let Err(err) = result {
         tracing::debug!(client = %addr, %err, "http connection ended");
     }
+    tunnels.close();
+    tunnels.wait().await;
 }
 
 /// Handles one request.
@@ -82,6 +90,7 @@ async fn handle(
     req: Request<Incoming>,
     addr: SocketAddr,
     watch: Arc<HeadWatch>,
+    tunnels: TaskTracker,
 ) -> Response<Body> {
     if watch.take_bare_lf() {
         return closing(text(
@@ -107,8 +116,8 @@ async fn handle(
     }
     let resp = match credentials(&gateway, &req, addr) {
         Err(resp) => resp,
-        Ok(client) if is_connect => connect(gateway, req, client).await,
-        Ok(client) => forward(gateway, req, client, watch.clone()).await,
+        Ok(client) if is_connect => connect(gateway, req, client, &tunnels).await,
+        Ok(client) => forward(gateway, req, client, watch.clone(), &tunnels).await,
     };
     if has_body && !watch.watching() {
         return closing(resp);
@@ -165,7 +174,12 @@ fn credentials(
 }
 
 /// `CONNECT host:port`: open the tunnel stream first, then answer 200 and splice.
-async fn connect(gateway: Arc<Gateway>, req: Request<Incoming>, client: Client) -> Response<Body> {
+async fn connect(
+    gateway: Arc<Gateway>,
+    req: Request<Incoming>,
+    client: Client,
+    tunnels: &TaskTracker,
+) -> Response<Body> {
     let Some(requested) = req
         .uri()
         .authority()
@@ -183,7 +197,7 @@ async fn connect(gateway: Arc<Gateway>, req: Request<Incoming>, client: Client) 
             return refusal(code, &requested);
         }
     };
-    tokio::spawn(async move {
+    tunnels.spawn(async move {
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
                 let started = Instant::now();
@@ -218,6 +232,7 @@ async fn forward(
     req: Request<Incoming>,
     client: Client,
     watch: Arc<HeadWatch>,
+    tunnels: &TaskTracker,
 ) -> Response<Body> {
     if let Err(message) = check_framing(req.headers()) {
         return closing(text(
@@ -286,7 +301,7 @@ async fn forward(
             }
         };
     let started = Instant::now();
-    tokio::spawn(async move {
+    tunnels.spawn(async move {
         let result = conn.await.map_err(std::io::Error::other);
         drop(guard);
         let transferred = result.map(|()| crate::splice::Transferred {

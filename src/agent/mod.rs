@@ -293,32 +293,61 @@ impl Shared {
             welcome,
         } = tunnel;
         let streams = TaskTracker::new();
-        let ping = async {
+        // Pongs are read by a loop of their own: `read_message` is not cancel-safe, and racing it
+        // against the ticker in a `select!` would drop a half-read frame and desynchronise the
+        // control stream.
+        let outstanding = AtomicU32::new(0);
+        let pongs = async {
+            loop {
+                match protocol::read_message(&mut recv).await? {
+                    Message::Pong { live_relays, .. } => {
+                        outstanding.store(0, Ordering::Relaxed);
+                        if live_relays > 0 {
+                            self.live_relays.store(live_relays, Ordering::Relaxed);
+                        }
+                    }
+                    Message::Drain { grace_ms } => {
+                        return Ok(Some(Duration::from_millis(grace_ms)))
+                    }
+                    other => bail!(protocol::Error::unexpected(&other)),
+                }
+            }
+        };
+        let pings = async {
             let mut nonce = 0u64;
             let mut interval = tokio::time::interval(protocol::PING_INTERVAL);
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut outstanding = 0u32;
+            // Pings and pongs share connection flow control with the proxied streams, so on a
+            // saturated tunnel they queue behind bulk data for many seconds. A relay whose
+            // application keeps sending stream data, or keeps reading ours (flow-control credit is
+            // only granted as it reads), is alive: only intervals with neither count as missed.
+            let relay_progress = || {
+                let frames = connection.stats().frame_rx;
+                frames.stream + frames.max_data + frames.max_stream_data
+            };
+            let mut progress = relay_progress();
             loop {
-                tokio::select! {
-                    _ = interval.tick() => {
-                        if outstanding >= MAX_MISSED_PONGS {
-                            bail!("relay missed {outstanding} pongs");
-                        }
-                        nonce += 1;
-                        outstanding += 1;
-                        protocol::write_message(&mut send, &Message::Ping { nonce }).await?;
-                    }
-                    msg = protocol::read_message(&mut recv) => match msg? {
-                        Message::Pong { live_relays, .. } => {
-                            outstanding = 0;
-                            if live_relays > 0 {
-                                self.live_relays.store(live_relays, Ordering::Relaxed);
-                            }
-                        }
-                        Message::Drain { grace_ms } => return Ok(Some(Duration::from_millis(grace_ms))),
-                        other => bail!(protocol::Error::unexpected(&other)),
-                    },
+                interval.tick().await;
+                let now = relay_progress();
+                if now != progress {
+                    progress = now;
+                    outstanding.store(0, Ordering::Relaxed);
                 }
+                let missed = outstanding.load(Ordering::Relaxed);
+                if missed >= MAX_MISSED_PONGS {
+                    bail!("relay missed {missed} pongs");
+                }
+                nonce += 1;
+                outstanding.fetch_add(1, Ordering::Relaxed);
+                protocol::write_message(&mut send, &Message::Ping { nonce }).await?;
+            }
+            #[allow(unreachable_code)]
+            Ok::<Option<Duration>, anyhow::Error>(None)
+        };
+        let ping = async {
+            tokio::select! {
+                r = pongs => r,
+                r = pings => r,
             }
         };
         let accept = async {

@@ -145,13 +145,63 @@ impl Metrics {
         Metrics { registry: r, ..m }
     }
 
-    /// The Prometheus text exposition.
+    /// The Prometheus text exposition (format 0.0.4, what `/metrics` serves as `text/plain`).
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        openmetrics_to_prometheus(&out)
     }
+}
+
+/// Rewrites prometheus-client's OpenMetrics text into the Prometheus text format 0.0.4.
+///
+/// The two differ in ways Prometheus's own parser and `promtool check metrics` notice: an
+/// OpenMetrics counter family is named without `_total` in `# HELP` / `# TYPE` while its samples
+/// carry the suffix (the text format wants the sample name there), and OpenMetrics adds `# UNIT`
+/// lines, `# EOF` and the `info` / `unknown` types the text format does not have.
+fn openmetrics_to_prometheus(openmetrics: &str) -> String {
+    // Families whose `# TYPE` is counter: their metadata lines take the `_total` name.
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.split_once(' '))
+        .filter(|(_, kind)| *kind == "counter")
+        .map(|(name, _)| name)
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let name = if counters.contains(name) && !name.ends_with("_total") {
+                    format!("{name}_total")
+                } else {
+                    name.to_string()
+                };
+                let tail = match (prefix, tail) {
+                    ("# TYPE ", "info") => "gauge",
+                    ("# TYPE ", "unknown") => "untyped",
+                    _ => tail,
+                };
+                out.push_str(prefix);
+                out.push_str(&name);
+                if !tail.is_empty() {
+                    out.push(' ');
+                    out.push_str(tail);
+                }
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// This process's metrics.
@@ -183,7 +233,15 @@ pub fn code_label(code: crate::protocol::Code) -> &'static str {
 mod tests {
     #[test]
     fn exposition_names_every_family() {
-        let text = super::metrics().encode();
+        let m = super::metrics();
+        // A labelled family shows only once it has a child (prometheus-client skips empty ones).
+        m.client_connections
+            .get_or_create(&super::FrontResult {
+                front: "socks5",
+                result: "ok",
+            })
+            .inc_by(0);
+        let text = m.encode();
         for name in [
             "postern_gateway_connections",
             "postern_relay_tunnels",
@@ -192,5 +250,45 @@ mod tests {
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }
+    }
+
+    #[test]
+    fn counters_are_named_with_total_and_no_openmetrics_markers_remain() {
+        let m = super::metrics();
+        m.open_attempts
+            .get_or_create(&super::Outcome { result: "ok" })
+            .inc();
+        let text = m.encode();
+        assert!(
+            text.contains("# HELP postern_open_attempts_total "),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE postern_open_attempts_total counter"),
+            "{text}"
+        );
+        assert!(
+            text.contains("postern_open_attempts_total{result=\"ok\"}"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE postern_relay_tunnels gauge"),
+            "{text}"
+        );
+        assert!(!text.contains("# EOF"), "{text}");
+        assert!(!text.contains("# UNIT"), "{text}");
+        assert!(text.ends_with('\n'));
+    }
+
+    #[test]
+    fn openmetrics_types_map_to_text_format_types() {
+        let om = "# HELP a_info Build.\n# TYPE a_info info\na_info{v=\"1\"} 1\n\
+                  # HELP b_seconds B.\n# TYPE b_seconds counter\n# UNIT b_seconds seconds\n\
+                  b_seconds_total 2\n# EOF\n";
+        assert_eq!(
+            super::openmetrics_to_prometheus(om),
+            "# HELP a_info Build.\n# TYPE a_info gauge\na_info{v=\"1\"} 1\n\
+             # HELP b_seconds_total B.\n# TYPE b_seconds_total counter\nb_seconds_total 2\n"
+        );
     }
 }

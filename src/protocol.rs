@@ -34,6 +34,18 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the agent pings on its control stream; a tunnel that misses a few pongs is redialled.
 pub const PING_INTERVAL: Duration = Duration::from_secs(5);
 
+/// QUIC send priorities (higher is sent first). Control frames and the few bytes that open a
+/// stream must not queue behind bulk data on a saturated tunnel; once open, a stream drops to
+/// [`priority::DATA`] so proxied connections share the tunnel fairly.
+pub mod priority {
+    /// Control streams (hello, pings, drain).
+    pub const CONTROL: i32 = 2;
+    /// A stream while its `Open` / `Forward` and the answer are in flight.
+    pub const OPENING: i32 = 1;
+    /// Proxied bytes.
+    pub const DATA: i32 = 0;
+}
+
 /// QUIC application error codes used when closing connections and resetting streams.
 pub mod close {
     /// Normal shutdown.

@@ -900,7 +900,6 @@ async fn socks5_without_users_serves_clients_offering_password_too() {
 /// never answers pings, a tunnel whose relay keeps sending data (upload) or keeps reading it
 /// (download) stays up, and a tunnel whose relay goes silent is dropped.
 /// Slow (three ping intervals, ~16 s), hence ignored: `cargo test --test core -- --ignored`.
-#[ignore = "slow: waits out three ping intervals"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_keeps_a_busy_tunnel_whose_pongs_are_late() {
     init();

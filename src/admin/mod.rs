@@ -209,8 +209,16 @@ fn route(state: &AdminState, req: &Request<hyper::body::Incoming>) -> Response<F
             "text/plain",
             "an agent keeps no registry view; ask a relay or gateway\n",
         ),
-        "/api/relays" => json(&cache.map(|c| c.relays()).unwrap_or_default()),
-        "/api/agents" => json(&cache.map(|c| c.agents()).unwrap_or_default()),
+        "/api/relays" => {
+            let mut relays = cache.map(|c| c.relays()).unwrap_or_default();
+            relays.sort_by(|a, b| a.id.cmp(&b.id));
+            json(&relays)
+        }
+        "/api/agents" => {
+            let mut agents = cache.map(|c| c.agents()).unwrap_or_default();
+            agents.sort_by(|a, b| (&a.namespace, &a.id).cmp(&(&b.namespace, &b.id)));
+            json(&agents)
+        }
         "/api/routes" => {
             let q = query(req);
             let namespace = q

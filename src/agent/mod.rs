@@ -258,6 +258,7 @@ impl Shared {
             .await
             .context("QUIC handshake")?;
         let (mut send, mut recv) = connection.open_bi().await?;
+        let _ = send.set_priority(protocol::priority::CONTROL);
         let hello = Hello {
             agent_id: c.id.clone(),
             namespace: c.namespace.clone(),

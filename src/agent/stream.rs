@@ -52,6 +52,7 @@ pub async fn serve(mut send: SendStream, mut recv: RecvStream, policy: Policy) {
         Err(code) => Err(code),
     };
     let code = tcp.as_ref().err().copied().unwrap_or(Code::Ok);
+    let _ = send.set_priority(protocol::priority::OPENING);
     if protocol::write_message(&mut send, &Message::OpenResult(OpenResult { code }))
         .await
         .is_err()
@@ -66,6 +67,7 @@ pub async fn serve(mut send: SendStream, mut recv: RecvStream, policy: Policy) {
             return;
         }
     };
+    let _ = send.set_priority(protocol::priority::DATA);
     match crate::splice::splice(tcp, send, recv).await {
         Ok(t) => tracing::debug!(%target, up = t.up, down = t.down, "stream done"),
         Err(err) => tracing::debug!(%target, %err, "stream aborted"),

@@ -176,11 +176,15 @@ impl PeerPool {
         let conn = self.connection(relay_id, last_resort).await?;
         let attempt = async {
             let (mut send, mut recv) = conn.open_bi().await.map_err(|_| Code::Internal)?;
+            let _ = send.set_priority(protocol::priority::OPENING);
             protocol::write_message(&mut send, &Message::Forward(forward))
                 .await
                 .map_err(|_| Code::Internal)?;
             match protocol::read_message(&mut recv).await {
-                Ok(Message::ForwardResult(OpenResult { code: Code::Ok })) => Ok((send, recv)),
+                Ok(Message::ForwardResult(OpenResult { code: Code::Ok })) => {
+                    let _ = send.set_priority(protocol::priority::DATA);
+                    Ok((send, recv))
+                }
                 Ok(Message::ForwardResult(OpenResult { code })) => Err(code),
                 Ok(_) => Err(Code::BadRequest),
                 Err(_) => Err(Code::Internal),

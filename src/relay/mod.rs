@@ -389,6 +389,7 @@ impl Relay {
                 .send(Change::Put(session.routes(&self.config.id)));
             tracing::info!(session_id = session.id, ips = ?session.ips, "tunnel up");
             let result = async {
+                let _ = send.set_priority(protocol::priority::CONTROL);
                 protocol::write_message(&mut send, &Message::Welcome(welcome)).await?;
                 self.control_loop(&session, &mut send, &mut recv, &closed)
                     .await
@@ -594,6 +595,7 @@ async fn open_on(session: &Session, target: SocketAddr) -> Result<(SendStream, R
             .open_bi()
             .await
             .map_err(|_| Code::Internal)?;
+        let _ = send.set_priority(protocol::priority::OPENING);
         protocol::write_message(
             &mut send,
             &Message::Open(Open {
@@ -604,7 +606,10 @@ async fn open_on(session: &Session, target: SocketAddr) -> Result<(SendStream, R
         .await
         .map_err(|_| Code::Internal)?;
         match protocol::read_message(&mut recv).await {
-            Ok(Message::OpenResult(OpenResult { code: Code::Ok })) => Ok((send, recv)),
+            Ok(Message::OpenResult(OpenResult { code: Code::Ok })) => {
+                let _ = send.set_priority(protocol::priority::DATA);
+                Ok((send, recv))
+            }
             Ok(Message::OpenResult(OpenResult { code })) => Err(code),
             Ok(_) => Err(Code::BadRequest),
             Err(_) => Err(Code::Internal),

@@ -91,6 +91,7 @@ async fn serve_forward(relay: Arc<Relay>, mut send: SendStream, mut recv: RecvSt
     } = forward;
     let opened = relay.open(&namespace, target, session_id).await;
     let code = opened.as_ref().err().copied().unwrap_or(Code::Ok);
+    let _ = send.set_priority(protocol::priority::OPENING);
     if protocol::write_message(&mut send, &Message::ForwardResult(OpenResult { code }))
         .await
         .is_err()
@@ -106,6 +107,7 @@ async fn serve_forward(relay: Arc<Relay>, mut send: SendStream, mut recv: RecvSt
         }
     };
     let _guard = tunnelled.guard;
+    let _ = send.set_priority(crate::protocol::priority::DATA);
     if let Err(err) =
         crate::splice::splice_quic((send, recv), (tunnelled.send, tunnelled.recv)).await
     {

@@ -37,6 +37,9 @@ struct Shared {
     /// Live relays as last reported by a relay; slots beyond it idle.
     live_relays: AtomicU32,
     tunnels_up: watch::Sender<usize>,
+    /// Tunnels of draining relays winding down (their in-flight streams finishing); the agent waits
+    /// for them before it exits.
+    winding_down: TaskTracker,
 }
 
 /// A running agent's observable state.
@@ -88,6 +91,7 @@ impl Agent {
                 held: Mutex::new(HashMap::new()),
                 live_relays: AtomicU32::new(live),
                 tunnels_up: watch::channel(0).0,
+                winding_down: TaskTracker::new(),
             }),
         })
     }
@@ -115,6 +119,8 @@ impl Agent {
         }
         tasks.close();
         tasks.wait().await;
+        self.shared.winding_down.close();
+        self.shared.winding_down.wait().await;
         Ok(())
     }
 }
@@ -388,7 +394,7 @@ impl Shared {
         };
         match result {
             Ok(Some(_)) => {
-                tokio::spawn(wind_down);
+                self.winding_down.spawn(wind_down);
                 Ok(())
             }
             Ok(None) => {

@@ -271,8 +271,10 @@ fn log_refused(front: Front, client: &Client, requested: &Requested, code: Code)
             result: crate::metrics::code_label(code),
         })
         .inc();
+    // The same fields as a carried connection's line, so one parser reads both.
     tracing::info!(target: "postern::access", client = %client.addr, user = client.user.as_deref().unwrap_or("-"),
-        front = front.as_str(), target = %requested, namespace = %client.namespace, result = ?code,
+        front = front.as_str(), target = %requested, namespace = %client.namespace, agent_id = "-", relay_id = "-",
+        bytes_up = 0u64, bytes_down = 0u64, duration_ms = 0u64, result = crate::metrics::code_label(code),
         reason = code.describe(), "refused");
 }
 

@@ -267,6 +267,14 @@ impl RouteCache {
                 _ = shutdown.cancelled() => return,
                 r = self.sync_once(&*registry) => r,
             };
+            let result = if synced.is_ok() { "reset" } else { "error" };
+            crate::metrics::metrics()
+                .registry_operations
+                .get_or_create(&crate::metrics::Operation {
+                    operation: "watch",
+                    result,
+                })
+                .inc();
             match synced {
                 Ok(()) => {
                     tracing::info!("route watch reset; re-listing");
@@ -283,7 +291,22 @@ impl RouteCache {
 
     /// One list + watch cycle. Returns `Ok` when the watch asked for a re-list.
     async fn sync_once(&self, registry: &dyn Registry) -> Result<(), super::Error> {
-        let snapshot = registry.snapshot().await?;
+        let snapshot = registry.snapshot().await.inspect_err(|_| {
+            crate::metrics::metrics()
+                .registry_operations
+                .get_or_create(&crate::metrics::Operation {
+                    operation: "list",
+                    result: "error",
+                })
+                .inc();
+        })?;
+        crate::metrics::metrics()
+            .registry_operations
+            .get_or_create(&crate::metrics::Operation {
+                operation: "list",
+                result: "ok",
+            })
+            .inc();
         let mut changes = registry.watch(snapshot.revision).await?;
         self.replace(&snapshot.routes, &snapshot.relays);
         tracing::debug!(

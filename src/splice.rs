@@ -32,21 +32,7 @@ pub async fn splice(
     // Small writes (request/response protocols) must not wait for Nagle.
     let _ = tcp.set_nodelay(true);
     let (mut tcp_read, mut tcp_write) = tcp.into_split();
-    let up = async {
-        let mut buf = vec![0u8; BUFFER];
-        let mut total = 0u64;
-        loop {
-            let n = tcp_read.read(&mut buf).await?;
-            if n == 0 {
-                // The stream may already be reset by the peer; then there is nothing left to finish.
-                let _ = send.finish();
-                delivered(&mut send).await;
-                return Ok::<u64, io::Error>(total);
-            }
-            send.write_all(&buf[..n]).await.map_err(io::Error::from)?;
-            total += n as u64;
-        }
-    };
+    let up = to_quic(&mut tcp_read, &mut send);
     let down = async {
         let mut total = 0u64;
         loop {
@@ -81,6 +67,31 @@ pub async fn splice(
     }
 }
 
+/// Copies a byte stream into a QUIC stream until EOF, then finishes the stream and waits for its
+/// delivery. Each read lands in its own buffer that is handed to quinn as is (`write_chunk`), so
+/// the payload is not copied a second time on its way into the connection.
+async fn to_quic<R: tokio::io::AsyncRead + Unpin>(
+    from: &mut R,
+    send: &mut SendStream,
+) -> io::Result<u64> {
+    let mut total = 0u64;
+    let mut buf = bytes::BytesMut::with_capacity(BUFFER);
+    loop {
+        buf.reserve(BUFFER);
+        let n = from.read_buf(&mut buf).await?;
+        if n == 0 {
+            // The stream may already be reset by the peer; then there is nothing left to finish.
+            let _ = send.finish();
+            delivered(send).await;
+            return Ok(total);
+        }
+        send.write_chunk(buf.split().freeze())
+            .await
+            .map_err(io::Error::from)?;
+        total += n as u64;
+    }
+}
+
 /// Waits (bounded) until the peer has acknowledged everything written to a finished stream. Closing
 /// a QUIC connection discards unacknowledged data, so whoever closes a tunnel (a draining relay, an
 /// agent winding down) must not count a stream done before this.
@@ -100,20 +111,7 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let (mut io_read, mut io_write) = tokio::io::split(io);
-    let up = async {
-        let mut buf = vec![0u8; BUFFER];
-        let mut total = 0u64;
-        loop {
-            let n = io_read.read(&mut buf).await?;
-            if n == 0 {
-                let _ = send.finish();
-                delivered(&mut send).await;
-                return Ok::<u64, io::Error>(total);
-            }
-            send.write_all(&buf[..n]).await.map_err(io::Error::from)?;
-            total += n as u64;
-        }
-    };
+    let up = to_quic(&mut io_read, &mut send);
     let down = async {
         let mut total = 0u64;
         while let Some(chunk) = recv

@@ -13,6 +13,23 @@ use super::sessions::SessionTable;
 use crate::backoff::Backoff;
 use crate::registry::{Registry, RelayInfo, Route, RouteKey};
 
+/// Most changes taken from the queue in one go.
+const MAX_BATCH: usize = 4096;
+
+/// Merges runs of consecutive puts (and of consecutive deletes) into one change each, keeping the
+/// order between runs: a put followed by a delete of the same key must stay in that order.
+fn coalesce(batch: Vec<Change>) -> Vec<Change> {
+    let mut out: Vec<Change> = Vec::new();
+    for change in batch {
+        match (out.last_mut(), change) {
+            (Some(Change::Put(routes)), Change::Put(more)) => routes.extend(more),
+            (Some(Change::Delete(keys)), Change::Delete(more)) => keys.extend(more),
+            (_, change) => out.push(change),
+        }
+    }
+    out
+}
+
 /// A change for the registry.
 #[derive(Debug)]
 pub enum Change {
@@ -29,6 +46,40 @@ pub struct Publisher {
     pub changes: mpsc::UnboundedReceiver<Change>,
     /// Set true once the relay is registered and in step; false while the registry is failing.
     pub in_sync: watch::Sender<bool>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::RouteKey;
+
+    fn key(n: u64) -> RouteKey {
+        RouteKey {
+            namespace: "default".into(),
+            ip: "10.0.0.1".parse().unwrap(),
+            relay_id: "r".into(),
+            session_id: n,
+        }
+    }
+
+    fn put(n: u64) -> Change {
+        Change::Put(vec![Route::new(key(n), "a".into(), vec![])])
+    }
+
+    #[test]
+    fn coalescing_keeps_the_order_between_puts_and_deletes() {
+        let out = coalesce(vec![
+            put(1),
+            put(2),
+            Change::Delete(vec![key(1)]),
+            Change::Delete(vec![key(2)]),
+            put(1),
+        ]);
+        assert_eq!(out.len(), 3);
+        assert!(matches!(&out[0], Change::Put(r) if r.len() == 2));
+        assert!(matches!(&out[1], Change::Delete(k) if k.len() == 2));
+        assert!(matches!(&out[2], Change::Put(r) if r.len() == 1 && r[0].key == key(1)));
+    }
 }
 
 impl Publisher {
@@ -56,7 +107,7 @@ impl Publisher {
                     }
                 }
             }
-            let change = tokio::select! {
+            let first = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 c = self.changes.recv() => match c { Some(c) => c, None => return },
                 changed = epoch.changed() => {
@@ -68,32 +119,45 @@ impl Publisher {
                     continue;
                 }
             };
-            let result = match &change {
-                Change::Put(routes) => self.registry.put_routes(&self.relay.id, routes).await,
-                Change::Delete(keys) => self.registry.delete_routes(keys).await,
-                Change::Relay(info) => {
-                    self.relay = info.clone();
-                    self.registry.register_relay(info).await
+            // A burst (a relay restart brings thousands of agents back at once) goes out as a few
+            // large transactions instead of one round trip per tunnel.
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match self.changes.try_recv() {
+                    Ok(c) => batch.push(c),
+                    Err(_) => break,
                 }
-            };
-            let op = match &change {
-                Change::Put(_) => "put_routes",
-                Change::Delete(_) => "delete_routes",
-                Change::Relay(_) => "register_relay",
-            };
-            let label = if result.is_ok() { "ok" } else { "error" };
-            crate::metrics::metrics()
-                .registry_operations
-                .get_or_create(&crate::metrics::Operation {
-                    operation: op,
-                    result: label,
-                })
-                .inc();
-            if let Err(err) = result {
-                tracing::warn!(%err, relay_id = %self.relay.id, "registry write failed; will reconcile");
-                self.in_sync.send_replace(false);
-                crate::metrics::metrics().lease_held.set(0);
-                synced = false;
+            }
+            for change in coalesce(batch) {
+                let result = match &change {
+                    Change::Put(routes) => self.registry.put_routes(&self.relay.id, routes).await,
+                    Change::Delete(keys) => self.registry.delete_routes(keys).await,
+                    Change::Relay(info) => {
+                        self.relay = info.clone();
+                        self.registry.register_relay(info).await
+                    }
+                };
+                let op = match &change {
+                    Change::Put(_) => "put_routes",
+                    Change::Delete(_) => "delete_routes",
+                    Change::Relay(_) => "register_relay",
+                };
+                let label = if result.is_ok() { "ok" } else { "error" };
+                crate::metrics::metrics()
+                    .registry_operations
+                    .get_or_create(&crate::metrics::Operation {
+                        operation: op,
+                        result: label,
+                    })
+                    .inc();
+                if let Err(err) = result {
+                    tracing::warn!(%err, relay_id = %self.relay.id, "registry write failed; will reconcile");
+                    self.in_sync.send_replace(false);
+                    crate::metrics::metrics().lease_held.set(0);
+                    synced = false;
+                    // The reconcile rewrites everything; the rest of this batch is in the table.
+                    break;
+                }
             }
         }
     }

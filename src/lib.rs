@@ -20,6 +20,7 @@
 pub mod admin;
 pub mod agent;
 pub mod backoff;
+pub mod bench;
 pub mod cert;
 pub mod config;
 pub mod demo;

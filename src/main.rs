@@ -69,6 +69,9 @@ enum Command {
     /// Generate certificates and agent tokens.
     #[command(subcommand)]
     Cert(CertCommand),
+    /// Load generator and its target: throughput, connection rate, latency; QUIC ceiling; swarm.
+    #[command(subcommand)]
+    Bench(postern::bench::Command),
     /// Validate a config file and exit non-zero with a precise message when it is wrong.
     Check {
         #[arg(long, short)]
@@ -220,6 +223,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             admin,
         } => postern::demo::run(socks5, http, admin, shutdown_on_signal()).await,
         Command::Cert(cmd) => cert(cmd),
+        Command::Bench(cmd) => postern::bench::run(cmd, shutdown_on_signal()).await,
         Command::Check { config, role } => {
             let role = role.map(|r| match r {
                 CheckRole::Agent => config::Role::Agent,

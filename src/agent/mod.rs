@@ -1,7 +1,7 @@
 //! The agent: on every isolated host, dials OUT to the relays and keeps `redundancy` tunnels to
 //! distinct relays; serves the streams relays open, but only to its own IPs and exposed ports.
 
-mod stream;
+pub mod stream;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};

@@ -1,0 +1,504 @@
+//! Turning samples into figures: latency percentiles from sorted samples, bounded error tallies,
+//! human or JSON output, and the markdown table `scripts/bench` prints from its collected results.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use serde_json::Value;
+
+/// A bench result: printed as text, or as one JSON object with `--json`.
+pub trait Report: Serialize {
+    fn human(&self) -> String;
+}
+
+/// Prints `report` on stdout (one JSON object per line with `json`).
+pub fn print(report: &impl Report, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(report)?);
+    } else {
+        print!("{}", report.human());
+    }
+    use std::io::Write as _;
+    std::io::stdout().flush()?;
+    Ok(())
+}
+
+/// Latency percentiles in microseconds, nearest-rank over every collected sample.
+#[derive(Clone, Debug, Serialize)]
+pub struct Latency {
+    pub count: u64,
+    pub min_us: f64,
+    pub mean_us: f64,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+}
+
+impl Latency {
+    /// `None` without samples.
+    pub fn from_nanos(mut samples: Vec<u64>) -> Option<Self> {
+        if samples.is_empty() {
+            return None;
+        }
+        samples.sort_unstable();
+        let n = samples.len();
+        let at = |p: f64| {
+            // Nearest rank: the smallest sample with at least p of all samples at or below it.
+            let rank = (p * n as f64).ceil() as usize;
+            samples[rank.clamp(1, n) - 1] as f64 / 1e3
+        };
+        let sum: u128 = samples.iter().map(|&s| s as u128).sum();
+        Some(Latency {
+            count: n as u64,
+            min_us: samples[0] as f64 / 1e3,
+            mean_us: sum as f64 / n as f64 / 1e3,
+            p50_us: at(0.50),
+            p90_us: at(0.90),
+            p99_us: at(0.99),
+            p999_us: at(0.999),
+            max_us: samples[n - 1] as f64 / 1e3,
+        })
+    }
+
+    pub fn human(&self) -> String {
+        format!(
+            "p50 {:.1} µs, p90 {:.1} µs, p99 {:.1} µs, p99.9 {:.1} µs (min {:.1}, mean {:.1}, max {:.1}; {} samples)",
+            self.p50_us,
+            self.p90_us,
+            self.p99_us,
+            self.p999_us,
+            self.min_us,
+            self.mean_us,
+            self.max_us,
+            self.count
+        )
+    }
+}
+
+/// Most distinct error kinds kept; the rest are counted as "other" so a storm of odd errors cannot
+/// grow the tally without bound.
+const MAX_ERROR_KINDS: usize = 16;
+
+/// Error counts by kind.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Errors {
+    pub total: u64,
+    pub kinds: BTreeMap<String, u64>,
+}
+
+impl Errors {
+    pub fn note(&mut self, kind: String) {
+        self.add(kind, 1);
+    }
+
+    fn add(&mut self, kind: String, n: u64) {
+        self.total += n;
+        let key = if self.kinds.len() >= MAX_ERROR_KINDS && !self.kinds.contains_key(&kind) {
+            "other".to_string()
+        } else {
+            kind
+        };
+        *self.kinds.entry(key).or_default() += n;
+    }
+
+    pub fn merge(&mut self, other: Errors) {
+        for (kind, n) in other.kinds {
+            self.add(kind, n);
+        }
+    }
+
+    pub fn human(&self) -> String {
+        if self.total == 0 {
+            return "errors 0".into();
+        }
+        let kinds: Vec<String> = self
+            .kinds
+            .iter()
+            .map(|(k, n)| format!("{k} ×{n}"))
+            .collect();
+        format!("errors {} ({})", self.total, kinds.join(", "))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The table of `scripts/bench`.
+
+/// How a row's ratios read: more is better (shown as a percentage), less is better (shown as a
+/// factor), or no ratio at all.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Better {
+    Higher,
+    Lower,
+    None,
+}
+
+struct Row {
+    label: &'static str,
+    test: &'static str,
+    /// The direct path's test when it differs (a proxy-only variant compared with plain TCP).
+    direct_test: Option<&'static str>,
+    value: fn(&Value) -> Option<f64>,
+    better: Better,
+    decimals: usize,
+    target: &'static str,
+}
+
+fn num(v: &Value, path: &[&str]) -> Option<f64> {
+    let mut v = v;
+    for key in path {
+        v = v.get(key)?;
+    }
+    v.as_f64()
+}
+
+/// Rows measured on all three paths.
+const PATH_ROWS: &[Row] = &[
+    Row {
+        label: "throughput, 1 connection (Gbit/s)",
+        direct_test: None,
+        test: "tput1",
+        value: |v| num(v, &["gbit_per_s"]),
+        better: Better::Higher,
+        decimals: 2,
+        target:
+            "co-located ≥ 80% of the QUIC ceiling and ≥ 15% of direct; two-hop ≥ 70% of co-located",
+    },
+    Row {
+        label: "throughput, 8 connections (Gbit/s)",
+        direct_test: None,
+        test: "tput8",
+        value: |v| num(v, &["gbit_per_s"]),
+        better: Better::Higher,
+        decimals: 2,
+        target: "≥ the 1-connection figure",
+    },
+    Row {
+        label: "8 connections: fastest ÷ slowest connection",
+        direct_test: None,
+        test: "tput8",
+        value: |v| {
+            let min = num(v, &["per_connection_gbit_per_s", "min"])?;
+            let max = num(v, &["per_connection_gbit_per_s", "max"])?;
+            (min > 0.0).then(|| max / min)
+        },
+        better: Better::None,
+        decimals: 2,
+        target: "≤ 2",
+    },
+    Row {
+        label: "new connections/s, sequential",
+        direct_test: None,
+        test: "connect1",
+        value: |v| num(v, &["connections_per_s"]),
+        better: Better::Higher,
+        decimals: 0,
+        target: "co-located ≥ 60% of direct; two-hop ≥ 70% of co-located",
+    },
+    Row {
+        label: "new connections/s, sequential, HTTP CONNECT instead of SOCKS5",
+        test: "connect1_http",
+        direct_test: Some("connect1"),
+        value: |v| num(v, &["connections_per_s"]),
+        better: Better::Higher,
+        decimals: 0,
+        target: "",
+    },
+    Row {
+        label: "new connections/s, 8 workers",
+        direct_test: None,
+        test: "connect8",
+        value: |v| num(v, &["connections_per_s"]),
+        better: Better::Higher,
+        decimals: 0,
+        target: "",
+    },
+    Row {
+        label: "connect + 1-byte echo + close, p50 (µs), sequential",
+        direct_test: None,
+        test: "connect1",
+        value: |v| num(v, &["latency", "p50_us"]),
+        better: Better::Lower,
+        decimals: 0,
+        target: "",
+    },
+    Row {
+        label: "connect + 1-byte echo + close, p99 (µs), sequential",
+        direct_test: None,
+        test: "connect1",
+        value: |v| num(v, &["latency", "p99_us"]),
+        better: Better::Lower,
+        decimals: 0,
+        target: "",
+    },
+    Row {
+        label: "round trip p50 (µs)",
+        direct_test: None,
+        test: "rtt",
+        value: |v| num(v, &["latency", "p50_us"]),
+        better: Better::Lower,
+        decimals: 1,
+        target: "co-located ≤ 4× direct",
+    },
+    Row {
+        label: "round trip p99 (µs)",
+        direct_test: None,
+        test: "rtt",
+        value: |v| num(v, &["latency", "p99_us"]),
+        better: Better::Lower,
+        decimals: 1,
+        target: "co-located ≤ 8× direct",
+    },
+    Row {
+        label: "round trip p99.9 (µs)",
+        direct_test: None,
+        test: "rtt",
+        value: |v| num(v, &["latency", "p999_us"]),
+        better: Better::Lower,
+        decimals: 1,
+        target: "",
+    },
+    Row {
+        label: "errors (all runs on this path)",
+        direct_test: None,
+        test: "*errors",
+        value: |_| None,
+        better: Better::None,
+        decimals: 0,
+        target: "0",
+    },
+];
+
+const PATHS: [&str; 3] = ["direct", "colocated", "twohop"];
+
+fn fmt_value(v: Option<f64>, decimals: usize) -> String {
+    match v {
+        Some(v) if v.is_finite() => format!("{v:.decimals$}"),
+        _ => "—".into(),
+    }
+}
+
+fn fmt_ratio(num: Option<f64>, den: Option<f64>, better: Better) -> String {
+    match (num, den, better) {
+        (Some(n), Some(d), Better::Higher) if d > 0.0 => format!("{:.0}%", 100.0 * n / d),
+        (Some(n), Some(d), Better::Lower) if d > 0.0 => format!("{:.2}×", n / d),
+        _ => "—".into(),
+    }
+}
+
+/// The median of the figures `value` finds in `runs` (the mean of the middle two for an even count).
+fn median(runs: &[Value], value: fn(&Value) -> Option<f64>) -> Option<f64> {
+    let mut figures: Vec<f64> = runs.iter().filter_map(value).collect();
+    if figures.is_empty() {
+        return None;
+    }
+    figures.sort_by(f64::total_cmp);
+    let n = figures.len();
+    Some(if n % 2 == 1 {
+        figures[n / 2]
+    } else {
+        (figures[n / 2 - 1] + figures[n / 2]) / 2.0
+    })
+}
+
+/// Renders the JSON-lines results of `scripts/bench` (`{"path", "test", "result"}` per line) as one
+/// markdown table: a row per metric, a column per path, the ratios, and the issue's target. A test
+/// recorded several times (repeated runs) shows the median of its runs; errors are summed.
+pub fn table(results: &str) -> anyhow::Result<String> {
+    let mut found: BTreeMap<(String, String), Vec<Value>> = BTreeMap::new();
+    for (i, line) in results.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let record: Value = serde_json::from_str(line)
+            .map_err(|e| anyhow::anyhow!("results line {}: {e}", i + 1))?;
+        let (Some(path), Some(test)) = (record["path"].as_str(), record["test"].as_str()) else {
+            anyhow::bail!("results line {}: needs \"path\" and \"test\"", i + 1);
+        };
+        found
+            .entry((path.to_string(), test.to_string()))
+            .or_default()
+            .push(record["result"].clone());
+    }
+    let runs = |path: &str, test: &str| -> &[Value] {
+        found
+            .get(&(path.to_string(), test.to_string()))
+            .map_or(&[], Vec::as_slice)
+    };
+    let errors_on = |path: &str| -> Option<f64> {
+        let mut total = 0.0;
+        let mut any = false;
+        for ((p, _), results) in &found {
+            if p == path {
+                for n in results.iter().filter_map(|v| num(v, &["errors", "total"])) {
+                    total += n;
+                    any = true;
+                }
+            }
+        }
+        any.then_some(total)
+    };
+
+    let mut out = String::new();
+    out.push_str("| metric | direct | co-located | two-hop | co-located ÷ direct | two-hop ÷ direct | two-hop ÷ co-located | target |\n");
+    out.push_str("|---|---:|---:|---:|---:|---:|---:|---|\n");
+    for row in PATH_ROWS {
+        let values: Vec<Option<f64>> = PATHS
+            .iter()
+            .map(|p| {
+                let test = match row.direct_test {
+                    Some(t) if *p == "direct" => t,
+                    _ => row.test,
+                };
+                if test == "*errors" {
+                    errors_on(p)
+                } else {
+                    median(runs(p, test), row.value)
+                }
+            })
+            .collect();
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            row.label,
+            fmt_value(values[0], row.decimals),
+            fmt_value(values[1], row.decimals),
+            fmt_value(values[2], row.decimals),
+            fmt_ratio(values[1], values[0], row.better),
+            fmt_ratio(values[2], values[0], row.better),
+            fmt_ratio(values[2], values[1], row.better),
+            row.target,
+        ));
+    }
+
+    // The QUIC ceiling: postern-free like the direct column, so it sits there.
+    let gbit = |v: &Value| num(v, &["gbit_per_s"]);
+    let ceiling = median(runs("quic", "quic"), gbit);
+    out.push_str(&format!(
+        "| `bench quic`: one QUIC connection, one stream, no postern (Gbit/s) | {} | — | — | — | — | — | the ceiling for one tunnel |\n",
+        fmt_value(ceiling, 2)
+    ));
+    let share = |path: &str| {
+        let t = median(runs(path, "tput1"), gbit)?;
+        let c = ceiling?;
+        (c > 0.0).then(|| 100.0 * t / c)
+    };
+    out.push_str(&format!(
+        "| throughput, 1 connection ÷ QUIC ceiling (%) | — | {} | {} | — | — | — | co-located ≥ 80% |\n",
+        fmt_value(share("colocated"), 0),
+        fmt_value(share("twohop"), 0)
+    ));
+
+    // The swarm ran against a standalone relay with etcd and a gateway: the two-hop setup.
+    let swarm = runs("swarm", "swarm").last();
+    let rss = runs("swarm", "relay_rss").last();
+    let agents = swarm.and_then(|v| num(v, &["agents"])).unwrap_or(0.0);
+    let swarm_row = |label: String, value: Option<f64>, decimals: usize, target: &str| {
+        format!(
+            "| {label} | — | — | {} | — | — | — | {target} |\n",
+            fmt_value(value, decimals)
+        )
+    };
+    out.push_str(&swarm_row(
+        format!("swarm: relay memory per idle tunnel, {agents:.0} tunnels (KiB)"),
+        rss.and_then(|v| num(v, &["per_tunnel_kib"])),
+        1,
+        "≤ 64 KiB",
+    ));
+    out.push_str(&swarm_row(
+        format!("swarm: time until {agents:.0} agents welcomed (s)"),
+        swarm.and_then(|v| num(v, &["welcome_all_s"])),
+        2,
+        "",
+    ));
+    out.push_str(&swarm_row(
+        "swarm: registrations (Welcomes) per second".into(),
+        swarm.and_then(|v| num(v, &["welcomes_per_s"])),
+        0,
+        "",
+    ));
+    out.push_str(&swarm_row(
+        format!("swarm: time until etcd holds {agents:.0} routes (s)"),
+        swarm.and_then(|v| num(v, &["etcd_routes_s"])),
+        2,
+        "",
+    ));
+    let probes = swarm.and_then(|v| num(v, &["probe_count"])).unwrap_or(0.0);
+    out.push_str(&swarm_row(
+        format!("swarm: time until {probes:.0} sampled agents answer through the gateway (s)"),
+        swarm.and_then(|v| num(v, &["probe_all_s"])),
+        2,
+        "all routable ≤ 20 s",
+    ));
+    out.push_str(&swarm_row(
+        "swarm: failed registrations".into(),
+        swarm.and_then(|v| num(v, &["failed"])),
+        0,
+        "0",
+    ));
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let samples: Vec<u64> = (1..=1000).map(|i| i * 1000).collect();
+        let l = Latency::from_nanos(samples).unwrap();
+        assert_eq!(l.count, 1000);
+        assert_eq!(l.p50_us, 500.0);
+        assert_eq!(l.p90_us, 900.0);
+        assert_eq!(l.p99_us, 990.0);
+        assert_eq!(l.p999_us, 999.0);
+        assert_eq!(l.min_us, 1.0);
+        assert_eq!(l.max_us, 1000.0);
+        let one = Latency::from_nanos(vec![7000]).unwrap();
+        assert_eq!((one.p50_us, one.p999_us), (7.0, 7.0));
+        assert!(Latency::from_nanos(Vec::new()).is_none());
+    }
+
+    #[test]
+    fn error_kinds_are_bounded() {
+        let mut e = Errors::default();
+        for i in 0..100 {
+            e.note(format!("kind {i}"));
+        }
+        assert_eq!(e.total, 100);
+        assert!(e.kinds.len() <= MAX_ERROR_KINDS + 1);
+        assert_eq!(e.kinds.values().sum::<u64>(), 100);
+        let mut merged = Errors::default();
+        merged.note("kind 0".into());
+        merged.merge(e);
+        assert_eq!(merged.total, 101);
+        assert_eq!(merged.kinds.values().sum::<u64>(), 101);
+    }
+
+    #[test]
+    fn table_has_ratios_and_dashes_for_missing_runs() {
+        let lines = [
+            r#"{"path":"direct","test":"tput1","result":{"gbit_per_s":20.0,"errors":{"total":0}}}"#,
+            r#"{"path":"colocated","test":"tput1","result":{"gbit_per_s":2.0,"errors":{"total":1}}}"#,
+            r#"{"path":"twohop","test":"tput1","result":{"gbit_per_s":1.5,"errors":{"total":0}}}"#,
+            r#"{"path":"direct","test":"rtt","result":{"latency":{"p50_us":20.0}}}"#,
+            r#"{"path":"direct","test":"rtt","result":{"latency":{"p50_us":10.0}}}"#,
+            r#"{"path":"direct","test":"rtt","result":{"latency":{"p50_us":900.0}}}"#,
+            r#"{"path":"colocated","test":"rtt","result":{"latency":{"p50_us":80.0}}}"#,
+            r#"{"path":"quic","test":"quic","result":{"gbit_per_s":4.0}}"#,
+        ]
+        .join("\n");
+        let t = table(&lines).unwrap();
+        let expect_row = |prefix: &str| {
+            assert!(
+                t.lines().any(|l| l.starts_with(prefix)),
+                "no row {prefix} in\n{t}"
+            );
+        };
+        expect_row("| throughput, 1 connection (Gbit/s) | 20.00 | 2.00 | 1.50 | 10% | 8% | 75% |");
+        expect_row("| round trip p50 (µs) | 20.0 | 80.0 | — | 4.00× | — | — |");
+        expect_row("| throughput, 1 connection ÷ QUIC ceiling (%) | — | 50 | 38 |");
+        expect_row("| errors (all runs on this path) | 0 | 1 | 0 |");
+        assert!(table("not json").is_err());
+    }
+}

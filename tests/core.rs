@@ -981,3 +981,45 @@ async fn agent_keeps_a_busy_tunnel_whose_pongs_are_late() {
     })
     .await;
 }
+
+/// A client that sends its first bytes in the same write as the SOCKS5 greeting and request (no
+/// waiting for the replies) loses none of them: what the gateway buffered while reading the
+/// handshake is forwarded before the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_sent_with_the_socks5_request_is_forwarded() {
+    init();
+    within(TEST, "test", async {
+        let server = TestServer::start("127.11.0.0/16").await;
+        let ip = ip4(127, 11, 0, 1);
+        let service = Service::spawn(ip, |mut tcp: TcpStream| async move {
+            let (mut r, mut w) = tcp.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+            let _ = w.shutdown().await;
+        })
+        .await;
+        let _agent = server
+            .start_agent("early", &[ip], &[service.addr.port()])
+            .await;
+        let IpAddr::V4(v4) = ip else { unreachable!() };
+        let payload = pattern_bytes(11, 300);
+        let mut first = vec![5, 1, 0, 5, 1, 0, 1];
+        first.extend_from_slice(&v4.octets());
+        first.extend_from_slice(&service.addr.port().to_be_bytes());
+        first.extend_from_slice(&payload);
+        let mut tcp = TcpStream::connect(server.socks5).await.unwrap();
+        tcp.write_all(&first).await.unwrap();
+        tcp.shutdown().await.unwrap();
+        let mut reply = Vec::new();
+        within(IO, "echo", tcp.read_to_end(&mut reply))
+            .await
+            .unwrap();
+        assert_eq!(&reply[..2], &[5, 0], "method selection");
+        assert_eq!(&reply[2..4], &[5, 0], "CONNECT succeeded");
+        assert_eq!(
+            &reply[12..],
+            &payload[..],
+            "the early bytes came back, byte-exact"
+        );
+    })
+    .await;
+}

@@ -66,6 +66,9 @@ impl ClientStream for DuplexStream {
     }
 }
 
+/// Read buffer for the SOCKS5 handshake: a whole greeting, login and request fit.
+const HANDSHAKE_BUFFER: usize = 1024;
+
 fn reply_for(code: Code) -> ReplyError {
     match code.socks5_reply() {
         0x02 => ReplyError::ConnectionNotAllowed,
@@ -80,8 +83,11 @@ fn reply_for(code: Code) -> ReplyError {
 /// Serves one SOCKS5 client connection.
 pub async fn serve<S: ClientStream>(gateway: Arc<Gateway>, stream: S, addr: SocketAddr) {
     let deadline = gateway.config.handshake_timeout;
+    // fast-socks5 reads the handshake a few bytes at a time; buffering turns ~7 reads into 1-2.
+    // Writes pass straight through, so its replies are never held back.
+    let buffered = tokio::io::BufReader::with_capacity(HANDSHAKE_BUFFER, stream);
     let handshake = async {
-        let (proto, client) = authenticate(&gateway, stream, addr).await?;
+        let (proto, client) = authenticate(&gateway, buffered, addr).await?;
         let (proto, cmd, target) = proto.read_command().await.map_err(|e| e.to_string())?;
         Ok::<_, String>((proto, client, cmd, target))
     };
@@ -114,7 +120,7 @@ pub async fn serve<S: ClientStream>(gateway: Arc<Gateway>, stream: S, addr: Sock
         }
     };
     // The bound address is the tunnel, not a local socket; report the unspecified address.
-    let stream = match proto
+    let buffered = match proto
         .reply_success(SocketAddr::from(([0, 0, 0, 0], 0)))
         .await
     {
@@ -124,6 +130,14 @@ pub async fn serve<S: ClientStream>(gateway: Arc<Gateway>, stream: S, addr: Sock
             return;
         }
     };
+    // Bytes the client sent right behind its request are already in the buffer: they go first.
+    let early = buffered.buffer().to_vec();
+    let stream = buffered.into_inner();
+    let mut opened = opened;
+    if !early.is_empty() && opened.send.write_all(&early).await.is_err() {
+        tracing::debug!(client = %addr, "tunnel stream closed before the client's first bytes");
+        return;
+    }
     stream.carry(Front::Socks5, client, target, opened).await;
 }
 
@@ -132,7 +146,7 @@ type Authenticated<S> = Socks5ServerProtocol<S, fast_socks5::server::states::Aut
 /// Negotiates authentication. With users configured only username/password is offered. Without,
 /// no-auth is preferred, and a client that offers only username/password (to pick a namespace as
 /// `any@namespace`) is accepted with any password.
-async fn authenticate<S: ClientStream>(
+async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     gateway: &Gateway,
     stream: S,
     addr: SocketAddr,

@@ -1,0 +1,112 @@
+//! Replays every fuzz seed (`tests/fuzz/corpus/<target>/`) and every crash the fuzzer found
+//! (`tests/fuzz/regressions/<target>/`) through the same code the fuzz targets run — without
+//! libFuzzer or nightly, so `scripts/test` keeps each fixed crash fixed. `scripts/fuzz` runs the
+//! fuzzer itself.
+
+#[path = "fuzz/src/lib.rs"]
+mod harness;
+
+use std::path::{Path, PathBuf};
+
+/// Every input for `target`, sorted by path: the seed corpus, then the regressions.
+fn inputs(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz");
+    let mut found = Vec::new();
+    for kind in ["corpus", "regressions"] {
+        let dir = root.join(kind).join(target);
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        let mut paths: Vec<PathBuf> = entries
+            .map(|e| e.expect("a directory entry").path())
+            .filter(|p| p.is_file())
+            .filter(|p| {
+                !p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            })
+            .collect();
+        paths.sort();
+        for path in paths {
+            let data = std::fs::read(&path)
+                .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+            found.push((path, data));
+        }
+    }
+    assert!(
+        !found.is_empty(),
+        "no corpus or regression inputs for {target} under {}",
+        root.display()
+    );
+    found
+}
+
+fn name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// The status line of the first response in `answer`.
+fn status_line(answer: &[u8]) -> String {
+    let text = String::from_utf8_lossy(answer);
+    text.lines().next().unwrap_or("").to_string()
+}
+
+#[test]
+fn protocol_decode_replays() {
+    for (path, data) in inputs("protocol_decode") {
+        // Shown only when the test fails: which file broke it.
+        eprintln!("replaying {}", path.display());
+        harness::protocol_decode(&data);
+        if path
+            .parent()
+            .is_some_and(|p| p.ends_with("corpus/protocol_decode"))
+            && !name(&path).starts_with("truncated")
+        {
+            assert!(
+                matches!(postern::protocol::decode(&data), Ok(Some(_))),
+                "seed {} is not a valid frame",
+                path.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn socks5_handshake_replays() {
+    for (path, data) in inputs("socks5_handshake") {
+        eprintln!("replaying {}", path.display());
+        let [open, guarded] = harness::socks5_handshake(&data);
+        if name(&path) == "noauth-connect-ipv4" {
+            // No-auth chosen, then "host unreachable": the empty route cache has no agent for it.
+            assert_eq!(&open[..4], [5, 0, 5, 4], "open gateway answered {open:?}");
+            // Only username/password is acceptable to the guarded gateway.
+            assert_eq!(guarded, [5, 0xff], "guarded gateway answered {guarded:?}");
+        }
+        if name(&path) == "userpass-connect-ipv4" {
+            // Username/password chosen, accepted, then "host unreachable".
+            assert_eq!(&guarded[..6], [5, 2, 1, 0, 5, 4], "guarded: {guarded:?}");
+        }
+    }
+}
+
+#[test]
+fn http_request_replays() {
+    let mut smuggling = 0;
+    for (path, data) in inputs("http_request") {
+        eprintln!("replaying {}", path.display());
+        let [open, guarded] = harness::http_request(&data);
+        if name(&path).starts_with("smuggle-") {
+            smuggling += 1;
+            for (which, answer) in [("open", &open), ("guarded", &guarded)] {
+                assert!(
+                    status_line(answer).starts_with("HTTP/1.1 400"),
+                    "{}: the {which} gateway answered {:?}, not 400",
+                    path.display(),
+                    String::from_utf8_lossy(answer)
+                );
+            }
+        }
+    }
+    assert_eq!(smuggling, 5, "the five smuggling shapes are seeds");
+}

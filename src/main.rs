@@ -22,6 +22,10 @@ struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "POSTERN_LOG_FORMAT")]
     log_format: LogFormat,
+    /// Runtime worker threads (default: one per core). On small machines shared by several postern
+    /// processes, fewer threads mean fewer hand-offs per connection.
+    #[arg(long, global = true, env = "POSTERN_WORKER_THREADS")]
+    worker_threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -144,10 +148,11 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     postern::tls::install_crypto_provider();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = cli.worker_threads.filter(|n| *n > 0) {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("postern: cannot start the runtime: {err}");

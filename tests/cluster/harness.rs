@@ -628,6 +628,7 @@ listen = "127.0.0.1:0"
 /// Continuous load: sequential transfers through `proxy`, rotating over `targets`, until stopped.
 pub struct Load {
     stop: tokio_util::sync::CancellationToken,
+    completed: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<Vec<(Instant, Outcome)>>,
 }
 
@@ -635,6 +636,8 @@ impl Load {
     pub fn start(proxy: SocketAddr, targets: Vec<SocketAddr>, size: usize) -> Load {
         let stop = tokio_util::sync::CancellationToken::new();
         let token = stop.clone();
+        let completed = Arc::new(AtomicUsize::new(0));
+        let counter = completed.clone();
         let task = tokio::spawn(async move {
             let mut results = Vec::new();
             let mut i = 0u64;
@@ -644,12 +647,28 @@ impl Load {
                 let started = Instant::now();
                 let outcome = transfer(proxy, target, size, i).await;
                 results.push((started, outcome));
+                counter.fetch_add(1, Ordering::SeqCst);
                 i += 1;
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             results
         });
-        Load { stop, task }
+        Load {
+            stop,
+            completed,
+            task,
+        }
+    }
+
+    /// Waits until `more` further transfers have completed (whatever their outcome).
+    pub async fn wait_transfers(&self, more: usize) {
+        let target = self.completed.load(Ordering::SeqCst) + more;
+        wait_for(
+            Duration::from_secs(30),
+            &format!("{more} more transfers"),
+            || async { (self.completed.load(Ordering::SeqCst) >= target).then_some(()) },
+        )
+        .await;
     }
 
     pub async fn finish(self) -> Vec<(Instant, Outcome)> {

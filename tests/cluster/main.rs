@@ -50,7 +50,7 @@ async fn relay_killed_under_load() {
         .await;
     let targets: Vec<SocketAddr> = cluster.agents.iter().map(|a| a.target()).collect();
     let load = Load::start(cluster.gateways[0].1, targets, 32 * 1024);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    load.wait_transfers(30).await;
 
     let dead = cluster.relays[0].id.clone();
     let mut victim = cluster.relays[0].proc.take().unwrap();
@@ -70,7 +70,7 @@ async fn relay_killed_under_load() {
         .wait_redundancy(2, &[&dead], Duration::from_secs(20))
         .await;
     let regained = killed_at.elapsed();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    load.wait_transfers(30).await;
     let results = load.finish().await;
 
     let (ok, failed, corrupt) = tally(&results);
@@ -117,7 +117,7 @@ async fn rolling_restart_under_load_fails_nothing() {
         .await;
     let targets: Vec<SocketAddr> = cluster.agents.iter().map(|a| a.target()).collect();
     let load = Load::start(cluster.gateways[0].1, targets, 32 * 1024);
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    load.wait_transfers(30).await;
     for i in 0..cluster.relays.len() {
         let mut proc = cluster.relays[i].proc.take().unwrap();
         proc.signal("TERM");
@@ -132,7 +132,7 @@ async fn rolling_restart_under_load_fails_nothing() {
             .wait_redundancy(2, &[], Duration::from_secs(30))
             .await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    load.wait_transfers(30).await;
     let results = load.finish().await;
     let (ok, failed, corrupt) = tally(&results);
     eprintln!("rolling restart: {ok} ok, {failed} failed, {corrupt} corrupt");
@@ -157,10 +157,11 @@ async fn etcd_outage_keeps_traffic_flowing() {
         .await;
     let targets: Vec<SocketAddr> = cluster.agents.iter().map(|a| a.target()).collect();
     let load = Load::start(cluster.gateways[0].1, targets, 16 * 1024);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    load.wait_transfers(30).await;
 
     cluster.etcd.stop().await;
     let outage = Instant::now();
+    // The outage's length is the point of this test: 2 s before the late agent starts, 28 s after.
     tokio::time::sleep(Duration::from_secs(2)).await;
     cluster.add_agent(4).await;
     let late = cluster.agents[4].target();

@@ -912,8 +912,9 @@ async fn agent_keeps_a_busy_tunnel_whose_pongs_are_late() {
         })
         .await;
         let source = Service::spawn(down_ip, |mut tcp| async move {
-            // At most 1 GiB: far more than the test lasts, but bounded.
-            let _ = send_pattern(&mut tcp, 23, 1 << 30).await;
+            // At most 64 GiB: far more than the ~16 s the test lasts at any speed this machine
+            // reaches (1 GiB ran out once the tunnel got faster), but bounded.
+            let _ = send_pattern(&mut tcp, 23, 1 << 36).await;
         })
         .await;
 

@@ -1165,6 +1165,19 @@ fn check_cluster(
     Ok(())
 }
 
+/// Standalone relays and gateways only make sense with a registry other processes share.
+fn require_shared_registry(registry: &RegistryConfig, role: &str) -> Result<(), Error> {
+    if *registry == RegistryConfig::Memory {
+        return Err(invalid(
+            "registry.kind",
+            format!(
+                "a standalone {role} needs a shared registry (kind = \"etcd\"); `postern server` runs one process alone"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 // `postern relay`: a relay alone.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1193,12 +1206,7 @@ impl RelayRoleConfig {
     pub fn from_file(f: RelayRoleFile) -> Result<Self, Error> {
         let peer = f.peer.map(PeerConfig::from_file).transpose()?;
         let registry = RegistryConfig::from_file(f.registry)?;
-        if registry == RegistryConfig::Memory {
-            return Err(invalid(
-                "registry.kind",
-                "a standalone relay needs a shared registry (kind = \"etcd\"); `postern server` runs one process alone",
-            ));
-        }
+        require_shared_registry(&registry, "relay")?;
         let relay = RelayConfig::from_file(f.relay)?;
         check_cluster(&registry, &relay, peer.as_ref(), false)?;
         Ok(RelayRoleConfig {
@@ -1244,12 +1252,7 @@ impl GatewayRoleConfig {
             ));
         }
         let registry = RegistryConfig::from_file(f.registry)?;
-        if registry == RegistryConfig::Memory {
-            return Err(invalid(
-                "registry.kind",
-                "a standalone gateway needs a shared registry (kind = \"etcd\") to learn routes",
-            ));
-        }
+        require_shared_registry(&registry, "gateway")?;
         Ok(GatewayRoleConfig {
             gateway: GatewayConfig::from_file(f.gateway)?,
             peer,

@@ -58,6 +58,17 @@ pub async fn open_registry(config: &RegistryConfig) -> anyhow::Result<Arc<dyn Re
     }
 }
 
+/// `registry` when the caller shares one (tests), otherwise the one `config` names.
+async fn given_or_open(
+    registry: Option<Arc<dyn Registry>>,
+    config: &RegistryConfig,
+) -> anyhow::Result<Arc<dyn Registry>> {
+    match registry {
+        Some(r) => Ok(r),
+        None => open_registry(config).await,
+    }
+}
+
 /// A bound `postern server`, `relay` or `gateway`, ready to [`Process::run`].
 pub struct Process {
     relay: Option<Arc<Relay>>,
@@ -140,10 +151,7 @@ impl Process {
         config: RelayRoleConfig,
         registry: Option<Arc<dyn Registry>>,
     ) -> anyhow::Result<Self> {
-        let registry = match registry {
-            Some(r) => r,
-            None => open_registry(&config.registry).await?,
-        };
+        let registry = given_or_open(registry, &config.registry).await?;
         let cache = Arc::new(RouteCache::new());
         let relay = Relay::bind(
             config.relay.clone(),
@@ -165,10 +173,7 @@ impl Process {
         config: GatewayRoleConfig,
         registry: Option<Arc<dyn Registry>>,
     ) -> anyhow::Result<Self> {
-        let registry = match registry {
-            Some(r) => r,
-            None => open_registry(&config.registry).await?,
-        };
+        let registry = given_or_open(registry, &config.registry).await?;
         let cache = Arc::new(RouteCache::new());
         let peers = PeerPool::new(&config.peer, cache.clone())?;
         let gateway =

@@ -200,25 +200,7 @@ async fn connect(
     tunnels.spawn(async move {
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
-                let started = Instant::now();
-                let Opened {
-                    send,
-                    recv,
-                    guard,
-                    relay_id,
-                    agent_id,
-                } = opened;
-                let result = crate::splice::splice_io(TokioIo::new(upgraded), send, recv).await;
-                drop(guard);
-                super::log_connection(
-                    Front::Http,
-                    &client,
-                    &target,
-                    &relay_id,
-                    &agent_id,
-                    started,
-                    &result,
-                );
+                super::carry_io(Front::Http, &client, TokioIo::new(upgraded), target, opened).await;
             }
             Err(err) => tracing::debug!(client = %client.addr, %err, "CONNECT upgrade failed"),
         }

@@ -278,8 +278,18 @@ fn log_refused(front: Front, client: &Client, requested: &Requested, code: Code)
         reason = code.describe(), "refused");
 }
 
-/// Splices a client TCP connection with an opened tunnel stream and logs the connection.
-async fn carry(front: Front, client: &Client, tcp: TcpStream, target: Target, opened: Opened) {
+/// Carries an opened tunnel stream with `splice` (given the stream pair), then writes the access
+/// log line; the relay's in-flight guard is held until the splice ends.
+async fn carry_with<F, Fut>(
+    front: Front,
+    client: &Client,
+    target: Target,
+    opened: Opened,
+    splice: F,
+) where
+    F: FnOnce(quinn::SendStream, quinn::RecvStream) -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<crate::splice::Transferred>>,
+{
     let started = Instant::now();
     let Opened {
         send,
@@ -288,9 +298,29 @@ async fn carry(front: Front, client: &Client, tcp: TcpStream, target: Target, op
         relay_id,
         agent_id,
     } = opened;
-    let result = crate::splice::splice(tcp, send, recv).await;
+    let result = splice(send, recv).await;
     drop(guard);
     log_connection(
         front, client, &target, &relay_id, &agent_id, started, &result,
     );
+}
+
+/// Splices a client TCP connection (reset on failure) with an opened tunnel stream.
+async fn carry(front: Front, client: &Client, tcp: TcpStream, target: Target, opened: Opened) {
+    carry_with(front, client, target, opened, |send, recv| {
+        crate::splice::splice(tcp, send, recv)
+    })
+    .await;
+}
+
+/// Splices any client byte stream (an upgraded HTTP connection, an in-memory stream) with an
+/// opened tunnel stream.
+async fn carry_io<S>(front: Front, client: &Client, io: S, target: Target, opened: Opened)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    carry_with(front, client, target, opened, |send, recv| {
+        crate::splice::splice_io(io, send, recv)
+    })
+    .await;
 }

@@ -4,7 +4,6 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use fast_socks5::server::{
     AuthMethodSuccessState as _, NoAuthentication, PasswordAuthentication, Socks5ServerProtocol,
@@ -50,19 +49,7 @@ impl ClientStream for TcpStream {
 
 impl ClientStream for DuplexStream {
     async fn carry(self, front: Front, client: Client, target: Target, opened: Opened) {
-        let started = Instant::now();
-        let Opened {
-            send,
-            recv,
-            guard,
-            relay_id,
-            agent_id,
-        } = opened;
-        let result = crate::splice::splice_io(self, send, recv).await;
-        drop(guard);
-        super::log_connection(
-            front, &client, &target, &relay_id, &agent_id, started, &result,
-        );
+        super::carry_io(front, &client, self, target, opened).await;
     }
 }
 

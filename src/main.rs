@@ -22,8 +22,9 @@ struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "POSTERN_LOG_FORMAT")]
     log_format: LogFormat,
-    /// Runtime worker threads (default: one per core). On small machines shared by several postern
-    /// processes, fewer threads mean fewer hand-offs per connection.
+    /// Runtime worker threads. Default: 1 for `agent` (a guest on its host; one thread drives a
+    /// tunnel fastest), one per core but one for `server`, `relay`, `gateway` and `demo` (the
+    /// kernel's packet processing needs a core too), one per core for the rest.
     #[arg(long, global = true, env = "POSTERN_WORKER_THREADS")]
     worker_threads: Option<usize>,
     #[command(subcommand)]
@@ -149,9 +150,11 @@ fn main() -> std::process::ExitCode {
     init_tracing(cli.log_format);
     postern::tls::install_crypto_provider();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = cli.worker_threads.filter(|n| *n > 0) {
-        builder.worker_threads(n);
-    }
+    builder.worker_threads(
+        cli.worker_threads
+            .filter(|n| *n > 0)
+            .unwrap_or_else(|| default_worker_threads(&cli.command)),
+    );
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(err) => {
@@ -165,6 +168,24 @@ fn main() -> std::process::ExitCode {
             eprintln!("postern: {err:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// Worker threads when none are asked for. Every byte through postern crosses a QUIC connection,
+/// which one task drives; each hand-off of its work between worker threads costs a wake-up, and on
+/// a machine with few cores those hand-offs, not computation, bound throughput and connection rate
+/// (docs/performance.md: one worker per process moved one connection from ~3.0 to ~4.2–4.8 Gbit/s
+/// on two cores). An agent runs beside the host's own work, so it takes one thread; the central
+/// roles take every core but one, which the kernel's UDP and TCP processing needs.
+fn default_worker_threads(command: &Command) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    match command {
+        Command::Agent { .. } => 1,
+        Command::Server { .. }
+        | Command::Relay { .. }
+        | Command::Gateway { .. }
+        | Command::Demo { .. } => cores.saturating_sub(1).max(1),
+        _ => cores,
     }
 }
 

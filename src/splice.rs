@@ -91,7 +91,11 @@ async fn from_quic<W: tokio::io::AsyncWrite + Unpin>(
     let mut total = 0u64;
     let mut chunks: [Bytes; BATCH] = std::array::from_fn(|_| Bytes::new());
     let mut gathered = Vec::new();
-    while let Some(n) = recv.read_chunks(&mut chunks).await.map_err(io::Error::from)? {
+    while let Some(n) = recv
+        .read_chunks(&mut chunks)
+        .await
+        .map_err(io::Error::from)?
+    {
         let batch = &mut chunks[..n];
         total += batch.iter().map(|c| c.len() as u64).sum::<u64>();
         if to.is_write_vectored() {
@@ -188,7 +192,11 @@ pub async fn splice_quic(
     async fn pump(from: &mut RecvStream, to: &mut SendStream) -> io::Result<u64> {
         let mut total = 0u64;
         let mut chunks: [Bytes; BATCH] = std::array::from_fn(|_| Bytes::new());
-        while let Some(n) = from.read_chunks(&mut chunks).await.map_err(io::Error::from)? {
+        while let Some(n) = from
+            .read_chunks(&mut chunks)
+            .await
+            .map_err(io::Error::from)?
+        {
             total += chunks[..n].iter().map(|c| c.len() as u64).sum::<u64>();
             to.write_all_chunks(&mut chunks[..n])
                 .await

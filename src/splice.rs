@@ -120,7 +120,13 @@ async fn write_all_vectored<W: tokio::io::AsyncWrite + Unpin>(
     chunks: &mut [Bytes],
 ) -> io::Result<()> {
     let mut first = 0;
-    while first < chunks.len() {
+    loop {
+        while first < chunks.len() && chunks[first].is_empty() {
+            first += 1;
+        }
+        if first == chunks.len() {
+            return Ok(());
+        }
         let mut written = {
             let mut slices = [IoSlice::new(&[]); BATCH];
             let count = (chunks.len() - first).min(BATCH);
@@ -140,7 +146,6 @@ async fn write_all_vectored<W: tokio::io::AsyncWrite + Unpin>(
             chunks[first].advance(written);
         }
     }
-    Ok(())
 }
 
 /// Waits (bounded) until the peer has acknowledged everything written to a finished stream. Closing
@@ -221,6 +226,91 @@ pub async fn splice_quic(
                 let _ = recv.stop(code);
             }
             Err(err)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use super::*;
+
+    /// A writer that takes at most `limit` bytes per call, vectored or not.
+    struct Trickle {
+        out: Vec<u8>,
+        limit: usize,
+        calls: usize,
+    }
+
+    impl tokio::io::AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = buf.len().min(self.limit);
+            self.out.extend_from_slice(&buf[..n]);
+            self.calls += 1;
+            Poll::Ready(Ok(n))
+        }
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let mut left = self.limit;
+            for buf in bufs {
+                let n = buf.len().min(left);
+                self.out.extend_from_slice(&buf[..n]);
+                left -= n;
+                if left == 0 {
+                    break;
+                }
+            }
+            self.calls += 1;
+            Poll::Ready(Ok(self.limit - left))
+        }
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn vectored_writes_survive_partial_writes_at_every_boundary() {
+        let data: Vec<u8> = (0..40_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        // Chunks of uneven sizes, one empty, more of them than one batch holds.
+        let sizes = [1usize, 1399, 0, 1452, 7, 3000, 1, 0, 0];
+        for limit in [1usize, 2, 1000, 1452, 5000, 100_000] {
+            let mut chunks = Vec::new();
+            let mut at = 0;
+            let mut i = 0;
+            while at < data.len() {
+                let n = sizes[i % sizes.len()].min(data.len() - at);
+                chunks.push(Bytes::copy_from_slice(&data[at..at + n]));
+                at += n;
+                i += 1;
+            }
+            let mut writer = Trickle {
+                out: Vec::new(),
+                limit,
+                calls: 0,
+            };
+            for batch in chunks.chunks_mut(BATCH) {
+                write_all_vectored(&mut writer, batch).await.unwrap();
+            }
+            assert_eq!(writer.out, data, "limit {limit}");
+            if limit == 100_000 {
+                // Nothing held back: one call per batch.
+                assert_eq!(writer.calls, chunks.len().div_ceil(BATCH));
+            }
         }
     }
 }

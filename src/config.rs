@@ -527,6 +527,8 @@ pub struct RelayFile {
     /// Address published for peers: `host:port`, or `env:VAR` naming a variable that holds the IP
     /// (the port is `peer_listen`'s). Defaults to `peer_listen` when that is not a wildcard.
     pub peer_advertise: Option<String>,
+    /// Tunnels (and handshakes in progress) the relay holds at most; more are refused.
+    pub max_tunnels: Option<u32>,
     #[serde(default)]
     pub transport: TransportFile,
 }
@@ -578,8 +580,15 @@ pub struct RelayConfig {
     pub drain_grace: Duration,
     /// Peer endpoint: where it listens and the address it publishes.
     pub peer: Option<PeerListen>,
+    /// Agent tunnels, handshakes in progress included, held at most; beyond it a new connection
+    /// is refused before its TLS handshake (the agent backs off and tries again, through the VIP
+    /// likely another relay).
+    pub max_tunnels: u32,
     pub transport: Transport,
 }
+
+/// Default `relay.max_tunnels`: ~35 KiB per idle tunnel (docs/performance.md) makes this ~1.7 GiB.
+pub const DEFAULT_MAX_TUNNELS: u32 = 50_000;
 
 /// Where a relay's peer endpoint listens and how others reach it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -606,6 +615,7 @@ impl RelayConfig {
             agent_cert_namespaces: vec!["default".into()],
             drain_grace: Duration::from_secs(30),
             peer: None,
+            max_tunnels: DEFAULT_MAX_TUNNELS,
             transport: Transport::default(),
         }
     }
@@ -659,6 +669,11 @@ impl RelayConfig {
             },
             drain_grace: f.drain_grace.map_or(Duration::from_secs(30), |d| d.0),
             peer: peer_listen(f.peer_listen, f.peer_advertise)?,
+            max_tunnels: match f.max_tunnels {
+                Some(0) => return Err(invalid("relay.max_tunnels", "must be at least 1")),
+                Some(n) => n,
+                None => DEFAULT_MAX_TUNNELS,
+            },
             transport: Transport::from_file(f.transport, "relay.transport")?,
         })
     }

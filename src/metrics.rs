@@ -48,6 +48,7 @@ pub struct Metrics {
     pub active_client_connections: Gauge,
     pub relay_streams_active: Gauge,
     pub relay_tunnels: Gauge,
+    pub relay_tunnels_refused: Counter,
     pub agent_tunnels: Gauge,
     pub routes_cached: Gauge,
     pub open_attempts: Family<Outcome, Counter>,
@@ -66,6 +67,7 @@ impl Metrics {
             active_client_connections: Gauge::default(),
             relay_streams_active: Gauge::default(),
             relay_tunnels: Gauge::default(),
+            relay_tunnels_refused: Counter::default(),
             agent_tunnels: Gauge::default(),
             routes_cached: Gauge::default(),
             open_attempts: Family::default(),
@@ -100,6 +102,11 @@ impl Metrics {
             "relay_tunnels",
             "Agent tunnels the relay holds",
             m.relay_tunnels.clone(),
+        );
+        r.register(
+            "relay_tunnels_refused",
+            "New tunnels refused because the relay holds relay.max_tunnels",
+            m.relay_tunnels_refused.clone(),
         );
         r.register(
             "agent_tunnels",

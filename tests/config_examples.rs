@@ -1070,4 +1070,13 @@ fn check_binary_names_agent_certificate_errors() {
     let mut relay = example_table(&fixture, "relay.toml");
     section(&mut relay, "relay").insert("id".into(), "Relay.1".into());
     assert_rejected(&fixture, "relay-bad-id.toml", &relay, &["relay.id"]);
+
+    let mut relay = example_table(&fixture, "relay.toml");
+    section(&mut relay, "relay").insert("max_tunnels".into(), 0.into());
+    assert_rejected(
+        &fixture,
+        "relay-no-tunnels.toml",
+        &relay,
+        &["relay.max_tunnels", "at least 1"],
+    );
 }

@@ -77,6 +77,10 @@ pub struct Relay {
     info: std::sync::Mutex<RelayInfo>,
     /// Agent tokens in force; replaced whole on reload (SIGHUP).
     credentials: std::sync::RwLock<Arc<Vec<AgentCredential>>>,
+    /// One permit per tunnel or handshake in progress (`relay.max_tunnels`).
+    tunnel_slots: Arc<tokio::sync::Semaphore>,
+    /// When the last "tunnel limit reached" warning was logged (seconds since the Unix epoch).
+    limit_warned_at: std::sync::atomic::AtomicU64,
 }
 
 impl Relay {
@@ -145,6 +149,8 @@ impl Relay {
         };
         Ok(Arc::new(Relay {
             credentials: std::sync::RwLock::new(Arc::new(config.agents.clone())),
+            tunnel_slots: Arc::new(tokio::sync::Semaphore::new(config.max_tunnels as usize)),
+            limit_warned_at: std::sync::atomic::AtomicU64::new(0),
             config,
             endpoint,
             peer_endpoint,
@@ -162,6 +168,25 @@ impl Relay {
 
     pub fn id(&self) -> &str {
         &self.config.id
+    }
+
+    /// Counts a connection refused at `relay.max_tunnels`; warns at most every 10 s.
+    fn tunnel_refused(&self, remote: SocketAddr) {
+        crate::metrics::metrics().relay_tunnels_refused.inc();
+        let now = unix_now();
+        let last = self.limit_warned_at.load(Ordering::Relaxed);
+        if now >= last + 10
+            && self
+                .limit_warned_at
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                %remote,
+                max_tunnels = self.config.max_tunnels,
+                "tunnel limit reached; refusing new tunnels (postern_relay_tunnels_refused_total counts them)"
+            );
+        }
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -231,9 +256,16 @@ impl Relay {
                         _ = closed.cancelled() => break,
                         i = relay.endpoint.accept() => match i { Some(i) => i, None => break },
                     };
+                    // Refused before the TLS handshake, which is what costs the relay CPU.
+                    let Ok(slot) = relay.tunnel_slots.clone().try_acquire_owned() else {
+                        relay.tunnel_refused(incoming.remote_address());
+                        incoming.refuse();
+                        continue;
+                    };
                     let relay = relay.clone();
                     let conn_closed = closed.clone();
                     tasks.spawn(async move {
+                        let _slot = slot;
                         let remote = incoming.remote_address();
                         if let Err(err) = relay.serve_incoming(incoming, conn_closed).await {
                             tracing::debug!(%remote, err = format!("{err:#}"), "tunnel ended");

@@ -78,6 +78,7 @@ async fn metrics_pass_promtool_and_count_exactly_the_traffic() {
     for family in [
         "postern_build_info",
         "postern_relay_tunnels",
+        "postern_relay_tunnels_refused_total",
         "postern_routes_cached",
         "postern_gateway_connect_duration_seconds_bucket",
         "postern_open_attempts_total",

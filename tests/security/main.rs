@@ -1413,3 +1413,45 @@ async fn a_thousand_idle_connections_per_door_do_not_starve_normal_clients() {
         "the flood outlived the handshake deadline; the test proves nothing"
     );
 }
+
+/// A relay holds at most `relay.max_tunnels`: one agent more is refused before its handshake, again
+/// at every redial and counted, never admitted alongside; once a tunnel ends the waiting agent
+/// gets its slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_refuses_tunnels_beyond_max_tunnels_until_one_ends() {
+    init();
+    let pki = Pki::new();
+    let net = 59;
+    let stack = Stack::start(&pki, net, 0, GatewayConfig::default(), |relay| {
+        relay.max_tunnels = 1;
+    })
+    .await;
+    let (first_ip, second_ip) = (ip(net, 9, 1), ip(net, 9, 2));
+    let first = stack
+        .start_agent(stack.agent("first", "default", &[first_ip], &[80]))
+        .await;
+    let refused = || postern::metrics::metrics().relay_tunnels_refused.get();
+    let before = refused();
+    let second = TestAgent::start(stack.agent("second", "default", &[second_ip], &[80]));
+    wait_until(READY, "the second agent refused twice", || {
+        refused() >= before + 2
+    })
+    .await;
+    assert_eq!(
+        stack.relay.sessions().len(),
+        1,
+        "only the first tunnel is up"
+    );
+    assert!(stack.owners("default", second_ip.into()).is_empty());
+    assert_eq!(second.handle.tunnels(), 0);
+
+    drop(first);
+    stack
+        .wait_routed("default", second_ip.into(), "second")
+        .await;
+    wait_until(READY, "the first agent's route gone", || {
+        stack.owners("default", first_ip.into()).is_empty()
+    })
+    .await;
+    assert_eq!(stack.relay.sessions().len(), 1);
+}

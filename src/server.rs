@@ -98,7 +98,13 @@ impl ProcessHandle {
         gateway: Option<&crate::config::GatewayConfig>,
     ) {
         if let (Some(relay), Some(agents)) = (&self.relay, agents) {
-            relay.reload_credentials(agents);
+            let closed = relay.reload_credentials(agents);
+            if closed > 0 {
+                tracing::warn!(
+                    closed,
+                    "tunnels closed: their agent credentials were revoked"
+                );
+            }
         }
         if let (Some(g), Some(config)) = (&self.gateway, gateway) {
             g.reload(config);

@@ -218,9 +218,28 @@ impl Relay {
         self.in_flight.load(Ordering::Acquire)
     }
 
-    /// Puts reloaded agent credentials in force for every later tunnel; tunnels already up stay.
-    pub fn reload_credentials(&self, agents: Vec<AgentCredential>) {
+    /// Puts reloaded agent credentials in force: for every later tunnel, and for the tunnels up
+    /// now, which are closed when their token is gone or no longer allows what they claim (a
+    /// revoked token must not keep its tunnels). Tunnels admitted by certificate stay. Returns how
+    /// many tunnels were closed.
+    pub fn reload_credentials(&self, agents: Vec<AgentCredential>) -> usize {
         *self.credentials.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(agents);
+        let mut closed = 0;
+        for session in self.sessions.all() {
+            if let Err(reject) = self.still_admitted(&session) {
+                tracing::warn!(
+                    session_id = session.id,
+                    agent_id = %session.agent_id,
+                    reason = %reject.reason,
+                    "closing tunnel: its credential no longer admits it"
+                );
+                session
+                    .connection
+                    .close(close::REJECTED.into(), b"agent credential revoked");
+                closed += 1;
+            }
+        }
+        closed
     }
 
     /// Accepts tunnels (and peer streams) until `shutdown`; then drains and deregisters.
@@ -385,19 +404,13 @@ impl Relay {
                 });
                 self.admit(&hello, cert_ips)
             };
-            if let Err(reject) = admitted {
-                if reject.code == Code::Draining {
-                    tracing::debug!("tunnel refused while draining");
-                } else {
-                    tracing::warn!(code = ?reject.code, reason = %reject.reason, "agent rejected");
+            let token_sha256 = match admitted {
+                Ok(token) => token,
+                Err(reject) => {
+                    refuse(&conn, &mut send, reject).await;
+                    return Ok(());
                 }
-                let _ = protocol::write_message(&mut send, &Message::Reject(reject.clone())).await;
-                let _ = send.finish();
-                // Give the reject a moment to reach the agent before the close overtakes it.
-                let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
-                conn.close(close::REJECTED.into(), reject.reason.as_bytes());
-                return Ok(());
-            }
+            };
             let session = Arc::new(Session {
                 id: rand::random(),
                 agent_id: hello.agent_id.clone(),
@@ -406,6 +419,7 @@ impl Relay {
                 ports: hello.ports.clone(),
                 connection: conn.clone(),
                 connected_at: unix_now(),
+                token_sha256,
                 draining: AtomicBool::new(false),
                 drain: CancellationToken::new(),
             });
@@ -415,6 +429,12 @@ impl Relay {
                 live_relays: self.live_relays(),
             };
             self.sessions.insert(session.clone());
+            // A reload between the admission above and this insert did not see this session.
+            if let Err(reject) = self.still_admitted(&session) {
+                self.sessions.remove(session.id);
+                refuse(&conn, &mut send, reject).await;
+                return Ok(());
+            }
             crate::metrics::metrics().relay_tunnels.inc();
             let _ = self
                 .changes
@@ -500,7 +520,11 @@ impl Relay {
     /// `relay.agent_ca` during the handshake; it may claim the IPs in its SANs) or a token (it may
     /// claim the CIDRs configured for it). Any claim outside what the credential allows rejects the
     /// whole tunnel and touches no route.
-    fn admit(&self, hello: &Hello, cert_ips: Option<Vec<IpAddr>>) -> Result<(), Reject> {
+    fn admit(
+        &self,
+        hello: &Hello,
+        cert_ips: Option<Vec<IpAddr>>,
+    ) -> Result<Option<[u8; 32]>, Reject> {
         let reject = |code, reason: String| Reject { code, reason };
         if hello.ips.is_empty() {
             return Err(reject(Code::BadRequest, "hello claims no IP".into()));
@@ -533,7 +557,7 @@ impl Relay {
                     format!("the agent certificate does not name {ip}"),
                 ));
             }
-            return Ok(());
+            return Ok(None);
         }
         let digest = ring::digest::digest(&ring::digest::SHA256, hello.token.as_bytes());
         // Compare against every credential so timing does not reveal which one nearly matched.
@@ -555,26 +579,27 @@ impl Relay {
             }
         }
         let cred = found.ok_or_else(|| reject(Code::Unauthorized, "unknown agent token".into()))?;
-        if let Some(ip) = hello
-            .ips
-            .iter()
-            .find(|ip| !cred.allow.iter().any(|net| net.contains(*ip)))
-        {
-            return Err(reject(
-                Code::NotAllowed,
-                format!("credential {} may not claim {ip}", cred.name),
-            ));
+        allows(cred, &hello.ips, &hello.namespace)?;
+        Ok(Some(cred.token_sha256))
+    }
+
+    /// Whether the token credentials in force still admit a token session.
+    fn still_admitted(&self, session: &Session) -> Result<(), Reject> {
+        let Some(token) = session.token_sha256 else {
+            return Ok(());
+        };
+        let credentials = self
+            .credentials
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match credentials.iter().find(|c| c.token_sha256 == token) {
+            None => Err(Reject {
+                code: Code::Unauthorized,
+                reason: "unknown agent token".into(),
+            }),
+            Some(cred) => allows(cred, &session.ips, &session.namespace),
         }
-        if !cred.namespaces.is_empty() && !cred.namespaces.contains(&hello.namespace) {
-            return Err(reject(
-                Code::NotAllowed,
-                format!(
-                    "credential {} may not join namespace {}",
-                    cred.name, hello.namespace
-                ),
-            ));
-        }
-        Ok(())
     }
 
     fn live_relays(&self) -> u32 {
@@ -651,4 +676,41 @@ async fn open_on(session: &Session, target: SocketAddr) -> Result<(SendStream, R
         Ok(result) => result,
         Err(_) => Err(Code::Timeout),
     }
+}
+
+/// Answers a hello with `Reject` and closes the connection.
+async fn refuse(conn: &Connection, send: &mut SendStream, reject: Reject) {
+    if reject.code == Code::Draining {
+        tracing::debug!("tunnel refused while draining");
+    } else {
+        tracing::warn!(code = ?reject.code, reason = %reject.reason, "agent rejected");
+    }
+    let _ = protocol::write_message(send, &Message::Reject(reject.clone())).await;
+    let _ = send.finish();
+    // Give the reject a moment to reach the agent before the close overtakes it.
+    let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
+    conn.close(close::REJECTED.into(), reject.reason.as_bytes());
+}
+
+/// Whether token credential `cred` lets an agent claim `ips` in `namespace`.
+fn allows(cred: &AgentCredential, ips: &[IpAddr], namespace: &str) -> Result<(), Reject> {
+    if let Some(ip) = ips
+        .iter()
+        .find(|ip| !cred.allow.iter().any(|net| net.contains(*ip)))
+    {
+        return Err(Reject {
+            code: Code::NotAllowed,
+            reason: format!("credential {} may not claim {ip}", cred.name),
+        });
+    }
+    if !cred.namespaces.is_empty() && !cred.namespaces.iter().any(|n| n == namespace) {
+        return Err(Reject {
+            code: Code::NotAllowed,
+            reason: format!(
+                "credential {} may not join namespace {namespace}",
+                cred.name
+            ),
+        });
+    }
+    Ok(())
 }

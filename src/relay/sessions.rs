@@ -19,6 +19,8 @@ pub struct Session {
     pub ports: Vec<PortRange>,
     pub connection: quinn::Connection,
     pub connected_at: u64,
+    /// SHA-256 of the token that admitted the agent; `None` when a certificate did.
+    pub token_sha256: Option<[u8; 32]>,
     pub draining: AtomicBool,
     /// Cancelled when the relay drains: the control loop then tells the agent.
     pub drain: tokio_util::sync::CancellationToken,

@@ -1455,3 +1455,42 @@ async fn a_relay_refuses_tunnels_beyond_max_tunnels_until_one_ends() {
     .await;
     assert_eq!(stack.relay.sessions().len(), 1);
 }
+
+/// A reload that narrows a token's addresses closes the tunnels that now claim beyond it, one that
+/// removes the token closes every tunnel it admitted (their routes go with them), and the agent stays
+/// out until the credential is back; a reload that changes nothing closes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_revokes_a_token_closes_the_tunnels_it_admitted() {
+    init();
+    let pki = Pki::new();
+    let net = 60;
+    let stack = Stack::start(&pki, net, 0, GatewayConfig::default(), |_| {}).await;
+    let agent_ip = ip(net, 9, 1);
+    let agent = stack
+        .start_agent(stack.agent("revoked", "default", &[agent_ip], &[80]))
+        .await;
+    let credential =
+        |cidr: String| AgentCredential::new("agents", &stack.token, vec![cidr.parse().unwrap()]);
+    let full = credential(format!("127.{net}.0.0/16"));
+    let gone =
+        || stack.owners("default", agent_ip.into()).is_empty() && stack.relay.sessions().is_empty();
+
+    assert_eq!(stack.relay.reload_credentials(vec![full.clone()]), 0);
+    assert_eq!(stack.relay.sessions().len(), 1);
+
+    let narrowed = credential(format!("127.{net}.8.0/24"));
+    assert_eq!(stack.relay.reload_credentials(vec![narrowed]), 1);
+    wait_until(READY, "the narrowed tunnel and its route gone", gone).await;
+    // The agent redials at least every second (`reconnect_max`); it must stay refused.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(gone(), "a narrowed credential let the agent back in");
+    assert_eq!(agent.handle.tunnels(), 0);
+
+    assert_eq!(stack.relay.reload_credentials(vec![full.clone()]), 0);
+    stack
+        .wait_routed("default", agent_ip.into(), "revoked")
+        .await;
+
+    assert_eq!(stack.relay.reload_credentials(Vec::new()), 1);
+    wait_until(READY, "the revoked tunnel and its route gone", gone).await;
+}

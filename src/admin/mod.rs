@@ -114,8 +114,13 @@ impl AdminState {
     }
 }
 
+/// Admin connections served at once; beyond it a new connection is closed at once, so a stuck or
+/// hostile client cannot take the process's memory or file descriptors through this port.
+pub const MAX_CONNECTIONS: usize = 64;
+
 /// Serves the admin listener until `stop`.
 pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationToken) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (tcp, _) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -128,8 +133,17 @@ pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationT
                 }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(
+                limit = MAX_CONNECTIONS,
+                "admin connection limit reached; closing"
+            );
+            drop(tcp);
+            continue;
+        };
         let state = state.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(route(&state, &req)) }
@@ -270,4 +284,71 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the admin listener on {addr}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    use super::*;
+
+    async fn healthz(addr: std::net::SocketAddr) -> std::io::Result<String> {
+        let mut tcp = TcpStream::connect(addr).await?;
+        tcp.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await?;
+        let mut out = String::new();
+        tcp.read_to_string(&mut out).await?;
+        Ok(out)
+    }
+
+    /// Idle connections beyond the limit are closed at once; once they go, the port answers again.
+    #[tokio::test]
+    async fn connections_beyond_the_limit_are_closed_and_slots_come_back() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let state = AdminState {
+            role: "agent",
+            process: None,
+            agent: None,
+            shutdown: CancellationToken::new(),
+        };
+        let server = tokio::spawn(serve(listener, state, stop.clone()));
+        assert!(healthz(addr).await.unwrap().starts_with("HTTP/1.1 200"));
+
+        // Fill every slot with a connection that sends nothing (each is accepted in turn).
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let refused = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            loop {
+                match healthz(addr).await {
+                    Ok(text) if text.is_empty() => return,
+                    Err(_) => return,
+                    // An idle connection may not have been accepted yet when this one arrived.
+                    Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+                }
+            }
+        })
+        .await;
+        assert!(refused.is_ok(), "a connection beyond the limit was served");
+
+        drop(idle);
+        let answered = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            loop {
+                if let Ok(text) = healthz(addr).await {
+                    if text.starts_with("HTTP/1.1 200") {
+                        return;
+                    }
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(answered.is_ok(), "the freed slots were not reused");
+        stop.cancel();
+        server.await.unwrap();
+    }
 }

@@ -13,8 +13,12 @@ use tokio::net::TcpStream;
 
 use crate::protocol::close;
 
-/// Copy buffer per direction; large enough to fill QUIC packets in batches.
+/// First read size into a QUIC stream; large enough to fill QUIC packets in batches. Reads then
+/// adapt between [`MIN_READ`] and [`MAX_READ`] ([`next_read_size`]). Reads of 256 KiB moved
+/// neither throughput nor the agent's CPU per GB (docs/performance.md), so bulk stays at 64 KiB.
 const BUFFER: usize = 64 * 1024;
+const MIN_READ: usize = 4 * 1024;
+const MAX_READ: usize = BUFFER;
 
 /// Received chunks taken from quinn at once. A chunk is one STREAM frame (at most one packet's
 /// payload, ~1.4 KB), so writing chunk by chunk would cost a system call per packet; a batch goes
@@ -64,10 +68,13 @@ async fn to_quic<R: tokio::io::AsyncRead + Unpin>(
     send: &mut SendStream,
 ) -> io::Result<u64> {
     let mut total = 0u64;
-    let mut buf = bytes::BytesMut::with_capacity(BUFFER);
+    let mut want = BUFFER;
+    let mut buf = bytes::BytesMut::with_capacity(want);
     loop {
-        buf.reserve(BUFFER);
+        buf.reserve(want);
+        let offered = buf.capacity() - buf.len();
         let n = from.read_buf(&mut buf).await?;
+        want = next_read_size(want, offered, n);
         if n == 0 {
             // The stream may already be reset by the peer; then there is nothing left to finish.
             let _ = send.finish();
@@ -78,6 +85,19 @@ async fn to_quic<R: tokio::io::AsyncRead + Unpin>(
             .await
             .map_err(io::Error::from)?;
         total += n as u64;
+    }
+}
+
+/// The space to offer the next read: half as much after a read that used less than a quarter of
+/// it (small writes: a chunk quinn holds until it is acknowledged keeps its whole allocation alive,
+/// so small reads must not each pin a 64 KiB buffer), twice as much after one that filled it.
+fn next_read_size(want: usize, offered: usize, read: usize) -> usize {
+    if read >= offered {
+        (want * 2).min(MAX_READ)
+    } else if read < offered / 4 {
+        (want / 2).max(MIN_READ)
+    } else {
+        want
     }
 }
 
@@ -267,6 +287,24 @@ mod tests {
         fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
             Poll::Ready(Ok(()))
         }
+    }
+
+    #[test]
+    fn read_size_grows_for_bulk_and_shrinks_for_small_writes() {
+        let mut want = BUFFER;
+        for _ in 0..10 {
+            want = next_read_size(want, want, want);
+        }
+        assert_eq!(want, MAX_READ, "full reads double up to the cap");
+        for _ in 0..20 {
+            want = next_read_size(want, want, 100);
+        }
+        assert_eq!(want, MIN_READ, "small reads halve down to the floor");
+        assert_eq!(
+            next_read_size(BUFFER, BUFFER, BUFFER / 2),
+            BUFFER,
+            "in between: unchanged"
+        );
     }
 
     #[tokio::test]

@@ -1,293 +1,20 @@
 //! A real cluster on loopback: an `etcd` process, relay / gateway / agent processes of the real
 //! binary, and echo services behind the agents. Every process is killed when its guard drops.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::process::{Child, Command};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_postern");
+pub use crate::process::*;
+
 pub const TOKEN: &str = "cluster-test-token-0123456789";
 /// Lease TTL the test relays use: short, so a dead relay's routes leave quickly.
 pub const LEASE_TTL: Duration = Duration::from_secs(4);
-
-/// Polls `check` every 50 ms until it returns `Some`, or panics with `what` after `limit`.
-pub async fn wait_for<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-pub fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-pub fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A child process that dies with its guard.
-pub struct Proc {
-    pub child: Child,
-    pub name: String,
-}
-
-impl Proc {
-    /// Starts `args` with stdout piped (for the `ready` line) and stderr to `log`.
-    pub fn spawn(
-        name: &str,
-        program: &str,
-        args: &[&str],
-        envs: &[(&str, &str)],
-        log: &Path,
-    ) -> Proc {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .unwrap();
-        let mut cmd = Command::new(program);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .kill_on_drop(true);
-        for (k, v) in envs {
-            cmd.env(k, v);
-        }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
-        Proc {
-            child,
-            name: name.to_string(),
-        }
-    }
-
-    /// Reads the `ready …` line a relay/gateway prints once bound.
-    pub async fn ready_line(&mut self) -> String {
-        let stdout = self.child.stdout.take().expect("stdout piped");
-        let mut lines = BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
-            .await
-            .unwrap_or_else(|_| panic!("{} printed no ready line within 20s", self.name))
-            .unwrap()
-            .unwrap_or_else(|| panic!("{} exited before it was ready", self.name));
-        assert!(
-            line.starts_with("ready "),
-            "{}: unexpected first line {line:?}",
-            self.name
-        );
-        // Keep draining stdout so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        line
-    }
-
-    pub fn signal(&self, signal: &str) {
-        let pid = self.child.id().expect("running").to_string();
-        let status = std::process::Command::new("kill")
-            .args([&format!("-{signal}"), &pid])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    /// Waits for the process to exit; panics after `limit`.
-    pub async fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
-        tokio::time::timeout(limit, self.child.wait())
-            .await
-            .unwrap_or_else(|_| panic!("{} did not exit within {limit:?}", self.name))
-            .unwrap()
-    }
-}
-
-/// The address a `ready relay=… peer=… socks5=…` line gives for `key`.
-pub fn ready_addr(line: &str, key: &str) -> SocketAddr {
-    line.split_whitespace()
-        .find_map(|part| part.strip_prefix(&format!("{key}=")))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {key} address in {line:?}"))
-}
-
-/// A real etcd on free loopback ports with a temp data dir.
-pub struct Etcd {
-    pub url: String,
-    dir: PathBuf,
-    client_port: u16,
-    peer_port: u16,
-    proc: Option<Proc>,
-    log: PathBuf,
-}
-
-impl Etcd {
-    pub async fn start(dir: &Path) -> Etcd {
-        let mut etcd = Etcd {
-            url: String::new(),
-            dir: dir.join("etcd-data"),
-            client_port: free_tcp_port(),
-            peer_port: free_tcp_port(),
-            proc: None,
-            log: dir.join("etcd.log"),
-        };
-        etcd.url = format!("http://127.0.0.1:{}", etcd.client_port);
-        etcd.resume().await;
-        etcd
-    }
-
-    /// Starts (again) on the same ports and data dir, and waits until it answers.
-    pub async fn resume(&mut self) {
-        assert!(
-            std::process::Command::new("etcd")
-                .arg("--version")
-                .output()
-                .is_ok(),
-            "the `etcd` binary is missing: install Debian's etcd-server (scripts/test does)"
-        );
-        let client = format!("http://127.0.0.1:{}", self.client_port);
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let args = [
-            "--name",
-            "test",
-            "--data-dir",
-            self.dir.to_str().unwrap(),
-            "--listen-client-urls",
-            &client,
-            "--advertise-client-urls",
-            &client,
-            "--listen-peer-urls",
-            &peer,
-            "--initial-advertise-peer-urls",
-            &peer,
-            "--initial-cluster",
-            &format!("test={peer}"),
-        ];
-        self.proc = Some(Proc::spawn("etcd", "etcd", &args, &[], &self.log));
-        let url = self.url.clone();
-        wait_for(Duration::from_secs(20), "etcd to answer", || {
-            let url = url.clone();
-            async move {
-                let mut c = etcd_client::Client::connect([url], None).await.ok()?;
-                c.get("probe", None).await.ok().map(|_| ())
-            }
-        })
-        .await;
-    }
-
-    pub async fn stop(&mut self) {
-        if let Some(mut p) = self.proc.take() {
-            p.child.kill().await.unwrap();
-        }
-    }
-
-    /// Every route in etcd: agent IP → relays holding a route for it.
-    pub async fn routes(&self) -> BTreeMap<IpAddr, BTreeSet<String>> {
-        let mut client = etcd_client::Client::connect([self.url.clone()], None)
-            .await
-            .unwrap();
-        let resp = client
-            .get(
-                "/postern/routes/",
-                Some(etcd_client::GetOptions::new().with_prefix()),
-            )
-            .await
-            .unwrap();
-        let mut out: BTreeMap<IpAddr, BTreeSet<String>> = BTreeMap::new();
-        for kv in resp.kvs() {
-            let key = kv.key_str().unwrap();
-            let parts: Vec<&str> = key
-                .trim_start_matches("/postern/routes/")
-                .split('/')
-                .collect();
-            assert_eq!(parts.len(), 4, "route key {key}");
-            out.entry(parts[1].parse().unwrap())
-                .or_default()
-                .insert(parts[2].to_string());
-        }
-        out
-    }
-}
-
-/// A TCP service behind an agent: writes its own IP (16 bytes, space padded) then echoes.
-pub struct Echo {
-    pub addr: SocketAddr,
-    pub accepted: Arc<AtomicUsize>,
-}
-
-impl Echo {
-    pub async fn start(ip: Ipv4Addr) -> Echo {
-        let listener = TcpListener::bind((ip, 0)).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut tcp, _)) = listener.accept().await else {
-                    return;
-                };
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let header = format!("{:<16}", ip.to_string());
-                    if tcp.write_all(header.as_bytes()).await.is_err() {
-                        return;
-                    }
-                    let (mut r, mut w) = tcp.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                    let _ = w.shutdown().await;
-                });
-            }
-        });
-        Echo { addr, accepted }
-    }
-}
-
-/// Connects through a SOCKS5 proxy (no auth) to an IPv4 target; returns the stream or the reply code.
-pub async fn socks_connect(proxy: SocketAddr, target: SocketAddr) -> Result<TcpStream, u8> {
-    let mut tcp = TcpStream::connect(proxy).await.map_err(|_| 0xff)?;
-    tcp.write_all(&[5, 1, 0]).await.map_err(|_| 0xff)?;
-    let mut choice = [0u8; 2];
-    tcp.read_exact(&mut choice).await.map_err(|_| 0xff)?;
-    assert_eq!(choice, [5, 0]);
-    let SocketAddr::V4(v4) = target else {
-        panic!("IPv4 targets only")
-    };
-    let mut req = vec![5, 1, 0, 1];
-    req.extend_from_slice(&v4.ip().octets());
-    req.extend_from_slice(&v4.port().to_be_bytes());
-    tcp.write_all(&req).await.map_err(|_| 0xff)?;
-    let mut reply = [0u8; 10];
-    tcp.read_exact(&mut reply).await.map_err(|_| 0xff)?;
-    if reply[1] != 0 {
-        return Err(reply[1]);
-    }
-    Ok(tcp)
-}
 
 /// What one transfer through the proxy ended as.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -303,7 +30,7 @@ pub enum Outcome {
 /// service's identity header and the echoed bytes (SHA-256 both ends).
 pub async fn transfer(proxy: SocketAddr, target: SocketAddr, size: usize, seed: u64) -> Outcome {
     let work = async {
-        let mut tcp = match socks_connect(proxy, target).await {
+        let mut tcp = match socks_connect(proxy, None, target).await {
             Ok(t) => t,
             Err(code) => return Outcome::Failed(format!("socks reply {code:#04x}")),
         };
@@ -388,7 +115,7 @@ impl Cluster {
             .tempdir()
             .unwrap();
         let bundle = postern::cert::generate_bundle(dir.path(), "postern-relay").unwrap();
-        let etcd = Etcd::start(dir.path()).await;
+        let etcd = Etcd::started(dir.path()).await;
         let mut cluster = Cluster {
             dir,
             etcd,

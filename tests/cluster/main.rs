@@ -2,6 +2,8 @@
 //! 127.0.0.0/8. Each test runs its own etcd and its own address range (127.N.0.0/16).
 
 mod harness;
+#[path = "../process/mod.rs"]
+mod process;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -166,7 +168,7 @@ async fn etcd_outage_keeps_traffic_flowing() {
     cluster.add_agent(4).await;
     let late = cluster.agents[4].target();
     tokio::time::sleep(Duration::from_secs(28)).await;
-    cluster.etcd.resume().await;
+    cluster.etcd.start().await;
     let returned = Instant::now();
     let other_gateway = cluster.gateways[1].1;
     let reachable_after = wait_for(
@@ -251,17 +253,13 @@ async fn stale_routes_never_reach_the_wrong_host() {
             .await
             .unwrap();
     }
-    let b_before = b.echo.accepted.load(std::sync::atomic::Ordering::SeqCst);
+    let b_before = b.echo.accepted();
     let socks = cluster.gateways[0].1;
     for i in 0..40 {
         let outcome = transfer(socks, a.target(), 8 * 1024, i).await;
         assert_eq!(outcome, Outcome::Ok, "transfer {i} to {}", a.ip);
     }
-    assert_eq!(
-        b.echo.accepted.load(std::sync::atomic::Ordering::SeqCst),
-        b_before,
-        "B's service was dialled"
-    );
+    assert_eq!(b.echo.accepted(), b_before, "B's service was dialled");
 }
 
 /// f. A gateway started against 10,000 routes already in etcd reports ready only when its cache
@@ -270,7 +268,7 @@ async fn stale_routes_never_reach_the_wrong_host() {
 async fn gateway_ready_only_with_every_route() {
     postern::tls::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
-    let etcd = harness::Etcd::start(dir.path()).await;
+    let etcd = harness::Etcd::started(dir.path()).await;
     let registry: Arc<dyn postern::registry::Registry> = Arc::new(
         postern::registry::etcd::EtcdRegistry::connect(
             &[etcd.url.clone()],

@@ -4,6 +4,8 @@
 //! Each test uses its own agent address range 127.N.0.0/16.
 
 mod deploy;
+#[path = "../process/mod.rs"]
+mod process;
 mod support;
 
 use std::collections::BTreeSet;

@@ -1,0 +1,376 @@
+//! What the process-level suites (tests/cluster, tests/ops) share: real `postern` and `etcd`
+//! processes on free loopback ports (killed when their guard drops), echo services that name
+//! themselves, a raw SOCKS5 client, and deterministic payloads. Everything waits by polling a
+//! condition under a deadline.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_postern");
+/// How long a process may take to print its first line, or etcd to answer.
+pub const STARTUP: Duration = Duration::from_secs(20);
+
+/// Polls `check` every 25 ms until it returns `Some`, or panics naming `what` after `limit`.
+pub async fn wait_for<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process that dies with its guard.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    /// Starts `program args` with stdout piped (for the `ready` line) and stderr appended to `log`.
+    pub fn spawn(
+        name: &str,
+        program: &str,
+        args: &[&str],
+        envs: &[(&str, &str)],
+        log: &Path,
+    ) -> Proc {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(true);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
+        Proc {
+            child,
+            name: name.to_string(),
+        }
+    }
+
+    /// Reads the first stdout line, which must start with `starts_with`; keeps draining the rest.
+    pub async fn first_line(&mut self, starts_with: &str) -> String {
+        let stdout = self.child.stdout.take().expect("stdout piped");
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(STARTUP, lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("{} printed nothing within {STARTUP:?}", self.name))
+            .unwrap()
+            .unwrap_or_else(|| panic!("{} exited before printing anything", self.name));
+        assert!(
+            line.starts_with(starts_with),
+            "{}: unexpected first line {line:?}",
+            self.name
+        );
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        line
+    }
+
+    /// Reads the `ready …` line every role prints once bound.
+    pub async fn ready_line(&mut self) -> String {
+        self.first_line("ready ").await
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("still running")
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} {} failed", self.name);
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits for the process to exit; panics after `limit`.
+    pub async fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{} did not exit within {limit:?}", self.name))
+            .unwrap()
+    }
+}
+
+/// The address a `ready relay=… peer=… socks5=… http=… admin=…` line gives for `key`.
+pub fn ready_addr(line: &str, key: &str) -> SocketAddr {
+    line.split_whitespace()
+        .find_map(|part| part.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} address in {line:?}"))
+}
+
+/// A real etcd on free loopback ports with a data dir of its own. It may be planned (ports
+/// chosen) before it is started, so that processes can be pointed at it while it is down, and
+/// stopped and started again on the same ports and data.
+pub struct Etcd {
+    pub url: String,
+    dir: PathBuf,
+    client_port: u16,
+    peer_port: u16,
+    proc: Option<Proc>,
+    log: PathBuf,
+}
+
+impl Etcd {
+    /// Chooses the ports; nothing listens on them until [`Etcd::start`].
+    pub fn planned(dir: &Path) -> Etcd {
+        let client_port = free_tcp_port();
+        Etcd {
+            url: format!("http://127.0.0.1:{client_port}"),
+            dir: dir.join("etcd-data"),
+            client_port,
+            peer_port: free_tcp_port(),
+            proc: None,
+            log: dir.join("etcd.log"),
+        }
+    }
+
+    pub async fn started(dir: &Path) -> Etcd {
+        let mut etcd = Etcd::planned(dir);
+        etcd.start().await;
+        etcd
+    }
+
+    /// Starts (or restarts) etcd and waits until it answers. Fails, never skips, when the `etcd`
+    /// binary is missing.
+    pub async fn start(&mut self) {
+        assert!(
+            std::process::Command::new("etcd")
+                .arg("--version")
+                .output()
+                .is_ok(),
+            "the `etcd` binary is missing: install Debian's etcd-server (scripts/deps does)"
+        );
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let args = [
+            "--name",
+            "test",
+            "--data-dir",
+            self.dir.to_str().unwrap(),
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+            "--initial-cluster",
+            &format!("test={peer}"),
+        ];
+        self.proc = Some(Proc::spawn("etcd", "etcd", &args, &[], &self.log));
+        let url = self.url.clone();
+        wait_for(STARTUP, "etcd to answer", || {
+            let url = url.clone();
+            async move {
+                let mut c = etcd_client::Client::connect([url], None).await.ok()?;
+                c.get("probe", None).await.ok().map(|_| ())
+            }
+        })
+        .await;
+    }
+
+    /// Kills etcd (its data stays for the next [`Etcd::start`]).
+    pub async fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.child.kill().await.unwrap();
+        }
+    }
+
+    /// Every route key under `/postern/routes/`: (namespace, ip, relay, session).
+    pub async fn route_keys(&self) -> BTreeSet<(String, IpAddr, String, u64)> {
+        let mut client = etcd_client::Client::connect([self.url.clone()], None)
+            .await
+            .unwrap();
+        let resp = client
+            .get(
+                "/postern/routes/",
+                Some(etcd_client::GetOptions::new().with_prefix()),
+            )
+            .await
+            .unwrap();
+        resp.kvs()
+            .iter()
+            .map(|kv| {
+                let key = kv.key_str().unwrap();
+                let parts: Vec<&str> = key
+                    .trim_start_matches("/postern/routes/")
+                    .split('/')
+                    .collect();
+                assert_eq!(parts.len(), 4, "route key {key}");
+                (
+                    parts[0].to_string(),
+                    parts[1].parse().unwrap(),
+                    parts[2].to_string(),
+                    parts[3].parse().unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    /// Agent IP → relays holding a route for it.
+    pub async fn routes(&self) -> BTreeMap<IpAddr, BTreeSet<String>> {
+        let mut out: BTreeMap<IpAddr, BTreeSet<String>> = BTreeMap::new();
+        for (_, ip, relay, _) in self.route_keys().await {
+            out.entry(ip).or_default().insert(relay);
+        }
+        out
+    }
+}
+
+/// Bytes of the header an [`Echo`] sends first: its own IP, space padded.
+pub const ECHO_HEADER: usize = 16;
+
+/// A TCP service behind an agent: writes a 16-byte header (its IP, space padded), then echoes
+/// until the client half-closes. Counts the connections it accepted.
+pub struct Echo {
+    pub addr: SocketAddr,
+    pub accepted: Arc<AtomicUsize>,
+}
+
+impl Echo {
+    pub async fn start(ip: Ipv4Addr) -> Echo {
+        let listener = TcpListener::bind((ip, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let header = format!("{:<ECHO_HEADER$}", ip.to_string());
+                    if tcp.write_all(header.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let (mut r, mut w) = tcp.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        Echo { addr, accepted }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+/// Connects through a SOCKS5 proxy to an IPv4 target, with username/password when `login` is
+/// given. Returns the stream, or the SOCKS5 reply code (`0xf1` = authentication refused, `0xff` =
+/// the proxy broke the connection).
+pub async fn socks_connect(
+    proxy: SocketAddr,
+    login: Option<(&str, &str)>,
+    target: SocketAddr,
+) -> Result<TcpStream, u8> {
+    let mut tcp = TcpStream::connect(proxy).await.map_err(|_| 0xff)?;
+    let method = if login.is_some() { 2 } else { 0 };
+    tcp.write_all(&[5, 1, method]).await.map_err(|_| 0xff)?;
+    let mut choice = [0u8; 2];
+    tcp.read_exact(&mut choice).await.map_err(|_| 0xff)?;
+    if choice != [5, method] {
+        return Err(0xf1);
+    }
+    if let Some((user, password)) = login {
+        let mut auth = vec![1, user.len() as u8];
+        auth.extend_from_slice(user.as_bytes());
+        auth.push(password.len() as u8);
+        auth.extend_from_slice(password.as_bytes());
+        tcp.write_all(&auth).await.map_err(|_| 0xff)?;
+        let mut status = [0u8; 2];
+        tcp.read_exact(&mut status).await.map_err(|_| 0xf1)?;
+        if status[1] != 0 {
+            return Err(0xf1);
+        }
+    }
+    let SocketAddr::V4(v4) = target else {
+        panic!("IPv4 targets only")
+    };
+    let mut req = vec![5, 1, 0, 1];
+    req.extend_from_slice(&v4.ip().octets());
+    req.extend_from_slice(&v4.port().to_be_bytes());
+    tcp.write_all(&req).await.map_err(|_| 0xff)?;
+    let mut reply = [0u8; 10];
+    tcp.read_exact(&mut reply).await.map_err(|_| 0xff)?;
+    if reply[1] != 0 {
+        return Err(reply[1]);
+    }
+    Ok(tcp)
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn payload(size: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..size)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+pub fn sha256(bytes: &[u8]) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, bytes)
+        .as_ref()
+        .to_vec()
+}

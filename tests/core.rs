@@ -7,6 +7,7 @@
 //! 20 auth, 21 agent policy, 22 no-auth clients, 23 agent liveness; the demo claims 127.77.0.1.
 
 mod common;
+mod kit;
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};

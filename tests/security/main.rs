@@ -4,6 +4,8 @@
 //!
 //! Each test owns the addresses `127.N.0.0/16` (N = 51…58) so the tests run in parallel.
 
+#[path = "../kit/mod.rs"]
+mod kit;
 mod support;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

@@ -9,7 +9,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use base64::Engine as _;
@@ -17,7 +17,6 @@ use ipnet::IpNet;
 use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use postern::admin::AdminState;
@@ -35,25 +34,7 @@ use postern::relay::Relay;
 use postern::server::Server;
 use postern::tls::{Identity, Trust};
 
-/// How often conditions are polled.
-pub const POLL: Duration = Duration::from_millis(10);
-/// Upper bound for anything that should be quick on loopback (a tunnel, a route appearing).
-pub const READY: Duration = Duration::from_secs(15);
-/// Upper bound for one exchange through the gateway.
-pub const IO: Duration = Duration::from_secs(15);
-
-/// Per-test set-up: the crypto provider (idempotent) and logs into the test's captured output
-/// (`RUST_LOG=postern=debug cargo test --test security` shows them).
-pub fn init() {
-    postern::tls::install_crypto_provider();
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_test_writer()
-        .try_init();
-}
+pub use crate::kit::*;
 
 /// `127.net.c.d`: each test owns one `net`, so parallel tests never share an address.
 pub fn ip(net: u8, c: u8, d: u8) -> Ipv4Addr {
@@ -62,38 +43,6 @@ pub fn ip(net: u8, c: u8, d: u8) -> Ipv4Addr {
 
 pub fn sa(ip: Ipv4Addr, port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(ip), port)
-}
-
-/// Awaits `fut`, failing the test if it takes longer than `limit`.
-pub async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(limit, fut).await {
-        Ok(v) => v,
-        Err(_) => panic!("{what}: not done within {limit:?}"),
-    }
-}
-
-/// Polls `cond` until it holds, failing the test after `limit`.
-pub async fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    loop {
-        if cond() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not true within {limit:?}"
-        );
-        tokio::time::sleep(POLL).await;
-    }
-}
-
-/// Aborts a background task when dropped, so a failing test leaves nothing behind.
-pub struct AbortOnDrop<T>(pub JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// Deterministic bytes (xorshift64*), a different stream per seed.
@@ -648,128 +597,6 @@ pub async fn expect_echo(mut tcp: TcpStream, already: Vec<u8>, name: &str, paylo
 
 // ---------------------------------------------------------------------------------------------
 // A raw SOCKS5 client (RFC 1928 / 1929).
-
-#[derive(Clone, Debug)]
-pub enum Dest {
-    Ip(SocketAddr),
-    Name(String, u16),
-}
-
-impl std::fmt::Display for Dest {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Dest::Ip(a) => write!(f, "{a}"),
-            Dest::Name(n, p) => write!(f, "{n}:{p}"),
-        }
-    }
-}
-
-/// What the client offers.
-#[derive(Clone, Copy, Debug)]
-pub enum Auth<'a> {
-    /// "No authentication" only.
-    None,
-    /// Username/password only.
-    Password(&'a str, &'a str),
-}
-
-#[derive(Debug)]
-pub enum SocksError {
-    Io(io::Error),
-    /// The server accepted none of the offered methods (0xFF).
-    NoAcceptableMethod,
-    /// Username/password sub-negotiation failed with this status.
-    AuthFailed(u8),
-    /// The CONNECT reply was not "succeeded": the RFC 1928 REP byte.
-    Reply(u8),
-    Protocol(String),
-}
-
-impl From<io::Error> for SocksError {
-    fn from(e: io::Error) -> Self {
-        SocksError::Io(e)
-    }
-}
-
-/// Runs the SOCKS5 handshake and CONNECT to `dest` on an open connection.
-pub async fn socks5_handshake(
-    tcp: &mut TcpStream,
-    dest: &Dest,
-    auth: Auth<'_>,
-) -> Result<(), SocksError> {
-    let greeting: &[u8] = match auth {
-        Auth::None => &[5, 1, 0x00],
-        Auth::Password(..) => &[5, 1, 0x02],
-    };
-    tcp.write_all(greeting).await?;
-    let mut choice = [0u8; 2];
-    tcp.read_exact(&mut choice).await?;
-    if choice[0] != 5 {
-        return Err(SocksError::Protocol(format!("version {}", choice[0])));
-    }
-    match (choice[1], auth) {
-        (0xFF, _) => return Err(SocksError::NoAcceptableMethod),
-        (0x00, Auth::None) => {}
-        (0x02, Auth::Password(user, password)) => {
-            let mut msg = vec![1, user.len() as u8];
-            msg.extend_from_slice(user.as_bytes());
-            msg.push(password.len() as u8);
-            msg.extend_from_slice(password.as_bytes());
-            tcp.write_all(&msg).await?;
-            let mut status = [0u8; 2];
-            tcp.read_exact(&mut status).await?;
-            if status[1] != 0 {
-                return Err(SocksError::AuthFailed(status[1]));
-            }
-        }
-        (m, _) => {
-            return Err(SocksError::Protocol(format!(
-                "server chose method {m:#x}, which was not offered"
-            )))
-        }
-    }
-    let mut request = vec![5, 1, 0];
-    match dest {
-        Dest::Ip(SocketAddr::V4(a)) => {
-            request.push(1);
-            request.extend_from_slice(&a.ip().octets());
-            request.extend_from_slice(&a.port().to_be_bytes());
-        }
-        Dest::Ip(SocketAddr::V6(a)) => {
-            request.push(4);
-            request.extend_from_slice(&a.ip().octets());
-            request.extend_from_slice(&a.port().to_be_bytes());
-        }
-        Dest::Name(name, port) => {
-            request.push(3);
-            request.push(name.len() as u8);
-            request.extend_from_slice(name.as_bytes());
-            request.extend_from_slice(&port.to_be_bytes());
-        }
-    }
-    tcp.write_all(&request).await?;
-    let mut head = [0u8; 4];
-    tcp.read_exact(&mut head).await?;
-    if head[0] != 5 {
-        return Err(SocksError::Protocol(format!("reply version {}", head[0])));
-    }
-    let addr_len = match head[3] {
-        1 => 4,
-        4 => 16,
-        3 => {
-            let mut l = [0u8; 1];
-            tcp.read_exact(&mut l).await?;
-            l[0] as usize
-        }
-        t => return Err(SocksError::Protocol(format!("address type {t}"))),
-    };
-    let mut rest = vec![0u8; addr_len + 2];
-    tcp.read_exact(&mut rest).await?;
-    if head[1] != 0 {
-        return Err(SocksError::Reply(head[1]));
-    }
-    Ok(())
-}
 
 /// Connects (from `from`) to the SOCKS5 door and CONNECTs to `dest`.
 pub async fn socks5_connect_from(

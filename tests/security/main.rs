@@ -1482,12 +1482,13 @@ async fn a_reload_that_revokes_a_token_closes_the_tunnels_it_admitted() {
 
     let narrowed = credential(format!("127.{net}.8.0/24"));
     assert_eq!(stack.relay.reload_credentials(vec![narrowed]), 1);
-    wait_until(READY, "the narrowed tunnel and its route gone", gone).await;
+    let out = || gone() && agent.handle.tunnels() == 0;
+    wait_until(READY, "the narrowed tunnel and its route gone", out).await;
     // The agent redials at least every second (`reconnect_max`); it must stay refused.
     holds_for(
         Duration::from_millis(1500),
         "the narrowed agent kept out",
-        || gone() && agent.handle.tunnels() == 0,
+        out,
     )
     .await;
 

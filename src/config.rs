@@ -527,7 +527,7 @@ pub struct RelayFile {
     /// Address published for peers: `host:port`, or `env:VAR` naming a variable that holds the IP
     /// (the port is `peer_listen`'s). Defaults to `peer_listen` when that is not a wildcard.
     pub peer_advertise: Option<String>,
-    /// Tunnels (and handshakes in progress) the relay holds at most; more are refused.
+    /// Admitted agent tunnels the relay holds at most; more are refused.
     pub max_tunnels: Option<u32>,
     #[serde(default)]
     pub transport: TransportFile,
@@ -580,9 +580,10 @@ pub struct RelayConfig {
     pub drain_grace: Duration,
     /// Peer endpoint: where it listens and the address it publishes.
     pub peer: Option<PeerListen>,
-    /// Agent tunnels, handshakes in progress included, held at most; beyond it a new connection
-    /// is refused before its TLS handshake (the agent backs off and tries again, through the VIP
-    /// likely another relay).
+    /// Admitted agent tunnels held at most. When full, a new connection is refused before its TLS
+    /// handshake (and one admitted in a race beyond it gets `Reject`); the agent backs off and tries
+    /// again, through the VIP likely another relay. Handshakes in progress do not count, so clients
+    /// without credentials cannot fill it.
     pub max_tunnels: u32,
     pub transport: Transport,
 }

@@ -88,9 +88,11 @@ async fn to_quic<R: tokio::io::AsyncRead + Unpin>(
     }
 }
 
-/// The space to offer the next read: half as much after a read that used less than a quarter of
-/// it (small writes: a chunk quinn holds until it is acknowledged keeps its whole allocation alive,
-/// so small reads must not each pin a 64 KiB buffer), twice as much after one that filled it.
+/// The space to ask for before the next read: half as much after a read that used less than a
+/// quarter of what it was offered, twice as much after one that filled it. A chunk quinn holds
+/// until it is acknowledged keeps its whole allocation alive; asking for little after small reads
+/// lets the next reads fill the rest of the current allocation instead of starting a new one each
+/// time, so a stream of small writes shares one buffer rather than pinning 64 KiB per chunk.
 fn next_read_size(want: usize, offered: usize, read: usize) -> usize {
     if read >= offered {
         (want * 2).min(MAX_READ)

@@ -117,6 +117,9 @@ impl AdminState {
 /// Admin connections served at once; beyond it a new connection is closed at once, so a stuck or
 /// hostile client cannot take the process's memory or file descriptors through this port.
 pub const MAX_CONNECTIONS: usize = 64;
+/// How long one admin connection may stay open, whatever it does (a client that sends requests but
+/// never reads the answers would otherwise keep its slot for ever); scrapers simply reconnect.
+pub const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Serves the admin listener until `stop`.
 pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationToken) {
@@ -148,11 +151,11 @@ pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationT
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(route(&state, &req)) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(10))
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
+                .serve_connection(TokioIo::new(tcp), service);
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
         });
     }
 }

@@ -77,7 +77,8 @@ pub struct Relay {
     info: std::sync::Mutex<RelayInfo>,
     /// Agent tokens in force; replaced whole on reload (SIGHUP).
     credentials: std::sync::RwLock<Arc<Vec<AgentCredential>>>,
-    /// One permit per tunnel or handshake in progress (`relay.max_tunnels`).
+    /// One permit per admitted tunnel (`relay.max_tunnels`). Handshakes in progress hold none, so
+    /// clients without credentials cannot fill it.
     tunnel_slots: Arc<tokio::sync::Semaphore>,
     /// When the last "tunnel limit reached" warning was logged (seconds since the Unix epoch).
     limit_warned_at: std::sync::atomic::AtomicU64,
@@ -275,16 +276,15 @@ impl Relay {
                         _ = closed.cancelled() => break,
                         i = relay.endpoint.accept() => match i { Some(i) => i, None => break },
                     };
-                    // Refused before the TLS handshake, which is what costs the relay CPU.
-                    let Ok(slot) = relay.tunnel_slots.clone().try_acquire_owned() else {
+                    // Full: refused before the TLS handshake, which is what costs the relay CPU.
+                    if relay.tunnel_slots.available_permits() == 0 {
                         relay.tunnel_refused(incoming.remote_address());
                         incoming.refuse();
                         continue;
-                    };
+                    }
                     let relay = relay.clone();
                     let conn_closed = closed.clone();
                     tasks.spawn(async move {
-                        let _slot = slot;
                         let remote = incoming.remote_address();
                         if let Err(err) = relay.serve_incoming(incoming, conn_closed).await {
                             tracing::debug!(%remote, err = format!("{err:#}"), "tunnel ended");
@@ -411,6 +411,19 @@ impl Relay {
                     return Ok(());
                 }
             };
+            // Held until this function returns, i.e. until the session has ended.
+            let Ok(_slot) = self.tunnel_slots.clone().try_acquire_owned() else {
+                self.tunnel_refused(conn.remote_address());
+                let reject = Reject {
+                    code: Code::Draining,
+                    reason: format!(
+                        "the relay holds its maximum of {} tunnels",
+                        self.config.max_tunnels
+                    ),
+                };
+                refuse(&conn, &mut send, reject).await;
+                return Ok(());
+            };
             let session = Arc::new(Session {
                 id: rand::random(),
                 agent_id: hello.agent_id.clone(),
@@ -432,6 +445,13 @@ impl Relay {
             // A reload between the admission above and this insert did not see this session.
             if let Err(reject) = self.still_admitted(&session) {
                 self.sessions.remove(session.id);
+                // A drain in that instant may have published its routes (as draining).
+                let keys = session
+                    .routes(&self.config.id)
+                    .into_iter()
+                    .map(|r| r.key)
+                    .collect();
+                let _ = self.changes.send(Change::Delete(keys));
                 refuse(&conn, &mut send, reject).await;
                 return Ok(());
             }

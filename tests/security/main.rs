@@ -1460,25 +1460,51 @@ async fn a_relay_refuses_tunnels_beyond_max_tunnels_until_one_ends() {
 
 /// A reload that narrows a token's addresses closes the tunnels that now claim beyond it, one that
 /// removes the token closes every tunnel it admitted (their routes go with them), and the agent stays
-/// out until the credential is back; a reload that changes nothing closes nothing.
+/// out until the credential is back; a reload that changes nothing closes nothing, and a tunnel
+/// admitted by certificate survives them all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_that_revokes_a_token_closes_the_tunnels_it_admitted() {
     init();
     let pki = Pki::new();
     let net = 60;
-    let stack = Stack::start(&pki, net, 0, GatewayConfig::default(), |_| {}).await;
-    let agent_ip = ip(net, 9, 1);
+    let ca = pki.ca();
+    let stack = Stack::start(&pki, net, 0, GatewayConfig::default(), move |relay| {
+        relay.agent_ca = Some(ca);
+    })
+    .await;
+    let (agent_ip, cert_ip) = (ip(net, 9, 1), ip(net, 7, 1));
     let agent = stack
         .start_agent(stack.agent("revoked", "default", &[agent_ip], &[80]))
+        .await;
+    let _cert_agent = stack
+        .start_agent(postern::config::AgentConfig {
+            token: Secret::default(),
+            identity: Some(pki.issue(Kind::Agent, "by-cert", &[IpAddr::V4(cert_ip)])),
+            ..stack.agent("by-cert", "default", &[cert_ip], &[80])
+        })
         .await;
     let credential =
         |cidr: String| AgentCredential::new("agents", &stack.token, vec![cidr.parse().unwrap()]);
     let full = credential(format!("127.{net}.0.0/16"));
-    let gone =
-        || stack.owners("default", agent_ip.into()).is_empty() && stack.relay.sessions().is_empty();
+    let token_sessions = || {
+        stack
+            .relay
+            .sessions()
+            .all()
+            .iter()
+            .filter(|s| s.agent_id == "revoked")
+            .count()
+    };
+    let gone = || stack.owners("default", agent_ip.into()).is_empty() && token_sessions() == 0;
+    let cert_agent_up = || {
+        stack
+            .owners("default", cert_ip.into())
+            .iter()
+            .any(|o| &*o.agent_id == "by-cert")
+    };
 
     assert_eq!(stack.relay.reload_credentials(vec![full.clone()]), 0);
-    assert_eq!(stack.relay.sessions().len(), 1);
+    assert_eq!(stack.relay.sessions().len(), 2);
 
     let narrowed = credential(format!("127.{net}.8.0/24"));
     assert_eq!(stack.relay.reload_credentials(vec![narrowed]), 1);
@@ -1487,8 +1513,8 @@ async fn a_reload_that_revokes_a_token_closes_the_tunnels_it_admitted() {
     // The agent redials at least every second (`reconnect_max`); it must stay refused.
     holds_for(
         Duration::from_millis(1500),
-        "the narrowed agent kept out",
-        out,
+        "the narrowed agent kept out, the certificate agent kept in",
+        || out() && cert_agent_up(),
     )
     .await;
 
@@ -1499,4 +1525,9 @@ async fn a_reload_that_revokes_a_token_closes_the_tunnels_it_admitted() {
 
     assert_eq!(stack.relay.reload_credentials(Vec::new()), 1);
     wait_until(READY, "the revoked tunnel and its route gone", gone).await;
+    assert!(
+        cert_agent_up(),
+        "a reload closed a tunnel admitted by certificate"
+    );
+    assert_eq!(stack.relay.sessions().len(), 1);
 }

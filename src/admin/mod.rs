@@ -61,29 +61,37 @@ impl AdminState {
     /// Readiness with the reasons it is not: relay = registered (lease held) and not draining;
     /// gateway = first full route list loaded; agent = at least one tunnel; none while draining.
     pub fn readiness(&self) -> Vec<String> {
-        let mut why = Vec::new();
+        self.failing_checks()
+            .into_iter()
+            .map(|(_, why)| why)
+            .collect()
+    }
+
+    /// The failing readiness checks, each under its name in [`READINESS_CHECKS`] (or `draining`).
+    fn failing_checks(&self) -> Vec<(&'static str, String)> {
+        let mut failing = Vec::new();
         if self.shutdown.is_cancelled() {
-            why.push("draining".to_string());
+            failing.push(("draining", "draining".to_string()));
         }
         if let Some(p) = &self.process {
             if let Some(relay) = &p.relay {
                 if !relay.is_registered() {
-                    why.push("relay not registered in the registry".into());
+                    failing.push(("registered", "relay not registered in the registry".into()));
                 }
                 if relay.is_draining() && !self.shutdown.is_cancelled() {
-                    why.push("relay draining".into());
+                    failing.push(("draining", "relay draining".into()));
                 }
             }
             if p.gateway.is_some() && !p.cache.is_ready() {
-                why.push("route list not loaded yet".into());
+                failing.push(("routes", "route list not loaded yet".into()));
             }
         }
         if let Some(agent) = &self.agent {
             if agent.tunnels() == 0 {
-                why.push("no tunnel up".into());
+                failing.push(("tunnel", "no tunnel up".into()));
             }
         }
-        why
+        failing
     }
 
     pub fn status(&self) -> Status {
@@ -195,6 +203,37 @@ fn query(req: &Request<hyper::body::Incoming>) -> HashMap<String, String> {
         .collect()
 }
 
+/// Readiness checks `/readyz?exclude=NAME` may leave out (repeated or comma-separated), as
+/// Kubernetes' own `/readyz?exclude=etcd` does: `registered` (a relay's lease is held and its routes
+/// are in step with the registry), `routes` (a gateway's first full route list), `tunnel` (an
+/// agent's first tunnel). Draining can never be excluded.
+pub const READINESS_CHECKS: [&str; 3] = ["registered", "routes", "tunnel"];
+
+fn excluded_checks(req: &Request<hyper::body::Incoming>) -> Result<Vec<&'static str>, String> {
+    let mut excluded = Vec::new();
+    let pairs = req.uri().query().unwrap_or("").split('&');
+    for name in pairs
+        .filter_map(|kv| kv.split_once('='))
+        .filter(|(k, _)| *k == "exclude")
+        .flat_map(|(_, v)| v.split(','))
+        .filter(|name| !name.is_empty())
+    {
+        match READINESS_CHECKS.iter().find(|c| **c == name) {
+            Some(check) => excluded.push(*check),
+            None if name == "draining" => {
+                return Err("the draining check cannot be excluded\n".into())
+            }
+            None => {
+                return Err(format!(
+                    "unknown readiness check {name:?}; checks that may be excluded: {}\n",
+                    READINESS_CHECKS.join(", ")
+                ))
+            }
+        }
+    }
+    Ok(excluded)
+}
+
 fn route(state: &AdminState, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n");
@@ -204,7 +243,16 @@ fn route(state: &AdminState, req: &Request<hyper::body::Incoming>) -> Response<F
         "/" => respond(StatusCode::OK, "text/html; charset=utf-8", PAGE),
         "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz" => {
-            let why = state.readiness();
+            let excluded = match excluded_checks(req) {
+                Ok(excluded) => excluded,
+                Err(complaint) => return respond(StatusCode::BAD_REQUEST, "text/plain", complaint),
+            };
+            let why: Vec<String> = state
+                .failing_checks()
+                .into_iter()
+                .filter(|(name, _)| !excluded.contains(name))
+                .map(|(_, why)| why)
+                .collect();
             if why.is_empty() {
                 respond(StatusCode::OK, "text/plain", "ready\n")
             } else {

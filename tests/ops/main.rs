@@ -313,6 +313,20 @@ async fn relay_gateway_agent_readiness_follow_registry_tunnels_and_drain() {
     assert_eq!(code, 503, "relay ready without etcd: {why}");
     let (code, why) = readyz(gateway_admin).await.unwrap();
     assert_eq!(code, 503, "gateway ready without etcd: {why}");
+    // What a load balancer should ask: the relay carries tunnels without etcd; the gateway still
+    // has no routes; a bad exclusion is a precise 400.
+    let registry_optional = "/readyz?exclude=registered";
+    let (code, why) = http_get(relay_admin, registry_optional).await.unwrap();
+    assert_eq!((code, why.as_str()), (200, "ready\n"), "relay, registry excluded");
+    let (code, why) = http_get(gateway_admin, registry_optional).await.unwrap();
+    assert_eq!(code, 503, "gateway without a route list, registry excluded: {why}");
+    assert!(why.contains("route list"), "{why}");
+    let (code, why) = http_get(relay_admin, "/readyz?exclude=draining").await.unwrap();
+    assert_eq!(code, 400, "{why}");
+    assert!(why.contains("cannot be excluded"), "{why}");
+    let (code, why) = http_get(relay_admin, "/readyz?exclude=lease").await.unwrap();
+    assert_eq!(code, 400, "{why}");
+    assert!(why.contains(r#"unknown readiness check "lease""#), "{why}");
 
     etcd.start().await;
     wait_readyz(relay_admin, 200, "relay once etcd answers").await;
@@ -332,6 +346,10 @@ async fn relay_gateway_agent_readiness_follow_registry_tunnels_and_drain() {
     relay.signal("TERM");
     let why = wait_not_ready_while_alive(&mut relay, relay_admin).await;
     assert!(why.contains("draining"), "relay: {why}");
+    let (code, why) = http_get(relay_admin, "/readyz?exclude=registered,routes")
+        .await
+        .unwrap();
+    assert_eq!(code, 503, "a draining relay is never ready: {why}");
     flight.round_trip().await;
     flight.finish().await;
     for proc in [&mut gateway, &mut agent, &mut relay] {

@@ -380,7 +380,10 @@ fn kubernetes_manifests_agree_with_each_other_and_the_config_schema() {
             } else {
                 "/readyz"
             };
-            for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", ready_path)] {
+            for (probe, path) in [
+                ("livenessProbe", "/healthz"),
+                ("readinessProbe", ready_path),
+            ] {
                 let get = &c[probe]["httpGet"];
                 assert_eq!(get["path"], path, "{what}: {probe} path");
                 assert_eq!(

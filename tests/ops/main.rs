@@ -317,14 +317,25 @@ async fn relay_gateway_agent_readiness_follow_registry_tunnels_and_drain() {
     // has no routes; a bad exclusion is a precise 400.
     let registry_optional = "/readyz?exclude=registered";
     let (code, why) = http_get(relay_admin, registry_optional).await.unwrap();
-    assert_eq!((code, why.as_str()), (200, "ready\n"), "relay, registry excluded");
+    assert_eq!(
+        (code, why.as_str()),
+        (200, "ready\n"),
+        "relay, registry excluded"
+    );
     let (code, why) = http_get(gateway_admin, registry_optional).await.unwrap();
-    assert_eq!(code, 503, "gateway without a route list, registry excluded: {why}");
+    assert_eq!(
+        code, 503,
+        "gateway without a route list, registry excluded: {why}"
+    );
     assert!(why.contains("route list"), "{why}");
-    let (code, why) = http_get(relay_admin, "/readyz?exclude=draining").await.unwrap();
+    let (code, why) = http_get(relay_admin, "/readyz?exclude=draining")
+        .await
+        .unwrap();
     assert_eq!(code, 400, "{why}");
     assert!(why.contains("cannot be excluded"), "{why}");
-    let (code, why) = http_get(relay_admin, "/readyz?exclude=lease").await.unwrap();
+    let (code, why) = http_get(relay_admin, "/readyz?exclude=lease")
+        .await
+        .unwrap();
     assert_eq!(code, 400, "{why}");
     assert!(why.contains(r#"unknown readiness check "lease""#), "{why}");
 

@@ -23,8 +23,9 @@ struct Cli {
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "POSTERN_LOG_FORMAT")]
     log_format: LogFormat,
     /// Runtime worker threads. Default: 1 for `agent` (a guest on its host; one thread drives a
-    /// tunnel fastest), one per core but one for `server`, `relay`, `gateway` and `demo` (the
-    /// kernel's packet processing needs a core too), one per core for the rest.
+    /// tunnel fastest), one per core but one for `server`, `relay`, `gateway`, `demo` and the
+    /// `bench socks5` baseline proxy (the kernel's packet processing needs a core too), one per
+    /// core for the rest.
     #[arg(long, global = true, env = "POSTERN_WORKER_THREADS")]
     worker_threads: Option<usize>,
     #[command(subcommand)]
@@ -184,7 +185,8 @@ fn default_worker_threads(command: &Command) -> usize {
         Command::Server { .. }
         | Command::Relay { .. }
         | Command::Gateway { .. }
-        | Command::Demo { .. } => cores.saturating_sub(1).max(1),
+        | Command::Demo { .. }
+        | Command::Bench(postern::bench::Command::Socks5 { .. }) => cores.saturating_sub(1).max(1),
         _ => cores,
     }
 }

@@ -21,15 +21,16 @@ impl Drop for Guard {
     }
 }
 
-/// Starts `bench serve` on 127.0.0.1:0 and returns it with the address from its `ready` line.
-fn serve() -> (Guard, String) {
+/// Starts `postern bench KIND --listen 127.0.0.1:0` and returns it with the address its
+/// `ready KIND=ADDR` line gives.
+fn start(kind: &str) -> (Guard, String) {
     let mut child = Command::new(BIN)
-        .args(["bench", "serve", "--listen", "127.0.0.1:0"])
+        .args(["bench", kind, "--listen", "127.0.0.1:0"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .expect("start postern bench serve");
+        .unwrap_or_else(|e| panic!("start postern bench {kind}: {e}"));
     let stdout = child.stdout.take().expect("stdout piped");
     let guard = Guard(child);
     let (tx, rx) = mpsc::channel();
@@ -41,14 +42,19 @@ fn serve() -> (Guard, String) {
     });
     let line = rx
         .recv_timeout(Duration::from_secs(20))
-        .expect("bench serve printed no line within 20s")
-        .expect("bench serve exited before its ready line")
-        .expect("read bench serve's stdout");
+        .unwrap_or_else(|_| panic!("bench {kind} printed no line within 20s"))
+        .unwrap_or_else(|| panic!("bench {kind} exited before its ready line"))
+        .expect("read the child's stdout");
     let addr = line
-        .strip_prefix("ready serve=")
+        .strip_prefix(&format!("ready {kind}="))
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
         .to_string();
     (guard, addr)
+}
+
+/// Starts `bench serve` (the target).
+fn serve() -> (Guard, String) {
+    start("serve")
 }
 
 /// Runs `postern bench ARGS… --json` and parses its one line of output.
@@ -157,4 +163,34 @@ fn unreachable_target_is_counted_as_errors() {
     let connect = bench(&args);
     assert_eq!(connect["ok"], 0);
     positive(&connect, &["errors", "total"]);
+}
+
+/// The plain SOCKS5 baseline proxies to the target (connect and round trips, no errors) and
+/// answers a refused target with SOCKS5 reply 0x05.
+#[test]
+fn plain_socks5_baseline_proxies_and_refuses() {
+    let (_serve, target) = serve();
+    let (_proxy, proxy) = start("socks5");
+    let via = format!("socks5://{proxy}");
+    let with = |extra: &[&str], target: &str| {
+        let mut args: Vec<&str> = extra.to_vec();
+        args.extend(["--via", &via, "--target", target]);
+        args.extend(TINY);
+        bench(&args)
+    };
+    let connect = with(&["connect"], &target);
+    positive(&connect, &["ok"]);
+    no_errors(&connect);
+    let rtt = with(&["rtt"], &target);
+    positive(&rtt, &["round_trips"]);
+    no_errors(&rtt);
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let refused = with(&["connect"], &format!("127.0.0.1:{port}"));
+    assert_eq!(refused["ok"], 0);
+    positive(&refused, &["errors", "kinds", "socks5: reply 0x05"]);
 }

@@ -21,6 +21,7 @@ pub mod load;
 pub mod quic;
 pub mod report;
 pub mod serve;
+pub mod socks5;
 pub mod swarm;
 
 use std::net::SocketAddr;
@@ -36,6 +37,13 @@ pub enum Command {
     Serve {
         /// TCP address to listen on (port 0 picks one; the bound address is printed as
         /// `ready serve=ADDR`).
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// A plain SOCKS5 proxy (no tunnel, no authentication, IP targets): the baseline for what
+    /// SOCKS5 alone costs a new connection.
+    Socks5 {
+        /// TCP address to listen on (port 0 picks one; printed as `ready socks5=ADDR`).
         #[arg(long)]
         listen: SocketAddr,
     },
@@ -85,6 +93,7 @@ pub enum Command {
 pub async fn run(command: Command, shutdown: CancellationToken) -> anyhow::Result<()> {
     match command {
         Command::Serve { listen } => serve::run(listen, shutdown).await,
+        Command::Socks5 { listen } => socks5::run(listen, shutdown).await,
         Command::Throughput { load, direction } => {
             let json = load.json;
             let report = load::throughput(load, direction, shutdown).await?;

@@ -389,6 +389,26 @@ pub fn table(results: &str) -> anyhow::Result<String> {
         fmt_value(share("twohop"), 0)
     ));
 
+    // A plain SOCKS5 proxy with no tunnel (`bench socks5`): postern-free like the direct column.
+    // It shows what SOCKS5's own round trips leave of direct, and how much of that the tunnel keeps.
+    let rate = |v: &Value| num(v, &["connections_per_s"]);
+    let plain = median(runs("socks5", "connect1"), rate);
+    let direct = median(runs("direct", "connect1"), rate);
+    let pct = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(100.0 * a / b),
+        _ => None,
+    };
+    out.push_str(&format!(
+        "| `bench socks5`: a SOCKS5 proxy with no tunnel, new connections/s, sequential | {} | — | — | — | — | — | {}% of direct: what SOCKS5 itself leaves |\n",
+        fmt_value(plain, 0),
+        fmt_value(pct(plain, direct), 0)
+    ));
+    out.push_str(&format!(
+        "| new connections/s, sequential ÷ `bench socks5` (%) | — | {} | {} | — | — | — | what the tunnel keeps of plain SOCKS5 |\n",
+        fmt_value(pct(median(runs("colocated", "connect1"), rate), plain), 0),
+        fmt_value(pct(median(runs("twohop", "connect1"), rate), plain), 0)
+    ));
+
     // The swarm ran against a standalone relay with etcd and a gateway: the two-hop setup.
     let swarm = runs("swarm", "swarm").last();
     let rss = runs("swarm", "relay_rss").last();
@@ -499,6 +519,18 @@ mod tests {
         expect_row("| round trip p50 (µs) | 20.0 | 80.0 | — | 4.00× | — | — |");
         expect_row("| throughput, 1 connection ÷ QUIC ceiling (%) | — | 50 | 38 |");
         expect_row("| errors (all runs on this path) | 0 | 1 | 0 |");
+        let with_plain = format!(
+            "{lines}\n{}\n{}\n{}",
+            r#"{"path":"direct","test":"connect1","result":{"connections_per_s":4000.0}}"#,
+            r#"{"path":"socks5","test":"connect1","result":{"connections_per_s":1600.0}}"#,
+            r#"{"path":"colocated","test":"connect1","result":{"connections_per_s":1200.0}}"#
+        );
+        let t = table(&with_plain).unwrap();
+        assert!(t.contains("no tunnel, new connections/s, sequential | 1600 | — | — | — | — | — | 40% of direct"), "{t}");
+        assert!(
+            t.contains("| new connections/s, sequential ÷ `bench socks5` (%) | — | 75 | — |"),
+            "{t}"
+        );
         assert!(table("not json").is_err());
     }
 }

@@ -18,7 +18,6 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use postern::agent::{Agent, AgentHandle};
 use postern::cert::Bundle;
 use postern::config::{AgentConfig, ServerConfig, Transport};
 use postern::protocol::{self, Hello, Message};
@@ -392,37 +391,6 @@ connect_timeout = "2s"
         let file = postern::config::parse_toml(&self.toml(), Path::new("agent.toml"))
             .expect("agent TOML parses");
         AgentConfig::from_file(file).expect("agent TOML converts")
-    }
-}
-
-/// An in-process agent. Dropping it shuts it down.
-pub struct TestAgent {
-    pub handle: AgentHandle,
-    shutdown: CancellationToken,
-    _task: AbortOnDrop<anyhow::Result<()>>,
-}
-
-impl TestAgent {
-    pub fn start(config: AgentConfig) -> Self {
-        let agent = Agent::new(config).expect("agent config");
-        let handle = agent.handle();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(agent.run(shutdown.clone()));
-        TestAgent {
-            handle,
-            shutdown,
-            _task: AbortOnDrop(task),
-        }
-    }
-
-    pub async fn wait_up(&mut self) {
-        within(READY, "agent tunnel up", self.handle.wait_tunnels(1)).await;
-    }
-}
-
-impl Drop for TestAgent {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
     }
 }
 

@@ -11,6 +11,10 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use postern::agent::{Agent, AgentHandle};
+use postern::config::AgentConfig;
 
 /// How often conditions are polled.
 pub const POLL: Duration = Duration::from_millis(10);
@@ -71,6 +75,38 @@ pub struct AbortOnDrop<T>(pub JoinHandle<T>);
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+/// An agent running in a task of this process; stopped when dropped.
+pub struct TestAgent {
+    pub handle: AgentHandle,
+    shutdown: CancellationToken,
+    _task: AbortOnDrop<anyhow::Result<()>>,
+}
+
+impl TestAgent {
+    pub fn start(config: AgentConfig) -> Self {
+        let agent = Agent::new(config).expect("agent config");
+        let handle = agent.handle();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(agent.run(shutdown.clone()));
+        TestAgent {
+            handle,
+            shutdown,
+            _task: AbortOnDrop(task),
+        }
+    }
+
+    /// Waits until the agent has its first tunnel.
+    pub async fn wait_up(&mut self) {
+        within(READY, "agent tunnel up", self.handle.wait_tunnels(1)).await;
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
     }
 }
 

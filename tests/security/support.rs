@@ -20,7 +20,6 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use postern::admin::AdminState;
-use postern::agent::{Agent, AgentHandle};
 use postern::cert::{Bundle, Kind};
 use postern::config::{
     AgentConfig, AgentCredential, GatewayConfig, RegistryConfig, RelayConfig, ServerConfig,
@@ -309,33 +308,6 @@ impl Stack {
 }
 
 impl Drop for Stack {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
-/// An agent running in a task; stopped when dropped.
-pub struct TestAgent {
-    pub handle: AgentHandle,
-    shutdown: CancellationToken,
-    _task: AbortOnDrop<anyhow::Result<()>>,
-}
-
-impl TestAgent {
-    pub fn start(config: AgentConfig) -> Self {
-        let agent = Agent::new(config).expect("agent config");
-        let handle = agent.handle();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(agent.run(shutdown.clone()));
-        TestAgent {
-            handle,
-            shutdown,
-            _task: AbortOnDrop(task),
-        }
-    }
-}
-
-impl Drop for TestAgent {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }

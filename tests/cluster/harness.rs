@@ -376,6 +376,7 @@ impl Load {
                 results.push((started, outcome));
                 counter.fetch_add(1, Ordering::SeqCst);
                 i += 1;
+                // Pacing: a steady stream of transfers, not a flood that would measure the machine.
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             results

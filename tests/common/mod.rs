@@ -437,22 +437,9 @@ impl Service {
         self.accepted.load(Ordering::SeqCst)
     }
 
-    /// Asserts nothing but our own probe ever reached this listener. The probe is accepted after
-    /// any connection queued before it (the accept queue is FIFO), so "only the probe" is a real
-    /// "never dialled", not a race with the accept task.
+    /// Asserts nothing but our own probe ever reached this listener (see [`assert_only_probe`]).
     pub async fn assert_never_dialled(&self, what: &str) {
-        let before = self.accepted();
-        let probe = within(IO, "probe connect", TcpStream::connect(self.addr))
-            .await
-            .expect("probe connects");
-        let accepted = self.accepted.clone();
-        wait_until(IO, "probe accepted", || {
-            accepted.load(Ordering::SeqCst) > before
-        })
-        .await;
-        drop(probe);
-        assert_eq!(before, 0, "{what}: the target was dialled");
-        assert_eq!(self.accepted(), 1, "{what}: the target was dialled");
+        assert_only_probe(self.addr, &self.accepted, what).await;
     }
 }
 

@@ -6,6 +6,8 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -76,6 +78,27 @@ impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// Asserts nothing but our own probe ever reached the listener at `addr`, whose accept loop counts
+/// into `accepted`. The probe is accepted after any connection queued before it (the accept queue
+/// is FIFO), so "only the probe" is a real "never dialled", not a race with the accept task.
+pub async fn assert_only_probe(addr: SocketAddr, accepted: &Arc<AtomicUsize>, what: &str) {
+    let before = accepted.load(Ordering::SeqCst);
+    let probe = within(IO, "probe connect", TcpStream::connect(addr))
+        .await
+        .expect("probe connects");
+    wait_until(IO, "probe accepted", || {
+        accepted.load(Ordering::SeqCst) > before
+    })
+    .await;
+    drop(probe);
+    assert_eq!(before, 0, "{what}: the target at {addr} was dialled");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "{what}: the target at {addr} was dialled"
+    );
 }
 
 /// An agent running in a task of this process; stopped when dropped.

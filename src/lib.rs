@@ -25,6 +25,7 @@ pub mod cert;
 pub mod config;
 pub mod demo;
 pub mod gateway;
+pub mod logging;
 pub mod metrics;
 pub mod protocol;
 pub mod registry;

@@ -38,6 +38,15 @@ enum LogFormat {
     Json,
 }
 
+impl From<LogFormat> for postern::logging::Format {
+    fn from(format: LogFormat) -> Self {
+        match format {
+            LogFormat::Text => postern::logging::Format::Text,
+            LogFormat::Json => postern::logging::Format::Json,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run an agent: keep tunnels to the relays, serve this host's exposed ports.
@@ -148,7 +157,8 @@ enum CertCommand {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    let log_format = postern::logging::Format::from(cli.log_format);
+    postern::logging::init(log_format);
     postern::tls::install_crypto_provider();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.worker_threads(
@@ -159,14 +169,14 @@ fn main() -> std::process::ExitCode {
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(err) => {
-            eprintln!("postern: cannot start the runtime: {err}");
+            postern::logging::fatal(log_format, &format!("cannot start the runtime: {err}"));
             return std::process::ExitCode::FAILURE;
         }
     };
     match runtime.block_on(run(cli.command)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("postern: {err:#}");
+            postern::logging::fatal(log_format, &format!("{err:#}"));
             std::process::ExitCode::FAILURE
         }
     }
@@ -467,16 +477,4 @@ fn shutdown_on_signal() -> CancellationToken {
         }
     });
     token
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
 }

@@ -145,8 +145,14 @@ fn credentials(
         );
         resp
     };
+    let refused = |user: Option<&str>, code: Code| {
+        super::log_login_refused(Front::Http, addr, user, code);
+    };
     let Some(value) = req.headers().get(header::PROXY_AUTHORIZATION) else {
-        return gateway.access.anonymous(addr).map_err(|_| challenge());
+        return gateway.access.anonymous(addr).map_err(|code| {
+            refused(None, code);
+            challenge()
+        });
     };
     let decoded = value
         .to_str()
@@ -162,14 +168,18 @@ fn credentials(
         })
         .and_then(|raw| String::from_utf8(raw).ok());
     let Some((login, password)) = decoded.as_deref().and_then(|s| s.split_once(':')) else {
+        refused(None, Code::Unauthorized);
         return Err(challenge());
     };
     gateway
         .access
         .authenticate(addr, login, password)
-        .map_err(|code| match code {
-            Code::Unauthorized => challenge(),
-            other => refusal(other, &Requested::Name(login.to_string(), 0)),
+        .map_err(|code| {
+            refused(Some(login), code);
+            match code {
+                Code::Unauthorized => challenge(),
+                other => refusal(other, &Requested::Name(login.to_string(), 0)),
+            }
         })
 }
 

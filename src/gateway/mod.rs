@@ -278,6 +278,23 @@ fn log_refused(front: Front, client: &Client, requested: &Requested, code: Code)
         reason = code.describe(), "refused");
 }
 
+/// The access log line and count for a client turned away before it named a target: a wrong or
+/// missing password (`unauthorized`), a client address outside the allowlist (`not_allowed`).
+/// `user` is the login the client offered, if any.
+fn log_login_refused(front: Front, client: SocketAddr, user: Option<&str>, code: Code) {
+    crate::metrics::metrics()
+        .client_connections
+        .get_or_create(&crate::metrics::FrontResult {
+            front: front.as_str(),
+            result: crate::metrics::code_label(code),
+        })
+        .inc();
+    tracing::info!(target: "postern::access", client = %client, user = user.unwrap_or("-"),
+        front = front.as_str(), target = "-", namespace = "-", agent_id = "-", relay_id = "-",
+        bytes_up = 0u64, bytes_down = 0u64, duration_ms = 0u64, result = crate::metrics::code_label(code),
+        reason = code.describe(), "refused");
+}
+
 /// Carries an opened tunnel stream with `splice` (given the stream pair), then writes the access
 /// log line; the relay's in-flight guard is held until the splice ends.
 async fn carry_with<F, Fut>(

@@ -75,12 +75,19 @@ pub async fn serve<S: ClientStream>(gateway: Arc<Gateway>, stream: S, addr: Sock
     let buffered = tokio::io::BufReader::with_capacity(HANDSHAKE_BUFFER, stream);
     let handshake = async {
         let (proto, client) = authenticate(&gateway, buffered, addr).await?;
-        let (proto, cmd, target) = proto.read_command().await.map_err(|e| e.to_string())?;
-        Ok::<_, String>((proto, client, cmd, target))
+        let (proto, cmd, target) = proto
+            .read_command()
+            .await
+            .map_err(|e| Failed::Protocol(e.to_string()))?;
+        Ok::<_, Failed>((proto, client, cmd, target))
     };
     let (proto, client, cmd, target) = match tokio::time::timeout(deadline, handshake).await {
         Ok(Ok(parts)) => parts,
-        Ok(Err(err)) => {
+        Ok(Err(Failed::Refused { user, code })) => {
+            super::log_login_refused(Front::Socks5, addr, user.as_deref(), code);
+            return;
+        }
+        Ok(Err(Failed::Protocol(err))) => {
             tracing::debug!(client = %addr, %err, "socks5 handshake failed");
             return;
         }
@@ -130,6 +137,15 @@ pub async fn serve<S: ClientStream>(gateway: Arc<Gateway>, stream: S, addr: Sock
 
 type Authenticated<S> = Socks5ServerProtocol<S, fast_socks5::server::states::Authenticated>;
 
+/// Why a SOCKS5 handshake ended without a request.
+enum Failed {
+    /// The client was turned away at the door (wrong or missing password, address not allowed):
+    /// logged in the access log and counted, as every refusal is.
+    Refused { user: Option<String>, code: Code },
+    /// The client broke the protocol or left; logged at debug level only.
+    Protocol(String),
+}
+
 /// Negotiates authentication. With users configured only username/password is offered. Without,
 /// no-auth is preferred, and a client that offers only username/password (to pick a namespace as
 /// `any@namespace`) is accepted with any password.
@@ -137,8 +153,9 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     gateway: &Gateway,
     stream: S,
     addr: SocketAddr,
-) -> Result<(Authenticated<S>, Client), String> {
-    let methods: &[StandardAuthentication] = if gateway.access.requires_password() {
+) -> Result<(Authenticated<S>, Client), Failed> {
+    let requires_password = gateway.access.requires_password();
+    let methods: &[StandardAuthentication] = if requires_password {
         &[StandardAuthentication::PasswordAuthentication(
             PasswordAuthentication,
         )]
@@ -148,34 +165,50 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
             StandardAuthentication::PasswordAuthentication(PasswordAuthentication),
         ]
     };
-    let started = Socks5ServerProtocol::start(stream)
+    let started = match Socks5ServerProtocol::start(stream)
         .negotiate_auth(methods)
         .await
-        .map_err(|e| e.to_string())?;
+    {
+        Ok(started) => started,
+        // A client that offers no method we accept: with users configured, that is a client
+        // without a password.
+        Err(fast_socks5::server::SocksServerError::AuthMethodUnacceptable(_))
+            if requires_password =>
+        {
+            return Err(Failed::Refused {
+                user: None,
+                code: Code::Unauthorized,
+            })
+        }
+        Err(e) => return Err(Failed::Protocol(e.to_string())),
+    };
     match started {
         StandardAuthenticationStarted::NoAuthentication(auth) => {
             let client = gateway
                 .access
                 .anonymous(addr)
-                .map_err(|c| c.describe().to_string())?;
+                .map_err(|code| Failed::Refused { user: None, code })?;
             Ok((auth.finish_auth(), client))
         }
         StandardAuthenticationStarted::PasswordAuthentication(auth) => {
             let (user, password, auth) = auth
                 .read_username_password()
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| Failed::Protocol(e.to_string()))?;
             match gateway.access.authenticate(addr, &user, &password) {
                 Ok(client) => Ok((
                     auth.accept()
                         .await
-                        .map_err(|e| e.to_string())?
+                        .map_err(|e| Failed::Protocol(e.to_string()))?
                         .finish_auth(),
                     client,
                 )),
-                Err(_) => {
+                Err(code) => {
                     let _ = auth.reject().await;
-                    Err(format!("wrong credentials for user {user:?}"))
+                    Err(Failed::Refused {
+                        user: Some(user),
+                        code,
+                    })
                 }
             }
         }

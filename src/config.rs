@@ -27,6 +27,163 @@ pub enum Error {
     Invalid { key: String, message: String },
     #[error("{key}: {source}")]
     Tls { key: String, source: tls::Error },
+    /// Several independent sections are wrong: each error on its own line, so one run of
+    /// `postern check` shows them all.
+    #[error("{}", join_errors(.0))]
+    Several(Vec<Error>),
+}
+
+fn join_errors(errors: &[Error]) -> String {
+    let lines: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+    format!("{} errors:\n  {}", errors.len(), lines.join("\n  "))
+}
+
+/// Gathers the results of converting independent sections, so that every wrong section is reported
+/// at once instead of only the first.
+#[derive(Default)]
+struct Errors(Vec<Error>);
+
+impl Errors {
+    fn take<T>(&mut self, result: Result<T, Error>) -> Option<T> {
+        match result {
+            Ok(value) => Some(value),
+            Err(Error::Several(errors)) => {
+                self.0.extend(errors);
+                None
+            }
+            Err(err) => {
+                self.0.push(err);
+                None
+            }
+        }
+    }
+
+    fn finish(mut self) -> Result<(), Error> {
+        match self.0.len() {
+            0 => Ok(()),
+            1 => Err(self.0.remove(0)),
+            _ => Err(Error::Several(self.0)),
+        }
+    }
+}
+
+/// The transport a listener uses; a TCP and a UDP socket may share an address and port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+/// One socket a role will open, named by its config key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Listener {
+    pub key: &'static str,
+    /// What it serves, for `postern check`'s summary.
+    pub serves: &'static str,
+    pub protocol: Protocol,
+    pub addr: SocketAddr,
+}
+
+impl std::fmt::Display for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let protocol = match self.protocol {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        };
+        write!(
+            f,
+            "{:<18} {protocol} {:<22} {}",
+            self.key,
+            self.addr.to_string(),
+            self.serves
+        )
+    }
+}
+
+/// Whether two listeners would fight over one socket: same protocol and port (0 picks a free one)
+/// on the same address, or with either on a wildcard address (which takes the port on every
+/// address; on Linux `[::]` takes IPv4 too).
+fn clash(a: &Listener, b: &Listener) -> bool {
+    a.protocol == b.protocol
+        && a.addr.port() != 0
+        && a.addr.port() == b.addr.port()
+        && (a.addr.ip() == b.addr.ip()
+            || a.addr.ip().is_unspecified()
+            || b.addr.ip().is_unspecified())
+}
+
+/// Refuses a config whose listeners clash: the process would fail at start with "Address already
+/// in use" (and a supervisor restart it for ever); `postern check` says which keys instead.
+fn check_listeners(listeners: &[Listener]) -> Result<(), Error> {
+    let mut errors = Errors::default();
+    for (i, a) in listeners.iter().enumerate() {
+        for b in &listeners[i + 1..] {
+            if clash(a, b) {
+                errors.take::<()>(Err(invalid(
+                    b.key,
+                    format!(
+                        "{} clashes with {} ({}): two listeners cannot share a {} port",
+                        b.addr,
+                        a.key,
+                        a.addr,
+                        if a.protocol == Protocol::Tcp {
+                            "TCP"
+                        } else {
+                            "UDP"
+                        }
+                    ),
+                )));
+            }
+        }
+    }
+    errors.finish()
+}
+
+fn relay_listeners(relay: &RelayConfig, out: &mut Vec<Listener>) {
+    out.push(Listener {
+        key: "relay.listen",
+        serves: "agent tunnels (QUIC)",
+        protocol: Protocol::Udp,
+        addr: relay.listen,
+    });
+    if let Some(peer) = &relay.peer {
+        out.push(Listener {
+            key: "relay.peer_listen",
+            serves: "gateways and relays forwarding (QUIC, mTLS)",
+            protocol: Protocol::Udp,
+            addr: peer.listen,
+        });
+    }
+}
+
+fn gateway_listeners(gateway: &GatewayConfig, out: &mut Vec<Listener>) {
+    if let Some(addr) = gateway.socks5 {
+        out.push(Listener {
+            key: "gateway.socks5",
+            serves: "SOCKS5 proxy",
+            protocol: Protocol::Tcp,
+            addr,
+        });
+    }
+    if let Some(addr) = gateway.http {
+        out.push(Listener {
+            key: "gateway.http",
+            serves: "HTTP proxy",
+            protocol: Protocol::Tcp,
+            addr,
+        });
+    }
+}
+
+fn admin_listener(admin: Option<SocketAddr>, out: &mut Vec<Listener>) {
+    if let Some(addr) = admin {
+        out.push(Listener {
+            key: "admin.listen",
+            serves: "admin: /healthz /readyz /metrics /api, status page",
+            protocol: Protocol::Tcp,
+            addr,
+        });
+    }
 }
 
 fn invalid(key: &str, message: impl Into<String>) -> Error {
@@ -1136,17 +1293,45 @@ impl ServerConfig {
     }
 
     pub fn from_file(f: ServerFile) -> Result<Self, Error> {
-        let peer = f.peer.map(PeerConfig::from_file).transpose()?;
-        let registry = RegistryConfig::from_file(f.registry)?;
-        let relay = RelayConfig::from_file(f.relay)?;
-        check_cluster(&registry, &relay, peer.as_ref(), true)?;
-        Ok(ServerConfig {
+        let mut errors = Errors::default();
+        let peer = errors.take(f.peer.map(PeerConfig::from_file).transpose());
+        let registry = errors.take(RegistryConfig::from_file(f.registry));
+        let relay = errors.take(RelayConfig::from_file(f.relay));
+        let gateway = errors.take(GatewayConfig::from_file(f.gateway));
+        let admin = errors.take(admin(f.admin, ADMIN_DEFAULT));
+        let (Some(peer), Some(registry), Some(relay), Some(gateway), Some(admin)) =
+            (peer, registry, relay, gateway, admin)
+        else {
+            return Err(errors
+                .finish()
+                .err()
+                .unwrap_or_else(|| invalid("(config)", "invalid")));
+        };
+        let config = ServerConfig {
             relay,
-            gateway: GatewayConfig::from_file(f.gateway)?,
+            gateway,
             peer,
             registry,
-            admin: admin(f.admin, ADMIN_DEFAULT)?,
-        })
+            admin,
+        };
+        errors.take(check_cluster(
+            &config.registry,
+            &config.relay,
+            config.peer.as_ref(),
+            true,
+        ));
+        errors.take(check_listeners(&config.listeners()));
+        errors.finish()?;
+        Ok(config)
+    }
+
+    /// Every socket the server opens.
+    pub fn listeners(&self) -> Vec<Listener> {
+        let mut out = Vec::new();
+        relay_listeners(&self.relay, &mut out);
+        gateway_listeners(&self.gateway, &mut out);
+        admin_listener(self.admin, &mut out);
+        out
     }
 }
 
@@ -1220,17 +1405,44 @@ impl RelayRoleConfig {
     }
 
     pub fn from_file(f: RelayRoleFile) -> Result<Self, Error> {
-        let peer = f.peer.map(PeerConfig::from_file).transpose()?;
-        let registry = RegistryConfig::from_file(f.registry)?;
-        require_shared_registry(&registry, "relay")?;
-        let relay = RelayConfig::from_file(f.relay)?;
-        check_cluster(&registry, &relay, peer.as_ref(), false)?;
-        Ok(RelayRoleConfig {
+        let mut errors = Errors::default();
+        let peer = errors.take(f.peer.map(PeerConfig::from_file).transpose());
+        let registry = errors.take(
+            RegistryConfig::from_file(f.registry)
+                .and_then(|r| require_shared_registry(&r, "relay").map(|()| r)),
+        );
+        let relay = errors.take(RelayConfig::from_file(f.relay));
+        let admin = errors.take(admin(f.admin, ADMIN_DEFAULT));
+        let (Some(peer), Some(registry), Some(relay), Some(admin)) = (peer, registry, relay, admin)
+        else {
+            return Err(errors
+                .finish()
+                .err()
+                .unwrap_or_else(|| invalid("(config)", "invalid")));
+        };
+        let config = RelayRoleConfig {
             relay,
             peer,
             registry,
-            admin: admin(f.admin, ADMIN_DEFAULT)?,
-        })
+            admin,
+        };
+        errors.take(check_cluster(
+            &config.registry,
+            &config.relay,
+            config.peer.as_ref(),
+            false,
+        ));
+        errors.take(check_listeners(&config.listeners()));
+        errors.finish()?;
+        Ok(config)
+    }
+
+    /// Every socket the relay opens.
+    pub fn listeners(&self) -> Vec<Listener> {
+        let mut out = Vec::new();
+        relay_listeners(&self.relay, &mut out);
+        admin_listener(self.admin, &mut out);
+        out
     }
 }
 
@@ -1260,21 +1472,47 @@ impl GatewayRoleConfig {
     }
 
     pub fn from_file(f: GatewayRoleFile) -> Result<Self, Error> {
-        let peer = PeerConfig::from_file(f.peer)?;
-        if peer.identity.is_none() {
-            return Err(invalid(
-                "peer.cert",
-                "a gateway needs a peer certificate to forward through relays",
-            ));
-        }
-        let registry = RegistryConfig::from_file(f.registry)?;
-        require_shared_registry(&registry, "gateway")?;
-        Ok(GatewayRoleConfig {
-            gateway: GatewayConfig::from_file(f.gateway)?,
+        let mut errors = Errors::default();
+        let peer = errors.take(PeerConfig::from_file(f.peer).and_then(|peer| {
+            if peer.identity.is_none() {
+                return Err(invalid(
+                    "peer.cert",
+                    "a gateway needs a peer certificate to forward through relays",
+                ));
+            }
+            Ok(peer)
+        }));
+        let registry = errors.take(
+            RegistryConfig::from_file(f.registry)
+                .and_then(|r| require_shared_registry(&r, "gateway").map(|()| r)),
+        );
+        let gateway = errors.take(GatewayConfig::from_file(f.gateway));
+        let admin = errors.take(admin(f.admin, ADMIN_DEFAULT));
+        let (Some(peer), Some(registry), Some(gateway), Some(admin)) =
+            (peer, registry, gateway, admin)
+        else {
+            return Err(errors
+                .finish()
+                .err()
+                .unwrap_or_else(|| invalid("(config)", "invalid")));
+        };
+        let config = GatewayRoleConfig {
+            gateway,
             peer,
             registry,
-            admin: admin(f.admin, ADMIN_DEFAULT)?,
-        })
+            admin,
+        };
+        errors.take(check_listeners(&config.listeners()));
+        errors.finish()?;
+        Ok(config)
+    }
+
+    /// Every socket the gateway opens.
+    pub fn listeners(&self) -> Vec<Listener> {
+        let mut out = Vec::new();
+        gateway_listeners(&self.gateway, &mut out);
+        admin_listener(self.admin, &mut out);
+        out
     }
 }
 
@@ -1322,45 +1560,62 @@ pub fn check(path: &Path, role: Option<Role>) -> Result<String, Error> {
             format!("etcd registry ({} endpoint(s))", endpoints.len())
         }
     };
-    match role {
+    let listening = |listeners: Vec<Listener>| {
+        if listeners.is_empty() {
+            return "\nno listeners".to_string();
+        }
+        let mut text = String::from("\nlisteners:");
+        for l in listeners {
+            text.push_str(&format!("\n  {l}"));
+        }
+        text
+    };
+    let summary = match role {
         Role::Agent => {
             let c = AgentConfig::from_file(parse_toml(&text, path)?)?;
-            Ok(format!(
-                "agent config OK: id {}, namespace {}, {} relay endpoint(s), {} port range(s)",
+            let mut listeners = Vec::new();
+            admin_listener(c.admin, &mut listeners);
+            format!(
+                "agent config OK: id {}, namespace {}, {} relay endpoint(s), {} port range(s){}",
                 c.id,
                 c.namespace,
                 c.relays.len(),
-                c.ports.len()
-            ))
+                c.ports.len(),
+                listening(listeners)
+            )
         }
         Role::Server => {
             let c = ServerConfig::from_file(parse_toml(&text, path)?)?;
-            Ok(format!(
-                "server config OK: relay {} on {}, {} agent credential(s), socks5 {}, {}",
+            format!(
+                "server config OK: relay {} on {}, {} agent credential(s), socks5 {}, {}{}",
                 c.relay.id,
                 c.relay.listen,
                 c.relay.agents.len(),
                 socks(&c.gateway),
-                registry(&c.registry)
-            ))
+                registry(&c.registry),
+                listening(c.listeners())
+            )
         }
         Role::Relay => {
             let c = RelayRoleConfig::from_file(parse_toml(&text, path)?)?;
-            Ok(format!(
-                "relay config OK: relay {} on {}, {} agent credential(s), {}",
+            format!(
+                "relay config OK: relay {} on {}, {} agent credential(s), {}{}",
                 c.relay.id,
                 c.relay.listen,
                 c.relay.agents.len(),
-                registry(&c.registry)
-            ))
+                registry(&c.registry),
+                listening(c.listeners())
+            )
         }
         Role::Gateway => {
             let c = GatewayRoleConfig::from_file(parse_toml(&text, path)?)?;
-            Ok(format!(
-                "gateway config OK: socks5 {}, {}",
+            format!(
+                "gateway config OK: socks5 {}, {}{}",
                 socks(&c.gateway),
-                registry(&c.registry)
-            ))
+                registry(&c.registry),
+                listening(c.listeners())
+            )
         }
-    }
+    };
+    Ok(summary)
 }

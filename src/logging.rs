@@ -52,8 +52,33 @@ fn colour_wanted() -> bool {
 pub fn fatal(format: Format, err: &dyn fmt::Display) {
     match format {
         Format::Json => tracing::error!(target: "postern", error = %err, "fatal error; exiting"),
-        Format::Text => eprintln!("postern: {}", escape(&err.to_string())),
+        Format::Text => {
+            // Several config errors come one per line; each line is escaped on its own.
+            let text = err.to_string();
+            let lines: Vec<_> = text.lines().map(escape).collect();
+            eprintln!("postern: {}", lines.join("\n"));
+        }
     }
+}
+
+/// An error and its causes as one line, `outer: cause: root`, leaving out a cause whose text the
+/// line already ends with: many errors include their source in their own message (`cannot read F:
+/// No such file`), and printing the chain as well would say it twice.
+pub fn chain<'a>(
+    errors: impl IntoIterator<Item = &'a (dyn std::error::Error + 'static)>,
+) -> String {
+    let mut line = String::new();
+    for err in errors {
+        let text = err.to_string();
+        if line.ends_with(&text) || line.contains(&format!("{text}: ")) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 /// `text` with every control character (newline, carriage return, ESC, DEL, C1 controls …)
@@ -144,5 +169,18 @@ mod tests {
             "x\\n2026-11-25T00:00:00Z  INFO postern::access: result=ok\\u{1b}[2K\\r"
         );
         assert_eq!(escape("a\u{7f}\u{85}b"), "a\\u{7f}\\u{85}b");
+    }
+
+    #[test]
+    fn a_cause_already_in_the_message_is_not_repeated() {
+        let root = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
+        let err = anyhow::Error::new(root).context("cannot read /x: No such file");
+        let err = err.context("peer.ca");
+        assert_eq!(
+            super::chain(err.chain()),
+            "peer.ca: cannot read /x: No such file"
+        );
+        let err = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(super::chain(err.chain()), "outer: inner");
     }
 }

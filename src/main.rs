@@ -126,28 +126,37 @@ enum CheckRole {
 enum CertCommand {
     /// Create a CA (ca.pem, ca-key.pem) in a directory.
     Ca {
+        /// Directory to write ca.pem and ca-key.pem into (created when missing).
         #[arg(long)]
         out: PathBuf,
+        /// The CA's common name.
         #[arg(long, default_value = "postern CA")]
         name: String,
     },
     /// Issue a relay, peer or agent certificate signed by the CA in --ca-dir.
     Issue {
+        /// What the certificate is for; a relay refuses a certificate of the wrong kind.
         #[arg(long, value_enum)]
         kind: postern::cert::Kind,
+        /// Common name, and the file names written: NAME.pem and NAME-key.pem. For an agent, its
+        /// agent id.
         #[arg(long)]
         name: String,
+        /// Directory holding the CA (ca.pem, ca-key.pem) made by `postern cert ca`.
         #[arg(long)]
         ca_dir: PathBuf,
         /// Output directory (default: the CA directory).
         #[arg(long)]
         out: Option<PathBuf>,
-        /// DNS names (SANs).
+        /// DNS name (SAN), repeatable: the names clients verify (a relay's VIP name; agents
+        /// dial relays by it as `server_name`).
         #[arg(long)]
         dns: Vec<String>,
-        /// IP addresses (SANs; for agents, the addresses they may claim).
+        /// IP address (SAN), repeatable: for a relay reached by IP (a VIP without a name); for
+        /// an agent, the addresses it may claim.
         #[arg(long)]
         ip: Vec<std::net::IpAddr>,
+        /// Validity in days from now.
         #[arg(long, default_value_t = 365)]
         days: u32,
     },
@@ -176,7 +185,7 @@ fn main() -> std::process::ExitCode {
     match runtime.block_on(run(cli.command)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            postern::logging::fatal(log_format, &format!("{err:#}"));
+            postern::logging::fatal(log_format, &postern::logging::chain(err.chain()));
             std::process::ExitCode::FAILURE
         }
     }

@@ -119,3 +119,147 @@ fn protoc_finds_the_well_known_includes() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+fn check(config: &Path) -> (bool, String, String) {
+    let out = Command::new(crate::support::BIN)
+        .args(["check", "--config"])
+        .arg(config)
+        .output()
+        .expect("postern check");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// Issue 10.4: clashing listeners are refused by `postern check` (and so at start), naming both
+/// keys: admin == gateway.http (TCP), relay.peer_listen == relay.listen (UDP), and a wildcard
+/// address against a specific one. A TCP and a UDP listener on one port do not clash.
+#[test]
+fn check_refuses_clashing_listeners_and_lists_the_ones_it_will_open() {
+    let w = crate::support::Workdir::new("check");
+    let good = crate::support::server_toml(&w, 74, &[], "1s")
+        .replace(
+            "listen = \"127.0.0.1:0\"\ncert",
+            "listen = \"127.0.0.1:4433\"\npeer_listen = \"127.0.0.1:4434\"\ncert",
+        )
+        .replace(
+            "socks5 = \"127.0.0.1:0\"",
+            "socks5 = \"127.0.0.1:1080\"\nhttp = \"127.0.0.1:8080\"",
+        )
+        .replace(
+            "[admin]\nlisten = \"127.0.0.1:0\"",
+            "[admin]\nlisten = \"127.0.0.1:4433\"",
+        )
+        + &format!("[peer]\nca = \"{}\"\n", w.pki.ca.display());
+    let config = w.write("good.toml", &good);
+    let (ok, stdout, stderr) = check(&config);
+    assert!(
+        ok,
+        "a config without clashes (admin TCP 4433 beside relay UDP 4433): {stderr}"
+    );
+    for listener in [
+        "relay.listen       UDP 127.0.0.1:4433",
+        "relay.peer_listen  UDP 127.0.0.1:4434",
+        "gateway.socks5     TCP 127.0.0.1:1080",
+        "gateway.http       TCP 127.0.0.1:8080",
+        "admin.listen       TCP 127.0.0.1:4433",
+    ] {
+        assert!(
+            stdout.contains(listener),
+            "{listener:?} not listed in:\n{stdout}"
+        );
+    }
+
+    for (name, from, to, message) in [
+        (
+            "admin-http",
+            "[admin]\nlisten = \"127.0.0.1:4433\"",
+            "[admin]\nlisten = \"127.0.0.1:8080\"",
+            "admin.listen: 127.0.0.1:8080 clashes with gateway.http (127.0.0.1:8080)",
+        ),
+        (
+            "peer-listen",
+            "peer_listen = \"127.0.0.1:4434\"",
+            "peer_listen = \"127.0.0.1:4433\"",
+            "relay.peer_listen: 127.0.0.1:4433 clashes with relay.listen (127.0.0.1:4433)",
+        ),
+        (
+            "wildcard",
+            "socks5 = \"127.0.0.1:1080\"",
+            "socks5 = \"0.0.0.0:8080\"",
+            "gateway.http: 127.0.0.1:8080 clashes with gateway.socks5 (0.0.0.0:8080)",
+        ),
+    ] {
+        assert!(good.contains(from), "{from}");
+        let config = w.write(&format!("{name}.toml"), &good.replace(from, to));
+        let (ok, _, stderr) = check(&config);
+        assert!(!ok, "{name}: accepted");
+        assert!(
+            stderr.contains(message),
+            "{name}: {message:?} not in {stderr}"
+        );
+    }
+}
+
+/// Issue 10.13: `postern check` reports every wrong section of a file at once, and no error says
+/// the same thing twice.
+#[test]
+fn check_reports_all_errors_at_once_without_repeating_itself() {
+    let w = crate::support::Workdir::new("check-all");
+    let bad = crate::support::server_toml(&w, 75, &[], "1s")
+        .replace(
+            &w.pki.relay_cert.display().to_string(),
+            "/nonexistent/relay.pem",
+        )
+        .replace("socks5 = \"127.0.0.1:0\"", "socks5 = \"not-an-address\"")
+        .replace(
+            "[admin]\nlisten = \"127.0.0.1:0\"",
+            "[admin]\nlisten = \"nowhere\"",
+        );
+    let (ok, _, stderr) = check(&w.write("bad.toml", &bad));
+    assert!(!ok);
+    for key in ["3 errors", "relay.cert", "gateway.socks5", "admin.listen"] {
+        assert!(stderr.contains(key), "{key:?} not in {stderr}");
+    }
+    let (ok, _, stderr) = check(Path::new("/nonexistent/postern.toml"));
+    assert!(!ok);
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "the cause is repeated: {stderr}"
+    );
+    assert_eq!(
+        stderr.matches("/nonexistent/relay.pem").count(),
+        0,
+        "{stderr}"
+    );
+}
+
+/// Issue 10.13: `postern cert issue --help` describes every option.
+#[test]
+fn cert_issue_help_describes_every_option() {
+    let out = Command::new(crate::support::BIN)
+        .args(["cert", "issue", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout).to_string();
+    let lines: Vec<&str> = help.lines().collect();
+    let mut options = 0;
+    for (i, line) in lines.iter().enumerate() {
+        let trimmed = line.trim_start();
+        if !trimmed.starts_with("--")
+            || trimmed.starts_with("--log-format")
+            || trimmed.starts_with("--worker-threads")
+        {
+            continue;
+        }
+        options += 1;
+        let described = lines
+            .get(i + 1)
+            .is_some_and(|next| !next.trim().is_empty() && next.starts_with("          "));
+        assert!(described, "{trimmed:?} has no description in:\n{help}");
+    }
+    assert!(options >= 7, "too few options found in:\n{help}");
+}

@@ -156,7 +156,13 @@ impl Shared {
                     _ = tokio::time::sleep(self.config.reconnect_max.min(Duration::from_secs(5))) => continue,
                 }
             }
-            match self.dial().await {
+            // A dial (DNS, QUIC handshake, Hello) can take DIAL_TIMEOUT per relay address; a
+            // signal must not wait for it: dropping the dial drops its endpoint and socket.
+            let dialled = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                dialled = self.dial() => dialled,
+            };
+            match dialled {
                 Ok(tunnel) => {
                     self.live_relays
                         .store(tunnel.welcome.live_relays, Ordering::Relaxed);

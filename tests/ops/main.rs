@@ -4,6 +4,7 @@
 //! Each test uses its own agent address range 127.N.0.0/16.
 
 mod deploy;
+mod lifecycle;
 mod logs;
 mod newcomer;
 #[path = "../process/mod.rs"]

@@ -935,3 +935,36 @@ fn containerfile_fits_the_repository_and_the_manifests() {
         }
     }
 }
+
+/// Issue 10.9: a Service that brings clients to a gateway front door from outside the cluster keeps
+/// their source address (`externalTrafficPolicy: Local`): the client allowlist, the per-client limit
+/// and the access log's `client` field depend on it; docs/operations.md says so.
+#[test]
+fn gateway_services_keep_client_addresses() {
+    let docs = docs();
+    let mut front_doors = 0;
+    for s in docs.iter().filter(|d| d.kind() == "Service") {
+        let spec = &s.value["spec"];
+        let external = matches!(spec["type"].as_str(), Some("LoadBalancer") | Some("NodePort"));
+        let ports = spec["ports"].as_array().cloned().unwrap_or_default();
+        let door = ports.iter().any(|p| {
+            matches!(p["name"].as_str(), Some("socks5") | Some("http"))
+                && p["protocol"].as_str().unwrap_or("TCP") == "TCP"
+        });
+        if external && door {
+            front_doors += 1;
+            assert_eq!(
+                spec["externalTrafficPolicy"].as_str(),
+                Some("Local"),
+                "{}: clients' addresses are lost behind SNAT",
+                s.what()
+            );
+        }
+    }
+    assert!(front_doors > 0, "no gateway Service found in config/kubernetes");
+    let ops = std::fs::read_to_string(repo().join("docs/operations.md")).unwrap();
+    assert!(
+        ops.contains("externalTrafficPolicy: Local"),
+        "docs/operations.md does not explain externalTrafficPolicy"
+    );
+}

@@ -3,9 +3,11 @@
 //! both (QUIC reset, TCP RST), so a truncated transfer never looks like a clean end to anyone.
 
 use std::io::{self, IoSlice};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
+use prometheus_client::metrics::counter::Counter;
 
 use quinn::{RecvStream, SendStream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -34,17 +36,65 @@ pub struct Transferred {
     pub down: u64,
 }
 
+/// Bytes a splice has moved so far, counted as they move: readable while it runs and after it
+/// failed (a transfer cut by a relay's death still reports what reached the client), and added to
+/// process-wide counters at the same time when it is given them.
+#[derive(Debug, Default)]
+pub struct Progress {
+    up: AtomicU64,
+    down: AtomicU64,
+    totals: Option<(Counter, Counter)>,
+}
+
+impl Progress {
+    /// A meter that also adds every byte to `up_total` / `down_total` as it moves.
+    pub fn counting_into(up_total: Counter, down_total: Counter) -> Self {
+        Progress {
+            totals: Some((up_total, down_total)),
+            ..Progress::default()
+        }
+    }
+
+    pub fn add_up(&self, n: u64) {
+        self.up.fetch_add(n, Ordering::Relaxed);
+        if let Some((up, _)) = &self.totals {
+            up.inc_by(n);
+        }
+    }
+
+    pub fn add_down(&self, n: u64) {
+        self.down.fetch_add(n, Ordering::Relaxed);
+        if let Some((_, down)) = &self.totals {
+            down.inc_by(n);
+        }
+    }
+
+    /// What has moved so far.
+    pub fn transferred(&self) -> Transferred {
+        Transferred {
+            up: self.up.load(Ordering::Relaxed),
+            down: self.down.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// Splices `tcp` with the stream pair until both directions have ended.
-pub async fn splice(
+pub async fn splice(tcp: TcpStream, send: SendStream, recv: RecvStream) -> io::Result<Transferred> {
+    splice_metered(tcp, send, recv, &Progress::default()).await
+}
+
+/// [`splice`], counting bytes into `progress` as they are delivered.
+pub async fn splice_metered(
     tcp: TcpStream,
     mut send: SendStream,
     mut recv: RecvStream,
+    progress: &Progress,
 ) -> io::Result<Transferred> {
     // Small writes (request/response protocols) must not wait for Nagle.
     let _ = tcp.set_nodelay(true);
     let (mut tcp_read, mut tcp_write) = tcp.into_split();
-    let up = to_quic(&mut tcp_read, &mut send);
-    let down = from_quic(&mut recv, &mut tcp_write);
+    let up = to_quic(&mut tcp_read, &mut send, |n| progress.add_up(n));
+    let down = from_quic(&mut recv, &mut tcp_write, |n| progress.add_down(n));
     let result = tokio::try_join!(up, down);
     match result {
         Ok((up, down)) => Ok(Transferred { up, down }),
@@ -66,6 +116,7 @@ pub async fn splice(
 async fn to_quic<R: tokio::io::AsyncRead + Unpin>(
     from: &mut R,
     send: &mut SendStream,
+    moved: impl Fn(u64),
 ) -> io::Result<u64> {
     let mut total = 0u64;
     let mut want = BUFFER;
@@ -85,6 +136,7 @@ async fn to_quic<R: tokio::io::AsyncRead + Unpin>(
             .await
             .map_err(io::Error::from)?;
         total += n as u64;
+        moved(n as u64);
     }
 }
 
@@ -109,6 +161,7 @@ fn next_read_size(want: usize, offered: usize, read: usize) -> usize {
 async fn from_quic<W: tokio::io::AsyncWrite + Unpin>(
     recv: &mut RecvStream,
     to: &mut W,
+    moved: impl Fn(u64),
 ) -> io::Result<u64> {
     let mut total = 0u64;
     let mut chunks: [Bytes; BATCH] = std::array::from_fn(|_| Bytes::new());
@@ -119,7 +172,7 @@ async fn from_quic<W: tokio::io::AsyncWrite + Unpin>(
         .map_err(io::Error::from)?
     {
         let batch = &mut chunks[..n];
-        total += batch.iter().map(|c| c.len() as u64).sum::<u64>();
+        let len = batch.iter().map(|c| c.len() as u64).sum::<u64>();
         if to.is_write_vectored() {
             write_all_vectored(to, batch).await?;
         } else {
@@ -129,6 +182,9 @@ async fn from_quic<W: tokio::io::AsyncWrite + Unpin>(
             }
             to.write_all(&gathered).await?;
         }
+        // Counted once written: what the client has been given, not what arrived.
+        total += len;
+        moved(len);
         // Release the receive buffers the chunks point into before waiting for more.
         batch.fill(Bytes::new());
     }
@@ -180,17 +236,26 @@ async fn delivered(send: &mut SendStream) {
 
 /// Splices any byte stream (an upgraded HTTP connection) with a stream pair; like [`splice`], but
 /// on failure the stream is simply dropped.
-pub async fn splice_io<S>(
+pub async fn splice_io<S>(io: S, send: SendStream, recv: RecvStream) -> io::Result<Transferred>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    splice_io_metered(io, send, recv, &Progress::default()).await
+}
+
+/// [`splice_io`], counting bytes into `progress` as they are delivered.
+pub async fn splice_io_metered<S>(
     io: S,
     mut send: SendStream,
     mut recv: RecvStream,
+    progress: &Progress,
 ) -> io::Result<Transferred>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let (mut io_read, mut io_write) = tokio::io::split(io);
-    let up = to_quic(&mut io_read, &mut send);
-    let down = from_quic(&mut recv, &mut io_write);
+    let up = to_quic(&mut io_read, &mut send, |n| progress.add_up(n));
+    let down = from_quic(&mut recv, &mut io_write, |n| progress.add_down(n));
     match tokio::try_join!(up, down) {
         Ok((up, down)) => Ok(Transferred { up, down }),
         Err(err) => {
@@ -220,8 +285,8 @@ pub async fn splice_quic(
     // sending stream's buffer as thousands of segments, which quinn walks from the start for every
     // frame it sends. `to_quic` gathers what is there into one buffer per write instead.
     let result = tokio::try_join!(
-        to_quic(&mut a_recv, &mut b_send),
-        to_quic(&mut b_recv, &mut a_send)
+        to_quic(&mut a_recv, &mut b_send, |_| {}),
+        to_quic(&mut b_recv, &mut a_send, |_| {})
     );
     match result {
         Ok((up, down)) => Ok(Transferred { up, down }),

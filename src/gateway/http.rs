@@ -11,7 +11,6 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -48,6 +47,7 @@ pub async fn serve<S: ClientStream>(
     // CONNECT tunnels outlive the HTTP connection they were upgraded from; tracking them here keeps
     // the client's connection slots held, and the gateway's drain waiting, until they end.
     let tunnels = TaskTracker::new();
+    let abort = Abort::new(stream.duplicate());
     let io = TokioIo::new(Strict {
         inner: stream,
         watch: watch.clone(),
@@ -64,7 +64,10 @@ pub async fn serve<S: ClientStream>(
             let gateway = gateway.clone();
             let watch = watch.clone();
             let tunnels = tunnels.clone();
-            async move { Ok::<_, Infallible>(handle(gateway, req, addr, watch, tunnels).await) }
+            let abort = abort.clone();
+            async move {
+                Ok::<_, Infallible>(handle::<S>(gateway, req, addr, watch, tunnels, abort).await)
+            }
         })
     };
     let conn = builder.serve_connection(io, service).with_upgrades();
@@ -85,12 +88,13 @@ pub async fn serve<S: ClientStream>(
 }
 
 /// Handles one request.
-async fn handle(
+async fn handle<S: ClientStream>(
     gateway: Arc<Gateway>,
     req: Request<Incoming>,
     addr: SocketAddr,
     watch: Arc<HeadWatch>,
     tunnels: TaskTracker,
+    abort: Abort,
 ) -> Response<Body> {
     if watch.take_bare_lf() {
         return closing(text(
@@ -116,8 +120,8 @@ async fn handle(
     }
     let resp = match credentials(&gateway, &req, addr) {
         Err(resp) => resp,
-        Ok(client) if is_connect => connect(gateway, req, client, &tunnels).await,
-        Ok(client) => forward(gateway, req, client, watch.clone(), &tunnels).await,
+        Ok(client) if is_connect => connect::<S>(gateway, req, client, &tunnels).await,
+        Ok(client) => forward(gateway, req, client, watch.clone(), &tunnels, abort).await,
     };
     if has_body && !watch.watching() {
         return closing(resp);
@@ -184,7 +188,7 @@ fn credentials(
 }
 
 /// `CONNECT host:port`: open the tunnel stream first, then answer 200 and splice.
-async fn connect(
+async fn connect<S: ClientStream>(
     gateway: Arc<Gateway>,
     req: Request<Incoming>,
     client: Client,
@@ -208,11 +212,32 @@ async fn connect(
         }
     };
     tunnels.spawn(async move {
-        match hyper::upgrade::on(req).await {
-            Ok(upgraded) => {
-                super::carry_io(Front::Http, &client, TokioIo::new(upgraded), target, opened).await;
+        let upgraded = match hyper::upgrade::on(req).await {
+            Ok(upgraded) => upgraded,
+            Err(err) => {
+                tracing::debug!(client = %client.addr, %err, "CONNECT upgrade failed");
+                return;
             }
-            Err(err) => tracing::debug!(client = %client.addr, %err, "CONNECT upgrade failed"),
+        };
+        // The tunnel takes the client's own stream back from hyper, so that a broken transfer
+        // ends the way it does on the SOCKS5 door: with a reset, never a clean FIN.
+        match upgraded.downcast::<TokioIo<Strict<S>>>() {
+            Ok(parts) => {
+                let stream = parts.io.into_inner().inner;
+                let mut opened = opened;
+                // Bytes the client sent right behind its CONNECT head go first.
+                if !parts.read_buf.is_empty()
+                    && opened.send.write_all(&parts.read_buf).await.is_err()
+                {
+                    tracing::debug!(client = %client.addr, "tunnel stream closed before the client's first bytes");
+                    return;
+                }
+                stream.carry(Front::Http, client, target, opened).await;
+            }
+            Err(upgraded) => {
+                super::carry_io(Front::Http, &client, TokioIo::new(upgraded), target, opened)
+                    .await;
+            }
         }
     });
     Response::new(empty())
@@ -225,6 +250,7 @@ async fn forward(
     client: Client,
     watch: Arc<HeadWatch>,
     tunnels: &TaskTracker,
+    abort: Abort,
 ) -> Response<Body> {
     if let Err(message) = check_framing(req.headers()) {
         return closing(text(
@@ -283,41 +309,45 @@ async fn forward(
         agent_id,
     } = opened;
     let counted = Counted::new(tokio::io::join(recv, send));
-    let counters = counted.counters.clone();
+    let exchange = Arc::new(Exchange {
+        client,
+        target,
+        relay_id,
+        agent_id,
+        started: Instant::now(),
+        meter: counted.meter.clone(),
+        error: std::sync::Mutex::new(None),
+    });
     let (mut sender, conn) =
         match hyper::client::conn::http1::handshake(TokioIo::new(counted)).await {
             Ok(pair) => pair,
             Err(err) => {
                 tracing::debug!(%err, "upstream handshake failed");
+                exchange.fail(err.to_string());
                 return refusal(Code::Internal, &requested);
             }
         };
-    let started = Instant::now();
+    let upstream = exchange.clone();
     tunnels.spawn(async move {
-        let result = conn.await.map_err(std::io::Error::other);
+        if let Err(err) = conn.await {
+            upstream.fail(err.to_string());
+        }
         drop(guard);
-        let transferred = result.map(|()| crate::splice::Transferred {
-            up: counters.0.load(Ordering::Relaxed),
-            down: counters.1.load(Ordering::Relaxed),
-        });
-        super::log_connection(
-            Front::Http,
-            &client,
-            &target,
-            &relay_id,
-            &agent_id,
-            started,
-            &transferred,
-        );
     });
     match sender.send_request(upstream_req).await {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
+            let body = Breakable {
+                inner: body,
+                exchange,
+                abort,
+            };
             Response::from_parts(parts, body.boxed())
         }
         Err(err) => {
             tracing::debug!(%err, "upstream request failed");
+            exchange.fail(err.to_string());
             text(
                 StatusCode::BAD_GATEWAY,
                 "bad gateway: the service behind the agent closed the connection",
@@ -619,17 +649,124 @@ impl hyper::body::Body for NotifyEnd {
     }
 }
 
-/// Counts bytes each way through the upstream stream, for the access log.
+/// Counts bytes each way through the upstream stream as they move, for the access log and
+/// `postern_gateway_bytes_total`.
 struct Counted<S> {
     inner: S,
-    counters: Arc<(AtomicU64, AtomicU64)>,
+    meter: Arc<crate::splice::Progress>,
 }
 
 impl<S> Counted<S> {
     fn new(inner: S) -> Self {
         Counted {
             inner,
-            counters: Arc::new((AtomicU64::new(0), AtomicU64::new(0))),
+            meter: Arc::new(super::client_meter()),
+        }
+    }
+}
+
+/// One absolute-form request carried through a tunnel, logged once both its upstream connection
+/// and the response body handed to the client are done (whichever ends last drops the last
+/// reference): the upstream side may look finished while the client's body broke off, and the
+/// client's verdict is what the access log must say.
+struct Exchange {
+    client: Client,
+    target: super::forward::Target,
+    relay_id: Arc<str>,
+    agent_id: Arc<str>,
+    started: Instant,
+    meter: Arc<crate::splice::Progress>,
+    /// The first failure seen on either side.
+    error: std::sync::Mutex<Option<String>>,
+}
+
+impl Exchange {
+    fn fail(&self, why: String) {
+        let mut error = self.error.lock().unwrap_or_else(|e| e.into_inner());
+        error.get_or_insert(why);
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        let error = self
+            .error
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let result = match error {
+            None => Ok(()),
+            Some(why) => Err(std::io::Error::other(why)),
+        };
+        super::log_connection(
+            Front::Http,
+            &self.client,
+            &self.target,
+            &self.relay_id,
+            &self.agent_id,
+            self.started,
+            self.meter.transferred(),
+            &result,
+        );
+    }
+}
+
+/// A response body from a tunnel that marks the exchange broken when it fails mid-way, and then
+/// has the client connection reset ([`Abort`]): a body cut short must never look complete.
+struct Breakable<B> {
+    inner: B,
+    exchange: Arc<Exchange>,
+    abort: Abort,
+}
+
+impl<B> hyper::body::Body for Breakable<B>
+where
+    B: hyper::body::Body<Data = Bytes, Error = hyper::Error> + Unpin,
+{
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Err(err))) = &poll {
+            this.exchange
+                .fail(format!("the response body broke off: {err}"));
+            this.abort.request();
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Resets a client connection when asked to, once hyper lets go of it. Holds a duplicate of the
+/// client's socket (TCP clients only): when asked, it sets SO_LINGER to zero, so the socket's last
+/// close sends a RST instead of a FIN.
+#[derive(Clone, Default)]
+pub(super) struct Abort {
+    socket: Option<Arc<socket2::Socket>>,
+}
+
+impl Abort {
+    pub(super) fn new(socket: Option<socket2::Socket>) -> Self {
+        Abort {
+            socket: socket.map(Arc::new),
+        }
+    }
+
+    fn request(&self) {
+        if let Some(socket) = &self.socket {
+            let _ = socket.set_linger(Some(std::time::Duration::ZERO));
         }
     }
 }
@@ -643,9 +780,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
-        this.counters
-            .1
-            .fetch_add((buf.filled().len() - before) as u64, Ordering::Relaxed);
+        this.meter.add_down((buf.filled().len() - before) as u64);
         poll
     }
 }
@@ -659,7 +794,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
         let this = self.get_mut();
         let poll = Pin::new(&mut this.inner).poll_write(cx, data);
         if let Poll::Ready(Ok(n)) = &poll {
-            this.counters.0.fetch_add(*n as u64, Ordering::Relaxed);
+            this.meter.add_up(*n as u64);
         }
         poll
     }

@@ -228,7 +228,10 @@ async fn accept_loop(
     }
 }
 
-/// The access log: one line per proxied connection.
+/// The access log: one line per proxied connection. `transferred` is what moved before the end,
+/// whether it ended well (`result=ok`) or broke mid-way (`result=aborted`, with the `error`).
+/// Bytes are not counted here: the meter added them to `postern_gateway_bytes_total` as they
+/// moved, so the counter is right while connections are open and after they break.
 fn log_connection(
     front: Front,
     client: &Client,
@@ -236,30 +239,41 @@ fn log_connection(
     relay_id: &str,
     agent_id: &str,
     started: Instant,
-    result: &std::io::Result<crate::splice::Transferred>,
+    transferred: crate::splice::Transferred,
+    result: &std::io::Result<()>,
 ) {
-    let (up, down, outcome) = match result {
-        Ok(t) => (t.up, t.down, "ok".to_string()),
-        Err(err) => (0, 0, err.to_string()),
-    };
-    let m = crate::metrics::metrics();
     let label = if result.is_ok() { "ok" } else { "aborted" };
-    m.client_connections
+    crate::metrics::metrics()
+        .client_connections
         .get_or_create(&crate::metrics::FrontResult {
             front: front.as_str(),
             result: label,
         })
         .inc();
-    m.client_bytes
-        .get_or_create(&crate::metrics::Direction { direction: "up" })
-        .inc_by(up);
-    m.client_bytes
-        .get_or_create(&crate::metrics::Direction { direction: "down" })
-        .inc_by(down);
+    let error = match result {
+        Ok(()) => None,
+        Err(err) => Some(err.to_string()),
+    };
     tracing::info!(target: "postern::access", client = %client.addr, user = client.user.as_deref().unwrap_or("-"),
         front = front.as_str(), target = %target.addr, namespace = %target.namespace, agent_id,
-        relay_id, bytes_up = up, bytes_down = down,
-        duration_ms = started.elapsed().as_millis() as u64, result = %outcome, "connection");
+        relay_id, bytes_up = transferred.up, bytes_down = transferred.down,
+        duration_ms = started.elapsed().as_millis() as u64, result = label, error, "connection");
+}
+
+/// A meter for one client connection that also feeds `postern_gateway_bytes_total`.
+pub(crate) fn client_meter() -> crate::splice::Progress {
+    let m = crate::metrics::metrics();
+    // One statement each: a family's guard is held until the end of the statement, and creating
+    // the second child while the first guard is held would deadlock.
+    let up = m
+        .client_bytes
+        .get_or_create(&crate::metrics::Direction { direction: "up" })
+        .clone();
+    let down = m
+        .client_bytes
+        .get_or_create(&crate::metrics::Direction { direction: "down" })
+        .clone();
+    crate::splice::Progress::counting_into(up, down)
 }
 
 /// The access log line for a connection that was refused before any byte moved.
@@ -295,8 +309,8 @@ fn log_login_refused(front: Front, client: SocketAddr, user: Option<&str>, code:
         reason = code.describe(), "refused");
 }
 
-/// Carries an opened tunnel stream with `splice` (given the stream pair), then writes the access
-/// log line; the relay's in-flight guard is held until the splice ends.
+/// Carries an opened tunnel stream with `splice` (given the stream pair and the meter), then
+/// writes the access log line; the relay's in-flight guard is held until the splice ends.
 async fn carry_with<F, Fut>(
     front: Front,
     client: &Client,
@@ -304,7 +318,7 @@ async fn carry_with<F, Fut>(
     opened: Opened,
     splice: F,
 ) where
-    F: FnOnce(quinn::SendStream, quinn::RecvStream) -> Fut,
+    F: FnOnce(quinn::SendStream, quinn::RecvStream, Arc<crate::splice::Progress>) -> Fut,
     Fut: std::future::Future<Output = std::io::Result<crate::splice::Transferred>>,
 {
     let started = Instant::now();
@@ -315,17 +329,25 @@ async fn carry_with<F, Fut>(
         relay_id,
         agent_id,
     } = opened;
-    let result = splice(send, recv).await;
+    let meter = Arc::new(client_meter());
+    let result = splice(send, recv, meter.clone()).await.map(|_| ());
     drop(guard);
     log_connection(
-        front, client, &target, &relay_id, &agent_id, started, &result,
+        front,
+        client,
+        &target,
+        &relay_id,
+        &agent_id,
+        started,
+        meter.transferred(),
+        &result,
     );
 }
 
 /// Splices a client TCP connection (reset on failure) with an opened tunnel stream.
 async fn carry(front: Front, client: &Client, tcp: TcpStream, target: Target, opened: Opened) {
-    carry_with(front, client, target, opened, |send, recv| {
-        crate::splice::splice(tcp, send, recv)
+    carry_with(front, client, target, opened, |send, recv, meter| async move {
+        crate::splice::splice_metered(tcp, send, recv, &meter).await
     })
     .await;
 }
@@ -336,8 +358,14 @@ async fn carry_io<S>(front: Front, client: &Client, io: S, target: Target, opene
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    carry_with(front, client, target, opened, |send, recv| {
-        crate::splice::splice_io(io, send, recv)
-    })
+    carry_with(
+        front,
+        client,
+        target,
+        opened,
+        |send, recv, meter| async move {
+            crate::splice::splice_io_metered(io, send, recv, &meter).await
+        },
+    )
     .await;
 }

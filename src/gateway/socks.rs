@@ -27,6 +27,12 @@ pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// Turns off Nagle's algorithm where there is one: small writes must not wait.
     fn set_low_latency(&self) {}
 
+    /// A second handle on the client's socket, for resetting the connection once hyper has let
+    /// go of it (see `http::Abort`); `None` where there is no socket.
+    fn duplicate(&self) -> Option<socket2::Socket> {
+        None
+    }
+
     /// Splices the connection with an opened tunnel stream and writes the access log line.
     fn carry(
         self,
@@ -40,6 +46,10 @@ pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
 impl ClientStream for TcpStream {
     fn set_low_latency(&self) {
         let _ = self.set_nodelay(true);
+    }
+
+    fn duplicate(&self) -> Option<socket2::Socket> {
+        socket2::SockRef::from(self).try_clone().ok()
     }
 
     async fn carry(self, front: Front, client: Client, target: Target, opened: Opened) {

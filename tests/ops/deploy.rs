@@ -945,7 +945,10 @@ fn gateway_services_keep_client_addresses() {
     let mut front_doors = 0;
     for s in docs.iter().filter(|d| d.kind() == "Service") {
         let spec = &s.value["spec"];
-        let external = matches!(spec["type"].as_str(), Some("LoadBalancer") | Some("NodePort"));
+        let external = matches!(
+            spec["type"].as_str(),
+            Some("LoadBalancer") | Some("NodePort")
+        );
         let ports = spec["ports"].as_array().cloned().unwrap_or_default();
         let door = ports.iter().any(|p| {
             matches!(p["name"].as_str(), Some("socks5") | Some("http"))
@@ -961,7 +964,10 @@ fn gateway_services_keep_client_addresses() {
             );
         }
     }
-    assert!(front_doors > 0, "no gateway Service found in config/kubernetes");
+    assert!(
+        front_doors > 0,
+        "no gateway Service found in config/kubernetes"
+    );
     let ops = std::fs::read_to_string(repo().join("docs/operations.md")).unwrap();
     assert!(
         ops.contains("externalTrafficPolicy: Local"),

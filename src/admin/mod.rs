@@ -323,6 +323,8 @@ pub struct RouteView {
     pub namespace: String,
     pub ip: IpAddr,
     pub relay_id: String,
+    /// A string in JSON (see [`crate::registry::session_id_json`]).
+    #[serde(with = "crate::registry::session_id_json")]
     pub session_id: u64,
     pub agent_id: String,
     pub draining: bool,

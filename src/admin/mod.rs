@@ -122,18 +122,114 @@ impl AdminState {
     }
 }
 
-/// Admin connections served at once; beyond it a new connection is closed at once, so a stuck or
-/// hostile client cannot take the process's memory or file descriptors through this port.
-pub const MAX_CONNECTIONS: usize = 64;
+/// Admin connections held open at once. When they are all taken, a new connection evicts the
+/// connection that has been idle the longest (waiting for a request's head, or between requests)
+/// instead of being refused: a flood of idle or slow connections can never keep a probe out.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Connections held open at once from one source address; the next one from that address evicts
+/// its own oldest idle connection.
+pub const MAX_CONNECTIONS_PER_SOURCE: usize = 16;
+/// How long a connection may sit without a request in service: from accept to a request's complete
+/// head, and between requests on a kept-alive connection. A dribbling or silent client is closed
+/// after it; a probe or scraper sends its request at once.
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// How long one admin connection may stay open, whatever it does (a client that sends requests but
 /// never reads the answers would otherwise keep its slot for ever); scrapers simply reconnect.
 pub const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// What the accept loop knows of one open admin connection.
+struct Held {
+    source: IpAddr,
+    activity: std::sync::Arc<Activity>,
+    /// Cancelled to close the connection (eviction).
+    evict: CancellationToken,
+}
+
+/// Whether a connection has a request in service, and since when it has not.
+struct Activity {
+    /// Set while the service function runs: such a connection is never evicted.
+    busy: std::sync::atomic::AtomicBool,
+    /// Milliseconds since `epoch` when the connection last became idle (accepted or answered).
+    idle_since_ms: std::sync::atomic::AtomicU64,
+    epoch: tokio::time::Instant,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            busy: false.into(),
+            idle_since_ms: 0.into(),
+            epoch: tokio::time::Instant::now(),
+        }
+    }
+
+    fn start(&self) {
+        self.busy.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn finish(&self) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.idle_since_ms
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+        self.busy.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// When the connection became idle, or `None` while a request is in service.
+    fn idle_since(&self) -> Option<tokio::time::Instant> {
+        if self.busy.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        let ms = self
+            .idle_since_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        Some(self.epoch + std::time::Duration::from_millis(ms))
+    }
+}
+
+/// The open admin connections, keyed by a sequence number.
+#[derive(Default)]
+struct Connections {
+    next: u64,
+    held: HashMap<u64, Held>,
+}
+
+impl Connections {
+    /// Makes room for a connection from `source`: evicts the longest-idle connection of that source
+    /// when it holds its share, else the longest-idle one of all when every slot is taken. `false`
+    /// when there is no room because every candidate has a request in service.
+    fn make_room(&mut self, source: IpAddr) -> bool {
+        let from_source = self.held.values().filter(|h| h.source == source).count();
+        if from_source >= MAX_CONNECTIONS_PER_SOURCE {
+            return self.evict_idlest(|h| h.source == source);
+        }
+        if self.held.len() >= MAX_CONNECTIONS {
+            return self.evict_idlest(|_| true);
+        }
+        true
+    }
+
+    fn evict_idlest(&mut self, among: impl Fn(&Held) -> bool) -> bool {
+        let idlest = self
+            .held
+            .iter()
+            .filter(|(_, h)| among(h))
+            .filter_map(|(id, h)| h.activity.idle_since().map(|since| (since, *id)))
+            .min();
+        match idlest.and_then(|(_, id)| self.held.remove(&id)) {
+            Some(evicted) => {
+                evicted.evict.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 /// Serves the admin listener until `stop`.
 pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationToken) {
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let connections = std::sync::Arc::new(std::sync::Mutex::new(Connections::default()));
     loop {
-        let (tcp, _) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             _ = stop.cancelled() => return,
             a = listener.accept() => match a {
                 Ok(a) => a,
@@ -144,27 +240,81 @@ pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationT
                 }
             },
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::debug!(
-                limit = MAX_CONNECTIONS,
-                "admin connection limit reached; closing"
+        let activity = std::sync::Arc::new(Activity::new());
+        let evict = stop.child_token();
+        let id = {
+            // A poisoned lock only means a connection task panicked; the table is still consistent.
+            let mut held = connections.lock().unwrap_or_else(|e| e.into_inner());
+            if !held.make_room(peer.ip()) {
+                tracing::debug!(
+                    client = %peer,
+                    "every admin connection has a request in service; closing"
+                );
+                drop(tcp);
+                continue;
+            }
+            let id = held.next;
+            held.next += 1;
+            held.held.insert(
+                id,
+                Held {
+                    source: peer.ip(),
+                    activity: activity.clone(),
+                    evict: evict.clone(),
+                },
             );
-            drop(tcp);
-            continue;
+            id
         };
         let state = state.clone();
+        let connections = connections.clone();
         tokio::spawn(async move {
-            let _slot = slot;
-            let service = hyper::service::service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, &req)) }
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
-                .serve_connection(TokioIo::new(tcp), service);
-            let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
+            serve_connection(tcp, state, &activity, &evict).await;
+            connections
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .held
+                .remove(&id);
         });
+    }
+}
+
+/// Serves one admin connection until it ends, is evicted, idles for [`IDLE_TIMEOUT`] or reaches
+/// [`CONNECTION_LIFETIME`].
+async fn serve_connection(
+    tcp: tokio::net::TcpStream,
+    state: AdminState,
+    activity: &std::sync::Arc<Activity>,
+    evict: &CancellationToken,
+) {
+    let in_service = activity.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let state = state.clone();
+        in_service.start();
+        let response = route(&state, &req);
+        in_service.finish();
+        async move { Ok::<_, Infallible>(response) }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(IDLE_TIMEOUT)
+        .serve_connection(TokioIo::new(tcp), service);
+    tokio::pin!(connection);
+    let end = tokio::time::Instant::now() + CONNECTION_LIFETIME;
+    loop {
+        let check_at = match activity.idle_since() {
+            Some(since) if since + IDLE_TIMEOUT <= tokio::time::Instant::now() => return,
+            Some(since) => (since + IDLE_TIMEOUT).min(end),
+            None => (tokio::time::Instant::now() + IDLE_TIMEOUT).min(end),
+        };
+        tokio::select! {
+            _ = &mut connection => return,
+            _ = evict.cancelled() => return,
+            _ = tokio::time::sleep_until(check_at) => {
+                if tokio::time::Instant::now() >= end {
+                    return;
+                }
+            }
+        }
     }
 }
 
@@ -355,52 +505,93 @@ mod tests {
         Ok(out)
     }
 
-    /// Idle connections beyond the limit are closed at once; once they go, the port answers again.
-    #[tokio::test]
-    async fn connections_beyond_the_limit_are_closed_and_slots_come_back() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let stop = CancellationToken::new();
-        let state = AdminState {
+    fn agent_state() -> AdminState {
+        AdminState {
             role: "agent",
             process: None,
             agent: None,
             shutdown: CancellationToken::new(),
-        };
-        let server = tokio::spawn(serve(listener, state, stop.clone()));
-        assert!(healthz(addr).await.unwrap().starts_with("HTTP/1.1 200"));
+        }
+    }
 
-        // Fill every slot with a connection that sends nothing (each is accepted in turn).
+    /// Whether the server has closed `tcp` (EOF or reset) within `limit`.
+    async fn closed_within(tcp: &mut TcpStream, limit: std::time::Duration) -> bool {
+        let mut buf = [0u8; 64];
+        matches!(
+            tokio::time::timeout(limit, tcp.read(&mut buf)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    }
+
+    /// One source holds at most its share: its next connection evicts its oldest idle one, and
+    /// `/healthz` from that same source still answers.
+    #[tokio::test]
+    async fn a_source_beyond_its_share_evicts_its_oldest_idle_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, agent_state(), stop.clone()));
         let mut idle = Vec::new();
-        for _ in 0..MAX_CONNECTIONS {
+        for _ in 0..MAX_CONNECTIONS_PER_SOURCE {
             idle.push(TcpStream::connect(addr).await.unwrap());
         }
-        let refused = tokio::time::timeout(std::time::Duration::from_secs(10), async {
-            loop {
-                match healthz(addr).await {
-                    Ok(text) if text.is_empty() => return,
-                    Err(_) => return,
-                    // An idle connection may not have been accepted yet when this one arrived.
-                    Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
-                }
-            }
-        })
-        .await;
-        assert!(refused.is_ok(), "a connection beyond the limit was served");
+        let text = healthz(addr).await.unwrap();
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(
+            closed_within(&mut idle[0], std::time::Duration::from_secs(1)).await,
+            "the oldest idle connection was not evicted"
+        );
+        assert!(
+            !closed_within(&mut idle[1], std::time::Duration::from_millis(200)).await,
+            "a younger connection was evicted before the oldest"
+        );
+        stop.cancel();
+        server.await.unwrap();
+    }
 
-        drop(idle);
-        let answered = tokio::time::timeout(std::time::Duration::from_secs(10), async {
-            loop {
-                if let Ok(text) = healthz(addr).await {
-                    if text.starts_with("HTTP/1.1 200") {
-                        return;
-                    }
+    /// A connection that sends nothing, or dribbles a request head, is closed after
+    /// IDLE_TIMEOUT; a kept-alive connection answers again before it.
+    #[tokio::test]
+    async fn idle_and_dribbling_connections_are_closed_after_the_idle_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, agent_state(), stop.clone()));
+        let started = std::time::Instant::now();
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        let mut dribbler = TcpStream::connect(addr).await.unwrap();
+        let dribble = async {
+            for byte in b"GET /healthz HTTP/1.1\r\nhost: x\r\n" {
+                if dribbler.write_all(&[*byte]).await.is_err() {
+                    return;
                 }
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
             }
-        })
-        .await;
-        assert!(answered.is_ok(), "the freed slots were not reused");
+        };
+        let limit = IDLE_TIMEOUT + std::time::Duration::from_secs(2);
+        let (silent_closed, ()) = tokio::join!(closed_within(&mut silent, limit), dribble);
+        assert!(
+            silent_closed,
+            "a silent connection outlived the idle timeout"
+        );
+        assert!(started.elapsed() >= IDLE_TIMEOUT - std::time::Duration::from_millis(100));
+        assert!(
+            closed_within(&mut dribbler, std::time::Duration::from_secs(1)).await,
+            "a dribbling connection outlived the idle timeout"
+        );
+
+        // Keep-alive: two requests on one connection, the second after a pause shorter than the
+        // idle timeout.
+        let mut kept = TcpStream::connect(addr).await.unwrap();
+        for _ in 0..2 {
+            kept.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut buf = vec![0u8; 1024];
+            let n = kept.read(&mut buf).await.unwrap();
+            assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+            tokio::time::sleep(IDLE_TIMEOUT / 2).await;
+        }
         stop.cancel();
         server.await.unwrap();
     }

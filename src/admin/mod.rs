@@ -124,14 +124,18 @@ impl AdminState {
 
 /// Admin connections held open at once. When they are all taken, a new connection evicts the
 /// connection that has been idle the longest (waiting for a request's head, or between requests)
-/// instead of being refused: a flood of idle or slow connections can never keep a probe out.
-pub const MAX_CONNECTIONS: usize = 256;
+/// instead of being refused: a flood of idle or slow connections can never keep a probe out. The
+/// number is high because a connection that has sent nothing yet costs only its socket (no buffer,
+/// no HTTP state), and because while it is not reached no new connection closes another one — a
+/// flood that reconnects whatever is closed would otherwise keep the accept loop busy with itself.
+pub const MAX_CONNECTIONS: usize = 4096;
 /// Connections held open at once from one source address; the next one from that address evicts
-/// its own oldest idle connection.
+/// its own longest-idle connection.
 pub const MAX_CONNECTIONS_PER_SOURCE: usize = 16;
 /// How long a connection may sit without a request in service: from accept to a request's complete
 /// head, and between requests on a kept-alive connection. A dribbling or silent client is closed
-/// after it; a probe or scraper sends its request at once.
+/// after it; a probe or scraper sends its request at once. Each connection draws its own limit
+/// between this and 1.5 times this.
 pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// How long one admin connection may stay open, whatever it does (a client that sends requests but
 /// never reads the answers would otherwise keep its slot for ever); scrapers simply reconnect.
@@ -191,31 +195,54 @@ impl Activity {
 struct Connections {
     next: u64,
     held: HashMap<u64, Held>,
+    /// The connections of each source address.
+    by_source: HashMap<IpAddr, Vec<u64>>,
 }
 
 impl Connections {
+    fn insert(&mut self, held: Held) -> u64 {
+        let id = self.next;
+        self.next += 1;
+        self.by_source.entry(held.source).or_default().push(id);
+        self.held.insert(id, held);
+        id
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Held> {
+        let held = self.held.remove(&id)?;
+        if let Some(ids) = self.by_source.get_mut(&held.source) {
+            ids.retain(|other| *other != id);
+            if ids.is_empty() {
+                self.by_source.remove(&held.source);
+            }
+        }
+        Some(held)
+    }
+
     /// Makes room for a connection from `source`: evicts the longest-idle connection of that source
     /// when it holds its share, else the longest-idle one of all when every slot is taken. `false`
     /// when there is no room because every candidate has a request in service.
     fn make_room(&mut self, source: IpAddr) -> bool {
-        let from_source = self.held.values().filter(|h| h.source == source).count();
-        if from_source >= MAX_CONNECTIONS_PER_SOURCE {
-            return self.evict_idlest(|h| h.source == source);
+        let from_source = self.by_source.get(&source).map_or(&[][..], Vec::as_slice);
+        if from_source.len() >= MAX_CONNECTIONS_PER_SOURCE {
+            let candidates = from_source.to_vec();
+            return self.evict_idlest(candidates.iter().copied());
         }
         if self.held.len() >= MAX_CONNECTIONS {
-            return self.evict_idlest(|_| true);
+            let candidates: Vec<u64> = self.held.keys().copied().collect();
+            return self.evict_idlest(candidates.into_iter());
         }
         true
     }
 
-    fn evict_idlest(&mut self, among: impl Fn(&Held) -> bool) -> bool {
-        let idlest = self
-            .held
-            .iter()
-            .filter(|(_, h)| among(h))
-            .filter_map(|(id, h)| h.activity.idle_since().map(|since| (since, *id)))
+    fn evict_idlest(&mut self, among: impl Iterator<Item = u64>) -> bool {
+        let idlest = among
+            .filter_map(|id| {
+                let since = self.held.get(&id)?.activity.idle_since()?;
+                Some((since, id))
+            })
             .min();
-        match idlest.and_then(|(_, id)| self.held.remove(&id)) {
+        match idlest.and_then(|(_, id)| self.remove(id)) {
             Some(evicted) => {
                 evicted.evict.cancel();
                 true
@@ -253,17 +280,11 @@ pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationT
                 drop(tcp);
                 continue;
             }
-            let id = held.next;
-            held.next += 1;
-            held.held.insert(
-                id,
-                Held {
-                    source: peer.ip(),
-                    activity: activity.clone(),
-                    evict: evict.clone(),
-                },
-            );
-            id
+            held.insert(Held {
+                source: peer.ip(),
+                activity: activity.clone(),
+                evict: evict.clone(),
+            })
         };
         let state = state.clone();
         let connections = connections.clone();
@@ -272,8 +293,7 @@ pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationT
             connections
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .held
-                .remove(&id);
+                .remove(id);
         });
     }
 }
@@ -286,6 +306,15 @@ async fn serve_connection(
     activity: &std::sync::Arc<Activity>,
     evict: &CancellationToken,
 ) {
+    // Each connection's limit lies between IDLE_TIMEOUT and 1.5 × IDLE_TIMEOUT, so connections
+    // opened together (a flood) are not all closed — and reopened — in the same instant.
+    let idle_timeout = IDLE_TIMEOUT.mul_f64(1.0 + rand::random::<f64>() / 2.0);
+    // Until its first byte a connection holds no buffer and no HTTP state.
+    tokio::select! {
+        readable = tcp.readable() => if readable.is_err() { return },
+        _ = tokio::time::sleep(idle_timeout) => return,
+        _ = evict.cancelled() => return,
+    }
     let in_service = activity.clone();
     let service = hyper::service::service_fn(move |req| {
         let state = state.clone();
@@ -296,15 +325,15 @@ async fn serve_connection(
     });
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(IDLE_TIMEOUT)
+        .header_read_timeout(idle_timeout)
         .serve_connection(TokioIo::new(tcp), service);
     tokio::pin!(connection);
     let end = tokio::time::Instant::now() + CONNECTION_LIFETIME;
     loop {
         let check_at = match activity.idle_since() {
-            Some(since) if since + IDLE_TIMEOUT <= tokio::time::Instant::now() => return,
-            Some(since) => (since + IDLE_TIMEOUT).min(end),
-            None => (tokio::time::Instant::now() + IDLE_TIMEOUT).min(end),
+            Some(since) if since + idle_timeout <= tokio::time::Instant::now() => return,
+            Some(since) => (since + idle_timeout).min(end),
+            None => (tokio::time::Instant::now() + idle_timeout).min(end),
         };
         tokio::select! {
             _ = &mut connection => return,
@@ -482,12 +511,27 @@ pub struct RouteView {
 }
 
 /// Binds the admin listener (address `addr`).
+/// Its accept queue is deep ([`ACCEPT_BACKLOG`], capped by the kernel's `net.core.somaxconn`) so
+/// that a burst of connections (a flood reconnecting what the idle timeout closed) does not
+/// overflow it: a probe's dropped SYN would be retried only after a second.
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     use anyhow::Context as _;
-    TcpListener::bind(addr)
-        .await
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    };
+    socket
+        .and_then(|socket| {
+            socket.set_reuseaddr(true)?;
+            socket.bind(addr)?;
+            socket.listen(ACCEPT_BACKLOG)
+        })
         .with_context(|| format!("binding the admin listener on {addr}"))
 }
+
+/// The admin listener's accept queue length.
+pub const ACCEPT_BACKLOG: u32 = 4096;
 
 #[cfg(test)]
 mod tests {
@@ -568,7 +612,7 @@ mod tests {
                 tokio::time::sleep(std::time::Duration::from_millis(300)).await;
             }
         };
-        let limit = IDLE_TIMEOUT + std::time::Duration::from_secs(2);
+        let limit = IDLE_TIMEOUT * 3 / 2 + std::time::Duration::from_secs(1);
         let (silent_closed, ()) = tokio::join!(closed_within(&mut silent, limit), dribble);
         assert!(
             silent_closed,

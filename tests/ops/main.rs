@@ -3,6 +3,7 @@
 //! Kubernetes / systemd / container files, and the status page in headless Chromium.
 //! Each test uses its own agent address range 127.N.0.0/16.
 
+mod admin;
 mod deploy;
 #[path = "../process/mod.rs"]
 mod process;

@@ -46,6 +46,78 @@ pub struct Status {
     pub relays: Option<usize>,
     pub agents: Option<usize>,
     pub agent_tunnels: Option<usize>,
+    /// Unix time of this answer in milliseconds (the status page's rates use its own clock; this
+    /// lets a reader see the process's).
+    pub now_ms: u64,
+    /// Running totals since the process started, for rates (the same numbers `/metrics` exports).
+    pub counters: Counters,
+}
+
+/// Totals since start; a reader turns two answers into per-second rates.
+#[derive(Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Counters {
+    /// Bytes carried for clients through this process's front doors, client → service
+    /// (`postern_gateway_bytes_total{direction="up"}`).
+    pub bytes_up: u64,
+    /// … and service → client.
+    pub bytes_down: u64,
+    /// Client connections that ended, whatever their result (`postern_gateway_connections_total`).
+    pub connections: u64,
+    /// Of them, refused by policy or for want of a route: `not_allowed`, `unauthorized`,
+    /// `no_route`, `bad_request`.
+    pub refusals: u64,
+    /// Of them, failed for another reason than a refusal (`connection_refused`, `unreachable`,
+    /// `timeout`, `aborted`, …).
+    pub errors: u64,
+    /// Agent tunnels a relay refused at its `relay.max_tunnels` limit
+    /// (`postern_relay_tunnels_refused_total`).
+    pub tunnels_refused: u64,
+}
+
+/// Results of `postern_gateway_connections_total` that count as refusals rather than errors.
+const REFUSAL_RESULTS: [&str; 4] = ["not_allowed", "unauthorized", "no_route", "bad_request"];
+
+impl Counters {
+    /// Reads the totals from the Prometheus exposition this process serves at `/metrics`, so that
+    /// the API and the metrics can never disagree.
+    pub fn from_exposition(text: &str) -> Counters {
+        let mut c = Counters::default();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(value) = value.parse::<f64>() else {
+                continue;
+            };
+            let value = value as u64;
+            let (name, labels) = series.split_once('{').unwrap_or((series, ""));
+            let label = |key: &str| {
+                labels
+                    .split(',')
+                    .filter_map(|kv| kv.split_once('='))
+                    .find(|(k, _)| *k == key)
+                    .map(|(_, v)| v.trim_end_matches('}').trim_matches('"'))
+            };
+            match name {
+                "postern_gateway_bytes_total" => match label("direction") {
+                    Some("up") => c.bytes_up += value,
+                    Some("down") => c.bytes_down += value,
+                    _ => {}
+                },
+                "postern_gateway_connections_total" => {
+                    c.connections += value;
+                    match label("result") {
+                        Some("ok") => {}
+                        Some(r) if REFUSAL_RESULTS.contains(&r) => c.refusals += value,
+                        _ => c.errors += value,
+                    }
+                }
+                "postern_relay_tunnels_refused_total" => c.tunnels_refused += value,
+                _ => {}
+            }
+        }
+        c
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -118,6 +190,10 @@ impl AdminState {
             relays: cache.map(|c| c.relays().len()),
             agents: cache.map(|c| c.agents().len()),
             agent_tunnels: self.agent.as_ref().map(AgentHandle::tunnels),
+            now_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            counters: Counters::from_exposition(&crate::metrics::metrics().encode()),
         }
     }
 }
@@ -547,6 +623,35 @@ mod tests {
         let mut out = String::new();
         tcp.read_to_string(&mut out).await?;
         Ok(out)
+    }
+
+    #[test]
+    fn counters_read_from_the_exposition() {
+        let text = "# HELP postern_gateway_bytes_total Bytes\n\
+            # TYPE postern_gateway_bytes_total counter\n\
+            postern_gateway_bytes_total{direction=\"up\"} 1200\n\
+            postern_gateway_bytes_total{direction=\"down\"} 3400\n\
+            postern_gateway_connections_total{front=\"socks5\",result=\"ok\"} 7\n\
+            postern_gateway_connections_total{front=\"http\",result=\"ok\"} 1\n\
+            postern_gateway_connections_total{front=\"socks5\",result=\"no_route\"} 2\n\
+            postern_gateway_connections_total{front=\"http\",result=\"unauthorized\"} 1\n\
+            postern_gateway_connections_total{front=\"socks5\",result=\"connection_refused\"} 3\n\
+            postern_gateway_connections_total{front=\"socks5\",result=\"aborted\"} 1\n\
+            postern_relay_tunnels_refused_total 4\n\
+            postern_relay_tunnels 9\n";
+        assert_eq!(
+            Counters::from_exposition(text),
+            Counters {
+                bytes_up: 1200,
+                bytes_down: 3400,
+                connections: 15,
+                refusals: 3,
+                errors: 4,
+                tunnels_refused: 4,
+            }
+        );
+        // The process's own exposition parses (whatever it holds so far).
+        let _ = Counters::from_exposition(&crate::metrics::metrics().encode());
     }
 
     fn agent_state() -> AdminState {

@@ -14,10 +14,10 @@ use crate::support::*;
 
 /// Sends SIGCONT to a process stopped with SIGSTOP when dropped, so that a failing test does not
 /// leave a stopped process behind (its `Proc` guard then kills it).
-struct Stopped(u32);
+pub struct Stopped(u32);
 
 impl Stopped {
-    fn stop(proc: &Proc) -> Stopped {
+    pub fn stop(proc: &Proc) -> Stopped {
         proc.signal("STOP");
         Stopped(proc.pid())
     }

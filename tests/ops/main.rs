@@ -5,6 +5,7 @@
 
 mod admin;
 mod deploy;
+mod page;
 #[path = "../process/mod.rs"]
 mod process;
 mod support;

@@ -103,6 +103,9 @@ enum Command {
         /// Print the raw JSON instead.
         #[arg(long)]
         json: bool,
+        /// Deadline for the whole command (connect, requests, answers), e.g. "5s", "500ms".
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
     },
     /// Which relay(s) and session(s) own an IP right now.
     Lookup {
@@ -111,6 +114,9 @@ enum Command {
         namespace: String,
         #[arg(long, default_value = "127.0.0.1:9180")]
         admin: String,
+        /// Deadline for the whole command (connect, request, answer), e.g. "5s", "500ms".
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
     },
 }
 
@@ -282,8 +288,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("{summary}");
             Ok(())
         }
-        Command::Status { admin, json } => {
-            let text = postern::admin::client::status(&admin, json).await?;
+        Command::Status {
+            admin,
+            json,
+            timeout,
+        } => {
+            let text = postern::admin::client::status(&admin, json, timeout).await?;
             print!("{text}");
             Ok(())
         }
@@ -291,8 +301,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             ip,
             namespace,
             admin,
+            timeout,
         } => {
-            let text = postern::admin::client::lookup(&admin, &namespace, ip).await?;
+            let text = postern::admin::client::lookup(&admin, &namespace, ip, timeout).await?;
             print!("{text}");
             Ok(())
         }

@@ -2,6 +2,7 @@
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
+use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use http_body_util::{BodyExt as _, Empty};
@@ -12,31 +13,94 @@ use super::RouteView;
 use crate::registry::cache::AgentView;
 use crate::registry::RelayInfo;
 
-/// GETs `path` from the admin listener at `admin` (`host:port` or `http://host:port`).
-async fn get(admin: &str, path: &str) -> anyhow::Result<Bytes> {
-    let authority = admin.trim_start_matches("http://").trim_end_matches('/');
-    let tcp = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        tokio::net::TcpStream::connect(authority),
-    )
-    .await
-    .with_context(|| format!("timed out connecting to the admin listener {authority}"))?
-    .with_context(|| format!("cannot reach the admin listener {authority}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-    tokio::spawn(conn);
-    let req = hyper::Request::get(path)
-        .header(hyper::header::HOST, authority)
-        .body(Empty::<Bytes>::new())?;
-    let resp = sender.send_request(req).await?;
-    let status = resp.status();
-    let body = resp.into_body().collect().await?.to_bytes();
-    if !status.is_success() {
-        bail!(
-            "{authority}{path}: {status}: {}",
-            String::from_utf8_lossy(&body).trim()
-        );
+/// One command's reads of one admin listener, all under one deadline.
+pub struct AdminClient {
+    /// `host:port`.
+    authority: String,
+    timeout: Duration,
+    deadline: tokio::time::Instant,
+}
+
+impl AdminClient {
+    /// A client for `admin` (`host:port` or `http://host:port`) whose requests must all finish within
+    /// `timeout` from now.
+    pub fn new(admin: &str, timeout: Duration) -> Self {
+        AdminClient {
+            authority: admin
+                .trim_start_matches("http://")
+                .trim_end_matches('/')
+                .to_string(),
+            timeout,
+            deadline: tokio::time::Instant::now() + timeout,
+        }
     }
-    Ok(body)
+
+    /// Runs one step of a request under the command's deadline; on expiry the error names the
+    /// address, the request and the step that was waiting.
+    async fn step<T>(
+        &self,
+        path: &str,
+        what: &str,
+        fut: impl std::future::Future<Output = T>,
+    ) -> anyhow::Result<T> {
+        tokio::time::timeout_at(self.deadline, fut)
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "timed out after {} {what} (admin listener {}, GET {path}); \
+                     is the process stopped or overloaded? (--timeout sets the deadline)",
+                    humantime::format_duration(self.timeout),
+                    self.authority
+                )
+            })
+    }
+
+    /// GETs `path`; fails on a non-2xx answer with its body.
+    pub async fn get(&self, path: &str) -> anyhow::Result<Bytes> {
+        let authority = self.authority.as_str();
+        let tcp = self
+            .step(
+                path,
+                "connecting",
+                tokio::net::TcpStream::connect(authority),
+            )
+            .await?
+            .with_context(|| format!("cannot reach the admin listener {authority}"))?;
+        let (mut sender, conn) = self
+            .step(
+                path,
+                "starting HTTP",
+                hyper::client::conn::http1::handshake(TokioIo::new(tcp)),
+            )
+            .await?
+            .with_context(|| format!("admin listener {authority}"))?;
+        // The connection task ends when `sender` is dropped or the peer closes.
+        tokio::spawn(conn);
+        let req = hyper::Request::get(path)
+            .header(hyper::header::HOST, authority)
+            .body(Empty::<Bytes>::new())?;
+        let resp = self
+            .step(path, "waiting for the answer", sender.send_request(req))
+            .await?
+            .with_context(|| format!("admin listener {authority}, GET {path}"))?;
+        let status = resp.status();
+        let body = self
+            .step(
+                path,
+                "reading the answer's body",
+                resp.into_body().collect(),
+            )
+            .await?
+            .with_context(|| format!("admin listener {authority}, GET {path}"))?
+            .to_bytes();
+        if !status.is_success() {
+            bail!(
+                "{authority}{path}: {status}: {}",
+                String::from_utf8_lossy(&body).trim()
+            );
+        }
+        Ok(body)
+    }
 }
 
 fn when(unix: u64) -> String {
@@ -49,11 +113,12 @@ fn when(unix: u64) -> String {
 }
 
 /// A readable cluster summary: this process, the relays, the agents and their tunnels.
-pub async fn status(admin: &str, raw: bool) -> anyhow::Result<String> {
-    let status_body = get(admin, "/api/status").await?;
+pub async fn status(admin: &str, raw: bool, timeout: Duration) -> anyhow::Result<String> {
+    let client = AdminClient::new(admin, timeout);
+    let status_body = client.get("/api/status").await?;
     if raw {
-        let relays = get(admin, "/api/relays").await.unwrap_or_default();
-        let agents = get(admin, "/api/agents").await.unwrap_or_default();
+        let relays = client.get("/api/relays").await.unwrap_or_default();
+        let agents = client.get("/api/agents").await.unwrap_or_default();
         return Ok(format!(
             "{{\"status\": {}, \"relays\": {}, \"agents\": {}}}\n",
             String::from_utf8_lossy(&status_body),
@@ -107,8 +172,8 @@ pub async fn status(admin: &str, raw: bool) -> anyhow::Result<String> {
         writeln!(out, "  agent: {t} tunnels up")?;
         return Ok(out);
     }
-    let relays: Vec<RelayInfo> = serde_json::from_slice(&get(admin, "/api/relays").await?)?;
-    let agents: Vec<AgentView> = serde_json::from_slice(&get(admin, "/api/agents").await?)?;
+    let relays: Vec<RelayInfo> = serde_json::from_slice(&client.get("/api/relays").await?)?;
+    let agents: Vec<AgentView> = serde_json::from_slice(&client.get("/api/agents").await?)?;
     writeln!(out, "\nRelays ({}):", relays.len())?;
     for r in &relays {
         let tunnels = agents.iter().filter(|a| a.relays.contains(&r.id)).count();
@@ -145,9 +210,15 @@ pub async fn status(admin: &str, raw: bool) -> anyhow::Result<String> {
 }
 
 /// Which relays and sessions own `ip` in `namespace`.
-pub async fn lookup(admin: &str, namespace: &str, ip: IpAddr) -> anyhow::Result<String> {
+pub async fn lookup(
+    admin: &str,
+    namespace: &str,
+    ip: IpAddr,
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    let client = AdminClient::new(admin, timeout);
     let path = format!("/api/routes?namespace={namespace}&ip={ip}");
-    let routes: Vec<RouteView> = serde_json::from_slice(&get(admin, &path).await?)?;
+    let routes: Vec<RouteView> = serde_json::from_slice(&client.get(&path).await?)?;
     let mut out = String::new();
     if routes.is_empty() {
         writeln!(

@@ -46,6 +46,78 @@ pub struct Status {
     pub relays: Option<usize>,
     pub agents: Option<usize>,
     pub agent_tunnels: Option<usize>,
+    /// Unix time of this answer in milliseconds (the status page's rates use its own clock; this
+    /// lets a reader see the process's).
+    pub now_ms: u64,
+    /// Running totals since the process started, for rates (the same numbers `/metrics` exports).
+    pub counters: Counters,
+}
+
+/// Totals since start; a reader turns two answers into per-second rates.
+#[derive(Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Counters {
+    /// Bytes carried for clients through this process's front doors, client → service
+    /// (`postern_gateway_bytes_total{direction="up"}`).
+    pub bytes_up: u64,
+    /// … and service → client.
+    pub bytes_down: u64,
+    /// Client connections that ended, whatever their result (`postern_gateway_connections_total`).
+    pub connections: u64,
+    /// Of them, refused by policy or for want of a route: `not_allowed`, `unauthorized`,
+    /// `no_route`, `bad_request`.
+    pub refusals: u64,
+    /// Of them, failed for another reason than a refusal (`connection_refused`, `unreachable`,
+    /// `timeout`, `aborted`, …).
+    pub errors: u64,
+    /// Agent tunnels a relay refused at its `relay.max_tunnels` limit
+    /// (`postern_relay_tunnels_refused_total`).
+    pub tunnels_refused: u64,
+}
+
+/// Results of `postern_gateway_connections_total` that count as refusals rather than errors.
+const REFUSAL_RESULTS: [&str; 4] = ["not_allowed", "unauthorized", "no_route", "bad_request"];
+
+impl Counters {
+    /// Reads the totals from the Prometheus exposition this process serves at `/metrics`, so that
+    /// the API and the metrics can never disagree.
+    pub fn from_exposition(text: &str) -> Counters {
+        let mut c = Counters::default();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(value) = value.parse::<f64>() else {
+                continue;
+            };
+            let value = value as u64;
+            let (name, labels) = series.split_once('{').unwrap_or((series, ""));
+            let label = |key: &str| {
+                labels
+                    .split(',')
+                    .filter_map(|kv| kv.split_once('='))
+                    .find(|(k, _)| *k == key)
+                    .map(|(_, v)| v.trim_end_matches('}').trim_matches('"'))
+            };
+            match name {
+                "postern_gateway_bytes_total" => match label("direction") {
+                    Some("up") => c.bytes_up += value,
+                    Some("down") => c.bytes_down += value,
+                    _ => {}
+                },
+                "postern_gateway_connections_total" => {
+                    c.connections += value;
+                    match label("result") {
+                        Some("ok") => {}
+                        Some(r) if REFUSAL_RESULTS.contains(&r) => c.refusals += value,
+                        _ => c.errors += value,
+                    }
+                }
+                "postern_relay_tunnels_refused_total" => c.tunnels_refused += value,
+                _ => {}
+            }
+        }
+        c
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -118,22 +190,149 @@ impl AdminState {
             relays: cache.map(|c| c.relays().len()),
             agents: cache.map(|c| c.agents().len()),
             agent_tunnels: self.agent.as_ref().map(AgentHandle::tunnels),
+            now_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            counters: Counters::from_exposition(&crate::metrics::metrics().encode()),
         }
     }
 }
 
-/// Admin connections served at once; beyond it a new connection is closed at once, so a stuck or
-/// hostile client cannot take the process's memory or file descriptors through this port.
-pub const MAX_CONNECTIONS: usize = 64;
+/// Admin connections held open at once. When they are all taken, a new connection evicts the
+/// connection that has been idle the longest (waiting for a request's head, or between requests)
+/// instead of being refused: a flood of idle or slow connections can never keep a probe out. The
+/// number is high because a connection that has sent nothing yet costs only its socket (no buffer,
+/// no HTTP state), and because while it is not reached no new connection closes another one — a
+/// flood that reconnects whatever is closed would otherwise keep the accept loop busy with itself.
+pub const MAX_CONNECTIONS: usize = 4096;
+/// Connections held open at once from one source address; the next one from that address evicts
+/// its own longest-idle connection.
+pub const MAX_CONNECTIONS_PER_SOURCE: usize = 16;
+/// How long a connection may sit without a request in service: from accept to a request's complete
+/// head, and between requests on a kept-alive connection. A dribbling or silent client is closed
+/// after it; a probe or scraper sends its request at once. Each connection draws its own limit
+/// between this and 1.5 times this.
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// How long one admin connection may stay open, whatever it does (a client that sends requests but
 /// never reads the answers would otherwise keep its slot for ever); scrapers simply reconnect.
 pub const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// What the accept loop knows of one open admin connection.
+struct Held {
+    source: IpAddr,
+    activity: std::sync::Arc<Activity>,
+    /// Cancelled to close the connection (eviction).
+    evict: CancellationToken,
+}
+
+/// Whether a connection has a request in service, and since when it has not.
+struct Activity {
+    /// Set while the service function runs: such a connection is never evicted.
+    busy: std::sync::atomic::AtomicBool,
+    /// Milliseconds since `epoch` when the connection last became idle (accepted or answered).
+    idle_since_ms: std::sync::atomic::AtomicU64,
+    epoch: tokio::time::Instant,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            busy: false.into(),
+            idle_since_ms: 0.into(),
+            epoch: tokio::time::Instant::now(),
+        }
+    }
+
+    fn start(&self) {
+        self.busy.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn finish(&self) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.idle_since_ms
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+        self.busy.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// When the connection became idle, or `None` while a request is in service.
+    fn idle_since(&self) -> Option<tokio::time::Instant> {
+        if self.busy.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        let ms = self
+            .idle_since_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        Some(self.epoch + std::time::Duration::from_millis(ms))
+    }
+}
+
+/// The open admin connections, keyed by a sequence number.
+#[derive(Default)]
+struct Connections {
+    next: u64,
+    held: HashMap<u64, Held>,
+    /// The connections of each source address.
+    by_source: HashMap<IpAddr, Vec<u64>>,
+}
+
+impl Connections {
+    fn insert(&mut self, held: Held) -> u64 {
+        let id = self.next;
+        self.next += 1;
+        self.by_source.entry(held.source).or_default().push(id);
+        self.held.insert(id, held);
+        id
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Held> {
+        let held = self.held.remove(&id)?;
+        if let Some(ids) = self.by_source.get_mut(&held.source) {
+            ids.retain(|other| *other != id);
+            if ids.is_empty() {
+                self.by_source.remove(&held.source);
+            }
+        }
+        Some(held)
+    }
+
+    /// Makes room for a connection from `source`: evicts the longest-idle connection of that source
+    /// when it holds its share, else the longest-idle one of all when every slot is taken. `false`
+    /// when there is no room because every candidate has a request in service.
+    fn make_room(&mut self, source: IpAddr) -> bool {
+        let from_source = self.by_source.get(&source).map_or(&[][..], Vec::as_slice);
+        if from_source.len() >= MAX_CONNECTIONS_PER_SOURCE {
+            let candidates = from_source.to_vec();
+            return self.evict_idlest(candidates.iter().copied());
+        }
+        if self.held.len() >= MAX_CONNECTIONS {
+            let candidates: Vec<u64> = self.held.keys().copied().collect();
+            return self.evict_idlest(candidates.into_iter());
+        }
+        true
+    }
+
+    fn evict_idlest(&mut self, among: impl Iterator<Item = u64>) -> bool {
+        let idlest = among
+            .filter_map(|id| {
+                let since = self.held.get(&id)?.activity.idle_since()?;
+                Some((since, id))
+            })
+            .min();
+        match idlest.and_then(|(_, id)| self.remove(id)) {
+            Some(evicted) => {
+                evicted.evict.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 /// Serves the admin listener until `stop`.
 pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationToken) {
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let connections = std::sync::Arc::new(std::sync::Mutex::new(Connections::default()));
     loop {
-        let (tcp, _) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             _ = stop.cancelled() => return,
             a = listener.accept() => match a {
                 Ok(a) => a,
@@ -144,27 +343,83 @@ pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationT
                 }
             },
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::debug!(
-                limit = MAX_CONNECTIONS,
-                "admin connection limit reached; closing"
-            );
-            drop(tcp);
-            continue;
+        let activity = std::sync::Arc::new(Activity::new());
+        let evict = stop.child_token();
+        let id = {
+            // A poisoned lock only means a connection task panicked; the table is still consistent.
+            let mut held = connections.lock().unwrap_or_else(|e| e.into_inner());
+            if !held.make_room(peer.ip()) {
+                tracing::debug!(
+                    client = %peer,
+                    "every admin connection has a request in service; closing"
+                );
+                drop(tcp);
+                continue;
+            }
+            held.insert(Held {
+                source: peer.ip(),
+                activity: activity.clone(),
+                evict: evict.clone(),
+            })
         };
         let state = state.clone();
+        let connections = connections.clone();
         tokio::spawn(async move {
-            let _slot = slot;
-            let service = hyper::service::service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, &req)) }
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
-                .serve_connection(TokioIo::new(tcp), service);
-            let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
+            serve_connection(tcp, state, &activity, &evict).await;
+            connections
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(id);
         });
+    }
+}
+
+/// Serves one admin connection until it ends, is evicted, idles for [`IDLE_TIMEOUT`] or reaches
+/// [`CONNECTION_LIFETIME`].
+async fn serve_connection(
+    tcp: tokio::net::TcpStream,
+    state: AdminState,
+    activity: &std::sync::Arc<Activity>,
+    evict: &CancellationToken,
+) {
+    // Each connection's limit lies between IDLE_TIMEOUT and 1.5 × IDLE_TIMEOUT, so connections
+    // opened together (a flood) are not all closed — and reopened — in the same instant.
+    let idle_timeout = IDLE_TIMEOUT.mul_f64(1.0 + rand::random::<f64>() / 2.0);
+    // Until its first byte a connection holds no buffer and no HTTP state.
+    tokio::select! {
+        readable = tcp.readable() => if readable.is_err() { return },
+        _ = tokio::time::sleep(idle_timeout) => return,
+        _ = evict.cancelled() => return,
+    }
+    let in_service = activity.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let state = state.clone();
+        in_service.start();
+        let response = route(&state, &req);
+        in_service.finish();
+        async move { Ok::<_, Infallible>(response) }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(idle_timeout)
+        .serve_connection(TokioIo::new(tcp), service);
+    tokio::pin!(connection);
+    let end = tokio::time::Instant::now() + CONNECTION_LIFETIME;
+    loop {
+        let check_at = match activity.idle_since() {
+            Some(since) if since + idle_timeout <= tokio::time::Instant::now() => return,
+            Some(since) => (since + idle_timeout).min(end),
+            None => (tokio::time::Instant::now() + idle_timeout).min(end),
+        };
+        tokio::select! {
+            _ = &mut connection => return,
+            _ = evict.cancelled() => return,
+            _ = tokio::time::sleep_until(check_at) => {
+                if tokio::time::Instant::now() >= end {
+                    return;
+                }
+            }
+        }
     }
 }
 
@@ -323,6 +578,8 @@ pub struct RouteView {
     pub namespace: String,
     pub ip: IpAddr,
     pub relay_id: String,
+    /// A string in JSON (see [`crate::registry::session_id_json`]).
+    #[serde(with = "crate::registry::session_id_json")]
     pub session_id: u64,
     pub agent_id: String,
     pub draining: bool,
@@ -330,12 +587,27 @@ pub struct RouteView {
 }
 
 /// Binds the admin listener (address `addr`).
+/// Its accept queue is deep ([`ACCEPT_BACKLOG`], capped by the kernel's `net.core.somaxconn`) so
+/// that a burst of connections (a flood reconnecting what the idle timeout closed) does not
+/// overflow it: a probe's dropped SYN would be retried only after a second.
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     use anyhow::Context as _;
-    TcpListener::bind(addr)
-        .await
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    };
+    socket
+        .and_then(|socket| {
+            socket.set_reuseaddr(true)?;
+            socket.bind(addr)?;
+            socket.listen(ACCEPT_BACKLOG)
+        })
         .with_context(|| format!("binding the admin listener on {addr}"))
 }
+
+/// The admin listener's accept queue length.
+pub const ACCEPT_BACKLOG: u32 = 4096;
 
 #[cfg(test)]
 mod tests {
@@ -353,52 +625,122 @@ mod tests {
         Ok(out)
     }
 
-    /// Idle connections beyond the limit are closed at once; once they go, the port answers again.
-    #[tokio::test]
-    async fn connections_beyond_the_limit_are_closed_and_slots_come_back() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let stop = CancellationToken::new();
-        let state = AdminState {
+    #[test]
+    fn counters_read_from_the_exposition() {
+        let text = "# HELP postern_gateway_bytes_total Bytes\n\
+            # TYPE postern_gateway_bytes_total counter\n\
+            postern_gateway_bytes_total{direction=\"up\"} 1200\n\
+            postern_gateway_bytes_total{direction=\"down\"} 3400\n\
+            postern_gateway_connections_total{front=\"socks5\",result=\"ok\"} 7\n\
+            postern_gateway_connections_total{front=\"http\",result=\"ok\"} 1\n\
+            postern_gateway_connections_total{front=\"socks5\",result=\"no_route\"} 2\n\
+            postern_gateway_connections_total{front=\"http\",result=\"unauthorized\"} 1\n\
+            postern_gateway_connections_total{front=\"socks5\",result=\"connection_refused\"} 3\n\
+            postern_gateway_connections_total{front=\"socks5\",result=\"aborted\"} 1\n\
+            postern_relay_tunnels_refused_total 4\n\
+            postern_relay_tunnels 9\n";
+        assert_eq!(
+            Counters::from_exposition(text),
+            Counters {
+                bytes_up: 1200,
+                bytes_down: 3400,
+                connections: 15,
+                refusals: 3,
+                errors: 4,
+                tunnels_refused: 4,
+            }
+        );
+        // The process's own exposition parses (whatever it holds so far).
+        let _ = Counters::from_exposition(&crate::metrics::metrics().encode());
+    }
+
+    fn agent_state() -> AdminState {
+        AdminState {
             role: "agent",
             process: None,
             agent: None,
             shutdown: CancellationToken::new(),
-        };
-        let server = tokio::spawn(serve(listener, state, stop.clone()));
-        assert!(healthz(addr).await.unwrap().starts_with("HTTP/1.1 200"));
+        }
+    }
 
-        // Fill every slot with a connection that sends nothing (each is accepted in turn).
+    /// Whether the server has closed `tcp` (EOF or reset) within `limit`.
+    async fn closed_within(tcp: &mut TcpStream, limit: std::time::Duration) -> bool {
+        let mut buf = [0u8; 64];
+        matches!(
+            tokio::time::timeout(limit, tcp.read(&mut buf)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    }
+
+    /// One source holds at most its share: its next connection evicts its oldest idle one, and
+    /// `/healthz` from that same source still answers.
+    #[tokio::test]
+    async fn a_source_beyond_its_share_evicts_its_oldest_idle_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, agent_state(), stop.clone()));
         let mut idle = Vec::new();
-        for _ in 0..MAX_CONNECTIONS {
+        for _ in 0..MAX_CONNECTIONS_PER_SOURCE {
             idle.push(TcpStream::connect(addr).await.unwrap());
         }
-        let refused = tokio::time::timeout(std::time::Duration::from_secs(10), async {
-            loop {
-                match healthz(addr).await {
-                    Ok(text) if text.is_empty() => return,
-                    Err(_) => return,
-                    // An idle connection may not have been accepted yet when this one arrived.
-                    Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
-                }
-            }
-        })
-        .await;
-        assert!(refused.is_ok(), "a connection beyond the limit was served");
+        let text = healthz(addr).await.unwrap();
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(
+            closed_within(&mut idle[0], std::time::Duration::from_secs(1)).await,
+            "the oldest idle connection was not evicted"
+        );
+        assert!(
+            !closed_within(&mut idle[1], std::time::Duration::from_millis(200)).await,
+            "a younger connection was evicted before the oldest"
+        );
+        stop.cancel();
+        server.await.unwrap();
+    }
 
-        drop(idle);
-        let answered = tokio::time::timeout(std::time::Duration::from_secs(10), async {
-            loop {
-                if let Ok(text) = healthz(addr).await {
-                    if text.starts_with("HTTP/1.1 200") {
-                        return;
-                    }
+    /// A connection that sends nothing, or dribbles a request head, is closed after
+    /// IDLE_TIMEOUT; a kept-alive connection answers again before it.
+    #[tokio::test]
+    async fn idle_and_dribbling_connections_are_closed_after_the_idle_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, agent_state(), stop.clone()));
+        let started = std::time::Instant::now();
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        let mut dribbler = TcpStream::connect(addr).await.unwrap();
+        let dribble = async {
+            for byte in b"GET /healthz HTTP/1.1\r\nhost: x\r\n" {
+                if dribbler.write_all(&[*byte]).await.is_err() {
+                    return;
                 }
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
             }
-        })
-        .await;
-        assert!(answered.is_ok(), "the freed slots were not reused");
+        };
+        let limit = IDLE_TIMEOUT * 3 / 2 + std::time::Duration::from_secs(1);
+        let (silent_closed, ()) = tokio::join!(closed_within(&mut silent, limit), dribble);
+        assert!(
+            silent_closed,
+            "a silent connection outlived the idle timeout"
+        );
+        assert!(started.elapsed() >= IDLE_TIMEOUT - std::time::Duration::from_millis(100));
+        assert!(
+            closed_within(&mut dribbler, std::time::Duration::from_secs(1)).await,
+            "a dribbling connection outlived the idle timeout"
+        );
+
+        // Keep-alive: two requests on one connection, the second after a pause shorter than the
+        // idle timeout.
+        let mut kept = TcpStream::connect(addr).await.unwrap();
+        for _ in 0..2 {
+            kept.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut buf = vec![0u8; 1024];
+            let n = kept.read(&mut buf).await.unwrap();
+            assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+            tokio::time::sleep(IDLE_TIMEOUT / 2).await;
+        }
         stop.cancel();
         server.await.unwrap();
     }

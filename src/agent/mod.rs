@@ -193,7 +193,7 @@ impl Shared {
                         self.tunnels_up.send_modify(|n| *n += 1);
                         crate::metrics::metrics().agent_tunnels.inc();
                         let relay_id = tunnel.welcome.relay_id.clone();
-                        tracing::info!(%relay_id, session_id = tunnel.welcome.session_id, "tunnel up");
+                        tracing::info!(%relay_id, session_id = %tunnel.welcome.session_id, "tunnel up");
                         let result = self.serve(tunnel, &shutdown).await;
                         self.tunnels_up.send_modify(|n| *n -= 1);
                         crate::metrics::metrics().agent_tunnels.dec();

@@ -204,7 +204,7 @@ impl Forwarder {
                     })
                 }
                 Err(code) if code.try_next_owner() => {
-                    tracing::debug!(relay_id = %owner.relay_id, session_id = owner.session_id, ?code, "owner failed; trying next");
+                    tracing::debug!(relay_id = %owner.relay_id, session_id = %owner.session_id, ?code, "owner failed; trying next");
                     last = code;
                 }
                 Err(code) => return Err(code),

@@ -34,6 +34,18 @@ pub struct AgentView {
     /// Unix seconds of its oldest tunnel.
     pub connected_since: u64,
     pub draining: bool,
+    /// Its tunnels: which session of which relay (absent in answers of older versions).
+    #[serde(default)]
+    pub sessions: Vec<SessionView>,
+}
+
+/// One tunnel of an agent, as `/api/agents` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct SessionView {
+    pub relay_id: String,
+    /// A string in JSON (see [`super::session_id_json`]).
+    #[serde(with = "super::session_id_json")]
+    pub session_id: u64,
 }
 
 #[derive(Default)]
@@ -195,6 +207,7 @@ impl RouteCache {
                     tunnels: 0,
                     connected_since: o.connected_at,
                     draining: true,
+                    sessions: Vec::new(),
                 });
                 if !view.ips.contains(ip) {
                     view.ips.push(*ip);
@@ -215,7 +228,16 @@ impl RouteCache {
             .map(|(key, mut view)| {
                 view.ips.sort();
                 view.relays.sort();
-                view.tunnels = sessions.get(&key).map_or(0, BTreeSet::len);
+                let tunnels = sessions.get(&key);
+                view.tunnels = tunnels.map_or(0, BTreeSet::len);
+                view.sessions = tunnels
+                    .into_iter()
+                    .flatten()
+                    .map(|(relay_id, session_id)| SessionView {
+                        relay_id: relay_id.to_string(),
+                        session_id: *session_id,
+                    })
+                    .collect();
                 view
             })
             .collect()

@@ -38,7 +38,36 @@ pub struct RouteKey {
     pub namespace: String,
     pub ip: IpAddr,
     pub relay_id: String,
+    #[serde(with = "session_id_json")]
     pub session_id: u64,
+}
+
+/// Session ids in JSON are strings: they are random 64-bit values, and JSON numbers above 2^53 lose
+/// digits in JavaScript and jq, so an id copied from the admin API would no longer match the logs or
+/// `postern lookup`. Reading accepts a string or, as older versions wrote them, a number.
+pub mod session_id_json {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(id: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(id)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Id {
+            Text(String),
+            Number(u64),
+        }
+        match Id::deserialize(d)? {
+            Id::Number(n) => Ok(n),
+            Id::Text(text) => text.parse().map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "invalid session id {text:?}: not a 64-bit number"
+                ))
+            }),
+        }
+    }
 }
 
 impl RouteKey {
@@ -171,6 +200,31 @@ pub trait Registry: Send + Sync + 'static {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An id above 2^53 is written as a string with every digit; both forms read back exactly.
+    #[test]
+    fn session_ids_are_json_strings_and_old_numbers_still_read() {
+        let id = u64::MAX - 6; // 18446744073709551609: not representable as an f64
+        let key = RouteKey {
+            namespace: "default".into(),
+            ip: "10.1.2.3".parse().unwrap(),
+            relay_id: "relay-1".into(),
+            session_id: id,
+        };
+        let text = serde_json::to_string(&key).unwrap();
+        assert!(
+            text.contains("\"session_id\":\"18446744073709551609\""),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<RouteKey>(&text).unwrap(), key);
+        let old = text.replace("\"18446744073709551609\"", "18446744073709551609");
+        assert_eq!(serde_json::from_str::<RouteKey>(&old).unwrap(), key);
+        let bad = text.replace("18446744073709551609", "12x");
+        let err = serde_json::from_str::<RouteKey>(&bad)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("invalid session id \"12x\""), "{err}");
+    }
 
     #[test]
     fn route_key_path_round_trips() {

@@ -229,7 +229,7 @@ impl Relay {
         for session in self.sessions.all() {
             if let Err(reject) = self.still_admitted(&session) {
                 tracing::warn!(
-                    session_id = session.id,
+                    session_id = %session.id,
                     agent_id = %session.agent_id,
                     reason = %reject.reason,
                     "closing tunnel: its credential no longer admits it"
@@ -459,7 +459,7 @@ impl Relay {
             let _ = self
                 .changes
                 .send(Change::Put(session.routes(&self.config.id)));
-            tracing::info!(session_id = session.id, ips = ?session.ips, "tunnel up");
+            tracing::info!(session_id = %session.id, ips = ?session.ips, "tunnel up");
             let result = async {
                 let _ = send.set_priority(protocol::priority::CONTROL);
                 protocol::write_message(&mut send, &Message::Welcome(welcome)).await?;
@@ -475,7 +475,7 @@ impl Relay {
                 .map(|r| r.key)
                 .collect();
             let _ = self.changes.send(Change::Delete(keys));
-            tracing::info!(session_id = session.id, "tunnel down");
+            tracing::info!(session_id = %session.id, "tunnel down");
             result
         }
         .instrument(span)

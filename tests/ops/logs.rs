@@ -75,8 +75,8 @@ fn unauthorized_count(admin_metrics: &str, front: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_logins_are_logged_and_counted() {
     let w = Workdir::new("logins");
-    let (_server, socks5, http, admin) = server_with_users(&w, 71, &["--log-format", "json"]).await;
-    let target: SocketAddr = "127.71.0.1:80".parse().unwrap();
+    let (_server, socks5, http, admin) = server_with_users(&w, 78, &["--log-format", "json"]).await;
+    let target: SocketAddr = "127.78.0.1:80".parse().unwrap();
 
     // SOCKS5: a wrong password, an unknown user, no password at all.
     assert_eq!(
@@ -96,11 +96,11 @@ async fn failed_logins_are_logged_and_counted() {
     // HTTP: no Proxy-Authorization, a malformed one, a wrong password.
     let basic = |login: &str| base64::engine::general_purpose::STANDARD.encode(login);
     let heads = [
-        "CONNECT 127.71.0.1:80 HTTP/1.1\r\nHost: 127.71.0.1:80\r\n\r\n".to_string(),
-        "GET http://127.71.0.1:80/ HTTP/1.1\r\nHost: 127.71.0.1:80\r\nProxy-Authorization: Basic !!!\r\n\r\n"
+        "CONNECT 127.78.0.1:80 HTTP/1.1\r\nHost: 127.78.0.1:80\r\n\r\n".to_string(),
+        "GET http://127.78.0.1:80/ HTTP/1.1\r\nHost: 127.78.0.1:80\r\nProxy-Authorization: Basic !!!\r\n\r\n"
             .to_string(),
         format!(
-            "CONNECT 127.71.0.1:80 HTTP/1.1\r\nHost: 127.71.0.1:80\r\nProxy-Authorization: Basic {}\r\n\r\n",
+            "CONNECT 127.78.0.1:80 HTTP/1.1\r\nHost: 127.78.0.1:80\r\nProxy-Authorization: Basic {}\r\n\r\n",
             basic("alice:nope")
         ),
     ];
@@ -156,7 +156,7 @@ async fn failed_logins_are_logged_and_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_strings_cannot_forge_text_log_lines_and_files_get_no_colour() {
     let w = Workdir::new("forge");
-    let (_server, socks5, _http, _admin) = server_with_users(&w, 72, &[]).await;
+    let (_server, socks5, _http, _admin) = server_with_users(&w, 79, &[]).await;
     let forged = "x\n2026-11-25T00:00:00.000000Z  INFO postern::access: connection client=6.6.6.6:1 result=ok\u{1b}[2K\r";
     let name = format!("{forged}.postern");
     let mut tcp = TcpStream::connect(socks5).await.unwrap();
@@ -208,7 +208,7 @@ async fn peer_strings_cannot_forge_text_log_lines_and_files_get_no_colour() {
 async fn fatal_errors_follow_the_log_format() {
     let w = Workdir::new("fatal");
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let good = server_toml(&w, 73, &[], "1s");
+    let good = server_toml(&w, 80, &[], "1s");
     let clash = w.write(
         "clash.toml",
         &good.replace(

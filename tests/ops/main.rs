@@ -3,11 +3,13 @@
 //! Kubernetes / systemd / container files, and the status page in headless Chromium.
 //! Each test uses its own agent address range 127.N.0.0/16.
 
+mod admin;
 mod broken;
 mod deploy;
 mod lifecycle;
 mod logs;
 mod newcomer;
+mod page;
 #[path = "../process/mod.rs"]
 mod process;
 mod support;

@@ -381,31 +381,30 @@ impl Error {
     }
 }
 
-/// serde_json's message for `err`, with the contents of every double-quoted string (the only way
-/// it quotes values the peer sent, as in `invalid type: string "…", expected …`) elided. Field
-/// and variant names it quotes with backticks stay, so the message still says what was wrong.
+/// serde_json's message for `err`, cut before the first value it quotes: serde quotes what the
+/// peer sent (`invalid type: string "…"`, ``unknown variant `…` ``), and a token in the wrong
+/// place must not reach a log. Missing or duplicate fields keep their name, which is ours.
 fn redacted(err: &serde_json::Error) -> String {
     let text = err.to_string();
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        out.push(c);
-        if c != '"' {
-            continue;
-        }
-        // Inside a Debug-quoted string: skip to its closing quote, escapes included.
-        out.push_str("…\"");
-        while let Some(c) = chars.next() {
-            match c {
-                '\\' => {
-                    chars.next();
-                }
-                '"' => break,
-                _ => {}
-            }
-        }
+    let message = match (err.line(), text.rfind(" at line ")) {
+        (1.., Some(at)) => &text[..at],
+        _ => text.as_str(),
+    };
+    let ours = ["missing field", "duplicate field"].iter().any(|kind| {
+        message
+            .strip_prefix(kind)
+            .and_then(|rest| rest.strip_prefix(" `")?.strip_suffix('`'))
+            .is_some_and(|name| name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+    });
+    let shown = match message.find(['`', '"']) {
+        Some(quote) if !ours => format!("{}…", &message[..quote]),
+        _ => message.to_string(),
+    };
+    if err.line() > 0 {
+        format!("{shown} at line {} column {}", err.line(), err.column())
+    } else {
+        shown
     }
-    out
 }
 
 /// Encodes one frame (header + JSON body) into a new buffer.
@@ -733,6 +732,10 @@ mod tests {
             ),
             format!(r#"{{"type":"{token}"}}"#),
             format!(r#"["{token}"]"#),
+            format!(r#"{{"type":"ping","nonce":1,"{token}":1}}"#),
+            format!(
+                r#"{{"type":"hello","agent_id":"a","namespace":"n","ips":[],"ports":[],"token":"t","token":"{token}"}}"#
+            ),
         ] {
             let mut frame = vec![VERSION];
             frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
@@ -742,10 +745,11 @@ mod tests {
             assert!(!err.contains("3f9a1c"), "{body} → {err}");
         }
         let err = serde_json::from_str::<Vec<u8>>(r#""a\"b""#).unwrap_err();
-        assert!(
-            redacted(&err).starts_with(r#"invalid type: string "…", expected a sequence"#),
-            "{}",
-            redacted(&err)
+        assert_eq!(redacted(&err), "invalid type: string … at line 1 column 6");
+        let err = serde_json::from_str::<Hello>(r#"{"agent_id":"x"}"#).unwrap_err();
+        assert_eq!(
+            redacted(&err),
+            "missing field `namespace` at line 1 column 16"
         );
     }
 }

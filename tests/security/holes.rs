@@ -193,6 +193,16 @@ async fn pipelined_requests_in_one_read_get_the_same_smuggling_checks() {
         2
     );
 
+    // A head beyond max_header_bytes (16 KiB) is refused and the connection closed.
+    let mut conn = HttpConn::open(stack.http).await;
+    let padding = "a".repeat(20 * 1024);
+    conn.send(format!("GET http://{t}/large HTTP/1.1\r\nX-Pad: {padding}\r\n\r\n").as_bytes())
+        .await;
+    let large = conn.response(false).await;
+    assert!([400, 431].contains(&large.status), "{}", large.status_line);
+    assert!(conn.rest_until_closed().await.is_empty());
+    assert_eq!(received.all().len(), forwarded);
+
     // The control: the same requests on one connection, each well-formed, are all forwarded.
     let mut conn = HttpConn::open(stack.http).await;
     conn.send(format!("{get}{post}{chunked}").as_bytes()).await;

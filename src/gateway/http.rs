@@ -667,7 +667,7 @@ impl Framer {
                     let value = (b as char).to_digit(16).unwrap_or(0);
                     Ok(Chunk::Size {
                         digits: digits + 1,
-                        size: size << 4 | u64::from(value),
+                        size: (size << 4) | u64::from(value),
                     })
                 }
             }

@@ -49,6 +49,19 @@ pub enum Error {
         #[source]
         source: rcgen::Error,
     },
+    /// A DNS name that marks another role's certificates: a certificate carries one role only.
+    #[error(
+        "the DNS name {name:?} marks {role} certificates; a {kind} certificate may not carry it \
+         (a certificate has exactly one role: issue a separate {role} certificate)"
+    )]
+    ReservedName {
+        /// The name as given.
+        name: String,
+        /// The role the name belongs to.
+        role: Role,
+        /// The kind being issued, lower case.
+        kind: &'static str,
+    },
     /// Validity out of range.
     #[error("validity of {days} days is out of range (1..={MAX_DAYS})")]
     Validity {
@@ -84,6 +97,23 @@ pub enum Kind {
 }
 
 impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Relay => "relay",
+            Kind::Peer => "peer",
+            Kind::Agent => "agent",
+        }
+    }
+
+    /// The role marker this kind always carries, and the one it may never carry.
+    fn markers(self) -> (Option<Role>, Role) {
+        match self {
+            Kind::Relay => (None, Role::Agent),
+            Kind::Peer => (Some(Role::Peer), Role::Agent),
+            Kind::Agent => (Some(Role::Agent), Role::Peer),
+        }
+    }
+
     fn extended_key_usages(self) -> Vec<ExtendedKeyUsagePurpose> {
         use ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
         match self {
@@ -129,28 +159,24 @@ pub fn issue(
         .map_err(Error::CaCertificate)?
         .self_signed(&ca_key)?;
 
-    // Peer certificates always carry the peer name; agent certificates never may.
+    // Peer and agent certificates always carry their role's name; no certificate carries the
+    // name of a role it is not (DNS names compare without case).
+    let (own, forbidden) = kind.markers();
+    if let Some(name) = dns
+        .iter()
+        .find(|d| d.eq_ignore_ascii_case(forbidden.marker()))
+    {
+        return Err(Error::ReservedName {
+            name: name.clone(),
+            role: forbidden,
+            kind: kind.as_str(),
+        });
+    }
     let mut dns = dns.to_vec();
-    match kind {
-        Kind::Peer if !dns.iter().any(|d| d == PEER_NAME) => dns.push(PEER_NAME.to_string()),
-        Kind::Agent
-            if !dns.iter().any(|d| d == AGENT_NAME) && !dns.iter().any(|d| d == PEER_NAME) =>
-        {
-            dns.push(AGENT_NAME.to_string())
+    if let Some(own) = own {
+        if !dns.iter().any(|d| d.eq_ignore_ascii_case(own.marker())) {
+            dns.push(own.marker().to_string());
         }
-        Kind::Peer | Kind::Relay if dns.iter().any(|d| d == AGENT_NAME) => {
-            return Err(Error::DnsName {
-                name: AGENT_NAME.to_string(),
-                source: rcgen::Error::InvalidNameType,
-            })
-        }
-        Kind::Agent if dns.iter().any(|d| d == PEER_NAME) => {
-            return Err(Error::DnsName {
-                name: PEER_NAME.to_string(),
-                source: rcgen::Error::InvalidNameType,
-            })
-        }
-        _ => {}
     }
     let mut params = CertificateParams::default();
     params.distinguished_name = common_name_only(name);
@@ -324,12 +350,6 @@ pub fn generate_bundle(dir: &Path, relay_name: &str) -> Result<Bundle, Error> {
     })
 }
 
-/// IP-address SANs of a DER certificate, in certificate order.
-///
-/// The relay calls this on a verified agent certificate to learn which addresses that agent may
-/// claim. rcgen's CA parser is used because it extracts exactly the fields we need (SANs
-/// included) from any certificate; it fails on SAN kinds rcgen cannot represent (directory names,
-/// registered IDs), which postern never issues.
 /// The DNS name every peer certificate carries and no agent certificate may: the relay's peer
 /// endpoint admits only certificates with it, so an agent's certificate (same CA) cannot forward.
 pub const PEER_NAME: &str = "postern-peer";
@@ -337,6 +357,47 @@ pub const PEER_NAME: &str = "postern-peer";
 /// The DNS name every agent certificate carries: the relay admits a client certificate as an agent
 /// only with it, so relay or peer certificates from the same CA cannot join as agents.
 pub const AGENT_NAME: &str = "postern-agent";
+
+/// The role a client certificate proves, read from its role names (DNS SANs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Carries [`AGENT_NAME`]: may join a relay as an agent.
+    Agent,
+    /// Carries [`PEER_NAME`]: may forward through a relay's peer endpoint.
+    Peer,
+}
+
+impl Role {
+    /// The DNS name that marks this role.
+    pub fn marker(self) -> &'static str {
+        match self {
+            Role::Agent => AGENT_NAME,
+            Role::Peer => PEER_NAME,
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Agent => "agent",
+            Role::Peer => "peer",
+        })
+    }
+}
+
+/// The one role a DER client certificate carries, or `None` when it carries no role name, both
+/// (however it was made), or cannot be parsed. Relays admit agents and peers by this alone, so a
+/// certificate marked for both roles is admitted as neither.
+pub fn role(cert_der: &[u8]) -> Option<Role> {
+    let names = dns_sans(cert_der).ok()?;
+    let has = |role: Role| names.iter().any(|n| n.eq_ignore_ascii_case(role.marker()));
+    match (has(Role::Agent), has(Role::Peer)) {
+        (true, false) => Some(Role::Agent),
+        (false, true) => Some(Role::Peer),
+        _ => None,
+    }
+}
 
 /// DNS SANs of a DER cert.
 pub fn dns_sans(cert_der: &[u8]) -> Result<Vec<String>, Error> {
@@ -352,6 +413,12 @@ pub fn dns_sans(cert_der: &[u8]) -> Result<Vec<String>, Error> {
         .collect())
 }
 
+/// IP-address SANs of a DER certificate, in certificate order.
+///
+/// The relay calls this on a verified agent certificate to learn which addresses that agent may
+/// claim. rcgen's CA parser is used because it extracts exactly the fields we need (SANs
+/// included) from any certificate; it fails on SAN kinds rcgen cannot represent (directory names,
+/// registered IDs), which postern never issues.
 pub fn ip_sans(cert_der: &[u8]) -> Result<Vec<IpAddr>, Error> {
     let params = CertificateParams::from_ca_cert_der(&CertificateDer::from(cert_der))
         .map_err(Error::Parse)?;
@@ -483,6 +550,70 @@ mod tests {
         assert!(matches!(result, Err(Error::CaKey(_))), "{result:?}");
         let result = issue(&ca_key, &ca_key, Kind::Relay, "r", &[], &[], 1);
         assert!(matches!(result, Err(Error::CaCertificate(_))), "{result:?}");
+    }
+
+    #[test]
+    fn a_certificate_carries_one_role() {
+        let (ca, ca_key) = generate_ca("test CA").unwrap();
+        for (kind, name, role) in [
+            (Kind::Peer, "postern-agent", Role::Agent),
+            (Kind::Peer, "POSTERN-Agent", Role::Agent),
+            (Kind::Relay, "postern-agent", Role::Agent),
+            (Kind::Agent, "postern-peer", Role::Peer),
+            (Kind::Agent, "Postern-Peer", Role::Peer),
+        ] {
+            let result = issue(&ca, &ca_key, kind, "x", &[name.into()], &[], 1);
+            match result {
+                Err(Error::ReservedName { role: r, .. }) => assert_eq!(r, role, "{kind:?} {name}"),
+                other => panic!("{kind:?} with {name}: {other:?}"),
+            }
+        }
+        let err = issue(
+            &ca,
+            &ca_key,
+            Kind::Peer,
+            "x",
+            &["postern-agent".into()],
+            &[],
+            1,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("\"postern-agent\" marks agent certificates"),
+            "{err}"
+        );
+        // What the tool does issue carries its one role.
+        let der = |pem: String| tls::parse_certs_pem(pem.as_bytes()).unwrap().remove(0);
+        for (kind, expected) in [
+            (Kind::Agent, Some(Role::Agent)),
+            (Kind::Peer, Some(Role::Peer)),
+            (Kind::Relay, None),
+        ] {
+            let (leaf, _) = issue(&ca, &ca_key, kind, "x", &[], &[], 1).unwrap();
+            assert_eq!(role(&der(leaf)), expected, "{kind:?}");
+        }
+        // Relays may carry the peer name (a relay's certificate may serve as its peer identity).
+        let (leaf, _) = issue(&ca, &ca_key, Kind::Relay, "x", &[PEER_NAME.into()], &[], 1).unwrap();
+        assert_eq!(role(&der(leaf)), Some(Role::Peer));
+    }
+
+    #[test]
+    fn a_certificate_marked_for_both_roles_has_none() {
+        // Made without the tool, as any other issuer could.
+        let (ca_pem, ca_key_pem) = generate_ca("test CA").unwrap();
+        let ca_key = KeyPair::from_pem(&ca_key_pem).unwrap();
+        let ca = CertificateParams::from_ca_cert_pem(&ca_pem)
+            .unwrap()
+            .self_signed(&ca_key)
+            .unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names =
+            subject_alt_names(&[AGENT_NAME.into(), PEER_NAME.into()], &[]).unwrap();
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let leaf = params.signed_by(&key, &ca, &ca_key).unwrap();
+        assert_eq!(role(leaf.der()), None);
+        assert_eq!(role(b"not a certificate"), None);
     }
 
     #[cfg(unix)]

@@ -206,39 +206,25 @@ impl<'de> Deserialize<'de> for HumanDuration {
     }
 }
 
-/// A secret: `"env:NAME"` reads an environment variable, `"file:/path"` a file (trailing newline
-/// trimmed), anything else is the literal value. `Debug` never prints it.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Secret(String);
+/// A secret (token, password): `Debug` and `Display` never print it.
+pub use crate::protocol::Secret;
 
 impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    /// Resolves a `env:` / `file:` / literal reference; `key` names the config key in errors.
+    /// Resolves a config reference: `"env:NAME"` reads an environment variable, `"file:/path"` a
+    /// file (trailing newline trimmed), anything else is the literal value; `key` names the
+    /// config key in errors.
     pub fn resolve(reference: &str, key: &str) -> Result<Self, Error> {
         if let Some(var) = reference.strip_prefix("env:") {
             std::env::var(var)
-                .map(Secret)
+                .map(Secret::new)
                 .map_err(|_| invalid(key, format!("environment variable {var} is not set")))
         } else if let Some(path) = reference.strip_prefix("file:") {
             std::fs::read_to_string(path)
-                .map(|s| Secret(s.trim_end_matches(['\n', '\r']).to_string()))
+                .map(|s| Secret::new(s.trim_end_matches(['\n', '\r'])))
                 .map_err(|e| invalid(key, format!("cannot read secret file {path}: {e}")))
         } else {
-            Ok(Secret(reference.to_string()))
+            Ok(Secret::new(reference))
         }
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(****)")
     }
 }
 

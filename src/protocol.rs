@@ -169,7 +169,53 @@ pub struct Hello {
     pub ips: Vec<IpAddr>,
     pub ports: Vec<PortRange>,
     /// Bearer token; empty when the agent authenticates by client certificate.
-    pub token: String,
+    pub token: Secret,
+}
+
+/// A credential (token, password): `Debug` and `Display` print `****`, never the value, so no log
+/// line, error or panic message that formats a message or a config can carry it. On the wire it is
+/// a plain JSON string; [`Secret::expose`] is the one way to read it, at the places that must.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The value itself: for comparing, hashing or sending it, never for printing it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(value: &str) -> Self {
+        Secret::new(value)
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Secret(value)
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(****)")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("****")
+    }
 }
 
 /// An inclusive port range; a single port is `start == end`.
@@ -290,7 +336,8 @@ pub enum Message {
 }
 
 impl Message {
-    fn kind(&self) -> &'static str {
+    /// The message's type name, what logs show of an unexpected message (never its fields).
+    pub fn kind(&self) -> &'static str {
         match self {
             Message::Hello(_) => "hello",
             Message::Welcome(_) => "welcome",
@@ -317,6 +364,8 @@ pub enum Error {
     Version(u8),
     #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME_LEN}")]
     TooLarge(usize),
+    /// The body is not a valid message; the text is the decoder's, with every string value the
+    /// peer sent replaced by `"…"` (a token in the wrong place must not reach a log).
     #[error("malformed frame: {0}")]
     Malformed(String),
     #[error("timed out after {0:?} waiting for a frame")]
@@ -332,9 +381,35 @@ impl Error {
     }
 }
 
+/// serde_json's message for `err`, cut before the first value it quotes: serde quotes what the
+/// peer sent (`invalid type: string "…"`, ``unknown variant `…` ``), and a token in the wrong
+/// place must not reach a log. Missing or duplicate fields keep their name, which is ours.
+fn redacted(err: &serde_json::Error) -> String {
+    let text = err.to_string();
+    let message = match (err.line(), text.rfind(" at line ")) {
+        (1.., Some(at)) => &text[..at],
+        _ => text.as_str(),
+    };
+    let ours = ["missing field", "duplicate field"].iter().any(|kind| {
+        message
+            .strip_prefix(kind)
+            .and_then(|rest| rest.strip_prefix(" `")?.strip_suffix('`'))
+            .is_some_and(|name| name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+    });
+    let shown = match message.find(['`', '"']) {
+        Some(quote) if !ours => format!("{}…", &message[..quote]),
+        _ => message.to_string(),
+    };
+    if err.line() > 0 {
+        format!("{shown} at line {} column {}", err.line(), err.column())
+    } else {
+        shown
+    }
+}
+
 /// Encodes one frame (header + JSON body) into a new buffer.
 pub fn encode(msg: &Message) -> Result<Vec<u8>, Error> {
-    let body = serde_json::to_vec(msg).map_err(|e| Error::Malformed(e.to_string()))?;
+    let body = serde_json::to_vec(msg).map_err(|e| Error::Malformed(redacted(&e)))?;
     if body.len() > MAX_FRAME_LEN {
         return Err(Error::TooLarge(body.len()));
     }
@@ -366,7 +441,7 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, Error> {
     let Some(body) = buf.get(5..5 + len) else {
         return Ok(None);
     };
-    let msg = serde_json::from_slice(body).map_err(|e| Error::Malformed(e.to_string()))?;
+    let msg = serde_json::from_slice(body).map_err(|e| Error::Malformed(redacted(&e)))?;
     Ok(Some((msg, 5 + len)))
 }
 
@@ -390,7 +465,7 @@ pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<Message, Er
     }
     let mut body = vec![0u8; len];
     read_full(r, &mut body).await?;
-    serde_json::from_slice(&body).map_err(|e| Error::Malformed(e.to_string()))
+    serde_json::from_slice(&body).map_err(|e| Error::Malformed(redacted(&e)))
 }
 
 /// Reads frames from a stream that carries nothing else (a control stream), cancel-safely: a read
@@ -622,5 +697,59 @@ mod tests {
         assert!("0".parse::<PortRange>().is_err());
         assert!("x".parse::<PortRange>().is_err());
         assert!("70000".parse::<PortRange>().is_err());
+    }
+
+    #[test]
+    fn a_token_never_prints() {
+        let token = "tok-3f9a1c";
+        let hello = Message::Hello(Hello {
+            agent_id: "web-1".into(),
+            namespace: "default".into(),
+            ips: vec![],
+            ports: vec![],
+            token: token.into(),
+        });
+        for shown in [format!("{hello:?}"), format!("{hello:#?}")] {
+            assert!(!shown.contains(token), "{shown}");
+            assert!(shown.contains("Secret(****)"), "{shown}");
+        }
+        assert_eq!(Secret::new(token).to_string(), "****");
+        // On the wire it is the plain string.
+        let frame = encode(&hello).unwrap();
+        assert!(String::from_utf8_lossy(&frame).contains(&format!("\"token\":\"{token}\"")));
+        assert_eq!(decode(&frame).unwrap().unwrap().0, hello);
+    }
+
+    #[test]
+    fn decode_errors_leave_string_values_out() {
+        let token = "tok-\\\"3f9a1c";
+        for body in [
+            format!(
+                r#"{{"type":"hello","agent_id":"a","namespace":"n","ips":[],"ports":"{token}","token":"{token}"}}"#
+            ),
+            format!(
+                r#"{{"type":"hello","agent_id":"a","namespace":"n","ips":["{token}"],"ports":[],"token":"{token}"}}"#
+            ),
+            format!(r#"{{"type":"{token}"}}"#),
+            format!(r#"["{token}"]"#),
+            format!(r#"{{"type":"ping","nonce":1,"{token}":1}}"#),
+            format!(
+                r#"{{"type":"hello","agent_id":"a","namespace":"n","ips":[],"ports":[],"token":"t","token":"{token}"}}"#
+            ),
+        ] {
+            let mut frame = vec![VERSION];
+            frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+            frame.extend_from_slice(body.as_bytes());
+            let err = decode(&frame).expect_err(&body).to_string();
+            assert!(err.starts_with("malformed frame"), "{err}");
+            assert!(!err.contains("3f9a1c"), "{body} → {err}");
+        }
+        let err = serde_json::from_str::<Vec<u8>>(r#""a\"b""#).unwrap_err();
+        assert_eq!(redacted(&err), "invalid type: string … at line 1 column 6");
+        let err = serde_json::from_str::<Hello>(r#"{"agent_id":"x"}"#).unwrap_err();
+        assert_eq!(
+            redacted(&err),
+            "missing field `namespace` at line 1 column 16"
+        );
     }
 }

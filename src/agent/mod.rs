@@ -276,7 +276,7 @@ impl Shared {
             namespace: c.namespace.clone(),
             ips: self.ips.clone(),
             ports: c.ports.clone(),
-            token: c.token.expose().to_string(),
+            token: c.token.clone(),
         };
         protocol::write_message(&mut send, &Message::Hello(hello)).await?;
         match protocol::read_message_timeout(&mut recv, protocol::HELLO_TIMEOUT).await? {

@@ -36,7 +36,7 @@ pub async fn serve(mut send: SendStream, mut recv: RecvStream, policy: Policy) {
     let open = match protocol::read_message_timeout(&mut recv, protocol::OPEN_TIMEOUT).await {
         Ok(Message::Open(open)) => open,
         Ok(other) => {
-            tracing::warn!(msg = ?other, "relay sent a stream without Open");
+            tracing::warn!(msg = other.kind(), "relay sent a stream without Open");
             let _ = send.reset(protocol::close::PROTOCOL.into());
             return;
         }

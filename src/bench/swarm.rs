@@ -394,7 +394,7 @@ async fn agent(shared: Arc<Shared>, i: usize, ip: Ipv4Addr, endpoint: quinn::End
             start: shared.port,
             end: shared.port,
         }],
-        token: shared.token.clone(),
+        token: shared.token.as_str().into(),
     };
     let dialled = async {
         let _permit = shared.dials.acquire().await?;

@@ -2,21 +2,29 @@
 //! requests forwarded through a tunnel stream rewritten to origin-form. Keep-alive to the client,
 //! each request authenticated, authorised and routed by its own target.
 //!
-//! Request smuggling is refused before any byte is forwarded: `Content-Length` together with
-//! `Transfer-Encoding`, differing duplicate `Content-Length`s, any transfer coding but a lone
-//! `chunked`, and bare LF line endings in a request head (hyper's parser tolerates those, so the
-//! connection's bytes are watched while a head is being read). Pipelined requests that arrive in
-//! the same read as the previous body are parsed by hyper but not watched for bare LFs.
+//! Request smuggling is refused before any byte is forwarded, for every request on a connection:
+//! the client's bytes reach hyper only through a [`Framer`] that delimits heads and bodies by
+//! itself and checks each head in the strict grammar (CRLF line endings only, no obs-fold, no
+//! `Content-Length` together with `Transfer-Encoding`, no differing `Content-Length`s, no transfer
+//! coding but a lone `chunked`). hyper parses only heads the framer has checked, so requests that
+//! arrive together in one read (pipelined) get the same checks as the first; a refused head is
+//! answered 400 and closes the connection.
+//!
+//! URL userinfo (`http://user:pw@host/`) is never forwarded (RFC 9110 §4.2.4): it is dropped from
+//! an absolute-form request (the service sees `Host: host[:port]` and an origin-form target), and
+//! a CONNECT authority with userinfo is refused with 400.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use base64::Engine as _;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
@@ -43,14 +51,14 @@ pub async fn serve<S: ClientStream>(
     shutdown: CancellationToken,
 ) {
     stream.set_low_latency();
-    let watch = Arc::new(HeadWatch::default());
+    let framer = Arc::new(Mutex::new(Framer::new(gateway.config.max_header_bytes)));
     // CONNECT tunnels outlive the HTTP connection they were upgraded from; tracking them here keeps
     // the client's connection slots held, and the gateway's drain waiting, until they end.
     let tunnels = TaskTracker::new();
     let abort = Abort::new(stream.duplicate());
     let io = TokioIo::new(Strict {
         inner: stream,
-        watch: watch.clone(),
+        framer: framer.clone(),
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -62,11 +70,11 @@ pub async fn serve<S: ClientStream>(
         let tunnels = tunnels.clone();
         hyper::service::service_fn(move |req| {
             let gateway = gateway.clone();
-            let watch = watch.clone();
+            let framer = framer.clone();
             let tunnels = tunnels.clone();
             let abort = abort.clone();
             async move {
-                Ok::<_, Infallible>(handle::<S>(gateway, req, addr, watch, tunnels, abort).await)
+                Ok::<_, Infallible>(handle::<S>(gateway, req, addr, &framer, tunnels, abort).await)
             }
         })
     };
@@ -92,42 +100,34 @@ async fn handle<S: ClientStream>(
     gateway: Arc<Gateway>,
     req: Request<Incoming>,
     addr: SocketAddr,
-    watch: Arc<HeadWatch>,
+    framer: &Mutex<Framer>,
     tunnels: TaskTracker,
     abort: Abort,
 ) -> Response<Body> {
-    if watch.take_bare_lf() {
+    let verdict = lock(framer).take_verdict();
+    if let Err(reason) = verdict {
+        tracing::debug!(client = %addr, reason, "request head refused");
         return closing(text(
             StatusCode::BAD_REQUEST,
-            "bad request: bare LF line ending in the request head",
+            &format!("bad request: {reason}"),
         ));
     }
-    // hyper drops Content-Length when Transfer-Encoding is present, so only the raw head shows both.
-    if watch.take_length_and_coding() {
-        return closing(text(
-            StatusCode::BAD_REQUEST,
-            "bad request: both Content-Length and Transfer-Encoding",
-        ));
-    }
-    // Without a body the next bytes are the next head; with one, they are once the body has been
-    // forwarded ([`NotifyEnd`]). A body left unread (a refusal) hides where the next head starts,
-    // so that connection closes instead. After a CONNECT, only a refusal is followed by a head (a
-    // tunnel's bytes are not watched).
     let has_body = !req.body().is_end_stream();
     let is_connect = req.method() == Method::CONNECT;
-    if !has_body && !is_connect {
-        watch.next_head();
-    }
+    let body_read = Arc::new(AtomicBool::new(false));
     let resp = match credentials(&gateway, &req, addr) {
         Err(resp) => resp,
         Ok(client) if is_connect => connect::<S>(gateway, req, client, &tunnels).await,
-        Ok(client) => forward(gateway, req, client, watch.clone(), &tunnels, abort).await,
+        Ok(client) => forward(gateway, req, client, body_read.clone(), &tunnels, abort).await,
     };
-    if has_body && !watch.watching() {
-        return closing(resp);
+    if is_connect {
+        // Before hyper writes the answer: a tunnel's first bytes may follow the head at once.
+        lock(framer).connect_outcome(resp.status().is_success());
     }
-    if is_connect && !resp.status().is_success() {
-        watch.next_head();
+    // A body left unread (a refusal) would have to be drained to reach the next request; closing
+    // is simpler and keeps the client from streaming it for nothing.
+    if has_body && !body_read.load(Ordering::Acquire) {
+        return closing(resp);
     }
     resp
 }
@@ -194,6 +194,14 @@ async fn connect<S: ClientStream>(
     client: Client,
     tunnels: &TaskTracker,
 ) -> Response<Body> {
+    // Userinfo in a CONNECT authority is refused rather than dropped: nothing in a tunnel could
+    // carry it on, so a client sending it is confused about where its credentials go.
+    if req.uri().authority().is_some_and(has_userinfo) {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "bad request: userinfo (user:password@) is not allowed in a CONNECT authority",
+        );
+    }
     let Some(requested) = req
         .uri()
         .authority()
@@ -223,12 +231,20 @@ async fn connect<S: ClientStream>(
         // ends the way it does on the SOCKS5 door: with a reset, never a clean FIN.
         match upgraded.downcast::<TokioIo<Strict<S>>>() {
             Ok(parts) => {
-                let stream = parts.io.into_inner().inner;
-                let mut opened = opened;
-                // Bytes the client sent right behind its CONNECT head go first.
-                if !parts.read_buf.is_empty()
-                    && opened.send.write_all(&parts.read_buf).await.is_err()
+                let strict = parts.io.into_inner();
+                // Bytes the client sent right behind its CONNECT head go first: what hyper had
+                // read, then what the framer still holds (handed over, then not yet classified).
+                let mut early = BytesMut::from(&parts.read_buf[..]);
                 {
+                    let mut framer = lock(&strict.framer);
+                    let output = framer.output.split();
+                    let input = framer.input.split();
+                    early.extend_from_slice(&output);
+                    early.extend_from_slice(&input);
+                }
+                let stream = strict.inner;
+                let mut opened = opened;
+                if !early.is_empty() && opened.send.write_all(&early).await.is_err() {
                     tracing::debug!(client = %client.addr, "tunnel stream closed before the client's first bytes");
                     return;
                 }
@@ -248,16 +264,10 @@ async fn forward(
     gateway: Arc<Gateway>,
     req: Request<Incoming>,
     client: Client,
-    watch: Arc<HeadWatch>,
+    body_read: Arc<AtomicBool>,
     tunnels: &TaskTracker,
     abort: Abort,
 ) -> Response<Body> {
-    if let Err(message) = check_framing(req.headers()) {
-        return closing(text(
-            StatusCode::BAD_REQUEST,
-            &format!("bad request: {message}"),
-        ));
-    }
     let uri = req.uri().clone();
     let Some(authority) = uri.authority().cloned() else {
         return text(
@@ -284,19 +294,22 @@ async fn forward(
     };
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    // `host[:port]` of the target, never its userinfo (RFC 9110 §4.2.4, §7.2).
+    let host = match authority.port() {
+        Some(port) => format!("{}:{}", authority.host(), port.as_str()),
+        None => authority.host().to_string(),
+    };
     parts.headers.insert(
         header::HOST,
-        HeaderValue::from_str(authority.as_str()).unwrap_or_else(|_| HeaderValue::from_static("")),
+        HeaderValue::from_str(&host).unwrap_or_else(|_| HeaderValue::from_static("")),
     );
     parts.uri = Uri::builder()
         .path_and_query(uri.path_and_query().map_or("/", |p| p.as_str()))
         .build()
         .unwrap_or_else(|_| Uri::from_static("/"));
     parts.version = hyper::Version::HTTP_11;
-    // The next head starts once this body is fully read; only then are bytes watched again.
-    // (A request without a body was handed back to the watch in `handle`.)
     let body = NotifyEnd {
-        watch: (!body.is_end_stream()).then_some(watch),
+        read: body_read,
         inner: body,
     };
     let upstream_req = Request::from_parts(parts, body);
@@ -369,28 +382,9 @@ fn requested(host: &str, port: Option<u16>) -> Option<Requested> {
     })
 }
 
-/// Refuses framings that two parsers could read differently (RFC 9112 §6.3).
-fn check_framing(headers: &HeaderMap) -> Result<(), &'static str> {
-    let lengths: Vec<&HeaderValue> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
-    let codings: Vec<&HeaderValue> = headers.get_all(header::TRANSFER_ENCODING).iter().collect();
-    if !lengths.is_empty() && !codings.is_empty() {
-        return Err("both Content-Length and Transfer-Encoding");
-    }
-    if lengths.windows(2).any(|w| w[0] != w[1])
-        || lengths
-            .iter()
-            .any(|v| v.to_str().is_ok_and(|s| s.contains(',')))
-    {
-        return Err("conflicting Content-Length values");
-    }
-    if codings.len() > 1
-        || codings
-            .first()
-            .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"chunked"))
-    {
-        return Err("unsupported Transfer-Encoding (only a single \"chunked\" is accepted)");
-    }
-    Ok(())
+/// Whether an authority carries userinfo (`user:password@host`).
+fn has_userinfo(authority: &hyper::http::uri::Authority) -> bool {
+    authority.as_str().contains('@')
 }
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1): `Connection` and every header it names, and the
@@ -464,124 +458,437 @@ fn refusal(code: Code, requested: &Requested) -> Response<Body> {
     text(status, &message)
 }
 
-/// Watches a connection's bytes while a request head is being read, for bare LF line endings.
-struct HeadWatch {
-    state: Mutex<HeadState>,
+/// What the [`Framer`] concluded about one request head, in connection order.
+type Verdict = Result<(), &'static str>;
+
+/// How the bytes after a valid head are delimited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Framing {
+    /// No body: the next bytes are the next head.
+    None,
+    /// A body of exactly this many bytes.
+    Length(u64),
+    /// A chunked body.
+    Chunked,
+    /// A CONNECT: the next bytes are a tunnel's or the next head, as the request's outcome decides.
+    Connect,
 }
 
-struct HeadState {
-    in_head: bool,
-    bare_lf: bool,
-    started: bool,
-    line_len: usize,
-    last: u8,
-    /// The first bytes of the current line, enough to recognise the framing headers.
-    line_start: [u8; FRAMING_NAME_LEN],
-    content_length: bool,
-    transfer_encoding: bool,
+/// Where the [`Framer`] is in the client's byte stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    /// Reading a request head: `scanned` bytes of the input are searched, the current line starts
+    /// at `line_start`, and `started` tells whether a non-empty line has been seen.
+    Head {
+        scanned: usize,
+        line_start: usize,
+        started: bool,
+    },
+    /// Inside a `Content-Length` body.
+    Body { remaining: u64 },
+    /// Inside a chunked body.
+    Chunked(Chunk),
+    /// A CONNECT head was handed over; nothing more until its outcome is known.
+    Connect,
+    /// A successful CONNECT: the bytes are the tunnel's and pass unexamined.
+    Tunnel,
+    /// A refused head was handed over: no further byte is handed over.
+    Stopped,
 }
 
-/// `transfer-encoding:` is the longer of the two framing header names, with its colon.
-const FRAMING_NAME_LEN: usize = 18;
+/// The strict chunked-body grammar (RFC 9112 §7.1), byte by byte except for chunk data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Chunk {
+    Size {
+        digits: u8,
+        size: u64,
+    },
+    Extension {
+        len: usize,
+        size: u64,
+    },
+    SizeLf {
+        size: u64,
+    },
+    Data {
+        remaining: u64,
+    },
+    DataCr,
+    DataLf,
+    /// At the start of a trailer line (or of the final empty line); `total` trailer bytes so far.
+    LineStart {
+        total: usize,
+    },
+    Trailer {
+        total: usize,
+    },
+    TrailerLf {
+        total: usize,
+    },
+    EndLf,
+}
 
-impl HeadState {
-    fn new() -> Self {
-        HeadState {
-            in_head: true,
-            bare_lf: false,
+/// Longest chunk size in hex digits (a `u64`).
+const MAX_CHUNK_DIGITS: u8 = 16;
+/// Longest chunk extension accepted on one size line.
+const MAX_CHUNK_EXTENSION: usize = 4096;
+
+/// Delimits the requests on one client connection by itself, and hands hyper only bytes it has
+/// classified: a head only once it is complete and checked (its [`Verdict`] queued for
+/// [`handle`]), a body only up to where its framing says it ends. hyper therefore never parses a
+/// head this framer has not checked, however many requests arrive in one read, and a head hyper
+/// is given always has its verdict in the queue, in the same order as hyper's requests.
+///
+/// A head is accepted only in the strict grammar (CRLF line endings, token names, no obs-fold,
+/// unambiguous framing), on which every HTTP/1.1 parser agrees where it and its body end; anything
+/// else is refused, and after a refused head nothing more is handed over.
+struct Framer {
+    stage: Stage,
+    /// Bytes read from the client and not yet classified.
+    input: BytesMut,
+    /// Bytes classified and not yet handed to hyper.
+    output: BytesMut,
+    /// One verdict per head handed over and not yet taken by [`handle`].
+    verdicts: VecDeque<Verdict>,
+    /// Largest head (and trailer section) accepted.
+    max_head: usize,
+    /// A chunked body broke its grammar: reads fail with this from now on.
+    failed: Option<&'static str>,
+    /// The reader waiting for a CONNECT's outcome.
+    waker: Option<Waker>,
+}
+
+impl Framer {
+    fn new(max_head: usize) -> Self {
+        Framer {
+            stage: Stage::Head {
+                scanned: 0,
+                line_start: 0,
+                started: false,
+            },
+            input: BytesMut::new(),
+            output: BytesMut::new(),
+            verdicts: VecDeque::new(),
+            max_head,
+            failed: None,
+            waker: None,
+        }
+    }
+
+    fn next_head() -> Stage {
+        Stage::Head {
+            scanned: 0,
+            line_start: 0,
             started: false,
-            line_len: 0,
-            last: 0,
-            line_start: [0; FRAMING_NAME_LEN],
-            content_length: false,
-            transfer_encoding: false,
         }
     }
 
-    /// A header line ended: note it if it is one of the framing headers.
-    fn end_line(&mut self) {
-        let start = &self.line_start[..self.line_len.min(FRAMING_NAME_LEN)];
-        let starts = |name: &[u8]| {
-            start.len() >= name.len() && start[..name.len()].eq_ignore_ascii_case(name)
+    /// Whether nothing can be handed over until [`handle`] decides (or ever).
+    fn blocked(&self) -> bool {
+        matches!(self.stage, Stage::Connect | Stage::Stopped)
+    }
+
+    /// Moves what can be classified from `input` to `output`.
+    fn classify(&mut self) {
+        while !self.input.is_empty() && self.failed.is_none() {
+            match self.stage {
+                Stage::Head { .. } => {
+                    if !self.head() {
+                        return;
+                    }
+                }
+                Stage::Body { remaining } => {
+                    let n = (self.input.len() as u64).min(remaining) as usize;
+                    self.output.extend_from_slice(&self.input.split_to(n));
+                    self.stage = if remaining == n as u64 {
+                        Self::next_head()
+                    } else {
+                        Stage::Body {
+                            remaining: remaining - n as u64,
+                        }
+                    };
+                }
+                Stage::Chunked(chunk) => self.chunked(chunk),
+                Stage::Tunnel => {
+                    let all = self.input.split();
+                    self.output.extend_from_slice(&all);
+                }
+                Stage::Connect | Stage::Stopped => return,
+            }
+        }
+    }
+
+    /// Advances through a head; hands it over with its verdict once complete. Returns whether
+    /// progress was made past the head.
+    fn head(&mut self) -> bool {
+        let Stage::Head {
+            mut scanned,
+            mut line_start,
+            mut started,
+        } = self.stage
+        else {
+            return false;
         };
-        self.content_length |= starts(b"content-length:");
-        self.transfer_encoding |= starts(b"transfer-encoding:");
-    }
-}
-
-impl Default for HeadWatch {
-    fn default() -> Self {
-        HeadWatch {
-            state: Mutex::new(HeadState::new()),
+        let mut end = None;
+        while let Some(at) = self.input[scanned..].iter().position(|&b| b == b'\n') {
+            let lf = scanned + at;
+            scanned = lf + 1;
+            // A line of nothing but CRs counts as empty, so this framer never finds the end of a
+            // head later than a lenient parser would; such a head is refused anyway.
+            let empty = self.input[line_start..lf].iter().all(|&b| b == b'\r');
+            line_start = scanned;
+            if !empty {
+                started = true;
+            } else if started {
+                end = Some(scanned);
+                break;
+            }
+        }
+        let Some(end) = end else {
+            scanned = self.input.len();
+            if scanned > self.max_head {
+                // hyper refuses a head this long by itself (431); hand it over to let it.
+                self.refuse("request head too large");
+            } else {
+                self.stage = Stage::Head {
+                    scanned,
+                    line_start,
+                    started,
+                };
+            }
+            return false;
+        };
+        let head = self.input.split_to(end);
+        let verdict = if end > self.max_head {
+            Err("request head too large")
+        } else {
+            check_head(&head)
+        };
+        self.output.extend_from_slice(&head);
+        match verdict {
+            Ok(framing) => {
+                self.verdicts.push_back(Ok(()));
+                self.stage = match framing {
+                    Framing::None | Framing::Length(0) => Self::next_head(),
+                    Framing::Length(remaining) => Stage::Body { remaining },
+                    Framing::Chunked => Stage::Chunked(Chunk::Size { digits: 0, size: 0 }),
+                    Framing::Connect => Stage::Connect,
+                };
+                true
+            }
+            Err(reason) => {
+                self.verdicts.push_back(Err(reason));
+                self.stage = Stage::Stopped;
+                false
+            }
         }
     }
-}
 
-impl HeadWatch {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HeadState> {
-        // Plain flags: a poisoned lock still holds usable values.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    /// Hands over the unfinished head with a refusal, and stops.
+    fn refuse(&mut self, reason: &'static str) {
+        let all = self.input.split();
+        self.output.extend_from_slice(&all);
+        self.verdicts.push_back(Err(reason));
+        self.stage = Stage::Stopped;
     }
 
-    fn scan(&self, bytes: &[u8]) {
-        let mut s = self.lock();
-        for &b in bytes {
-            if !s.in_head {
+    /// Advances through a chunked body.
+    fn chunked(&mut self, chunk: Chunk) {
+        if let Chunk::Data { remaining } = chunk {
+            let n = (self.input.len() as u64).min(remaining) as usize;
+            self.output.extend_from_slice(&self.input.split_to(n));
+            self.stage = Stage::Chunked(if remaining == n as u64 {
+                Chunk::DataCr
+            } else {
+                Chunk::Data {
+                    remaining: remaining - n as u64,
+                }
+            });
+            return;
+        }
+        let byte = self.input[0];
+        let next = match (chunk, byte) {
+            (Chunk::Size { digits, size }, b) if b.is_ascii_hexdigit() => {
+                if digits >= MAX_CHUNK_DIGITS {
+                    Err("chunk size too long")
+                } else {
+                    // The digit check above makes the conversion infallible.
+                    let value = (b as char).to_digit(16).unwrap_or(0);
+                    Ok(Chunk::Size {
+                        digits: digits + 1,
+                        size: (size << 4) | u64::from(value),
+                    })
+                }
+            }
+            (Chunk::Size { digits, size }, b';') if digits > 0 => {
+                Ok(Chunk::Extension { len: 0, size })
+            }
+            (Chunk::Size { digits, size }, b'\r') if digits > 0 => Ok(Chunk::SizeLf { size }),
+            (Chunk::Size { .. }, _) => Err("invalid chunk size line"),
+            (Chunk::Extension { size, .. }, b'\r') => Ok(Chunk::SizeLf { size }),
+            (Chunk::Extension { .. }, b'\n') => Err("bare LF in a chunk size line"),
+            (Chunk::Extension { len, size }, _) => {
+                if len >= MAX_CHUNK_EXTENSION {
+                    Err("chunk extension too long")
+                } else {
+                    Ok(Chunk::Extension { len: len + 1, size })
+                }
+            }
+            (Chunk::SizeLf { size: 0 }, b'\n') => Ok(Chunk::LineStart { total: 0 }),
+            (Chunk::SizeLf { size }, b'\n') => Ok(Chunk::Data { remaining: size }),
+            (Chunk::DataCr, b'\r') => Ok(Chunk::DataLf),
+            (Chunk::DataLf, b'\n') => Ok(Chunk::Size { digits: 0, size: 0 }),
+            (Chunk::LineStart { .. }, b'\r') => Ok(Chunk::EndLf),
+            (Chunk::LineStart { total } | Chunk::Trailer { total }, b) if b != b'\n' => {
+                if total >= self.max_head {
+                    Err("trailer section too large")
+                } else if b == b'\r' {
+                    Ok(Chunk::TrailerLf { total })
+                } else {
+                    Ok(Chunk::Trailer { total: total + 1 })
+                }
+            }
+            (Chunk::TrailerLf { total }, b'\n') => Ok(Chunk::LineStart { total }),
+            (Chunk::EndLf, b'\n') => {
+                self.output.extend_from_slice(&self.input.split_to(1));
+                self.stage = Self::next_head();
                 return;
             }
-            match b {
-                b'\n' => {
-                    if s.last != b'\r' {
-                        s.bare_lf = true;
-                    }
-                    if s.line_len == 0 && s.started {
-                        s.in_head = false;
-                    }
-                    s.end_line();
-                    s.line_len = 0;
-                }
-                b'\r' => {}
-                _ => {
-                    let at = s.line_len;
-                    if let Some(slot) = s.line_start.get_mut(at) {
-                        *slot = b;
-                    }
-                    s.line_len += 1;
-                    s.started = true;
-                }
+            _ => Err("invalid chunked framing"),
+        };
+        match next {
+            Ok(next) => {
+                self.output.extend_from_slice(&self.input.split_to(1));
+                self.stage = Stage::Chunked(next);
             }
-            s.last = b;
+            Err(reason) => self.failed = Some(reason),
         }
     }
 
-    fn take_bare_lf(&self) -> bool {
-        std::mem::take(&mut self.lock().bare_lf)
+    /// [`handle`] takes the verdict of the head hyper just parsed.
+    fn take_verdict(&mut self) -> Verdict {
+        // hyper parses only heads handed over here, each with its verdict queued first.
+        self.verdicts
+            .pop_front()
+            .unwrap_or(Err("request head not checked"))
     }
 
-    /// Whether bytes are being watched (a head is expected or being read).
-    fn watching(&self) -> bool {
-        self.lock().in_head
-    }
-
-    /// Whether the head carried both `Content-Length` and `Transfer-Encoding` (any case).
-    fn take_length_and_coding(&self) -> bool {
-        let mut s = self.lock();
-        let both = s.content_length && s.transfer_encoding;
-        s.content_length = false;
-        s.transfer_encoding = false;
-        both
-    }
-
-    /// The request body is done: what follows is the next head.
-    fn next_head(&self) {
-        *self.lock() = HeadState::new();
+    /// A CONNECT's outcome: a tunnel (its bytes pass unexamined) or the next head.
+    fn connect_outcome(&mut self, tunnel: bool) {
+        if self.stage == Stage::Connect {
+            self.stage = if tunnel {
+                Stage::Tunnel
+            } else {
+                Self::next_head()
+            };
+            if let Some(waker) = self.waker.take() {
+                waker.wake();
+            }
+        }
     }
 }
 
-/// The client connection, with its bytes shown to the [`HeadWatch`].
+/// Checks a complete head (RFC 9112 §2–3, §5, §6) and finds how its body is delimited.
+fn check_head(head: &[u8]) -> Result<Framing, &'static str> {
+    // Every LF ends a CRLF, every CR starts one.
+    for (i, &b) in head.iter().enumerate() {
+        let bare = match b {
+            b'\n' => i == 0 || head[i - 1] != b'\r',
+            b'\r' => head.get(i + 1) != Some(&b'\n'),
+            _ => false,
+        };
+        if bare {
+            return Err("bare LF or CR line ending in the request head");
+        }
+    }
+    let mut lines = head
+        .split(|&b| b == b'\n')
+        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+        .skip_while(|line| line.is_empty());
+    let request_line = lines.next().unwrap_or_default();
+    let mut parts = request_line.split(|&b| b == b' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err("malformed request line");
+    };
+    if method.is_empty() || !method.iter().copied().all(is_token) {
+        return Err("malformed request method");
+    }
+    if target.is_empty() || !target.iter().all(|&b| (0x21..=0x7e).contains(&b)) {
+        return Err("malformed request target");
+    }
+    let http10 = match version {
+        b"HTTP/1.1" => false,
+        b"HTTP/1.0" => true,
+        _ => return Err("unsupported HTTP version"),
+    };
+    let mut length: Option<u64> = None;
+    let mut codings = 0;
+    let mut chunked = false;
+    for line in lines.take_while(|line| !line.is_empty()) {
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            return Err("malformed header line");
+        };
+        let (name, value) = (&line[..colon], &line[colon + 1..]);
+        if name.is_empty() || !name.iter().copied().all(is_token) {
+            // Includes obs-fold (a line starting with whitespace) and space before the colon.
+            return Err("malformed header name");
+        }
+        if value.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+            return Err("control character in a header value");
+        }
+        let value = value.trim_ascii();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let parsed = (!value.is_empty() && value.iter().all(u8::is_ascii_digit))
+                .then(|| std::str::from_utf8(value).ok()?.parse::<u64>().ok())
+                .flatten()
+                .ok_or("invalid Content-Length")?;
+            if length.is_some_and(|l| l != parsed) {
+                return Err("conflicting Content-Length values");
+            }
+            length = Some(parsed);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            codings += 1;
+            chunked = value.eq_ignore_ascii_case(b"chunked");
+        }
+    }
+    if codings > 0 && length.is_some() {
+        return Err("both Content-Length and Transfer-Encoding");
+    }
+    if codings > 1 || (codings == 1 && !chunked) {
+        return Err("unsupported Transfer-Encoding (only a single \"chunked\" is accepted)");
+    }
+    if chunked && http10 {
+        return Err("Transfer-Encoding in an HTTP/1.0 request");
+    }
+    if method == b"CONNECT" {
+        if chunked || length.is_some_and(|l| l > 0) {
+            return Err("CONNECT with a body");
+        }
+        return Ok(Framing::Connect);
+    }
+    Ok(match (length, chunked) {
+        (Some(n), _) => Framing::Length(n),
+        (None, true) => Framing::Chunked,
+        (None, false) => Framing::None,
+    })
+}
+
+/// `tchar` of RFC 9110 §5.6.2.
+fn is_token(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// The client connection as hyper sees it: only what the [`Framer`] handed over.
 struct Strict<S> {
     inner: S,
-    watch: Arc<HeadWatch>,
+    framer: Arc<Mutex<Framer>>,
+}
+
+fn lock(framer: &Mutex<Framer>) -> std::sync::MutexGuard<'_, Framer> {
+    // The framer's state is consistent after every step: a poisoned lock still holds it.
+    framer.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Strict<S> {
@@ -591,12 +898,55 @@ impl<S: AsyncRead + Unpin> AsyncRead for Strict<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        let before = buf.filled().len();
-        let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = &poll {
-            this.watch.scan(&buf.filled()[before..]);
+        loop {
+            {
+                let mut f = lock(&this.framer);
+                f.classify();
+                if !f.output.is_empty() {
+                    let n = f.output.len().min(buf.remaining());
+                    buf.put_slice(&f.output.split_to(n));
+                    return Poll::Ready(Ok(()));
+                }
+                if let Some(reason) = f.failed {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        reason,
+                    )));
+                }
+                if f.blocked() {
+                    f.waker = Some(cx.waker().clone());
+                    return Poll::Pending;
+                }
+            }
+            let before = buf.filled().len();
+            match Pin::new(&mut this.inner).poll_read(cx, buf) {
+                Poll::Ready(Ok(())) => {}
+                other => return other,
+            }
+            let read = buf.filled().len() - before;
+            if read == 0 {
+                // End of input; an unfinished head is never handed over.
+                return Poll::Ready(Ok(()));
+            }
+            let mut f = lock(&this.framer);
+            // Fast paths: bytes that stay inside a body or a tunnel are handed over in place.
+            match f.stage {
+                Stage::Tunnel => return Poll::Ready(Ok(())),
+                Stage::Body { remaining } if read as u64 <= remaining => {
+                    f.stage = if read as u64 == remaining {
+                        Framer::next_head()
+                    } else {
+                        Stage::Body {
+                            remaining: remaining - read as u64,
+                        }
+                    };
+                    return Poll::Ready(Ok(()));
+                }
+                _ => {}
+            }
+            f.input.extend_from_slice(&buf.filled()[before..]);
+            buf.set_filled(before);
         }
-        poll
     }
 }
 
@@ -616,10 +966,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Strict<S> {
     }
 }
 
-/// A request body that tells the [`HeadWatch`] when it has been read to the end.
+/// A request body that records when it has been read to the end.
 struct NotifyEnd {
     inner: Incoming,
-    watch: Option<Arc<HeadWatch>>,
+    read: Arc<AtomicBool>,
 }
 
 impl hyper::body::Body for NotifyEnd {
@@ -633,9 +983,7 @@ impl hyper::body::Body for NotifyEnd {
         let this = self.get_mut();
         let poll = Pin::new(&mut this.inner).poll_frame(cx);
         if matches!(poll, Poll::Ready(None)) || this.inner.is_end_stream() {
-            if let Some(watch) = this.watch.take() {
-                watch.next_head();
-            }
+            this.read.store(true, Ordering::Release);
         }
         poll
     }
@@ -810,63 +1158,151 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn head_watch_finds_bare_lf_only_in_heads() {
-        let w = HeadWatch::default();
-        w.scan(b"GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\nbody\nwith\nlf");
-        assert!(!w.take_bare_lf());
-        w.next_head();
-        w.scan(b"GET http://a/ HTTP/1.1\nHost: a\r\n\r\n");
-        assert!(w.take_bare_lf());
-        w.next_head();
-        // Split across reads.
-        w.scan(b"GET / HTTP/1.1\r");
-        w.scan(b"\nHost: a\r\n\r\n");
-        assert!(!w.take_bare_lf());
+    /// Feeds `chunks` as separate reads; returns what was handed over and the verdicts.
+    fn feed(chunks: &[&[u8]]) -> (Framer, Vec<u8>, Vec<Verdict>) {
+        let mut f = Framer::new(8192);
+        let mut out = Vec::new();
+        let mut verdicts = Vec::new();
+        for chunk in chunks {
+            f.input.extend_from_slice(chunk);
+            f.classify();
+            out.extend_from_slice(&f.output.split());
+            verdicts.extend(f.verdicts.drain(..));
+        }
+        (f, out, verdicts)
     }
 
     #[test]
-    fn head_watch_sees_content_length_with_transfer_encoding() {
-        // hyper removes Content-Length when Transfer-Encoding is present, in either order.
-        let w = HeadWatch::default();
-        w.scan(b"POST http://a/ HTTP/1.1\r\nContent-Len");
-        w.scan(b"gth: 4\r\ntransfer-ENCODING: chunked\r\n\r\n0\r\n\r\n");
-        assert!(w.take_length_and_coding());
-        w.next_head();
-        w.scan(b"POST http://a/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
-        assert!(!w.take_length_and_coding());
-        w.next_head();
-        // Names inside values or bodies do not count.
-        w.scan(b"POST http://a/ HTTP/1.1\r\nX-A: content-length: 1\r\nContent-Length: 19\r\n\r\ntransfer-encoding: x");
-        assert!(!w.take_length_and_coding());
+    fn every_pipelined_head_is_checked() {
+        let get = b"GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n".as_slice();
+        let smuggle = b"POST http://a/ HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        let all = [get, smuggle].concat();
+        let (f, out, verdicts) = feed(&[&all]);
+        assert_eq!(
+            verdicts,
+            vec![Ok(()), Err("both Content-Length and Transfer-Encoding")]
+        );
+        // The refused head is handed over (hyper dispatches it, `handle` answers 400); its body is not.
+        assert_eq!(out, all[..all.len() - 5]);
+        assert_eq!(f.stage, Stage::Stopped);
+
+        // After a Content-Length body and after a chunked body, in the same read, with a bare LF.
+        let post = b"POST http://a/ HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello".as_slice();
+        let chunked =
+            b"POST http://a/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n0\r\nT: 1\r\n\r\n"
+                .as_slice();
+        let bare = b"GET http://a/ HTTP/1.1\nHost: a\r\n\r\n".as_slice();
+        let (_, _, verdicts) = feed(&[&[post, chunked, bare].concat()]);
+        assert_eq!(verdicts.len(), 3);
+        assert!(verdicts[..2].iter().all(Result::is_ok), "{verdicts:?}");
+        assert!(verdicts[2].is_err());
+
+        // The same split byte by byte.
+        let all = [post, chunked, bare].concat();
+        let bytes: Vec<&[u8]> = all.chunks(1).collect();
+        let (_, out, verdicts) = feed(&bytes);
+        assert_eq!(out, all);
+        assert_eq!(verdicts.len(), 3);
+        assert!(verdicts[2].is_err());
     }
 
     #[test]
-    fn framing_checks() {
-        let mut h = HeaderMap::new();
-        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
-        assert!(check_framing(&h).is_ok());
-        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("6"));
-        assert!(check_framing(&h).is_err());
-        let mut h = HeaderMap::new();
-        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
-        h.append(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
+    fn a_head_is_handed_over_only_when_complete() {
+        let (f, out, verdicts) = feed(&[b"GET http://a/ HTTP/1.1\r\nHost:", b" a\r\n"]);
+        assert!(out.is_empty() && verdicts.is_empty());
+        assert!(matches!(f.stage, Stage::Head { .. }));
+        // Leading empty lines are allowed before a request line.
+        let (_, out, verdicts) = feed(&[b"\r\nGET http://a/ HTTP/1.1\r\n\r\n"]);
+        assert_eq!(verdicts, vec![Ok(())]);
+        assert_eq!(out.len(), 28);
+        // A head beyond the limit is refused.
+        let long = [b"GET / HTTP/1.1\r\nX: ".as_slice(), &[b'a'; 9000]].concat();
+        let (_, _, verdicts) = feed(&[&long]);
+        assert_eq!(verdicts, vec![Err("request head too large")]);
+    }
+
+    #[test]
+    fn strict_head_grammar() {
+        let ok = |head: &str| check_head(head.as_bytes());
+        assert_eq!(
+            ok("GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n"),
+            Ok(Framing::None)
         );
-        assert!(check_framing(&h).is_err());
-        let mut h = HeaderMap::new();
-        h.append(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked, identity"),
+        assert_eq!(
+            ok("POST / HTTP/1.1\r\nContent-Length: 5\r\ncontent-length: 005\r\n\r\n"),
+            Ok(Framing::Length(5))
         );
-        assert!(check_framing(&h).is_err());
-        let mut h = HeaderMap::new();
-        h.append(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("Chunked"),
+        assert_eq!(
+            ok("POST / HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n"),
+            Ok(Framing::Chunked)
         );
-        assert!(check_framing(&h).is_ok());
+        assert_eq!(ok("CONNECT a:1 HTTP/1.1\r\n\r\n"), Ok(Framing::Connect));
+        for bad in [
+            "GET / HTTP/1.1\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\r\n\r\n",
+            "GET / HTTP/1.1\r\nX: a\r\n b\r\n\r\n",
+            "GET / HTTP/1.1\r\nContent-Length : 4\r\n\r\n",
+            "GET  / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/2\r\n\r\n",
+            "GET / HTTP/1.1\r\nX: a\x00b\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 4\r\nContent-Length: 40\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 4, 4\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: +4\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, identity\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "CONNECT a:1 HTTP/1.1\r\nContent-Length: 4\r\n\r\n",
+        ] {
+            assert!(ok(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn broken_chunked_framing_fails_the_read() {
+        for body in [
+            "4\nbody\r\n0\r\n\r\n",
+            "4 \r\nbody\r\n0\r\n\r\n",
+            "4\r\nbodyX\r\n0\r\n\r\n",
+            "0\r\nT: 1\n\r\n",
+            "x\r\n",
+            "11111111111111111\r\n",
+        ] {
+            let head = b"POST http://a/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
+            let (f, _, verdicts) =
+                feed(&[head, body.as_bytes(), b"GET http://a/ HTTP/1.1\r\n\r\n"]);
+            assert_eq!(verdicts, vec![Ok(())], "{body:?}");
+            assert!(f.failed.is_some(), "{body:?}");
+        }
+    }
+
+    #[test]
+    fn a_connect_outcome_decides_what_follows() {
+        let (mut f, _, verdicts) = feed(&[b"CONNECT a:1 HTTP/1.1\r\n\r\nGET / HTTP/1.1\n\n"]);
+        assert_eq!(verdicts, vec![Ok(())]);
+        assert!(f.blocked());
+        f.connect_outcome(true);
+        f.classify();
+        // A tunnel's bytes are not requests.
+        assert_eq!(&f.output[..], b"GET / HTTP/1.1\n\n");
+        assert!(f.verdicts.is_empty());
+
+        let (mut f, _, _) = feed(&[b"CONNECT a:1 HTTP/1.1\r\n\r\nGET / HTTP/1.1\n\n"]);
+        f.connect_outcome(false);
+        f.classify();
+        assert_eq!(f.verdicts.len(), 1);
+        assert!(f.verdicts[0].is_err());
+    }
+
+    #[test]
+    fn userinfo_is_recognised() {
+        let uri: Uri = "http://user:secret@a:8080/x".parse().unwrap();
+        assert!(has_userinfo(uri.authority().unwrap()));
+        assert_eq!(uri.authority().unwrap().host(), "a");
+        let uri: Uri = "http://a:8080/x".parse().unwrap();
+        assert!(!has_userinfo(uri.authority().unwrap()));
     }
 
     #[test]

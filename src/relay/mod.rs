@@ -393,9 +393,9 @@ impl Relay {
                 let cert =
                     crate::tls::peer_certificates(&conn).and_then(|chain| chain.into_iter().next());
                 let cert_ips = cert.map(|c| {
-                    // Only an agent certificate admits an agent; its IPs are all it may claim.
-                    let is_agent = crate::cert::dns_sans(c.as_ref())
-                        .is_ok_and(|names| names.iter().any(|n| n == crate::cert::AGENT_NAME));
+                    // Only an agent certificate admits an agent (never one also marked as a
+                    // peer); its IPs are all it may claim.
+                    let is_agent = crate::cert::role(c.as_ref()) == Some(crate::cert::Role::Agent);
                     if is_agent {
                         crate::cert::ip_sans(c.as_ref()).unwrap_or_default()
                     } else {
@@ -579,7 +579,7 @@ impl Relay {
             }
             return Ok(None);
         }
-        let digest = ring::digest::digest(&ring::digest::SHA256, hello.token.as_bytes());
+        let digest = ring::digest::digest(&ring::digest::SHA256, hello.token.expose().as_bytes());
         // Compare against every credential so timing does not reveal which one nearly matched.
         let mut found = None;
         let credentials = self

@@ -38,11 +38,11 @@ pub async fn accept_loop(
                     return;
                 }
             };
-            // The CA also signs agent certificates: only a peer certificate may forward.
+            // The CA also signs agent certificates: only a peer certificate (never one also
+            // marked as an agent) may forward.
             let is_peer = crate::tls::peer_certificates(&conn)
-                .and_then(|chain| chain.first().map(|c| crate::cert::dns_sans(c.as_ref())))
-                .and_then(Result::ok)
-                .is_some_and(|names| names.iter().any(|n| n == crate::cert::PEER_NAME));
+                .and_then(|chain| chain.first().map(|c| crate::cert::role(c.as_ref())))
+                .is_some_and(|role| role == Some(crate::cert::Role::Peer));
             if !is_peer {
                 tracing::warn!(%remote, "peer connection without a peer certificate refused");
                 conn.close(close::REJECTED.into(), b"a peer certificate is required");
@@ -74,7 +74,7 @@ async fn serve_forward(relay: Arc<Relay>, mut send: SendStream, mut recv: RecvSt
     let forward = match protocol::read_message_timeout(&mut recv, protocol::OPEN_TIMEOUT).await {
         Ok(Message::Forward(f)) => f,
         Ok(other) => {
-            tracing::warn!(msg = ?other, "peer stream without Forward");
+            tracing::warn!(msg = other.kind(), "peer stream without Forward");
             let _ = send.reset(close::PROTOCOL.into());
             return;
         }

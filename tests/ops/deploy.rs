@@ -813,7 +813,12 @@ fn systemd_unit_fits_the_binary() {
             pre.starts_with(binary),
             "{name}: the check runs another binary: {pre}"
         );
-        assert_eq!(one("ExecReload"), "/bin/kill -HUP $MAINPID", "{name}");
+        // `systemctl reload` checks the file before it signals, so a broken file fails the reload.
+        assert_eq!(
+            keys["ExecReload"],
+            [pre.clone(), "/bin/kill -HUP $MAINPID".to_string()],
+            "{name}: ExecReload must run the check, then signal"
+        );
         assert_eq!(one("KillSignal"), "SIGTERM", "{name}");
         let stop = humantime::parse_duration(&one("TimeoutStopSec"))
             .or_else(|_| {
@@ -853,6 +858,54 @@ fn systemd_unit_fits_the_binary() {
             }
         }
     }
+}
+
+/// `systemd-analyze verify` accepts every unit as an instance of each role: known keys, valid
+/// values, executables that exist (the unit's binary path pointed at the one under test).
+#[test]
+fn systemd_analyze_verifies_the_units() {
+    let dir = repo().join("config/systemd");
+    let work = tempfile::tempdir().unwrap();
+    let mut verified = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension() != Some(std::ffi::OsStr::new("service")) {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("/usr/local/bin/postern", BIN);
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        let instances: Vec<String> = match name.split_once("@.") {
+            Some((stem, ext)) => ["server", "relay", "gateway", "agent"]
+                .iter()
+                .map(|role| format!("{stem}@{role}.{ext}"))
+                .collect(),
+            None => vec![name.clone()],
+        };
+        for instance in instances {
+            let unit = work.path().join(&instance);
+            std::fs::write(&unit, &text).unwrap();
+            let out = std::process::Command::new("systemd-analyze")
+                .args(["verify", unit.to_str().unwrap()])
+                .output()
+                .unwrap_or_else(|e| {
+                    panic!("systemd-analyze is missing ({e}): install Debian's `systemd`")
+                });
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            // Lines about other units (the host's own) are not this unit's business.
+            let ours: Vec<&str> = stderr
+                .lines()
+                .filter(|l| l.contains(&instance) || l.contains(unit.to_str().unwrap()))
+                .collect();
+            assert!(
+                out.status.success() && ours.is_empty(),
+                "systemd-analyze verify {instance}:\n{stderr}"
+            );
+            verified += 1;
+        }
+    }
+    assert!(verified >= 4, "verified {verified} unit instance(s)");
 }
 
 /// The Containerfile copies files that exist, runs as a non-root user, and exposes every port the

@@ -3,9 +3,11 @@
 //! Kubernetes / systemd / container files, and the status page in headless Chromium.
 //! Each test uses its own agent address range 127.N.0.0/16.
 
+mod alerts;
 mod deploy;
 #[path = "../process/mod.rs"]
 mod process;
+mod reload;
 mod support;
 
 use std::collections::BTreeSet;
@@ -91,9 +93,9 @@ async fn metrics_pass_promtool_and_count_exactly_the_traffic() {
     if let Err(complaint) = promtool_check(&text) {
         panic!("promtool check metrics (server) failed:\n{complaint}\n--- exposition:\n{text}");
     }
-    docs_name_only_real_metrics_and_valid_rules(&text);
     // The agent's exposition too (another role, another process).
     let (code, agent_text) = http_get(s.agent_admin, "/metrics").await.unwrap();
+    docs_name_only_real_metrics_and_valid_rules(&format!("{text}{agent_text}"));
     assert_eq!(code, 200);
     assert!(
         agent_text.contains("postern_agent_tunnels 1"),
@@ -106,8 +108,8 @@ async fn metrics_pass_promtool_and_count_exactly_the_traffic() {
     }
 }
 
-/// docs/operations.md names only metrics the exposition has, and its example alert rules pass
-/// `promtool check rules`.
+/// docs/operations.md names only metrics the expositions (of a server and an agent) have, and its
+/// example alert rules pass `promtool check rules`.
 fn docs_name_only_real_metrics_and_valid_rules(exposition: &str) {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/operations.md");
     let doc = std::fs::read_to_string(&path).unwrap();

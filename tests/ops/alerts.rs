@@ -498,3 +498,57 @@ async fn alert_rules_stay_quiet_on_a_healthy_cluster_and_fire_on_a_broken_one() 
     );
     drop(etcd);
 }
+
+/// The Prometheus scrape example of docs/operations.md targets each role on its default admin
+/// port, and says how to move the admin listener off its loopback default so Prometheus can reach
+/// it.
+#[test]
+fn docs_scrape_example_matches_the_admin_defaults() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/operations.md");
+    let doc = std::fs::read_to_string(&path).unwrap();
+    let section = doc
+        .split("### Metrics\n")
+        .nth(1)
+        .and_then(|s| s.split("### Alert rules").next())
+        .expect("a Metrics section");
+    let block = section
+        .split("```yaml\n")
+        .nth(1)
+        .and_then(|s| s.split("\n```").next())
+        .expect("a scrape configuration");
+    let yaml = yaml_rust2::YamlLoader::load_from_str(block).expect("the example parses");
+    let mut jobs = 0;
+    for job in yaml[0]["scrape_configs"].as_vec().expect("scrape_configs") {
+        let name = job["job_name"].as_str().unwrap();
+        let default = match name {
+            "postern-agent" => postern::config::AGENT_ADMIN_DEFAULT,
+            _ => postern::config::ADMIN_DEFAULT,
+        };
+        for config in job["static_configs"].as_vec().unwrap() {
+            for target in config["targets"].as_vec().unwrap() {
+                let target = target.as_str().unwrap();
+                let port = target.rsplit_once(':').map(|(_, p)| p);
+                assert_eq!(
+                    port,
+                    Some(default.port().to_string().as_str()),
+                    "{name}: {target} is not on the default admin port {default}"
+                );
+            }
+        }
+        jobs += 1;
+    }
+    assert!(jobs >= 2, "the example scrapes relays and agents");
+    for default in [
+        postern::config::ADMIN_DEFAULT,
+        postern::config::AGENT_ADMIN_DEFAULT,
+    ] {
+        assert!(
+            section.contains(&format!("`{default}`")),
+            "the Metrics section does not name the default {default}"
+        );
+    }
+    assert!(
+        section.contains("[admin] listen = "),
+        "the Metrics section does not say how to make the admin listener reachable"
+    );
+}

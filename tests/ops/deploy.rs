@@ -942,6 +942,10 @@ fn containerfile_fits_the_repository_and_the_manifests() {
         lines.iter().any(|l| l.contains("protobuf-compiler")),
         "the build stage needs protoc"
     );
+    assert!(
+        lines.iter().any(|l| l.contains("libprotobuf-dev")),
+        "the build stage needs the protobuf well-known includes (libprotobuf-dev)"
+    );
     let user = final_stage
         .iter()
         .rev()
@@ -987,4 +991,124 @@ fn containerfile_fits_the_repository_and_the_manifests() {
             }
         }
     }
+}
+
+/// A `.dockerignore` glob: `*` and `?` match within one path component.
+fn glob(pattern: &[u8], path: &[u8]) -> bool {
+    match (pattern.first(), path.first()) {
+        (None, None) => true,
+        (Some(b'*'), _) => {
+            glob(&pattern[1..], path)
+                || (path.first().is_some_and(|c| *c != b'/') && glob(pattern, &path[1..]))
+        }
+        (Some(b'?'), Some(c)) if *c != b'/' => glob(&pattern[1..], &path[1..]),
+        (Some(p), Some(c)) if p == c => glob(&pattern[1..], &path[1..]),
+        _ => false,
+    }
+}
+
+/// Whether Docker leaves `path` (relative to the context root) out of the build context: the last
+/// pattern matching the path or one of its parent directories decides; `!` re-includes.
+fn ignored(patterns: &[(bool, String)], path: &str) -> bool {
+    let mut out = false;
+    for (negated, pattern) in patterns {
+        let mut prefix = String::new();
+        let hit = path.split('/').any(|part| {
+            if !prefix.is_empty() {
+                prefix.push('/');
+            }
+            prefix.push_str(part);
+            glob(pattern.as_bytes(), prefix.as_bytes())
+        });
+        if hit {
+            out = !negated;
+        }
+    }
+    out
+}
+
+/// The container build sends only what it copies: config/Containerfile.dockerignore (read by Docker
+/// next to the Containerfile, by podman with --ignorefile) keeps target/ and .git out and every
+/// COPY source in, and the whole context stays small.
+#[test]
+fn container_build_context_leaves_out_target() {
+    let file = repo().join("config/Containerfile.dockerignore");
+    let text = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    let patterns: Vec<(bool, String)> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| match l.strip_prefix('!') {
+            Some(p) => (true, p.trim_start_matches('/').to_string()),
+            None => (false, l.trim_start_matches('/').to_string()),
+        })
+        .collect();
+    for path in [
+        "target",
+        "target/debug/postern",
+        ".git",
+        ".git/HEAD",
+        "tests/core.rs",
+    ] {
+        assert!(ignored(&patterns, path), "{path} is sent with the context");
+    }
+    let containerfile = std::fs::read_to_string(repo().join("config/Containerfile")).unwrap();
+    let mut sources = Vec::new();
+    for l in containerfile.lines().map(str::trim) {
+        if let Some(rest) = l.strip_prefix("COPY ") {
+            if rest.starts_with("--from") {
+                continue;
+            }
+            let words: Vec<&str> = rest.split_whitespace().collect();
+            sources.extend(words[..words.len() - 1].iter().map(|w| w.to_string()));
+        }
+    }
+    assert!(sources.len() >= 3, "COPY sources: {sources:?}");
+    // Walk the context as Docker would send it, pruning directories no `!` pattern reaches into.
+    let (mut sent, mut bytes) = (Vec::new(), 0u64);
+    let mut stack = vec![String::new()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(repo().join(&dir)).unwrap() {
+            let entry = entry.unwrap();
+            let name = entry.file_name().to_string_lossy().to_string();
+            let rel = if dir.is_empty() {
+                name
+            } else {
+                format!("{dir}/{name}")
+            };
+            let excluded = ignored(&patterns, &rel);
+            if entry.file_type().unwrap().is_dir() {
+                let reopened = patterns
+                    .iter()
+                    .any(|(negated, p)| *negated && p.starts_with(&format!("{rel}/")));
+                if !excluded || reopened {
+                    stack.push(rel);
+                }
+            } else if !excluded {
+                bytes += entry.metadata().unwrap().len();
+                sent.push(rel);
+            }
+        }
+    }
+    for source in &sources {
+        let source = source.trim_end_matches('/');
+        assert!(
+            sent.iter()
+                .any(|p| p == source || p.starts_with(&format!("{source}/"))),
+            "COPY {source}: left out of the context"
+        );
+    }
+    assert!(
+        sent.iter().any(|p| p == "src/main.rs"),
+        "src/main.rs is not sent"
+    );
+    assert!(
+        !sent.iter().any(|p| p.starts_with("target/")),
+        "target/ is sent"
+    );
+    assert!(
+        bytes < 16 << 20,
+        "the build context is {bytes} bytes: {} files",
+        sent.len()
+    );
 }

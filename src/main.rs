@@ -259,8 +259,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             http,
             admin,
         } => {
-            // Every role runs in this one process.
+            // Every role runs in this one process, on a configuration it generates.
             metrics::init(metrics::Roles::ALL);
+            metrics::metrics().record_config_load(true);
             postern::demo::run(socks5, http, admin, shutdown_on_signal()).await
         }
         Command::Cert(cmd) => cert(cmd),

@@ -890,7 +890,7 @@ fn systemd_analyze_verifies_the_units() {
                 .args(["verify", unit.to_str().unwrap()])
                 .output()
                 .unwrap_or_else(|e| {
-                    panic!("systemd-analyze is missing ({e}): install Debian's `systemd`")
+                    panic!("systemd-analyze is missing ({e}): install Debian's `systemd` (scripts/deps does)")
                 });
             let stderr = String::from_utf8_lossy(&out.stderr);
             // Lines about other units (the host's own) are not this unit's business.

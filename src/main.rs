@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use postern::admin::AdminState;
 use postern::config::{self, AgentConfig, GatewayRoleConfig, RelayRoleConfig, ServerConfig};
+use postern::metrics;
 use postern::server::{Process, ProcessHandle};
 
 #[derive(Parser)]
@@ -219,7 +220,9 @@ fn default_worker_threads(command: &Command) -> usize {
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Agent { config } => {
+            metrics::init(metrics::Roles::AGENT);
             let cfg = AgentConfig::load(&config)?;
+            metrics::metrics().record_config_load(true);
             let admin = cfg.admin;
             let agent = postern::agent::Agent::new(cfg)?;
             let shutdown = shutdown_on_signal();
@@ -235,7 +238,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             agent.run(shutdown).await
         }
         Command::Server { config: path } => {
+            metrics::init(metrics::Roles::SERVER);
             let cfg = ServerConfig::load(&path)?;
+            metrics::metrics().record_config_load(true);
             let admin = cfg.admin;
             run_process(
                 Process::bind(cfg).await?,
@@ -247,7 +252,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             .await
         }
         Command::Relay { config: path } => {
+            metrics::init(metrics::Roles::RELAY);
             let cfg = RelayRoleConfig::load(&path)?;
+            metrics::metrics().record_config_load(true);
             let admin = cfg.admin;
             run_process(
                 Process::bind_relay(cfg, None).await?,
@@ -259,7 +266,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             .await
         }
         Command::Gateway { config: path } => {
+            metrics::init(metrics::Roles::GATEWAY);
             let cfg = GatewayRoleConfig::load(&path)?;
+            metrics::metrics().record_config_load(true);
             let admin = cfg.admin;
             run_process(
                 Process::bind_gateway(cfg, None).await?,
@@ -274,7 +283,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
             socks5,
             http,
             admin,
-        } => postern::demo::run(socks5, http, admin, shutdown_on_signal()).await,
+        } => {
+            // Every role runs in this one process, on a configuration it generates.
+            metrics::init(metrics::Roles::ALL);
+            metrics::metrics().record_config_load(true);
+            postern::demo::run(socks5, http, admin, shutdown_on_signal()).await
+        }
         Command::Cert(cmd) => cert(cmd),
         Command::Bench(cmd) => postern::bench::run(cmd, shutdown_on_signal()).await,
         Command::Check { config, role } => {
@@ -378,7 +392,9 @@ async fn run_process(
 
 /// On SIGHUP, re-reads `path` and applies what may change at run time (agent credentials, users,
 /// client allowlist, rules). An invalid file is refused with its precise error; the running config
-/// stays in force.
+/// stays in force. `postern_config_last_reload_successful` and
+/// `postern_config_last_reload_success_timestamp_seconds` report the outcome, as Prometheus does
+/// for its own reloads.
 fn reload_on_hup(path: PathBuf, role: Role, handle: Option<ProcessHandle>) {
     tokio::spawn(async move {
         let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
@@ -416,6 +432,7 @@ fn reload_on_hup(path: PathBuf, role: Role, handle: Option<ProcessHandle>) {
                 }
                 Ok(())
             })();
+            metrics::metrics().record_config_load(result.is_ok());
             match result {
                 Ok(()) => {
                     tracing::info!(config = %path.display(), "configuration reloaded (agent credentials; gateway users, client allowlist, rules, default namespace, per-client limit)")

@@ -1,7 +1,16 @@
 //! Process metrics in Prometheus form (prometheus-client). One set per process, reachable from
 //! every module through [`metrics()`]; names use base units and `_total` counters, and labels never
 //! carry per-IP or per-agent values (their cardinality would be unbounded).
+//!
+//! Every role updates the same [`Metrics`], but `/metrics` shows only the families of the roles
+//! this process runs, chosen once at start-up with [`init`] (as node_exporter shows only its enabled
+//! collectors): an agent exports no `postern_relay_lease_held 0` and a gateway no
+//! `postern_agent_tunnels 0`, so alert rules on those gauges never page for a process that is not
+//! that role. The families of a role are listed in one place each (`register_agent`,
+//! `register_relay`, `register_gateway`, `register_common`); a new metric goes into its role's list.
 
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::OnceLock;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -41,6 +50,51 @@ pub struct BuildInfo {
     pub version: &'static str,
 }
 
+/// The roles whose metrics a process exports: a set of agent, relay and gateway.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Roles(u8);
+
+impl Roles {
+    pub const AGENT: Roles = Roles(1);
+    pub const RELAY: Roles = Roles(2);
+    pub const GATEWAY: Roles = Roles(4);
+    /// `postern server`: a relay and a gateway.
+    pub const SERVER: Roles = Roles(2 | 4);
+    /// Every role (`postern demo`, and a process that never called [`init`]).
+    pub const ALL: Roles = Roles(1 | 2 | 4);
+
+    pub fn contains(self, other: Roles) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    pub fn intersects(self, other: Roles) -> bool {
+        self.0 & other.0 != 0
+    }
+
+    pub fn union(self, other: Roles) -> Roles {
+        Roles(self.0 | other.0)
+    }
+}
+
+/// The roles [`init`] announced; 0 until it is called.
+static ROLES: AtomicU8 = AtomicU8::new(0);
+
+/// Chooses which families `/metrics` shows: those of `roles` and the common ones. Called once at
+/// start-up, before the role runs. A process that runs several roles in one (tests composing
+/// roles, `demo`) may call it once per role: the sets add up, so no family a role in this process
+/// updates is ever hidden. Until the first call every family is shown.
+pub fn init(roles: Roles) {
+    ROLES.fetch_or(roles.0, Ordering::Relaxed);
+}
+
+/// The roles this process exports metrics for.
+pub fn roles() -> Roles {
+    match ROLES.load(Ordering::Relaxed) {
+        0 => Roles::ALL,
+        bits => Roles(bits),
+    }
+}
+
 /// Every metric postern exports.
 pub struct Metrics {
     pub client_connections: Family<FrontResult, Counter>,
@@ -56,12 +110,22 @@ pub struct Metrics {
     pub lease_held: Gauge,
     pub handshake_seconds: Histogram,
     pub connect_seconds: Histogram,
-    registry: Registry,
+    /// 1 when the last configuration load (start or SIGHUP) succeeded, 0 when it was refused.
+    pub config_reload_successful: Gauge,
+    /// When the configuration last loaded successfully, in seconds since the Unix epoch.
+    pub config_reload_success_timestamp: Gauge<f64, AtomicU64>,
+    build_info: Family<BuildInfo, Gauge>,
 }
 
 impl Metrics {
     fn new() -> Self {
-        let m = Metrics {
+        let build_info = Family::<BuildInfo, Gauge>::default();
+        build_info
+            .get_or_create(&BuildInfo {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        Metrics {
             client_connections: Family::default(),
             client_bytes: Family::default(),
             active_client_connections: Gauge::default(),
@@ -75,89 +139,266 @@ impl Metrics {
             lease_held: Gauge::default(),
             handshake_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             connect_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
-            registry: Registry::with_prefix("postern"),
-        };
-        let mut r = Registry::with_prefix("postern");
+            config_reload_successful: Gauge::default(),
+            config_reload_success_timestamp: Gauge::default(),
+            build_info,
+        }
+    }
+
+    /// Records the outcome of loading the configuration (at start, or on SIGHUP), as Prometheus
+    /// itself reports its own reloads.
+    pub fn record_config_load(&self, ok: bool) {
+        self.config_reload_successful.set(i64::from(ok));
+        if ok {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            self.config_reload_success_timestamp.set(now);
+        }
+    }
+
+    /// Families every process exports, whatever its role.
+    fn register_common(&self, r: &mut Registry) {
+        r.register("build_info", "Build information", self.build_info.clone());
         r.register(
-            "gateway_connections",
-            "Client connections by front door and result",
-            m.client_connections.clone(),
+            "config_last_reload_successful",
+            "1 when the last configuration load (start or SIGHUP) succeeded, 0 when it was refused",
+            self.config_reload_successful.clone(),
         );
         r.register(
-            "gateway_bytes",
-            "Bytes carried for clients, by direction",
-            m.client_bytes.clone(),
+            "config_last_reload_success_timestamp_seconds",
+            "When the configuration last loaded successfully, in seconds since the Unix epoch",
+            self.config_reload_success_timestamp.clone(),
         );
-        r.register(
-            "gateway_active_connections",
-            "Client connections currently open",
-            m.active_client_connections.clone(),
-        );
-        r.register(
-            "relay_active_streams",
-            "Streams the relay currently carries",
-            m.relay_streams_active.clone(),
-        );
-        r.register(
-            "relay_tunnels",
-            "Agent tunnels the relay holds",
-            m.relay_tunnels.clone(),
-        );
-        r.register(
-            "relay_tunnels_refused",
-            "New tunnels refused because the relay holds relay.max_tunnels",
-            m.relay_tunnels_refused.clone(),
-        );
+    }
+
+    fn register_agent(&self, r: &mut Registry) {
         r.register(
             "agent_tunnels",
             "Tunnels the agent holds",
-            m.agent_tunnels.clone(),
-        );
-        r.register(
-            "routes_cached",
-            "Routes in this process's registry cache",
-            m.routes_cached.clone(),
-        );
-        r.register(
-            "open_attempts",
-            "Attempts to open a stream through one owner of a route, by result",
-            m.open_attempts.clone(),
-        );
-        r.register(
-            "registry_operations",
-            "Registry operations by kind and result",
-            m.registry_operations.clone(),
-        );
-        r.register(
-            "relay_lease_held",
-            "1 while the relay holds its registry lease",
-            m.lease_held.clone(),
+            self.agent_tunnels.clone(),
         );
         r.register(
             "agent_handshake_duration_seconds",
             "Time for an agent to dial a relay and be welcomed",
-            m.handshake_seconds.clone(),
+            self.handshake_seconds.clone(),
+        );
+    }
+
+    fn register_relay(&self, r: &mut Registry) {
+        r.register(
+            "relay_active_streams",
+            "Streams the relay currently carries",
+            self.relay_streams_active.clone(),
+        );
+        r.register(
+            "relay_tunnels",
+            "Agent tunnels the relay holds",
+            self.relay_tunnels.clone(),
+        );
+        r.register(
+            "relay_tunnels_refused",
+            "New tunnels refused because the relay holds relay.max_tunnels",
+            self.relay_tunnels_refused.clone(),
+        );
+        r.register(
+            "relay_lease_held",
+            "1 while the relay holds its registry lease",
+            self.lease_held.clone(),
+        );
+    }
+
+    fn register_gateway(&self, r: &mut Registry) {
+        r.register(
+            "gateway_connections",
+            "Client connections by front door and result",
+            self.client_connections.clone(),
+        );
+        r.register(
+            "gateway_bytes",
+            "Bytes carried for clients, by direction",
+            self.client_bytes.clone(),
+        );
+        r.register(
+            "gateway_active_connections",
+            "Client connections currently open",
+            self.active_client_connections.clone(),
         );
         r.register(
             "gateway_connect_duration_seconds",
             "Time from a client's request to an open tunnel stream",
-            m.connect_seconds.clone(),
+            self.connect_seconds.clone(),
         );
-        let info = Family::<BuildInfo, Gauge>::default();
-        info.get_or_create(&BuildInfo {
-            version: env!("CARGO_PKG_VERSION"),
-        })
-        .set(1);
-        r.register("build_info", "Build information", info);
-        Metrics { registry: r, ..m }
+        r.register(
+            "routes_cached",
+            "Routes in this process's registry cache",
+            self.routes_cached.clone(),
+        );
+        r.register(
+            "open_attempts",
+            "Attempts to open a stream through one owner of a route, by result",
+            self.open_attempts.clone(),
+        );
     }
 
-    /// The Prometheus text exposition (format 0.0.4, what `/metrics` serves as `text/plain`).
+    /// Families of the relay and the gateway both (each talks to the registry).
+    fn register_registry(&self, r: &mut Registry) {
+        r.register(
+            "registry_operations",
+            "Registry operations by kind and result",
+            self.registry_operations.clone(),
+        );
+    }
+
+    /// A registry holding the families `roles` export (the handles are shared, not copied).
+    fn registry_for(&self, roles: Roles) -> Registry {
+        let mut r = Registry::with_prefix("postern");
+        self.register_common(&mut r);
+        if roles.contains(Roles::AGENT) {
+            self.register_agent(&mut r);
+        }
+        if roles.contains(Roles::RELAY) {
+            self.register_relay(&mut r);
+        }
+        if roles.contains(Roles::GATEWAY) {
+            self.register_gateway(&mut r);
+        }
+        if roles.intersects(Roles::SERVER) {
+            self.register_registry(&mut r);
+        }
+        r
+    }
+
+    /// The Prometheus text exposition (format 0.0.4, what `/metrics` serves as `text/plain`) of
+    /// this process's roles (see [`init`]) and its `process_*` figures.
     pub fn encode(&self) -> String {
+        self.encode_for(roles())
+    }
+
+    /// The exposition `roles` would export.
+    pub fn encode_for(&self, roles: Roles) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        openmetrics_to_prometheus(&out)
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry_for(roles));
+        let mut text = openmetrics_to_prometheus(&out);
+        ProcessStats::read().encode(&mut text);
+        text
+    }
+}
+
+/// What the kernel says about this process, read from `/proc/self` at scrape time: the standard
+/// `process_*` metrics of Prometheus client libraries. A figure the system does not provide (not
+/// Linux, `/proc` not mounted) is left out of the exposition.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ProcessStats {
+    pub cpu_seconds: Option<f64>,
+    pub open_fds: Option<u64>,
+    pub max_fds: Option<u64>,
+    pub virtual_memory_bytes: Option<u64>,
+    pub resident_memory_bytes: Option<u64>,
+    pub start_time_seconds: Option<f64>,
+}
+
+/// Clock ticks per second in `/proc/*/stat` (the kernel's USER_HZ). It is 100 on every
+/// architecture postern builds for; Prometheus's own procfs reader assumes the same.
+const USER_HZ: f64 = 100.0;
+
+impl ProcessStats {
+    pub fn read() -> ProcessStats {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok();
+        // Fields after the command name, which is in parentheses and may contain spaces:
+        // index 0 is field 3 (state) of proc(5).
+        let fields: Vec<&str> = stat
+            .as_deref()
+            .and_then(|s| s.rsplit_once(')'))
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let field = |n: usize| -> Option<f64> { fields.get(n - 3)?.parse().ok() };
+        let cpu_seconds = field(14)
+            .zip(field(15))
+            .map(|(user, system)| (user + system) / USER_HZ);
+        let boot_time = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("btime "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        });
+        let start_time_seconds = boot_time
+            .zip(field(22))
+            .map(|(boot, ticks)| boot + ticks / USER_HZ);
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let kib = |key: &str| -> Option<u64> {
+            let rest = status.lines().find_map(|l| l.strip_prefix(key))?;
+            let kib: u64 = rest.trim().strip_suffix("kB")?.trim().parse().ok()?;
+            Some(kib * 1024)
+        };
+        let open_fds = std::fs::read_dir("/proc/self/fd")
+            .ok()
+            .map(|dir| dir.count() as u64);
+        let max_fds = std::fs::read_to_string("/proc/self/limits")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Max open files"))
+                    .and_then(|rest| rest.split_whitespace().next())
+                    .and_then(|soft| soft.parse().ok())
+            });
+        ProcessStats {
+            cpu_seconds,
+            open_fds,
+            max_fds,
+            virtual_memory_bytes: kib("VmSize:"),
+            resident_memory_bytes: kib("VmRSS:"),
+            start_time_seconds,
+        }
+    }
+
+    /// Appends the figures in the text format, with the help texts Prometheus's clients use.
+    fn encode(&self, out: &mut String) {
+        let mut family = |name: &str, kind: &str, help: &str, value: Option<String>| {
+            if let Some(value) = value {
+                // Writing into a String cannot fail.
+                let _ = write!(
+                    out,
+                    "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+                );
+            }
+        };
+        family(
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+            self.cpu_seconds.map(|v| v.to_string()),
+        );
+        family(
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors.",
+            self.open_fds.map(|v| v.to_string()),
+        );
+        family(
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors.",
+            self.max_fds.map(|v| v.to_string()),
+        );
+        family(
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size in bytes.",
+            self.virtual_memory_bytes.map(|v| v.to_string()),
+        );
+        family(
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            self.resident_memory_bytes.map(|v| v.to_string()),
+        );
+        family(
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since unix epoch in seconds.",
+            self.start_time_seconds.map(|v| v.to_string()),
+        );
     }
 }
 
@@ -285,6 +526,157 @@ mod tests {
         assert!(!text.contains("# EOF"), "{text}");
         assert!(!text.contains("# UNIT"), "{text}");
         assert!(text.ends_with('\n'));
+    }
+
+    /// The `# TYPE` family names of an exposition.
+    fn families(text: &str) -> std::collections::BTreeSet<String> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|rest| rest.split_whitespace().next())
+            .map(String::from)
+            .collect()
+    }
+
+    #[test]
+    fn each_role_exports_only_its_own_families() {
+        use super::Roles;
+        let m = super::metrics();
+        // Children in every labelled family, so that none is left out for being empty.
+        m.client_connections
+            .get_or_create(&super::FrontResult {
+                front: "http",
+                result: "ok",
+            })
+            .inc_by(0);
+        m.client_bytes
+            .get_or_create(&super::Direction { direction: "up" })
+            .inc_by(0);
+        m.open_attempts
+            .get_or_create(&super::Outcome { result: "ok" })
+            .inc_by(0);
+        m.registry_operations
+            .get_or_create(&super::Operation {
+                operation: "list",
+                result: "ok",
+            })
+            .inc_by(0);
+        let agent = families(&m.encode_for(Roles::AGENT));
+        let relay = families(&m.encode_for(Roles::RELAY));
+        let gateway = families(&m.encode_for(Roles::GATEWAY));
+        let server = families(&m.encode_for(Roles::SERVER));
+        let all = families(&m.encode_for(Roles::ALL));
+        let common = [
+            "postern_build_info",
+            "postern_config_last_reload_successful",
+            "postern_config_last_reload_success_timestamp_seconds",
+            "process_cpu_seconds_total",
+            "process_open_fds",
+            "process_max_fds",
+            "process_virtual_memory_bytes",
+            "process_resident_memory_bytes",
+            "process_start_time_seconds",
+        ];
+        for set in [&agent, &relay, &gateway, &server, &all] {
+            for name in common {
+                assert!(set.contains(name), "{name} missing from {set:?}");
+            }
+        }
+        let own = |set: &std::collections::BTreeSet<String>| -> Vec<String> {
+            set.iter()
+                .filter(|n| !common.contains(&n.as_str()))
+                .cloned()
+                .collect()
+        };
+        assert_eq!(
+            own(&agent),
+            [
+                "postern_agent_handshake_duration_seconds",
+                "postern_agent_tunnels"
+            ]
+        );
+        assert_eq!(
+            own(&relay),
+            [
+                "postern_registry_operations_total",
+                "postern_relay_active_streams",
+                "postern_relay_lease_held",
+                "postern_relay_tunnels",
+                "postern_relay_tunnels_refused_total",
+            ]
+        );
+        assert_eq!(
+            own(&gateway),
+            [
+                "postern_gateway_active_connections",
+                "postern_gateway_bytes_total",
+                "postern_gateway_connect_duration_seconds",
+                "postern_gateway_connections_total",
+                "postern_open_attempts_total",
+                "postern_registry_operations_total",
+                "postern_routes_cached",
+            ]
+        );
+        let union: std::collections::BTreeSet<String> = relay.union(&gateway).cloned().collect();
+        assert_eq!(server, union, "a server exports relay + gateway");
+        let union: std::collections::BTreeSet<String> = server.union(&agent).cloned().collect();
+        assert_eq!(all, union, "demo exports every role's families");
+    }
+
+    #[test]
+    fn roles_add_up() {
+        use super::Roles;
+        assert!(Roles::SERVER.contains(Roles::RELAY));
+        assert!(Roles::SERVER.contains(Roles::GATEWAY));
+        assert!(!Roles::SERVER.contains(Roles::AGENT));
+        assert_eq!(Roles::AGENT.union(Roles::SERVER), Roles::ALL);
+        assert!(Roles::GATEWAY.intersects(Roles::SERVER));
+        assert!(!Roles::AGENT.intersects(Roles::SERVER));
+    }
+
+    #[test]
+    fn process_figures_are_read_from_proc_and_sane() {
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        // Hold a few descriptors open so the count cannot be read as zero by accident.
+        let files: Vec<std::fs::File> = (0..5)
+            .map(|_| std::fs::File::open("/proc/self/stat").unwrap())
+            .collect();
+        let p = super::ProcessStats::read();
+        let open = p.open_fds.expect("open fds");
+        assert!(open >= 5, "{p:?}");
+        assert!(p.max_fds.expect("max fds") >= open, "{p:?}");
+        let rss = p.resident_memory_bytes.expect("rss");
+        assert!(rss > 1 << 20, "{p:?}");
+        assert!(p.virtual_memory_bytes.expect("vsz") >= rss, "{p:?}");
+        let cpu = p.cpu_seconds.expect("cpu");
+        assert!((0.0..3600.0).contains(&cpu), "{p:?}");
+        let start = p.start_time_seconds.expect("start time");
+        // The test binary started within the last hour, and not after this test began (the
+        // start time has a resolution of a clock tick).
+        assert!(start <= before + 1.0 && start > before - 3600.0, "{p:?}");
+        drop(files);
+        let text = super::metrics().encode_for(super::Roles::AGENT);
+        for line in [
+            "# TYPE process_cpu_seconds_total counter",
+            "# TYPE process_open_fds gauge",
+            "# TYPE process_resident_memory_bytes gauge",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+    }
+
+    #[test]
+    fn a_refused_config_load_keeps_the_last_success_time() {
+        let m = super::Metrics::new();
+        m.record_config_load(true);
+        assert_eq!(m.config_reload_successful.get(), 1);
+        let when = m.config_reload_success_timestamp.get();
+        assert!(when > 1.7e9, "{when}");
+        m.record_config_load(false);
+        assert_eq!(m.config_reload_successful.get(), 0);
+        assert_eq!(m.config_reload_success_timestamp.get(), when);
     }
 
     #[test]

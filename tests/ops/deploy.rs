@@ -813,7 +813,12 @@ fn systemd_unit_fits_the_binary() {
             pre.starts_with(binary),
             "{name}: the check runs another binary: {pre}"
         );
-        assert_eq!(one("ExecReload"), "/bin/kill -HUP $MAINPID", "{name}");
+        // `systemctl reload` checks the file before it signals, so a broken file fails the reload.
+        assert_eq!(
+            keys["ExecReload"],
+            [pre.clone(), "/bin/kill -HUP $MAINPID".to_string()],
+            "{name}: ExecReload must run the check, then signal"
+        );
         assert_eq!(one("KillSignal"), "SIGTERM", "{name}");
         let stop = humantime::parse_duration(&one("TimeoutStopSec"))
             .or_else(|_| {
@@ -855,6 +860,54 @@ fn systemd_unit_fits_the_binary() {
     }
 }
 
+/// `systemd-analyze verify` accepts every unit as an instance of each role: known keys, valid
+/// values, executables that exist (the unit's binary path pointed at the one under test).
+#[test]
+fn systemd_analyze_verifies_the_units() {
+    let dir = repo().join("config/systemd");
+    let work = tempfile::tempdir().unwrap();
+    let mut verified = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension() != Some(std::ffi::OsStr::new("service")) {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("/usr/local/bin/postern", BIN);
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        let instances: Vec<String> = match name.split_once("@.") {
+            Some((stem, ext)) => ["server", "relay", "gateway", "agent"]
+                .iter()
+                .map(|role| format!("{stem}@{role}.{ext}"))
+                .collect(),
+            None => vec![name.clone()],
+        };
+        for instance in instances {
+            let unit = work.path().join(&instance);
+            std::fs::write(&unit, &text).unwrap();
+            let out = std::process::Command::new("systemd-analyze")
+                .args(["verify", unit.to_str().unwrap()])
+                .output()
+                .unwrap_or_else(|e| {
+                    panic!("systemd-analyze is missing ({e}): install Debian's `systemd` (scripts/deps does)")
+                });
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            // Lines about other units (the host's own) are not this unit's business.
+            let ours: Vec<&str> = stderr
+                .lines()
+                .filter(|l| l.contains(&instance) || l.contains(unit.to_str().unwrap()))
+                .collect();
+            assert!(
+                out.status.success() && ours.is_empty(),
+                "systemd-analyze verify {instance}:\n{stderr}"
+            );
+            verified += 1;
+        }
+    }
+    assert!(verified >= 4, "verified {verified} unit instance(s)");
+}
+
 /// The Containerfile copies files that exist, runs as a non-root user, and exposes every port the
 /// manifests' postern containers use.
 #[test]
@@ -888,6 +941,10 @@ fn containerfile_fits_the_repository_and_the_manifests() {
     assert!(
         lines.iter().any(|l| l.contains("protobuf-compiler")),
         "the build stage needs protoc"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("libprotobuf-dev")),
+        "the build stage needs the protobuf well-known includes (libprotobuf-dev)"
     );
     let user = final_stage
         .iter()
@@ -972,5 +1029,125 @@ fn gateway_services_keep_client_addresses() {
     assert!(
         ops.contains("externalTrafficPolicy: Local"),
         "docs/operations.md does not explain externalTrafficPolicy"
+    );
+}
+
+/// A `.dockerignore` glob: `*` and `?` match within one path component.
+fn glob(pattern: &[u8], path: &[u8]) -> bool {
+    match (pattern.first(), path.first()) {
+        (None, None) => true,
+        (Some(b'*'), _) => {
+            glob(&pattern[1..], path)
+                || (path.first().is_some_and(|c| *c != b'/') && glob(pattern, &path[1..]))
+        }
+        (Some(b'?'), Some(c)) if *c != b'/' => glob(&pattern[1..], &path[1..]),
+        (Some(p), Some(c)) if p == c => glob(&pattern[1..], &path[1..]),
+        _ => false,
+    }
+}
+
+/// Whether Docker leaves `path` (relative to the context root) out of the build context: the last
+/// pattern matching the path or one of its parent directories decides; `!` re-includes.
+fn ignored(patterns: &[(bool, String)], path: &str) -> bool {
+    let mut out = false;
+    for (negated, pattern) in patterns {
+        let mut prefix = String::new();
+        let hit = path.split('/').any(|part| {
+            if !prefix.is_empty() {
+                prefix.push('/');
+            }
+            prefix.push_str(part);
+            glob(pattern.as_bytes(), prefix.as_bytes())
+        });
+        if hit {
+            out = !negated;
+        }
+    }
+    out
+}
+
+/// The container build sends only what it copies: config/Containerfile.dockerignore (read by Docker
+/// next to the Containerfile, by podman with --ignorefile) keeps target/ and .git out and every
+/// COPY source in, and the whole context stays small.
+#[test]
+fn container_build_context_leaves_out_target() {
+    let file = repo().join("config/Containerfile.dockerignore");
+    let text = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    let patterns: Vec<(bool, String)> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| match l.strip_prefix('!') {
+            Some(p) => (true, p.trim_start_matches('/').to_string()),
+            None => (false, l.trim_start_matches('/').to_string()),
+        })
+        .collect();
+    for path in [
+        "target",
+        "target/debug/postern",
+        ".git",
+        ".git/HEAD",
+        "tests/core.rs",
+    ] {
+        assert!(ignored(&patterns, path), "{path} is sent with the context");
+    }
+    let containerfile = std::fs::read_to_string(repo().join("config/Containerfile")).unwrap();
+    let mut sources = Vec::new();
+    for l in containerfile.lines().map(str::trim) {
+        if let Some(rest) = l.strip_prefix("COPY ") {
+            if rest.starts_with("--from") {
+                continue;
+            }
+            let words: Vec<&str> = rest.split_whitespace().collect();
+            sources.extend(words[..words.len() - 1].iter().map(|w| w.to_string()));
+        }
+    }
+    assert!(sources.len() >= 3, "COPY sources: {sources:?}");
+    // Walk the context as Docker would send it, pruning directories no `!` pattern reaches into.
+    let (mut sent, mut bytes) = (Vec::new(), 0u64);
+    let mut stack = vec![String::new()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(repo().join(&dir)).unwrap() {
+            let entry = entry.unwrap();
+            let name = entry.file_name().to_string_lossy().to_string();
+            let rel = if dir.is_empty() {
+                name
+            } else {
+                format!("{dir}/{name}")
+            };
+            let excluded = ignored(&patterns, &rel);
+            if entry.file_type().unwrap().is_dir() {
+                let reopened = patterns
+                    .iter()
+                    .any(|(negated, p)| *negated && p.starts_with(&format!("{rel}/")));
+                if !excluded || reopened {
+                    stack.push(rel);
+                }
+            } else if !excluded {
+                bytes += entry.metadata().unwrap().len();
+                sent.push(rel);
+            }
+        }
+    }
+    for source in &sources {
+        let source = source.trim_end_matches('/');
+        assert!(
+            sent.iter()
+                .any(|p| p == source || p.starts_with(&format!("{source}/"))),
+            "COPY {source}: left out of the context"
+        );
+    }
+    assert!(
+        sent.iter().any(|p| p == "src/main.rs"),
+        "src/main.rs is not sent"
+    );
+    assert!(
+        !sent.iter().any(|p| p.starts_with("target/")),
+        "target/ is sent"
+    );
+    assert!(
+        bytes < 16 << 20,
+        "the build context is {bytes} bytes: {} files",
+        sent.len()
     );
 }

@@ -4,6 +4,7 @@
 //! Each test uses its own agent address range 127.N.0.0/16.
 
 mod admin;
+mod alerts;
 mod broken;
 mod deploy;
 mod lifecycle;
@@ -12,6 +13,7 @@ mod newcomer;
 mod page;
 #[path = "../process/mod.rs"]
 mod process;
+mod reload;
 mod support;
 
 use std::collections::BTreeSet;
@@ -97,9 +99,9 @@ async fn metrics_pass_promtool_and_count_exactly_the_traffic() {
     if let Err(complaint) = promtool_check(&text) {
         panic!("promtool check metrics (server) failed:\n{complaint}\n--- exposition:\n{text}");
     }
-    docs_name_only_real_metrics_and_valid_rules(&text);
     // The agent's exposition too (another role, another process).
     let (code, agent_text) = http_get(s.agent_admin, "/metrics").await.unwrap();
+    docs_name_only_real_metrics_and_valid_rules(&format!("{text}{agent_text}"));
     assert_eq!(code, 200);
     assert!(
         agent_text.contains("postern_agent_tunnels 1"),
@@ -112,8 +114,8 @@ async fn metrics_pass_promtool_and_count_exactly_the_traffic() {
     }
 }
 
-/// docs/operations.md names only metrics the exposition has, and its example alert rules pass
-/// `promtool check rules`.
+/// docs/operations.md names only metrics the expositions (of a server and an agent) have, and its
+/// example alert rules pass `promtool check rules`.
 fn docs_name_only_real_metrics_and_valid_rules(exposition: &str) {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/operations.md");
     let doc = std::fs::read_to_string(&path).unwrap();

@@ -299,7 +299,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 CheckRole::Gateway => config::Role::Gateway,
             });
             let summary = config::check(&config, role)?;
-            println!("{summary}");
+            print_out(&format!("{summary}\n"));
             Ok(())
         }
         Command::Status {
@@ -308,7 +308,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             timeout,
         } => {
             let text = postern::admin::client::status(&admin, json, timeout).await?;
-            print!("{text}");
+            print_out(&text);
             Ok(())
         }
         Command::Lookup {
@@ -318,7 +318,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             timeout,
         } => {
             let text = postern::admin::client::lookup(&admin, &namespace, ip, timeout).await?;
-            print!("{text}");
+            print_out(&text);
             Ok(())
         }
     }
@@ -514,4 +514,12 @@ fn shutdown_on_signal() -> CancellationToken {
         }
     });
     token
+}
+
+/// Writes a command's result to stdout. A reader that went away (`postern check … | head`) is not
+/// an error worth a panic: what it did not read, it did not want.
+fn print_out(text: &str) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }

@@ -263,3 +263,81 @@ fn cert_issue_help_describes_every_option() {
     }
     assert!(options >= 7, "too few options found in:\n{help}");
 }
+
+/// Issue 10.13: the plain-hosts walkthrough works as written. Its `postern cert` commands run
+/// (with /etc/postern/ moved to a temp dir), every file in config/hosts/ then passes
+/// `postern check` unchanged but for that path, and the sample output the walkthrough shows is
+/// what `check` prints.
+#[test]
+fn the_plain_hosts_walkthrough_runs_as_written() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(repo.join("docs/hosts.md")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let etc = format!("{}/", dir.path().display());
+    let mut certs = 0;
+    for line in doc.lines().map(str::trim) {
+        let Some(args) = line.strip_prefix("postern cert ") else {
+            continue;
+        };
+        let args: Vec<String> = args
+            .split_whitespace()
+            .map(|a| {
+                a.replace("/etc/postern/", &etc)
+                    .replace("/etc/postern", &etc)
+            })
+            .collect();
+        let out = Command::new(crate::support::BIN)
+            .arg("cert")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "postern cert {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        certs += 1;
+    }
+    assert!(certs >= 4, "the walkthrough's cert commands were not found");
+
+    let mut files = 0;
+    for entry in std::fs::read_dir(repo.join("config/hosts")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().map_or(true, |e| e != "toml") {
+            continue;
+        }
+        files += 1;
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        assert!(
+            doc.contains(&format!("config/hosts/{name}")),
+            "docs/hosts.md does not mention {name}"
+        );
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("/etc/postern/", &etc);
+        let copy = dir.path().join(&name);
+        std::fs::write(&copy, text).unwrap();
+        let out = Command::new(crate::support::BIN)
+            .args(["check", "--config"])
+            .arg(&copy)
+            .env("POSTERN_AGENT_TOKEN", "a-token")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "config/hosts/{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if name == "relay.toml" {
+            for line in stdout.lines() {
+                assert!(
+                    doc.contains(line),
+                    "the walkthrough's sample output lacks {line:?}"
+                );
+            }
+        }
+    }
+    assert!(files >= 4, "config/hosts/ holds {files} configs");
+}

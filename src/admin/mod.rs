@@ -33,6 +33,15 @@ pub struct AdminState {
     pub shutdown: CancellationToken,
 }
 
+/// One row of `/api/relays`: the relay's registry record, and, in a process with front doors, the
+/// connections and bytes those doors carry through it.
+#[derive(Debug, Serialize)]
+struct RelayRow {
+    #[serde(flatten)]
+    info: crate::registry::RelayInfo,
+    through_this_gateway: Option<crate::gateway::load::RelayFigures>,
+}
+
 /// `/api/status`.
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -532,7 +541,22 @@ fn route(state: &AdminState, req: &Request<hyper::body::Incoming>) -> Response<F
         "/api/relays" => {
             let mut relays = cache.map(|c| c.relays()).unwrap_or_default();
             relays.sort_by(|a, b| a.id.cmp(&b.id));
-            json(&relays)
+            // A process with front doors adds what it carries through each relay.
+            let load = state
+                .process
+                .as_ref()
+                .and_then(|p| p.gateway.as_ref())
+                .map(|_| crate::gateway::load::relay_load().snapshot());
+            let rows: Vec<RelayRow> = relays
+                .into_iter()
+                .map(|info| RelayRow {
+                    through_this_gateway: load
+                        .as_ref()
+                        .map(|l| l.get(&info.id).copied().unwrap_or_default()),
+                    info,
+                })
+                .collect();
+            json(&rows)
         }
         "/api/agents" => {
             let mut agents = cache.map(|c| c.agents()).unwrap_or_default();

@@ -322,7 +322,9 @@ async fn forward(
         agent_id,
     } = opened;
     let counted = Counted::new(tokio::io::join(recv, send));
+    let tracked = super::load::relay_load().track(&relay_id, &counted.meter);
     let exchange = Arc::new(Exchange {
+        _tracked: tracked,
         client,
         target,
         relay_id,
@@ -1018,6 +1020,8 @@ impl<S> Counted<S> {
 /// reference): the upstream side may look finished while the client's body broke off, and the
 /// client's verdict is what the access log must say.
 struct Exchange {
+    /// Counts the exchange in the per-relay load until it is logged.
+    _tracked: super::load::Tracked,
     client: Client,
     target: super::forward::Target,
     relay_id: Arc<str>,

@@ -5,6 +5,7 @@
 pub mod access;
 pub mod forward;
 pub mod http;
+pub mod load;
 pub mod pool;
 pub mod socks;
 
@@ -330,7 +331,9 @@ async fn carry_with<F, Fut>(
         agent_id,
     } = opened;
     let meter = Arc::new(client_meter());
+    let tracked = load::relay_load().track(&relay_id, &meter);
     let result = splice(send, recv, meter.clone()).await.map(|_| ());
+    drop(tracked);
     drop(guard);
     log_connection(
         front,

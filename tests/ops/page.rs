@@ -249,7 +249,8 @@ listen = "127.0.0.1:0"
     )
 }
 
-/// 10.6: two relays, three agents (two tunnels each), SOCKS5 traffic flowing with some errors and
+/// 10.6: two relays, three agents (two with a tunnel to each relay, one on relay-b only), SOCKS5
+/// traffic flowing with some errors and
 /// refusals: the page of relay-a shows throughput, rates, tunnels, in-flight streams, both relays
 /// with their tunnels and every agent with its relays and sessions, and draws both charts; with
 /// relay-a stopped (SIGSTOP) the same page says STALE once its poll times out.
@@ -282,15 +283,22 @@ async fn status_page_shows_the_cluster_figures_and_goes_stale_when_the_process_s
         let echo = Echo::start(ip).await;
         let refused = closed_port(ip);
         let id = format!("agent-{i}");
+        // agent-2 holds one tunnel, to relay-b only: relay-a's front doors reach it through
+        // relay-b, so relay-a's page has figures for a relay other than its own.
+        let (relays, redundancy) = if i == 2 {
+            (&relay_addrs[1..], 1)
+        } else {
+            (&relay_addrs[..], 2)
+        };
         let cfg = w.write(
             &format!("{id}.toml"),
             &agent_toml(
                 &w,
                 &id,
-                &relay_addrs,
+                relays,
                 ip,
                 &[echo.addr.port(), refused],
-                2,
+                redundancy,
                 "2s",
             ),
         );
@@ -299,21 +307,26 @@ async fn status_page_shows_the_cluster_figures_and_goes_stale_when_the_process_s
         closed.push(SocketAddr::from((ip, refused)));
         agents.push((proc, echo));
     }
-    wait_for(QUICK, "every agent on both relays in etcd", || async {
+    wait_for(QUICK, "every agent's tunnels in etcd", || async {
         let routes = etcd.routes().await;
         targets
             .iter()
-            .all(|t| routes.get(&t.ip()).is_some_and(|r| r.len() == 2))
+            .enumerate()
+            .all(|(i, t)| {
+                routes
+                    .get(&t.ip())
+                    .is_some_and(|r| r.len() == if i == 2 { 1 } else { 2 })
+            })
             .then_some(())
     })
     .await;
     wait_for(
         QUICK,
-        "relay-a's cache lists 3 agents on 2 relays",
+        "relay-a's cache lists 3 agents, 2 relays, 5 routes",
         || async {
             let (_, body) = http_get(admin, "/api/status").await.ok()?;
             let s: serde_json::Value = serde_json::from_str(&body).ok()?;
-            (s["agents"] == 3 && s["relays"] == 2 && s["routes"] == 6).then_some(())
+            (s["agents"] == 3 && s["relays"] == 2 && s["routes"] == 5).then_some(())
         },
     )
     .await;
@@ -385,31 +398,53 @@ async fn status_page_shows_the_cluster_figures_and_goes_stale_when_the_process_s
     assert!(since_start("fig-refusals-sub") > 0, "{dom}");
     assert_ne!(text_of(&dom, "fig-errors"), "—");
     assert_ne!(text_of(&dom, "fig-refusals"), "—");
-    assert_eq!(text_of(&dom, "fig-tunnels"), "3", "{dom}");
+    assert_eq!(text_of(&dom, "fig-tunnels"), "2", "{dom}");
     assert!(
         text_of(&dom, "fig-in-flight").parse::<u64>().is_ok(),
         "{dom}"
     );
-    assert_eq!(text_of(&dom, "fig-cluster"), "2 · 3 · 6", "{dom}");
+    assert_eq!(text_of(&dom, "fig-cluster"), "2 · 3 · 5", "{dom}");
     assert_eq!(text_of(&dom, "relay-count"), "2");
     for relay in ["relay-a", "relay-b"] {
         let c = cells(row(&dom, "relay", relay));
         assert_eq!(c[4], "up", "{relay}: {c:?}");
-        assert_eq!((c[5].as_str(), c[6].as_str()), ("3", "3"), "{relay}: {c:?}");
+        let held = if relay == "relay-a" { "2" } else { "3" };
+        assert_eq!(
+            (c[5].as_str(), c[6].as_str()),
+            (held, held),
+            "{relay}: {c:?}"
+        );
         if relay == "relay-a" {
             assert_eq!(c[0], "relay-a (this process)");
-            assert!(c[7].parse::<u64>().is_ok() && c[8].ends_with("/s"), "{c:?}");
         }
+        // Streams in flight and throughput for both: relay-a's own, and what relay-a's front
+        // doors carry through relay-b (to agent-2).
+        assert!(
+            c[7].parse::<u64>().is_ok() && c[8].ends_with("/s"),
+            "{relay}: {c:?}"
+        );
+        assert!(
+            !c[8].starts_with("0 B"),
+            "{relay}: no throughput through it: {c:?}"
+        );
     }
     assert_eq!(text_of(&dom, "agent-count"), "3");
     for i in 0..3 {
         let c = cells(row(&dom, "agent", &format!("agent-{i}")));
         assert_eq!(c[2], format!("127.{net}.0.{}", i + 1), "{c:?}");
-        assert_eq!(c[3], "2", "{c:?}");
-        assert!(
-            c[4].contains("relay-a (") && c[4].contains("relay-b ("),
-            "{c:?}"
-        );
+        if i == 2 {
+            assert_eq!(c[3], "1", "{c:?}");
+            assert!(
+                c[4].starts_with("relay-b (") && !c[4].contains("relay-a"),
+                "{c:?}"
+            );
+        } else {
+            assert_eq!(c[3], "2", "{c:?}");
+            assert!(
+                c[4].contains("relay-a (") && c[4].contains("relay-b ("),
+                "{c:?}"
+            );
+        }
     }
     for chart in ["chart-throughput", "chart-errors"] {
         let at = dom.find(&format!("id=\"{chart}\"")).unwrap();
@@ -449,7 +484,7 @@ async fn status_page_shows_the_cluster_figures_and_goes_stale_when_the_process_s
         "{banner}"
     );
     // The last figures stay, greyed.
-    assert_eq!(text_of(&dom, "fig-tunnels"), "3", "{dom}");
+    assert_eq!(text_of(&dom, "fig-tunnels"), "2", "{dom}");
 
     for shot in [&live_shot, &stale_shot] {
         let size = std::fs::metadata(shot).map(|m| m.len()).unwrap_or(0);

@@ -161,45 +161,6 @@ fn expected_alert(rule: &Rule, instance: SocketAddr, job: &str) -> Value {
     json!({ "exp_labels": labels, "exp_annotations": annotations })
 }
 
-/// A server (relay + gateway) on the etcd registry, agents allowed in `127.net.0.0/16`.
-fn server_etcd_toml(w: &Workdir, id: &str, etcd: &str, net: u8) -> String {
-    let p = |path: &std::path::Path| path.to_str().unwrap().to_string();
-    format!(
-        r#"
-[relay]
-id = "{id}"
-listen = "127.0.0.1:0"
-cert = "{cert}"
-key = "{key}"
-peer_listen = "127.0.0.1:0"
-drain_grace = "5s"
-[[relay.agents]]
-name = "ops"
-token_sha256 = "{hash}"
-allow = ["127.{net}.0.0/16"]
-[gateway]
-socks5 = "127.0.0.1:0"
-drain_grace = "5s"
-[peer]
-ca = "{ca}"
-cert = "{peer_cert}"
-key = "{peer_key}"
-[registry]
-kind = "etcd"
-endpoints = ["{etcd}"]
-lease_ttl = "4s"
-[admin]
-listen = "127.0.0.1:0"
-"#,
-        cert = p(&w.pki.relay_cert),
-        key = p(&w.pki.relay_key),
-        hash = postern::config::token_hash(TOKEN),
-        ca = p(&w.pki.ca),
-        peer_cert = p(&w.pki.peer_cert),
-        peer_key = p(&w.pki.peer_key),
-    )
-}
-
 /// Families each role must not export: another role's gauges, which would page for it.
 fn assert_only_own_families(role: &str, text: &str) {
     let foreign: &[&str] = match role {
@@ -271,7 +232,7 @@ async fn alert_rules_stay_quiet_on_a_healthy_cluster_and_fire_on_a_broken_one() 
     let relay_admin = ready_addr(&line, "admin");
     let server_cfg = w.write(
         "server.toml",
-        &server_etcd_toml(&w, "server-b", &etcd.url, net),
+        &server_etcd_toml(&w, "server-b", 0, &etcd.url, net, "5s"),
     );
     let (_server, line) =
         Proc::postern("server", "server", &server_cfg, &[], &w.path("server.log")).await;

@@ -210,45 +210,6 @@ fn publish(shot: &Path) -> Option<PathBuf> {
     Some(to)
 }
 
-/// A `postern server` (relay + gateway) registered in etcd, its relay on `port`.
-fn server_etcd_toml(w: &Workdir, id: &str, port: u16, etcd: &str, net: u8) -> String {
-    let p = |path: &Path| path.to_str().unwrap().to_string();
-    format!(
-        r#"
-[relay]
-id = "{id}"
-listen = "127.0.0.1:{port}"
-cert = "{cert}"
-key = "{key}"
-peer_listen = "127.0.0.1:0"
-drain_grace = "2s"
-[[relay.agents]]
-name = "ops"
-token_sha256 = "{hash}"
-allow = ["127.{net}.0.0/16"]
-[gateway]
-socks5 = "127.0.0.1:0"
-drain_grace = "2s"
-[peer]
-ca = "{ca}"
-cert = "{peer_cert}"
-key = "{peer_key}"
-[registry]
-kind = "etcd"
-endpoints = ["{etcd}"]
-lease_ttl = "4s"
-[admin]
-listen = "127.0.0.1:0"
-"#,
-        cert = p(&w.pki.relay_cert),
-        key = p(&w.pki.relay_key),
-        hash = postern::config::token_hash(TOKEN),
-        ca = p(&w.pki.ca),
-        peer_cert = p(&w.pki.peer_cert),
-        peer_key = p(&w.pki.peer_key),
-    )
-}
-
 /// 10.6: two relays, three agents (two with a tunnel to each relay, one on relay-b only), SOCKS5
 /// traffic flowing with some errors and
 /// refusals: the page of relay-a shows throughput, rates, tunnels, in-flight streams, both relays
@@ -265,7 +226,7 @@ async fn status_page_shows_the_cluster_figures_and_goes_stale_when_the_process_s
         let port = free_udp_port();
         let cfg = w.write(
             &format!("{id}.toml"),
-            &server_etcd_toml(&w, id, port, &etcd.url, net),
+            &server_etcd_toml(&w, id, port, &etcd.url, net, "2s"),
         );
         let (proc, line) =
             Proc::postern(id, "server", &cfg, &[], &w.path(&format!("{id}.log"))).await;

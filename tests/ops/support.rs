@@ -321,6 +321,52 @@ listen = "127.0.0.1:0"
     )
 }
 
+/// A `postern server` (relay + gateway) registered in etcd, its relay on `port` (0: any), agents
+/// allowed in `127.net.0.0/16`.
+pub fn server_etcd_toml(
+    w: &Workdir,
+    id: &str,
+    port: u16,
+    etcd: &str,
+    net: u8,
+    drain: &str,
+) -> String {
+    format!(
+        r#"
+[relay]
+id = "{id}"
+listen = "127.0.0.1:{port}"
+cert = "{cert}"
+key = "{key}"
+peer_listen = "127.0.0.1:0"
+drain_grace = "{drain}"
+[[relay.agents]]
+name = "ops"
+token_sha256 = "{hash}"
+allow = ["127.{net}.0.0/16"]
+[gateway]
+socks5 = "127.0.0.1:0"
+drain_grace = "{drain}"
+[peer]
+ca = "{ca}"
+cert = "{peer_cert}"
+key = "{peer_key}"
+[registry]
+kind = "etcd"
+endpoints = ["{etcd}"]
+lease_ttl = "4s"
+[admin]
+listen = "127.0.0.1:0"
+"#,
+        cert = p(&w.pki.relay_cert),
+        key = p(&w.pki.relay_key),
+        hash = postern::config::token_hash(TOKEN),
+        ca = p(&w.pki.ca),
+        peer_cert = p(&w.pki.peer_cert),
+        peer_key = p(&w.pki.peer_key),
+    )
+}
+
 pub fn gateway_toml(w: &Workdir, etcd: &str, drain: &str) -> String {
     format!(
         r#"

@@ -414,3 +414,49 @@ impl RouteCache {
         Err(super::Error::Unavailable("watch closed".into()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(ip: &str, relay: &str, session: u64, agent: &str, credential: &str, at: u64) -> Route {
+        let mut route = Route::new(
+            RouteKey {
+                namespace: "default".into(),
+                ip: ip.parse().unwrap(),
+                relay_id: relay.into(),
+                session_id: session,
+            },
+            agent.into(),
+            Vec::new(),
+        );
+        route.value.connected_at = at;
+        route.value.credential = Some(credential.into());
+        route
+    }
+
+    #[test]
+    fn two_credentials_under_one_agent_id_are_never_merged() {
+        let cache = RouteCache::new();
+        cache.replace(
+            &[
+                // The real agent: two tunnels, one address.
+                route("10.0.0.1", "r1", 1, "web", "token:aa", 100),
+                route("10.0.0.1", "r2", 2, "web", "token:aa", 101),
+                // An impostor admitted under the same id at another relay in the same instant.
+                route("10.0.0.9", "r3", 3, "web", "token:bb", 102),
+            ],
+            &[],
+        );
+        let first: IpAddr = "10.0.0.1".parse().unwrap();
+        assert_eq!(cache.agent_ips("default", "web"), vec![first]);
+        let views = cache.agents();
+        assert_eq!(views.len(), 2, "{views:?}");
+        let real = views
+            .iter()
+            .find(|v| v.credential.as_deref() == Some("token:aa"))
+            .unwrap();
+        assert_eq!((real.ips.clone(), real.tunnels), (vec![first], 2));
+        assert_eq!(cache.agent_owners("default", "web").len(), 3);
+    }
+}

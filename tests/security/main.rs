@@ -4,6 +4,7 @@
 //!
 //! Each test owns the addresses `127.N.0.0/16` (N = 51…58) so the tests run in parallel.
 
+mod claims;
 #[path = "../kit/mod.rs"]
 mod kit;
 mod support;

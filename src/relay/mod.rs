@@ -232,6 +232,11 @@ impl Relay {
         self.draining.load(Ordering::Relaxed)
     }
 
+    /// QUIC connections on the agent endpoint, admitted or not (handshakes and hellos included).
+    pub fn open_connections(&self) -> usize {
+        self.endpoint.open_connections()
+    }
+
     /// Streams currently carried.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Acquire)
@@ -385,15 +390,24 @@ impl Relay {
             .await
             .context("QUIC handshake timed out")?
             .context("QUIC handshake failed")?;
-        let (mut send, mut recv) = tokio::time::timeout(protocol::HELLO_TIMEOUT, conn.accept_bi())
-            .await
-            .context("no control stream within the hello timeout")?
-            .context("control stream")?;
+        let (mut send, mut recv) =
+            match tokio::time::timeout(protocol::HELLO_TIMEOUT, conn.accept_bi()).await {
+                Ok(Ok(streams)) => streams,
+                Ok(Err(err)) => return Err(err).context("control stream"),
+                Err(_) => {
+                    conn.close(close::PROTOCOL.into(), b"no hello within the deadline");
+                    anyhow::bail!("no control stream within the hello timeout");
+                }
+            };
         let hello = match protocol::read_message_timeout(&mut recv, protocol::HELLO_TIMEOUT).await {
             Ok(Message::Hello(hello)) => hello,
             Ok(other) => {
                 conn.close(close::PROTOCOL.into(), b"expected hello");
                 anyhow::bail!(protocol::Error::unexpected(&other));
+            }
+            Err(protocol::Error::Timeout(_)) => {
+                conn.close(close::PROTOCOL.into(), b"no hello within the deadline");
+                anyhow::bail!("no hello within the hello timeout");
             }
             Err(err) => {
                 conn.close(close::PROTOCOL.into(), b"bad hello");
@@ -557,6 +571,14 @@ impl Relay {
                     continue;
                 }
                 m = frames.next(recv) => m,
+                // The control stream is the only one an agent opens; the relay opens the rest.
+                opened = conn.accept_bi() => {
+                    if opened.is_ok() {
+                        conn.close(close::PROTOCOL.into(), b"agents open only the control stream");
+                        anyhow::bail!("the agent opened a second stream");
+                    }
+                    return Ok(());
+                }
             };
             match msg {
                 Ok(Message::Ping { nonce }) => {
@@ -573,7 +595,13 @@ impl Relay {
                     conn.close(close::PROTOCOL.into(), b"unexpected control message");
                     anyhow::bail!(protocol::Error::unexpected(&other));
                 }
-                Err(protocol::Error::Truncated) => return Ok(()),
+                Err(protocol::Error::Truncated) => {
+                    // The agent ended its control stream: deliver what was written, then close.
+                    let _ = send.finish();
+                    let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
+                    conn.close(close::SHUTDOWN.into(), b"control stream ended");
+                    return Ok(());
+                }
                 Err(err) => {
                     // A closed connection surfaces here as an i/o error: that is the normal end.
                     if conn.close_reason().is_some() {

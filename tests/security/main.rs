@@ -5,6 +5,7 @@
 //! Each test owns the addresses `127.N.0.0/16` (N = 51…58) so the tests run in parallel.
 
 mod claims;
+mod hostile;
 #[path = "../kit/mod.rs"]
 mod kit;
 mod support;

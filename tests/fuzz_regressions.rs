@@ -113,7 +113,7 @@ fn http_request_replays() {
 
 #[test]
 fn relay_control_replays() {
-    use harness::relay_control::{relay_connections, relay_control, valid_hello};
+    use harness::relay_control::{relay_connections, relay_control, rss_kib, valid_hello};
     use postern::protocol::{close, Message};
 
     let protocol = |reason: &str| Some((u64::from(close::PROTOCOL), reason.to_string()));
@@ -196,4 +196,8 @@ fn relay_control_replays() {
         );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
+    eprintln!(
+        "relay_control: process RSS {} KiB after the replay",
+        rss_kib()
+    );
 }

@@ -463,6 +463,8 @@ pub struct AgentFile {
     pub key: Option<PathBuf>,
     #[serde(default)]
     pub ips: Vec<IpAddr>,
+    /// Lets `ips` name addresses the host does not have (NAT: the host is reached by another address).
+    pub claim_foreign_ips: Option<bool>,
     pub ports: Vec<String>,
     pub redundancy: Option<u32>,
     pub reconnect_min: Option<HumanDuration>,
@@ -492,6 +494,9 @@ pub struct AgentConfig {
     pub identity: Option<Identity>,
     /// Addresses this agent claims; empty means "the host's own addresses, found at start".
     pub ips: Vec<IpAddr>,
+    /// Whether `ips` may name addresses the host's interfaces do not carry (NAT setups). Off: the
+    /// agent refuses to start with such a claim.
+    pub claim_foreign_ips: bool,
     pub ports: Vec<PortRange>,
     pub redundancy: u32,
     pub reconnect_min: Duration,
@@ -525,6 +530,7 @@ impl AgentConfig {
             token: Secret::new(token),
             identity: None,
             ips,
+            claim_foreign_ips: false,
             ports,
             redundancy: 2,
             reconnect_min: Duration::from_millis(200),
@@ -627,6 +633,7 @@ impl AgentConfig {
             token,
             identity,
             ips: f.ips,
+            claim_foreign_ips: f.claim_foreign_ips.unwrap_or(false),
             ports,
             redundancy,
             reconnect_min,
@@ -683,6 +690,8 @@ pub struct AgentCredentialFile {
     pub token_sha256: String,
     pub allow: Vec<IpNet>,
     pub namespaces: Option<Vec<String>>,
+    /// Agent ids (exact, or patterns with `*`) agents holding this token may use.
+    pub ids: Option<Vec<String>>,
 }
 
 /// One agent credential: a token (stored as its SHA-256) and the address ranges it may claim.
@@ -693,6 +702,9 @@ pub struct AgentCredential {
     pub allow: Vec<IpNet>,
     /// Namespaces this credential may join; empty = any.
     pub namespaces: Vec<String>,
+    /// Agent ids this credential may use: exact ids or patterns where `*` stands for any run of
+    /// characters (`web-*`). Empty = any id not held by another credential.
+    pub ids: Vec<String>,
 }
 
 impl AgentCredential {
@@ -706,7 +718,58 @@ impl AgentCredential {
             token_sha256,
             allow,
             namespaces: Vec::new(),
+            ids: Vec::new(),
         }
+    }
+
+    /// Whether this credential may use agent id `id`.
+    pub fn allows_id(&self, id: &str) -> bool {
+        self.ids.is_empty() || self.ids.iter().any(|pattern| id_matches(pattern, id))
+    }
+
+    /// What routes record about the credential, so relays can tell whether two tunnels of one agent
+    /// id were admitted by the same credential: a digest of the token's digest, never the token.
+    pub fn fingerprint(&self) -> String {
+        let digest = ring::digest::digest(&ring::digest::SHA256, &self.token_sha256);
+        format!("token:{}", hex(&digest.as_ref()[..8]))
+    }
+}
+
+/// Whether agent id `id` matches `pattern`, where `*` stands for any run of characters.
+pub fn id_matches(pattern: &str, id: &str) -> bool {
+    let mut parts = pattern.split('*');
+    // `split` yields at least one part.
+    let first = parts.next().unwrap_or_default();
+    let Some(mut rest) = id.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty();
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
+/// An `ids` entry: an agent id, or one with `*` wildcards.
+fn check_id_pattern(pattern: &str, key: &str) -> Result<(), Error> {
+    let ok = !pattern.is_empty()
+        && pattern.len() <= 63
+        && pattern
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'*');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            format!("{pattern:?} must be an agent id (1-63 of [a-z0-9-]), `*` standing for any run of characters"),
+        ))
     }
 }
 
@@ -781,11 +844,16 @@ impl RelayConfig {
             for ns in &namespaces {
                 check_namespace(ns, &format!("{key}.namespaces"))?;
             }
+            let ids = a.ids.unwrap_or_default();
+            for pattern in &ids {
+                check_id_pattern(pattern, &format!("{key}.ids"))?;
+            }
             agents.push(AgentCredential {
                 token_sha256: parse_hex32(&a.token_sha256, &format!("{key}.token_sha256"))?,
                 name: a.name,
                 allow: a.allow,
                 namespaces,
+                ids,
             });
         }
         Ok(RelayConfig {
@@ -1573,23 +1641,25 @@ pub fn check(path: &Path, role: Option<Role>) -> Result<String, Error> {
         Role::Server => {
             let c = ServerConfig::from_file(parse_toml(&text, path)?)?;
             format!(
-                "server config OK: relay {} on {}, {} agent credential(s), socks5 {}, {}{}",
+                "server config OK: relay {} on {}, {} agent credential(s), socks5 {}, {}{}{}",
                 c.relay.id,
                 c.relay.listen,
                 c.relay.agents.len(),
                 socks(&c.gateway),
                 registry(&c.registry),
+                overlap_warnings(&c.relay.agents),
                 listening(c.listeners())
             )
         }
         Role::Relay => {
             let c = RelayRoleConfig::from_file(parse_toml(&text, path)?)?;
             format!(
-                "relay config OK: relay {} on {}, {} agent credential(s), {}{}",
+                "relay config OK: relay {} on {}, {} agent credential(s), {}{}{}",
                 c.relay.id,
                 c.relay.listen,
                 c.relay.agents.len(),
                 registry(&c.registry),
+                overlap_warnings(&c.relay.agents),
                 listening(c.listeners())
             )
         }
@@ -1604,4 +1674,100 @@ pub fn check(path: &Path, role: Option<Role>) -> Result<String, Error> {
         }
     };
     Ok(summary)
+}
+
+/// `postern check`'s warning lines (each starting with a newline) for token credentials whose
+/// `allow` ranges overlap in a namespace both may join: either may claim the addresses in the
+/// overlap, and between them a claim is first come, first served.
+fn overlap_warnings(agents: &[AgentCredential]) -> String {
+    let mut out = String::new();
+    for (i, a) in agents.iter().enumerate() {
+        for (j, b) in agents.iter().enumerate().skip(i + 1) {
+            let shared_namespace = a.namespaces.is_empty()
+                || b.namespaces.is_empty()
+                || a.namespaces.iter().any(|n| b.namespaces.contains(n));
+            if !shared_namespace {
+                continue;
+            }
+            for x in &a.allow {
+                for y in &b.allow {
+                    let overlap = if x.contains(&y.network()) {
+                        Some(y)
+                    } else if y.contains(&x.network()) {
+                        Some(x)
+                    } else {
+                        None
+                    };
+                    if let Some(net) = overlap {
+                        out.push_str(&format!(
+                            "\nwarning: relay.agents[{i}] ({}) and relay.agents[{j}] ({}) may both claim {net}: \
+                             whichever connects first holds an address; give each host its own credential \
+                             (an agent certificate bound to its IP) or split the ranges",
+                            a.name, b.name
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod claim_tests {
+    use super::*;
+
+    #[test]
+    fn id_patterns_match_whole_ids() {
+        for (pattern, id, expected) in [
+            ("web", "web", true),
+            ("web", "web-1", false),
+            ("web-*", "web-1", true),
+            ("web-*", "web-", true),
+            ("web-*", "web", false),
+            ("web-*", "db-1", false),
+            ("*-db", "eu-db", true),
+            ("*-db", "eu-db-2", false),
+            ("a*b*c", "axxbyyc", true),
+            ("a*b*c", "acb", false),
+            ("*", "anything", true),
+            ("ab*ba", "aba", false),
+        ] {
+            assert_eq!(id_matches(pattern, id), expected, "{pattern} vs {id}");
+        }
+    }
+
+    #[test]
+    fn overlapping_credentials_are_warned_about() {
+        let cred = |name: &str, allow: &[&str], namespaces: &[&str]| AgentCredential {
+            namespaces: namespaces.iter().map(|n| n.to_string()).collect(),
+            ..AgentCredential::new(
+                name,
+                name,
+                allow.iter().map(|a| a.parse().unwrap()).collect(),
+            )
+        };
+        let a = cred("vpc-a", &["10.1.0.0/16"], &[]);
+        let b = cred("vpc-b", &["10.2.0.0/16", "10.1.7.0/24"], &[]);
+        let c = cred("vpc-c", &["10.3.0.0/16"], &[]);
+        let warnings = overlap_warnings(&[a.clone(), b.clone(), c.clone()]);
+        assert_eq!(
+            warnings.lines().filter(|l| !l.is_empty()).count(),
+            1,
+            "{warnings}"
+        );
+        assert!(
+            warnings.contains(
+                "relay.agents[0] (vpc-a) and relay.agents[1] (vpc-b) may both claim 10.1.7.0/24"
+            ),
+            "{warnings}"
+        );
+        assert_eq!(overlap_warnings(&[a.clone(), c]), "");
+        // Disjoint namespaces never meet.
+        let a_only = cred("vpc-a", &["10.1.0.0/16"], &["a"]);
+        let b_only = cred("vpc-b", &["10.1.0.0/16"], &["b"]);
+        assert_eq!(overlap_warnings(&[a_only.clone(), b_only]), "");
+        let b_any = cred("vpc-b", &["10.1.0.0/16"], &[]);
+        assert!(overlap_warnings(&[a_only, b_any]).starts_with("\nwarning: "));
+    }
 }

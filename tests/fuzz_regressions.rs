@@ -110,3 +110,94 @@ fn http_request_replays() {
     }
     assert_eq!(smuggling, 5, "the five smuggling shapes are seeds");
 }
+
+#[test]
+fn relay_control_replays() {
+    use harness::relay_control::{relay_connections, relay_control, rss_kib, valid_hello};
+    use postern::protocol::{close, Message};
+
+    let protocol = |reason: &str| Some((u64::from(close::PROTOCOL), reason.to_string()));
+    let mut seen = 0;
+    for (path, data) in inputs("relay_control") {
+        eprintln!("replaying {}", path.display());
+        let outcome = relay_control(&data);
+        let first = outcome.messages.first();
+        let expect = |ok: bool| assert!(ok, "{}: {outcome:?}", path.display());
+        match name(&path).as_str() {
+            "hello-valid" | "hello-then-pings" => {
+                expect(matches!(first, Some(Message::Welcome(_))));
+                let pongs = outcome
+                    .messages
+                    .iter()
+                    .filter(|m| matches!(m, Message::Pong { .. }))
+                    .count();
+                expect(
+                    pongs
+                        == if name(&path) == "hello-then-pings" {
+                            2
+                        } else {
+                            0
+                        },
+                );
+                expect(outcome.closed == Some((0, "control stream ended".to_string())));
+                seen += 1;
+            }
+            "hello-then-hello" | "hello-then-pong" => {
+                // Admitted (the close may overtake the Welcome on its way), then closed.
+                expect(matches!(first, None | Some(Message::Welcome(_))));
+                expect(outcome.closed == protocol("unexpected control message"));
+                seen += 1;
+            }
+            "hello-then-garbage" | "hello-then-oversized" => {
+                // Admitted (the close may overtake the Welcome on its way), then closed.
+                expect(matches!(first, None | Some(Message::Welcome(_))));
+                expect(outcome.closed == protocol("bad control frame"));
+                seen += 1;
+            }
+            "hello-bad-token"
+            | "hello-outside-range"
+            | "hello-v6"
+            | "hello-bad-id"
+            | "hello-no-ip" => {
+                expect(matches!(first, Some(Message::Reject(_))));
+                expect(outcome.closed.as_ref().map(|c| c.0) == Some(close::REJECTED.into()));
+                seen += 1;
+            }
+            "ping-first" => {
+                expect(outcome.messages.is_empty());
+                expect(outcome.closed == protocol("expected hello"));
+                seen += 1;
+            }
+            "oversized-length" | "max-length" | "wrong-version" | "malformed-json"
+            | "truncated-hello" | "empty" => {
+                expect(outcome.messages.is_empty());
+                expect(outcome.closed == protocol("bad hello"));
+                seen += 1;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(
+        seen, 18,
+        "every committed relay_control seed has its expected answer"
+    );
+    // After all of it the relay still admits an agent, and holds no connection of the inputs.
+    let probe = relay_control(&valid_hello("probe", [127, 99, 255, 1].into()));
+    assert!(
+        matches!(probe.messages.first(), Some(Message::Welcome(_))),
+        "{probe:?}"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while relay_connections() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the relay still holds {} connections",
+            relay_connections()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    eprintln!(
+        "relay_control: process RSS {} KiB after the replay",
+        rss_kib()
+    );
+}

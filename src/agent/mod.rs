@@ -76,6 +76,22 @@ impl Agent {
         let ips = if config.ips.is_empty() {
             host_addresses()?
         } else {
+            if !config.claim_foreign_ips {
+                let interfaces =
+                    if_addrs::get_if_addrs().context("listing the host's addresses")?;
+                if let Some(ip) = config.ips.iter().find(|ip| !host_has(&interfaces, **ip)) {
+                    let mut own: Vec<String> =
+                        interfaces.iter().map(|i| i.ip().to_string()).collect();
+                    own.sort();
+                    own.dedup();
+                    bail!(
+                        "ips: {ip} is not an address of this host (it has {}); an agent claims only \
+                         its own addresses. Behind NAT, where the host is reached by an address it \
+                         does not carry, set `claim_foreign_ips = true`",
+                        own.join(", ")
+                    );
+                }
+            }
             config.ips.clone()
         };
         if ips.is_empty() {
@@ -422,6 +438,19 @@ struct Tunnel {
     welcome: Welcome,
 }
 
+/// Whether the host carries `ip`: an interface has exactly that address, or `ip` lies in a
+/// loopback interface's network (Linux answers for all of 127.0.0.0/8 on `lo`).
+fn host_has(interfaces: &[if_addrs::Interface], ip: IpAddr) -> bool {
+    interfaces.iter().any(|i| match (&i.addr, ip) {
+        _ if i.ip() == ip => true,
+        (if_addrs::IfAddr::V4(a), IpAddr::V4(v4)) if a.ip.is_loopback() => {
+            let mask = u32::from(a.netmask);
+            u32::from(a.ip) & mask == u32::from(v4) & mask
+        }
+        _ => false,
+    })
+}
+
 /// The host's own addresses: not loopback, not link-local, not unspecified.
 fn host_addresses() -> anyhow::Result<Vec<IpAddr>> {
     let mut ips: Vec<IpAddr> = if_addrs::get_if_addrs()
@@ -437,4 +466,22 @@ fn host_addresses() -> anyhow::Result<Vec<IpAddr>> {
     ips.sort();
     ips.dedup();
     Ok(ips)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_host_has_its_loopback_network_and_not_a_foreign_address() {
+        let interfaces = if_addrs::get_if_addrs().unwrap();
+        assert!(host_has(&interfaces, "127.0.0.1".parse().unwrap()));
+        // Inside lo's 127.0.0.0/8, as the tests' agents claim.
+        assert!(host_has(&interfaces, "127.77.0.1".parse().unwrap()));
+        // TEST-NET-3: documentation only, never configured on a host.
+        assert!(!host_has(&interfaces, "203.0.113.7".parse().unwrap()));
+        for i in interfaces.iter().filter(|i| !i.is_loopback()) {
+            assert!(host_has(&interfaces, i.ip()), "{}", i.ip());
+        }
+    }
 }

@@ -20,6 +20,19 @@ pub struct Owner {
     pub draining: bool,
     /// Unix seconds when the tunnel came up.
     pub connected_at: u64,
+    /// Fingerprint of the credential that admitted the tunnel; `None` from older relays.
+    pub credential: Option<Arc<str>>,
+}
+
+impl Owner {
+    /// Whether this owner's tunnel and one admitted by `credential` may be the same agent (an
+    /// unknown fingerprint is given the benefit of the doubt).
+    pub fn same_credential(&self, credential: Option<&str>) -> bool {
+        match (self.credential.as_deref(), credential) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        }
+    }
 }
 
 /// An agent as the routes describe it (for the admin API).
@@ -37,6 +50,10 @@ pub struct AgentView {
     /// Its tunnels: which session of which relay (absent in answers of older versions).
     #[serde(default)]
     pub sessions: Vec<SessionView>,
+    /// Fingerprint of the credential its tunnels were admitted by. Two credentials using one id
+    /// show as two entries, never as one agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
 }
 
 /// One tunnel of an agent, as `/api/agents` lists it.
@@ -68,6 +85,7 @@ impl State {
             agent_id: route.value.agent_id.as_str().into(),
             draining: route.value.draining,
             connected_at: route.value.connected_at,
+            credential: route.value.credential.as_deref().map(Arc::from),
         };
         let replaced = match owners
             .iter_mut()
@@ -176,14 +194,72 @@ impl RouteCache {
         owners
     }
 
-    /// The IPs routed to `agent_id` in `namespace`.
+    /// The IPs routed to `agent_id` in `namespace`. Should two credentials hold tunnels under one
+    /// id (relays refuse that, but two relays may admit both in the same instant), only the
+    /// agent whose tunnel came up first answers to the name: two agents are never merged.
     pub fn agent_ips(&self, namespace: &str, agent_id: &str) -> Vec<IpAddr> {
         let state = self.read();
-        state
+        let mut owners: Vec<(IpAddr, Owner)> = Vec::new();
+        for ip in state
             .agents
             .get(&(namespace.to_string(), agent_id.to_string()))
-            .map(|ips| ips.iter().copied().collect())
-            .unwrap_or_default()
+            .into_iter()
+            .flatten()
+        {
+            for owner in state
+                .routes
+                .get(&(namespace.to_string(), *ip))
+                .into_iter()
+                .flatten()
+            {
+                if *owner.agent_id == *agent_id {
+                    owners.push((*ip, owner.clone()));
+                }
+            }
+        }
+        let Some(first) = owners
+            .iter()
+            .map(|(_, o)| o)
+            .filter(|o| o.credential.is_some())
+            .min_by_key(|o| (o.connected_at, o.relay_id.clone(), o.session_id))
+        else {
+            // No fingerprints at all (older relays): nothing to tell apart.
+            let mut ips: Vec<IpAddr> = owners.into_iter().map(|(ip, _)| ip).collect();
+            ips.dedup();
+            return ips;
+        };
+        let holder = first.credential.clone();
+        let mut ips: Vec<IpAddr> = owners
+            .iter()
+            .filter(|(_, o)| o.same_credential(holder.as_deref()))
+            .map(|(ip, _)| *ip)
+            .collect();
+        ips.dedup();
+        ips
+    }
+
+    /// Every tunnel (as an owner) the routes give `agent_id` in `namespace`.
+    pub fn agent_owners(&self, namespace: &str, agent_id: &str) -> Vec<Owner> {
+        let state = self.read();
+        let mut found = Vec::new();
+        for ip in state
+            .agents
+            .get(&(namespace.to_string(), agent_id.to_string()))
+            .into_iter()
+            .flatten()
+        {
+            for owner in state
+                .routes
+                .get(&(namespace.to_string(), *ip))
+                .into_iter()
+                .flatten()
+            {
+                if *owner.agent_id == *agent_id {
+                    found.push(owner.clone());
+                }
+            }
+        }
+        found
     }
 
     pub fn relay(&self, relay_id: &str) -> Option<RelayInfo> {
@@ -194,11 +270,17 @@ impl RouteCache {
     pub fn agents(&self) -> Vec<AgentView> {
         use std::collections::BTreeMap;
         let state = self.read();
-        let mut agents: BTreeMap<(String, String), AgentView> = BTreeMap::new();
-        let mut sessions: BTreeMap<(String, String), BTreeSet<(Arc<str>, u64)>> = BTreeMap::new();
+        type Key = (String, String, Option<String>);
+        let mut agents: BTreeMap<Key, AgentView> = BTreeMap::new();
+        let mut sessions: BTreeMap<Key, BTreeSet<(Arc<str>, u64)>> = BTreeMap::new();
         for ((namespace, ip), owners) in &state.routes {
             for o in owners {
-                let key = (namespace.clone(), o.agent_id.to_string());
+                let credential = o.credential.as_deref().map(str::to_string);
+                let key = (
+                    namespace.clone(),
+                    o.agent_id.to_string(),
+                    credential.clone(),
+                );
                 let view = agents.entry(key.clone()).or_insert_with(|| AgentView {
                     id: o.agent_id.to_string(),
                     namespace: namespace.clone(),
@@ -208,6 +290,7 @@ impl RouteCache {
                     connected_since: o.connected_at,
                     draining: true,
                     sessions: Vec::new(),
+                    credential,
                 });
                 if !view.ips.contains(ip) {
                     view.ips.push(*ip);
@@ -351,5 +434,51 @@ impl RouteCache {
             }
         }
         Err(super::Error::Unavailable("watch closed".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(ip: &str, relay: &str, session: u64, agent: &str, credential: &str, at: u64) -> Route {
+        let mut route = Route::new(
+            RouteKey {
+                namespace: "default".into(),
+                ip: ip.parse().unwrap(),
+                relay_id: relay.into(),
+                session_id: session,
+            },
+            agent.into(),
+            Vec::new(),
+        );
+        route.value.connected_at = at;
+        route.value.credential = Some(credential.into());
+        route
+    }
+
+    #[test]
+    fn two_credentials_under_one_agent_id_are_never_merged() {
+        let cache = RouteCache::new();
+        cache.replace(
+            &[
+                // The real agent: two tunnels, one address.
+                route("10.0.0.1", "r1", 1, "web", "token:aa", 100),
+                route("10.0.0.1", "r2", 2, "web", "token:aa", 101),
+                // An impostor admitted under the same id at another relay in the same instant.
+                route("10.0.0.9", "r3", 3, "web", "token:bb", 102),
+            ],
+            &[],
+        );
+        let first: IpAddr = "10.0.0.1".parse().unwrap();
+        assert_eq!(cache.agent_ips("default", "web"), vec![first]);
+        let views = cache.agents();
+        assert_eq!(views.len(), 2, "{views:?}");
+        let real = views
+            .iter()
+            .find(|v| v.credential.as_deref() == Some("token:aa"))
+            .unwrap();
+        assert_eq!((real.ips.clone(), real.tunnels), (vec![first], 2));
+        assert_eq!(cache.agent_owners("default", "web").len(), 3);
     }
 }

@@ -119,6 +119,10 @@ pub struct RouteValue {
     /// Unix seconds.
     pub connected_at: u64,
     pub draining: bool,
+    /// Fingerprint of the credential that admitted the tunnel (`token:…` or `cert:<name>`), so
+    /// relays refuse an agent id to a second credential. Absent in routes of older relays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
 }
 
 impl Route {
@@ -130,6 +134,7 @@ impl Route {
                 ports,
                 connected_at: unix_now(),
                 draining: false,
+                credential: None,
             },
         }
     }

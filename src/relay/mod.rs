@@ -34,6 +34,25 @@ use sessions::{Session, SessionTable};
 const AGENT_MAX_STREAMS: u32 = 4;
 /// Deadline for a QUIC handshake to complete.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a hello waits for this process's first view of the registry's routes, without which
+/// claims held at other relays cannot be checked; past it (a registry outage) only this relay's
+/// own tunnels are checked. Well inside the agent's 3 s dial deadline, which covers the hello.
+const ROUTES_WAIT: Duration = Duration::from_secs(1);
+
+/// What admitted a hello: the credential, as sessions and routes record it.
+struct Admission {
+    /// SHA-256 of the admitting token; `None` for a certificate.
+    token_sha256: Option<[u8; 32]>,
+    /// The credential's fingerprint (see [`Session::credential`]).
+    credential: String,
+}
+
+/// A verified agent certificate: what it may claim and under which name.
+struct AgentCertificate {
+    ips: Vec<IpAddr>,
+    /// The subject's common name: the one agent id the certificate may use.
+    name: Option<String>,
+}
 
 /// A stream opened on an agent's tunnel. `guard` counts it as in flight until dropped, so a
 /// draining relay knows when it may close.
@@ -214,6 +233,11 @@ impl Relay {
         self.draining.load(Ordering::Relaxed)
     }
 
+    /// QUIC connections on the agent endpoint, admitted or not (handshakes and hellos included).
+    pub fn open_connections(&self) -> usize {
+        self.endpoint.open_connections()
+    }
+
     /// Streams currently carried.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Acquire)
@@ -367,15 +391,24 @@ impl Relay {
             .await
             .context("QUIC handshake timed out")?
             .context("QUIC handshake failed")?;
-        let (mut send, mut recv) = tokio::time::timeout(protocol::HELLO_TIMEOUT, conn.accept_bi())
-            .await
-            .context("no control stream within the hello timeout")?
-            .context("control stream")?;
+        let (mut send, mut recv) =
+            match tokio::time::timeout(protocol::HELLO_TIMEOUT, conn.accept_bi()).await {
+                Ok(Ok(streams)) => streams,
+                Ok(Err(err)) => return Err(err).context("control stream"),
+                Err(_) => {
+                    conn.close(close::PROTOCOL.into(), b"no hello within the deadline");
+                    anyhow::bail!("no control stream within the hello timeout");
+                }
+            };
         let hello = match protocol::read_message_timeout(&mut recv, protocol::HELLO_TIMEOUT).await {
             Ok(Message::Hello(hello)) => hello,
             Ok(other) => {
                 conn.close(close::PROTOCOL.into(), b"expected hello");
                 anyhow::bail!(protocol::Error::unexpected(&other));
+            }
+            Err(protocol::Error::Timeout(_)) => {
+                conn.close(close::PROTOCOL.into(), b"no hello within the deadline");
+                anyhow::bail!("no hello within the hello timeout");
             }
             Err(err) => {
                 conn.close(close::PROTOCOL.into(), b"bad hello");
@@ -392,25 +425,39 @@ impl Relay {
             } else {
                 let cert =
                     crate::tls::peer_certificates(&conn).and_then(|chain| chain.into_iter().next());
-                let cert_ips = cert.map(|c| {
+                let cert = cert.map(|c| {
                     // Only an agent certificate admits an agent (never one also marked as a
                     // peer); its IPs are all it may claim.
                     let is_agent = crate::cert::role(c.as_ref()) == Some(crate::cert::Role::Agent);
                     if is_agent {
-                        crate::cert::ip_sans(c.as_ref()).unwrap_or_default()
+                        AgentCertificate {
+                            ips: crate::cert::ip_sans(c.as_ref()).unwrap_or_default(),
+                            name: certificate_name(c.as_ref()),
+                        }
                     } else {
-                        Vec::new()
+                        AgentCertificate {
+                            ips: Vec::new(),
+                            name: None,
+                        }
                     }
                 });
-                self.admit(&hello, cert_ips)
+                self.admit(&hello, cert)
             };
-            let token_sha256 = match admitted {
-                Ok(token) => token,
+            let admission = match admitted {
+                Ok(admission) => admission,
                 Err(reject) => {
                     refuse(&conn, &mut send, reject).await;
                     return Ok(());
                 }
             };
+            // Claims held at other relays, as this process's registry view shows them.
+            if let Err(reject) = self
+                .check_registry_claims(&hello, &admission.credential)
+                .await
+            {
+                refuse(&conn, &mut send, reject).await;
+                return Ok(());
+            }
             // Held until this function returns, i.e. until the session has ended.
             let Ok(_slot) = self.tunnel_slots.clone().try_acquire_owned() else {
                 self.tunnel_refused(conn.remote_address());
@@ -432,7 +479,8 @@ impl Relay {
                 ports: hello.ports.clone(),
                 connection: conn.clone(),
                 connected_at: unix_now(),
-                token_sha256,
+                token_sha256: admission.token_sha256,
+                credential: admission.credential,
                 draining: AtomicBool::new(false),
                 drain: CancellationToken::new(),
             });
@@ -441,7 +489,24 @@ impl Relay {
                 session_id: session.id,
                 live_relays: self.live_relays(),
             };
-            self.sessions.insert(session.clone());
+            // Claims held by this relay's own tunnels, checked and taken under one lock.
+            if let Err(conflict) = self.sessions.insert_exclusive(session.clone()) {
+                let reject = Reject {
+                    code: Code::NotAllowed,
+                    reason: match conflict {
+                        sessions::Conflict::Address { ip, holder } => format!(
+                            "address {ip} in namespace {} is held by agent {holder}",
+                            session.namespace
+                        ),
+                        sessions::Conflict::AgentId => format!(
+                            "agent id {} in namespace {} is held by another credential",
+                            session.agent_id, session.namespace
+                        ),
+                    },
+                };
+                refuse(&conn, &mut send, reject).await;
+                return Ok(());
+            }
             // A reload between the admission above and this insert did not see this session.
             if let Err(reject) = self.still_admitted(&session) {
                 self.sessions.remove(session.id);
@@ -507,6 +572,14 @@ impl Relay {
                     continue;
                 }
                 m = frames.next(recv) => m,
+                // The control stream is the only one an agent opens; the relay opens the rest.
+                opened = conn.accept_bi() => {
+                    if opened.is_ok() {
+                        conn.close(close::PROTOCOL.into(), b"agents open only the control stream");
+                        anyhow::bail!("the agent opened a second stream");
+                    }
+                    return Ok(());
+                }
             };
             match msg {
                 Ok(Message::Ping { nonce }) => {
@@ -523,7 +596,22 @@ impl Relay {
                     conn.close(close::PROTOCOL.into(), b"unexpected control message");
                     anyhow::bail!(protocol::Error::unexpected(&other));
                 }
-                Err(protocol::Error::Truncated) => return Ok(()),
+                Err(protocol::Error::Truncated) => {
+                    // The agent ended its control stream: it is winding this tunnel down (after a
+                    // drain notice, or its own shutdown) and closes the connection itself once its
+                    // in-flight streams are done. Deliver what was written; the session ends now
+                    // (no new streams), and an agent that never closes is closed after the
+                    // relay's drain grace.
+                    let _ = send.finish();
+                    let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
+                    let (conn, grace) = (conn.clone(), self.config.drain_grace);
+                    tokio::spawn(async move {
+                        if tokio::time::timeout(grace, conn.closed()).await.is_err() {
+                            conn.close(close::SHUTDOWN.into(), b"control stream ended");
+                        }
+                    });
+                    return Ok(());
+                }
                 Err(err) => {
                     // A closed connection surfaces here as an i/o error: that is the normal end.
                     if conn.close_reason().is_some() {
@@ -540,11 +628,7 @@ impl Relay {
     /// `relay.agent_ca` during the handshake; it may claim the IPs in its SANs) or a token (it may
     /// claim the CIDRs configured for it). Any claim outside what the credential allows rejects the
     /// whole tunnel and touches no route.
-    fn admit(
-        &self,
-        hello: &Hello,
-        cert_ips: Option<Vec<IpAddr>>,
-    ) -> Result<Option<[u8; 32]>, Reject> {
+    fn admit(&self, hello: &Hello, cert: Option<AgentCertificate>) -> Result<Admission, Reject> {
         let reject = |code, reason: String| Reject { code, reason };
         if hello.ips.is_empty() {
             return Err(reject(Code::BadRequest, "hello claims no IP".into()));
@@ -561,7 +645,8 @@ impl Relay {
                     .into(),
             ));
         }
-        if let Some(allowed) = cert_ips {
+        if let Some(cert) = cert {
+            let allowed = cert.ips;
             if !self.config.agent_cert_namespaces.contains(&hello.namespace) {
                 return Err(reject(
                     Code::NotAllowed,
@@ -577,7 +662,21 @@ impl Relay {
                     format!("the agent certificate does not name {ip}"),
                 ));
             }
-            return Ok(None);
+            // A certificate's name is the one agent id it may use.
+            let name = cert.name.unwrap_or_default();
+            if name != hello.agent_id {
+                return Err(reject(
+                    Code::NotAllowed,
+                    format!(
+                        "the agent certificate is issued to {name:?}, not to agent id {}",
+                        hello.agent_id
+                    ),
+                ));
+            }
+            return Ok(Admission {
+                token_sha256: None,
+                credential: format!("cert:{name}"),
+            });
         }
         let digest = ring::digest::digest(&ring::digest::SHA256, hello.token.expose().as_bytes());
         // Compare against every credential so timing does not reveal which one nearly matched.
@@ -599,8 +698,65 @@ impl Relay {
             }
         }
         let cred = found.ok_or_else(|| reject(Code::Unauthorized, "unknown agent token".into()))?;
-        allows(cred, &hello.ips, &hello.namespace)?;
-        Ok(Some(cred.token_sha256))
+        allows(cred, &hello.agent_id, &hello.ips, &hello.namespace)?;
+        Ok(Admission {
+            token_sha256: Some(cred.token_sha256),
+            credential: cred.fingerprint(),
+        })
+    }
+
+    /// Refuses a hello whose claims collide with tunnels at other relays, as this process's
+    /// registry view shows them: an address served by another agent id, or this agent id held by
+    /// another credential. Routes of this relay are skipped: its session table is the fresher
+    /// truth for them and is checked when the session is inserted. Tunnels of the same agent id
+    /// and credential (its second tunnel, a restart) pass.
+    async fn check_registry_claims(&self, hello: &Hello, credential: &str) -> Result<(), Reject> {
+        if tokio::time::timeout(ROUTES_WAIT, self.cache.wait_ready())
+            .await
+            .is_err()
+        {
+            // The registry is unreachable (an outage, or this relay started during one). Tunnels
+            // must keep working through a registry outage, so the claim is checked against this
+            // relay's own tunnels only (done by the caller); the registry's view is checked by
+            // every relay that can read it, and routes are reconciled when it returns.
+            tracing::warn!(agent_id = %hello.agent_id, namespace = %hello.namespace,
+                "registry routes not loaded: claims checked against this relay's tunnels only");
+            return Ok(());
+        }
+        let elsewhere = |o: &crate::registry::cache::Owner| *o.relay_id != *self.config.id;
+        for ip in &hello.ips {
+            if let Some(holder) = self
+                .cache
+                .owners(&hello.namespace, *ip)
+                .into_iter()
+                .filter(elsewhere)
+                .find(|o| *o.agent_id != *hello.agent_id)
+            {
+                return Err(Reject {
+                    code: Code::NotAllowed,
+                    reason: format!(
+                        "address {ip} in namespace {} is held by agent {} (relay {})",
+                        hello.namespace, holder.agent_id, holder.relay_id
+                    ),
+                });
+            }
+        }
+        if let Some(holder) = self
+            .cache
+            .agent_owners(&hello.namespace, &hello.agent_id)
+            .into_iter()
+            .filter(elsewhere)
+            .find(|o| !o.same_credential(Some(credential)))
+        {
+            return Err(Reject {
+                code: Code::NotAllowed,
+                reason: format!(
+                    "agent id {} in namespace {} is held by another credential (relay {})",
+                    hello.agent_id, hello.namespace, holder.relay_id
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Whether the token credentials in force still admit a token session.
@@ -618,7 +774,7 @@ impl Relay {
                 code: Code::Unauthorized,
                 reason: "unknown agent token".into(),
             }),
-            Some(cred) => allows(cred, &session.ips, &session.namespace),
+            Some(cred) => allows(cred, &session.agent_id, &session.ips, &session.namespace),
         }
     }
 
@@ -712,8 +868,31 @@ async fn refuse(conn: &Connection, send: &mut SendStream, reject: Reject) {
     conn.close(close::REJECTED.into(), reject.reason.as_bytes());
 }
 
-/// Whether token credential `cred` lets an agent claim `ips` in `namespace`.
-fn allows(cred: &AgentCredential, ips: &[IpAddr], namespace: &str) -> Result<(), Reject> {
+/// The subject common name of a DER certificate, if it has a textual one.
+fn certificate_name(der: &[u8]) -> Option<String> {
+    let der = rustls_pki_types::CertificateDer::from(der);
+    let params = rcgen::CertificateParams::from_ca_cert_der(&der).ok()?;
+    match params.distinguished_name.get(&rcgen::DnType::CommonName)? {
+        rcgen::DnValue::Utf8String(s) => Some(s.clone()),
+        rcgen::DnValue::PrintableString(s) => Some(s.as_str().to_string()),
+        rcgen::DnValue::Ia5String(s) => Some(s.as_str().to_string()),
+        _ => None,
+    }
+}
+
+/// Whether token credential `cred` lets agent `agent_id` claim `ips` in `namespace`.
+fn allows(
+    cred: &AgentCredential,
+    agent_id: &str,
+    ips: &[IpAddr],
+    namespace: &str,
+) -> Result<(), Reject> {
+    if !cred.allows_id(agent_id) {
+        return Err(Reject {
+            code: Code::NotAllowed,
+            reason: format!("credential {} may not use agent id {agent_id}", cred.name),
+        });
+    }
     if let Some(ip) = ips
         .iter()
         .find(|ip| !cred.allow.iter().any(|net| net.contains(*ip)))

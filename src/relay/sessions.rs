@@ -21,6 +21,9 @@ pub struct Session {
     pub connected_at: u64,
     /// SHA-256 of the token that admitted the agent; `None` when a certificate did.
     pub token_sha256: Option<[u8; 32]>,
+    /// Fingerprint of the admitting credential, published with the routes (`token:…`,
+    /// `cert:<name>`): an agent id belongs to one credential.
+    pub credential: String,
     pub draining: AtomicBool,
     /// Cancelled when the relay drains: the control loop then tells the agent.
     pub drain: tokio_util::sync::CancellationToken,
@@ -44,6 +47,7 @@ impl Session {
                 );
                 route.value.connected_at = self.connected_at;
                 route.value.draining = self.draining.load(Ordering::Relaxed);
+                route.value.credential = Some(self.credential.clone());
                 route
             })
             .collect()
@@ -52,6 +56,15 @@ impl Session {
     pub fn serves(&self, namespace: &str, ip: IpAddr) -> bool {
         self.namespace == namespace && self.ips.contains(&ip)
     }
+}
+
+/// Why [`SessionTable::insert_exclusive`] refused a session.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Conflict {
+    /// Another agent id serves this address.
+    Address { ip: IpAddr, holder: String },
+    /// Another credential holds this agent id.
+    AgentId,
 }
 
 #[derive(Default)]
@@ -78,8 +91,37 @@ impl SessionTable {
         self.inner.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn insert(&self, session: Arc<Session>) {
+    /// Inserts `session` unless it conflicts with a session already here: one of its addresses
+    /// is served by another agent id, or its agent id is held by another credential. Checked and
+    /// inserted under one lock, so two racing hellos cannot both win.
+    pub fn insert_exclusive(&self, session: Arc<Session>) -> Result<(), Conflict> {
         let mut inner = self.write();
+        for ip in &session.ips {
+            let ids = inner.by_ip.get(&(session.namespace.clone(), *ip));
+            if let Some(holder) = ids
+                .into_iter()
+                .flatten()
+                .filter_map(|id| inner.by_id.get(id))
+                .find(|s| s.agent_id != session.agent_id)
+            {
+                return Err(Conflict::Address {
+                    ip: *ip,
+                    holder: holder.agent_id.clone(),
+                });
+            }
+        }
+        if inner.by_id.values().any(|s| {
+            s.namespace == session.namespace
+                && s.agent_id == session.agent_id
+                && s.credential != session.credential
+        }) {
+            return Err(Conflict::AgentId);
+        }
+        Self::insert_locked(&mut inner, session);
+        Ok(())
+    }
+
+    fn insert_locked(inner: &mut Inner, session: Arc<Session>) {
         for ip in &session.ips {
             inner
                 .by_ip

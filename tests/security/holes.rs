@@ -457,7 +457,8 @@ fn forged(pki: &Pki, dns: &[&str], ips: &[IpAddr]) -> Identity {
     let mut params = rcgen::CertificateParams::default();
     params
         .distinguished_name
-        .push(rcgen::DnType::CommonName, "forged");
+        // The agent id the hellos below use: a certificate admits only the agent named by it.
+        .push(rcgen::DnType::CommonName, "agent-13");
     params.subject_alt_names = dns
         .iter()
         .map(|d| rcgen::SanType::DnsName((*d).try_into().expect("dns name")))

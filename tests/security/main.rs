@@ -4,7 +4,9 @@
 //!
 //! Each test owns the addresses `127.N.0.0/16` (N = 51…58) so the tests run in parallel.
 
+mod claims;
 mod holes;
+mod hostile;
 #[path = "../kit/mod.rs"]
 mod kit;
 mod support;

@@ -10,6 +10,8 @@
 //! Each input is served twice: by an open gateway and by one with a user, so both authentication
 //! paths are reached.
 
+pub mod relay_control;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};

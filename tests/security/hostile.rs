@@ -1,0 +1,332 @@
+//! A hostile agent against a relay: an attacker's client for the tunnel protocol, built on the
+//! project's own protocol code, that speaks QUIC with ALPN `postern/1` and then breaks the rules —
+//! never opens a stream, never sends `Hello`, sends oversized, malformed or out-of-order frames,
+//! opens extra streams, floods handshakes. Throughout, a legitimate agent stays up and a client's
+//! requests through it all succeed; every bad connection is closed with `close::PROTOCOL` and a
+//! reason; afterwards the relay holds no connection but the real agent's.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use postern::config::{GatewayConfig, Transport};
+use postern::protocol::{self, close, Message, MAX_FRAME_LEN};
+use postern::tls::Trust;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::hello;
+
+/// How long the relay may take to forget the connections it closed.
+const RELEASE: Duration = Duration::from_secs(60);
+use crate::support::*;
+
+/// The attacker: a QUIC client endpoint on its own loopback address.
+pub struct Hostile {
+    endpoint: quinn::Endpoint,
+    relay: SocketAddr,
+}
+
+impl Hostile {
+    pub fn new(from: Ipv4Addr, relay: SocketAddr, trust: &Trust) -> Self {
+        let mut endpoint =
+            postern::tls::bind_endpoint(sa(from, 0), None, 1 << 20).expect("hostile endpoint");
+        endpoint.set_default_client_config(
+            postern::tls::client_config(
+                trust,
+                protocol::ALPN_AGENT,
+                None,
+                Arc::new(Transport::default().quinn(16)),
+            )
+            .expect("client config"),
+        );
+        Hostile { endpoint, relay }
+    }
+
+    /// A completed QUIC handshake with the relay, and nothing else.
+    pub async fn connect(&self) -> quinn::Connection {
+        within(
+            IO,
+            "hostile QUIC handshake",
+            self.endpoint
+                .connect(self.relay, "localhost")
+                .expect("connect"),
+        )
+        .await
+        .expect("the relay completes the handshake")
+    }
+}
+
+/// A frame header claiming `len` bytes, followed by `body`.
+fn raw_frame(version: u8, len: u32, body: &[u8]) -> Vec<u8> {
+    let mut frame = vec![version];
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(body);
+    frame
+}
+
+fn encoded(msg: &Message) -> Vec<u8> {
+    protocol::encode(msg).expect("encodes")
+}
+
+/// Waits until the relay closes `conn` and returns its application code and reason.
+async fn closed_by_relay(conn: &quinn::Connection, what: &str) -> (u32, String) {
+    // The relay waits up to the hello deadline for a silent peer.
+    let limit = protocol::HELLO_TIMEOUT + Duration::from_secs(5);
+    match within(limit, what, conn.closed()).await {
+        quinn::ConnectionError::ApplicationClosed(c) => (
+            c.error_code.into_inner() as u32,
+            String::from_utf8_lossy(&c.reason).into_owned(),
+        ),
+        other => panic!("{what}: the relay ended the connection with {other:?}"),
+    }
+}
+
+/// One misbehaviour: what the attacker does on a fresh connection, and the reason the relay
+/// must close it with (always `close::PROTOCOL`).
+async fn misbehave(hostile: Arc<Hostile>, case: &'static str, token: String, ip: Ipv4Addr) {
+    let conn = hostile.connect().await;
+    let reason = match case {
+        "silent" => "no hello within the deadline",
+        "stream-without-hello" => {
+            let (mut send, _recv) = conn.open_bi().await.expect("stream");
+            // Half a header: the relay must not wait for the rest forever.
+            send.write_all(&[protocol::VERSION, 0, 0])
+                .await
+                .expect("write");
+            let got = closed_by_relay(&conn, case).await;
+            assert_eq!(
+                got,
+                (close::PROTOCOL, "no hello within the deadline".into())
+            );
+            return;
+        }
+        "oversized-frame" | "max-length-frame" | "wrong-version" | "malformed-json" => {
+            let bytes = match case {
+                "oversized-frame" => raw_frame(
+                    protocol::VERSION,
+                    MAX_FRAME_LEN as u32 + 1,
+                    &vec![b'{'; 4096],
+                ),
+                "max-length-frame" => raw_frame(protocol::VERSION, u32::MAX, b"{}"),
+                "wrong-version" => {
+                    let mut frame = encoded(&Message::Hello(hello("x", &token, &[ip], 80)));
+                    frame[0] = protocol::VERSION + 1;
+                    frame
+                }
+                _ => raw_frame(protocol::VERSION, 12, b"{\"type\":hell"),
+            };
+            let (mut send, _recv) = conn.open_bi().await.expect("stream");
+            let _ = send.write_all(&bytes).await;
+            "bad hello"
+        }
+        "ping-before-hello" => {
+            let (mut send, _recv) = conn.open_bi().await.expect("stream");
+            let _ = send.write_all(&encoded(&Message::Ping { nonce: 1 })).await;
+            "expected hello"
+        }
+        "hello-on-many-streams" => {
+            // Every stream the relay allows, each with a hello; only the first is the control stream.
+            for _ in 0..4 {
+                let (mut send, _recv) = conn.open_bi().await.expect("stream");
+                let _ = send
+                    .write_all(&raw_frame(protocol::VERSION, 3, b"!!!"))
+                    .await;
+            }
+            "bad hello"
+        }
+        "second-stream-after-welcome"
+        | "garbage-after-welcome"
+        | "hello-again"
+        | "oversized-after-welcome" => {
+            let agent_id = format!("hostile-{}", ip.octets()[3]);
+            let (mut send, mut recv) = conn.open_bi().await.expect("control stream");
+            send.write_all(&encoded(&Message::Hello(hello(
+                &agent_id,
+                &token,
+                &[ip],
+                80,
+            ))))
+            .await
+            .expect("hello");
+            let answer = protocol::read_message_timeout(&mut recv, IO).await;
+            assert!(
+                matches!(answer, Ok(Message::Welcome(_))),
+                "{case}: a valid hello got {answer:?}"
+            );
+            let reason = match case {
+                "second-stream-after-welcome" => {
+                    let (mut extra, _r) = conn.open_bi().await.expect("extra stream");
+                    let _ = extra.write_all(&vec![0x55; 256 * 1024]).await;
+                    "agents open only the control stream"
+                }
+                "garbage-after-welcome" => {
+                    let _ = send
+                        .write_all(&raw_frame(protocol::VERSION, 5, b"junk!"))
+                        .await;
+                    "bad control frame"
+                }
+                "oversized-after-welcome" => {
+                    let _ = send
+                        .write_all(&raw_frame(protocol::VERSION, MAX_FRAME_LEN as u32 + 1, b""))
+                        .await;
+                    "bad control frame"
+                }
+                _ => {
+                    let _ = send
+                        .write_all(&encoded(&Message::Hello(hello(
+                            &agent_id,
+                            &token,
+                            &[ip],
+                            80,
+                        ))))
+                        .await;
+                    "unexpected control message"
+                }
+            };
+            // The control stream stays open until the relay has closed: its end would be an
+            // answer of its own.
+            let got = closed_by_relay(&conn, case).await;
+            drop((send, recv));
+            assert_eq!(got, (close::PROTOCOL, reason.to_string()), "{case}");
+            return;
+        }
+        other => panic!("unknown case {other}"),
+    };
+    let got = closed_by_relay(&conn, case).await;
+    assert_eq!(got, (close::PROTOCOL, reason.to_string()), "{case}");
+}
+
+/// The client side of the legitimate traffic: SOCKS5 round trips to the real agent's service
+/// until `stop`, counting successes; any failure fails the test.
+async fn legitimate_client(
+    socks: SocketAddr,
+    service: SocketAddr,
+    stop: CancellationToken,
+    done: Arc<AtomicUsize>,
+) {
+    let mut i = 0u64;
+    while !stop.is_cancelled() {
+        i += 1;
+        let tcp = socks5_connect(socks, &Dest::Ip(service), Auth::None)
+            .await
+            .unwrap_or_else(|e| panic!("legitimate request {i} during the attack: {e:?}"));
+        expect_echo(tcp, Vec::new(), "real", &pattern(i, 1024)).await;
+        done.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_agent_is_closed_with_a_clear_code_and_the_relay_keeps_serving() {
+    init();
+    let pki = Pki::new();
+    let net = 74;
+    let stack = Stack::start(&pki, net, 0, GatewayConfig::default(), |_| {}).await;
+    let real_ip = ip(net, 1, 2);
+    let service = tagged_echo(sa(real_ip, 0), "real").await;
+    let agent = stack
+        .start_agent(stack.agent("real", "default", &[real_ip], &[service.addr.port()]))
+        .await;
+    assert_eq!(
+        stack.relay.open_connections(),
+        1,
+        "only the real agent's tunnel"
+    );
+
+    let stop = CancellationToken::new();
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut client = AbortOnDrop(tokio::spawn(legitimate_client(
+        stack.socks,
+        service.addr,
+        stop.clone(),
+        done.clone(),
+    )));
+
+    let hostile = Arc::new(Hostile::new(ip(net, 66, 1), stack.relay_addr, &stack.trust));
+    let started = Instant::now();
+    let mut cases = JoinSet::new();
+    let names = [
+        "silent",
+        "stream-without-hello",
+        "oversized-frame",
+        "max-length-frame",
+        "wrong-version",
+        "malformed-json",
+        "ping-before-hello",
+        "hello-on-many-streams",
+        "second-stream-after-welcome",
+        "garbage-after-welcome",
+        "hello-again",
+        "oversized-after-welcome",
+    ];
+    for (i, case) in names.into_iter().enumerate() {
+        cases.spawn(misbehave(
+            hostile.clone(),
+            case,
+            stack.token.clone(),
+            ip(net, 5, 10 + i as u8),
+        ));
+    }
+    // A handshake flood beside them: 300 connections that complete the QUIC handshake and never
+    // say anything, from another address; each must be closed at the hello deadline.
+    let flooder = Arc::new(Hostile::new(ip(net, 67, 1), stack.relay_addr, &stack.trust));
+    let flooded = Arc::new(AtomicUsize::new(0));
+    for _ in 0..300 {
+        let (flooder, flooded) = (flooder.clone(), flooded.clone());
+        cases.spawn(async move {
+            let conn = flooder.connect().await;
+            flooded.fetch_add(1, Ordering::SeqCst);
+            let got = closed_by_relay(&conn, "flooded handshake").await;
+            assert_eq!(
+                got,
+                (close::PROTOCOL, "no hello within the deadline".into())
+            );
+        });
+    }
+    while let Some(result) = cases.join_next().await {
+        result.expect("a hostile case failed");
+    }
+    assert_eq!(flooded.load(Ordering::SeqCst), 300);
+    eprintln!(
+        "hostile cases and flood closed within {:?}",
+        started.elapsed()
+    );
+
+    // The legitimate side never noticed.
+    stop.cancel();
+    within(IO, "legitimate client", &mut client.0)
+        .await
+        .expect("client");
+    let requests = done.load(Ordering::SeqCst);
+    assert!(
+        requests >= 20,
+        "only {requests} legitimate requests in the attack"
+    );
+    assert_eq!(agent.handle.tunnels(), 1, "the real agent lost its tunnel");
+    // Every hostile connection is gone: the relay holds the real agent's tunnel and no other.
+    let released = Instant::now();
+    let relay = stack.relay.clone();
+    wait_until(RELEASE, "hostile connections released", move || {
+        relay.open_connections() == 1
+    })
+    .await;
+    eprintln!(
+        "relay back to one connection {:?} after the attack",
+        released.elapsed()
+    );
+    assert_eq!(
+        stack.relay.sessions().len(),
+        1,
+        "{:?}",
+        stack.relay.sessions().all()
+    );
+    let owners = stack.owners("default", real_ip.into());
+    assert_eq!(owners.len(), 1, "{owners:?}");
+    assert!(
+        (10..22).all(|d| stack.owners("default", ip(net, 5, d).into()).is_empty()),
+        "a hostile session left a route"
+    );
+    eprintln!("{requests} legitimate requests served during the attack");
+}

@@ -1,6 +1,9 @@
 //! The etcd v3 registry (tested against etcd 3.4). One lease per relay, kept alive every TTL/3;
-//! every key the relay writes is attached to it. A lease that is lost (etcd outage, expiry) bumps
-//! [`Registry::lease_epoch`] so the relay's publisher re-registers and re-puts every route.
+//! every key the relay writes is attached to it. The lease id is kept through blips: a broken
+//! keep-alive stream (reset connection, GOAWAY, member restart) is reopened for the same lease
+//! once etcd confirms it still has it. Only a lease etcd says is gone (expired) is replaced; that
+//! bumps [`Registry::lease_epoch`] so the relay's publisher re-registers and re-puts every route.
+//! The lease is revoked only on a clean shutdown.
 
 use std::time::Duration;
 
@@ -8,6 +11,8 @@ use etcd_client::{
     Client, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp, WatchOptions,
 };
 use tokio::sync::{mpsc, watch, Mutex};
+
+use crate::backoff::Backoff;
 
 use super::{Error, Event, Registry, RelayInfo, Route, RouteKey, RouteValue, Snapshot, WatchItem};
 
@@ -35,11 +40,35 @@ fn unavailable(err: impl std::fmt::Display) -> Error {
     Error::Unavailable(err.to_string())
 }
 
+/// Keeps etcd's error kind: a lease etcd does not know is gone for good, anything else (a broken
+/// connection, a timeout, a leader election) may pass.
+fn classify(err: etcd_client::Error, lease: Option<i64>) -> Error {
+    match (&err, lease) {
+        // etcd answers NotFound only for leases ("etcdserver: requested lease not found"): a key
+        // that does not exist is an empty answer, not an error.
+        (etcd_client::Error::GRpcStatus(status), Some(lease))
+            if status.code() == tonic::Code::NotFound =>
+        {
+            Error::LeaseNotFound { lease }
+        }
+        _ => unavailable(err),
+    }
+}
+
 async fn timed<T>(
     fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
 ) -> Result<T, Error> {
+    timed_for(None, fut).await
+}
+
+/// [`timed`] for a request about `lease`, so a lease etcd does not know comes back as
+/// [`Error::LeaseNotFound`].
+async fn timed_for<T>(
+    lease: Option<i64>,
+    fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, Error> {
     match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
-        Ok(result) => result.map_err(unavailable),
+        Ok(result) => result.map_err(|e| classify(e, lease)),
         Err(_) => Err(Error::Unavailable(format!(
             "etcd did not answer within {REQUEST_TIMEOUT:?}"
         ))),
@@ -145,7 +174,9 @@ impl EtcdRegistry {
         })
     }
 
-    /// The current lease id, granting one (and starting its keep-alive) when there is none.
+    /// The current lease id, granting one (and starting its keep-alive) when there is none. A
+    /// lease is replaced only once etcd has said it is gone: never revoked here, since one that
+    /// only lost its keep-alive stream may still hold every route of this relay.
     async fn lease_id(&self) -> Result<i64, Error> {
         let mut lease = self.lease.lock().await;
         if let Some(l) = lease.as_ref() {
@@ -153,11 +184,8 @@ impl EtcdRegistry {
                 return Ok(l.id);
             }
         }
-        if let Some(old) = lease.take() {
-            // Best effort: a lease we abandoned should not keep stale keys alive until it expires.
-            let mut client = self.client.clone();
-            let _ = timed(client.lease_revoke(old.id)).await;
-        }
+        // The keeper only ends once etcd said the lease is gone: nothing is left to revoke.
+        lease.take();
         let ttl = self.lease_ttl.as_secs().max(1) as i64;
         let mut client = self.client.clone();
         let granted = timed(client.lease_grant(ttl, None)).await?;
@@ -173,6 +201,22 @@ impl EtcdRegistry {
         Ok(id)
     }
 
+    /// Forgets `id` after etcd said it does not know it (a write under it failed), so the next
+    /// [`EtcdRegistry::lease_id`] grants a new one and the owner re-puts everything.
+    async fn lease_gone(&self, id: i64) {
+        let mut lease = self.lease.lock().await;
+        if lease.as_ref().is_some_and(|l| l.id == id) {
+            if let Some(l) = lease.take() {
+                l.keeper.abort();
+                tracing::warn!(
+                    lease = id,
+                    "etcd lease not found; a new one will be granted"
+                );
+                self.epoch.send_modify(|e| *e += 1);
+            }
+        }
+    }
+
     async fn put_all(&self, kvs: Vec<(String, Vec<u8>)>, lease: i64) -> Result<(), Error> {
         for chunk in kvs.chunks(TXN_OPS) {
             let ops: Vec<TxnOp> = chunk
@@ -186,36 +230,116 @@ impl EtcdRegistry {
                 })
                 .collect();
             let mut client = self.client.clone();
-            timed(client.txn(Txn::new().and_then(ops))).await?;
+            match timed_for(Some(lease), client.txn(Txn::new().and_then(ops))).await {
+                Ok(_) => {}
+                Err(err @ Error::LeaseNotFound { .. }) => {
+                    self.lease_gone(lease).await;
+                    return Err(err);
+                }
+                Err(err) => return Err(err),
+            }
         }
         Ok(())
     }
 }
 
-/// Refreshes `id` every TTL/3 until etcd says it is gone or the stream breaks; then bumps `epoch`
-/// so the owner re-registers.
+/// Why one keep-alive stream ended.
+enum StreamEnd {
+    /// etcd answered TTL 0: the lease is gone.
+    Gone,
+    /// The stream broke (reset connection, GOAWAY, timeout, leader change): the lease may well
+    /// be alive.
+    Broken(Error),
+}
+
+/// Refreshes `id` every TTL/3 on one keep-alive stream until etcd says the lease is gone or the
+/// stream breaks.
+async fn keep_alive_stream(client: &mut Client, id: i64, ttl: Duration) -> StreamEnd {
+    let (mut keeper, mut responses) = match timed_for(Some(id), client.lease_keep_alive(id)).await {
+        Ok(pair) => pair,
+        Err(Error::LeaseNotFound { .. }) => return StreamEnd::Gone,
+        Err(err) => return StreamEnd::Broken(err),
+    };
+    let mut tick = tokio::time::interval(ttl / 3);
+    loop {
+        tick.tick().await;
+        if let Err(err) = keeper.keep_alive().await {
+            return StreamEnd::Broken(classify(err, Some(id)));
+        }
+        match tokio::time::timeout(REQUEST_TIMEOUT, responses.message()).await {
+            Ok(Ok(Some(resp))) if resp.ttl() > 0 => {}
+            Ok(Ok(Some(_))) => return StreamEnd::Gone,
+            Ok(Ok(None)) => {
+                return StreamEnd::Broken(Error::Unavailable("keep-alive stream closed".into()))
+            }
+            Ok(Err(err)) => match classify(err, Some(id)) {
+                Error::LeaseNotFound { .. } => return StreamEnd::Gone,
+                err => return StreamEnd::Broken(err),
+            },
+            Err(_) => return StreamEnd::Broken(Error::Unavailable("keep-alive timed out".into())),
+        }
+    }
+}
+
+/// Whether etcd still knows lease `id`: `Ok(Some(remaining))`, `Ok(None)` when it is gone, an
+/// error when etcd cannot say.
+async fn remaining_ttl(client: &mut Client, id: i64) -> Result<Option<i64>, Error> {
+    match timed_for(Some(id), client.lease_time_to_live(id, None)).await {
+        // etcd 3.4 answers TTL -1 for a lease it does not know (expired or revoked).
+        Ok(resp) if resp.ttl() > 0 => Ok(Some(resp.ttl())),
+        Ok(_) | Err(Error::LeaseNotFound { .. }) => Ok(None),
+        Err(err) => Err(err),
+    }
+}
+
+/// Keeps lease `id` alive for as long as etcd has it. A broken keep-alive stream is reopened for
+/// the same lease once etcd confirms it still exists; only when etcd says it is gone does this end
+/// and bump `epoch`, so the owner grants a new lease and re-puts every key. Never revokes: a lease
+/// that may be alive holds every route of the relay.
 async fn keep_alive(mut client: Client, id: i64, ttl: Duration, epoch: watch::Sender<u64>) {
-    let result = async {
-        let (mut keeper, mut responses) = timed(client.lease_keep_alive(id)).await?;
-        let mut tick = tokio::time::interval(ttl / 3);
-        loop {
-            tick.tick().await;
-            keeper.keep_alive().await.map_err(unavailable)?;
-            match tokio::time::timeout(REQUEST_TIMEOUT, responses.message()).await {
-                Ok(Ok(Some(resp))) if resp.ttl() > 0 => {}
-                Ok(Ok(Some(_))) => return Err(Error::Unavailable("lease expired".into())),
-                Ok(Ok(None)) => return Err(Error::Unavailable("keep-alive stream closed".into())),
-                Ok(Err(e)) => return Err(unavailable(e)),
-                Err(_) => return Err(Error::Unavailable("keep-alive timed out".into())),
+    let max_delay = (ttl / 4).max(Duration::from_millis(200));
+    let mut backoff = Backoff::new(Duration::from_millis(50), max_delay);
+    loop {
+        let opened = tokio::time::Instant::now();
+        match keep_alive_stream(&mut client, id, ttl).await {
+            StreamEnd::Gone => break,
+            StreamEnd::Broken(err) => {
+                tracing::warn!(lease = id, %err, "etcd keep-alive stream broke; keeping the same lease")
             }
         }
-        #[allow(unreachable_code)]
-        Ok::<(), Error>(())
+        // A stream that lived a while earned a quick retry; one that breaks at once backs off.
+        if opened.elapsed() > ttl {
+            backoff.reset();
+        }
+        loop {
+            tokio::time::sleep(backoff.next_delay()).await;
+            match remaining_ttl(&mut client, id).await {
+                Ok(Some(remaining)) => {
+                    tracing::info!(
+                        lease = id,
+                        remaining,
+                        "etcd lease still held; reopening its keep-alive"
+                    );
+                    break;
+                }
+                Ok(None) => {
+                    tracing::warn!(
+                        lease = id,
+                        "etcd lease expired; re-registering under a new one"
+                    );
+                    epoch.send_modify(|e| *e += 1);
+                    return;
+                }
+                Err(err) => {
+                    tracing::debug!(lease = id, %err, "etcd cannot say whether the lease lives; asking again")
+                }
+            }
+        }
     }
-    .await;
-    if let Err(err) = result {
-        tracing::warn!(lease = id, %err, "etcd lease lost; re-registering");
-    }
+    tracing::warn!(
+        lease = id,
+        "etcd lease expired; re-registering under a new one"
+    );
     epoch.send_modify(|e| *e += 1);
 }
 

@@ -21,11 +21,16 @@ use tokio::sync::{mpsc, watch};
 
 use crate::protocol::PortRange;
 
-/// Registry failures.
+/// Registry failures. The kinds matter to the caller: `Unavailable` is worth retrying with the
+/// same lease, `LeaseNotFound` means the lease is gone and must be granted anew.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// etcd did not answer, the connection broke, or it refused for a transient reason.
     #[error("registry unavailable: {0}")]
     Unavailable(String),
+    /// etcd no longer knows the lease (it expired or was revoked): its keys are gone.
+    #[error("etcd lease {lease:x} not found (expired or revoked)")]
+    LeaseNotFound { lease: i64 },
     #[error("relay {0} is not registered")]
     NotRegistered(String),
     #[error("malformed registry entry {key}: {message}")]

@@ -1,0 +1,467 @@
+//! The etcd registry under the faults a production etcd brings, with real processes: a real etcd,
+//! the real `postern` binary as relay, gateway and agents, and a TCP forwarder owned by the test
+//! between a relay and etcd, which resets every connection through it on demand (SO_LINGER 0:
+//! an RST both ways, as a load balancer's idle reset or a crashed proxy does).
+
+#[allow(dead_code)]
+#[path = "cluster/harness.rs"]
+mod harness;
+#[path = "process/mod.rs"]
+mod process;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use etcd_client::{EventType, GetOptions, WatchOptions};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use harness::{tally, wait_for, Load, Outcome, LEASE_TTL, TOKEN};
+use process::{free_udp_port, ready_addr, Echo, Etcd, Proc, BIN};
+
+/// A TCP forwarder from a loopback port to `target`. [`Forwarder::reset_all`] resets every
+/// connection open through it at that moment; later connections pass again.
+struct Forwarder {
+    addr: SocketAddr,
+    cut: watch::Sender<u64>,
+    live: Arc<AtomicUsize>,
+    resets: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Forwarder {
+    async fn start(target: SocketAddr) -> Forwarder {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (cut, _) = watch::channel(0u64);
+        let live = Arc::new(AtomicUsize::new(0));
+        let resets = Arc::new(AtomicUsize::new(0));
+        let task = {
+            let (cut, live, resets) = (cut.clone(), live.clone(), resets.clone());
+            tokio::spawn(async move {
+                loop {
+                    let Ok((mut client, _)) = listener.accept().await else {
+                        return;
+                    };
+                    // Subscribed before the task starts: only a later cut ends this connection.
+                    let mut cut_rx = cut.subscribe();
+                    let (live, resets) = (live.clone(), resets.clone());
+                    tokio::spawn(async move {
+                        let Ok(mut upstream) = TcpStream::connect(target).await else {
+                            return;
+                        };
+                        live.fetch_add(1, Ordering::SeqCst);
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+                            _ = cut_rx.changed() => {
+                                // Closing with a zero linger sends an RST instead of a FIN.
+                                let _ = client.set_zero_linger();
+                                let _ = upstream.set_zero_linger();
+                                resets.fetch_add(1, Ordering::SeqCst);
+                            }
+                        }
+                        live.fetch_sub(1, Ordering::SeqCst);
+                    });
+                }
+            })
+        };
+        Forwarder {
+            addr,
+            cut,
+            live,
+            resets,
+            task,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Waits (bounded) until something is connected through the forwarder, resets every
+    /// connection, and returns how many it reset.
+    async fn reset_all(&self) -> usize {
+        wait_for(
+            Duration::from_secs(10),
+            "a connection through the forwarder",
+            || async { (self.live.load(Ordering::SeqCst) > 0).then_some(()) },
+        )
+        .await;
+        let before = self.resets.load(Ordering::SeqCst);
+        let open = self.live.load(Ordering::SeqCst);
+        self.cut.send_modify(|g| *g += 1);
+        wait_for(
+            Duration::from_secs(5),
+            "the connections to be reset",
+            || async { (self.resets.load(Ordering::SeqCst) >= before + open).then_some(()) },
+        )
+        .await;
+        self.resets.load(Ordering::SeqCst) - before
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Every key deleted under a prefix, as an etcd watch of the test's own (straight to etcd) sees it.
+struct DeleteWatch {
+    deleted: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl DeleteWatch {
+    async fn start(etcd: &Etcd, prefix: &str) -> DeleteWatch {
+        let mut client = etcd_client::Client::connect([etcd.url.clone()], None)
+            .await
+            .unwrap();
+        let mut stream = client
+            .watch(prefix, Some(WatchOptions::new().with_prefix()))
+            .await
+            .unwrap();
+        let deleted = Arc::new(Mutex::new(Vec::new()));
+        let seen = deleted.clone();
+        let task = tokio::spawn(async move {
+            // Ends only when the watch breaks, which [`DeleteWatch::deleted`] treats as a failure.
+            while let Ok(Some(resp)) = stream.message().await {
+                for event in resp.events() {
+                    if event.event_type() == EventType::Delete {
+                        if let Some(kv) = event.kv() {
+                            let key = String::from_utf8_lossy(kv.key()).to_string();
+                            seen.lock().unwrap().push(key);
+                        }
+                    }
+                }
+            }
+        });
+        DeleteWatch { deleted, task }
+    }
+
+    /// The keys deleted so far; panics when the watch is no longer running (it would see nothing).
+    fn deleted(&self) -> Vec<String> {
+        assert!(!self.task.is_finished(), "the test's etcd watch broke");
+        self.deleted.lock().unwrap().clone()
+    }
+}
+
+/// The lease a key is attached to (0 when none), read straight from etcd.
+async fn lease_of(etcd: &Etcd, key: &str) -> Option<i64> {
+    let mut client = etcd_client::Client::connect([etcd.url.clone()], None)
+        .await
+        .unwrap();
+    let resp = client.get(key, None).await.unwrap();
+    resp.kvs().first().map(|kv| kv.lease())
+}
+
+/// The route keys of `relay` under `/postern/routes/` with the lease each hangs off.
+async fn routes_of(etcd: &Etcd, relay: &str) -> Vec<(String, i64)> {
+    let mut client = etcd_client::Client::connect([etcd.url.clone()], None)
+        .await
+        .unwrap();
+    let resp = client
+        .get("/postern/routes/", Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    resp.kvs()
+        .iter()
+        .map(|kv| (kv.key_str().unwrap().to_string(), kv.lease()))
+        .filter(|(key, _)| key.split('/').nth(5) == Some(relay))
+        .collect()
+}
+
+fn p(path: &Path) -> String {
+    path.to_str().unwrap().to_string()
+}
+
+/// A small cluster written and started piece by piece: the test chooses each relay's etcd
+/// endpoint (straight, or through a [`Forwarder`]).
+struct Setup {
+    dir: tempfile::TempDir,
+    bundle: postern::cert::Bundle,
+    net: u8,
+}
+
+impl Setup {
+    fn new(net: u8) -> Setup {
+        let dir = tempfile::Builder::new()
+            .prefix("postern-registry-")
+            .tempdir()
+            .unwrap();
+        let bundle = postern::cert::generate_bundle(dir.path(), "postern-relay").unwrap();
+        Setup { dir, bundle, net }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Writes relay `id`'s config (listening on a fresh UDP port) and returns its path and port.
+    fn relay_config(&self, name: &str, id: &str, etcd_url: &str, extra: &str) -> (PathBuf, u16) {
+        let (port, peer_port) = (free_udp_port(), free_udp_port());
+        let config = self.path(&format!("{name}.toml"));
+        let b = &self.bundle;
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+[relay]
+id = "{id}"
+listen = "127.0.0.1:{port}"
+cert = "{cert}"
+key = "{key}"
+peer_listen = "127.0.0.1:{peer_port}"
+drain_grace = "2s"
+[[relay.agents]]
+name = "test"
+token_sha256 = "{hash}"
+allow = ["127.{net}.0.0/16"]
+[peer]
+ca = "{ca}"
+[registry]
+kind = "etcd"
+endpoints = ["{etcd_url}"]
+lease_ttl = "{ttl}s"
+{extra}
+[admin]
+listen = "127.0.0.1:0"
+"#,
+                cert = p(&b.relay_cert),
+                key = p(&b.relay_key),
+                hash = postern::config::token_hash(TOKEN),
+                net = self.net,
+                ca = p(&b.ca),
+                ttl = LEASE_TTL.as_secs(),
+            ),
+        )
+        .unwrap();
+        (config, port)
+    }
+
+    /// Starts a relay process from a config and waits for its `ready` line.
+    async fn relay(&self, name: &str, config: &Path) -> Proc {
+        let mut proc = Proc::spawn(
+            name,
+            BIN,
+            &["relay", "--config", &p(config)],
+            &[],
+            &self.path(&format!("{name}.log")),
+        );
+        proc.ready_line().await;
+        proc
+    }
+
+    /// Starts a gateway and returns it with its SOCKS5 address.
+    async fn gateway(&self, name: &str, etcd_url: &str, extra: &str) -> (Proc, SocketAddr) {
+        let config = self.path(&format!("{name}.toml"));
+        let b = &self.bundle;
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+[gateway]
+socks5 = "127.0.0.1:0"
+[peer]
+ca = "{ca}"
+cert = "{cert}"
+key = "{key}"
+[registry]
+kind = "etcd"
+endpoints = ["{etcd_url}"]
+{extra}
+[admin]
+listen = "127.0.0.1:0"
+"#,
+                ca = p(&b.ca),
+                cert = p(&b.peer_cert),
+                key = p(&b.peer_key),
+            ),
+        )
+        .unwrap();
+        let mut proc = Proc::spawn(
+            name,
+            BIN,
+            &["gateway", "--config", &p(&config)],
+            &[],
+            &self.path(&format!("{name}.log")),
+        );
+        let line = proc.ready_line().await;
+        let socks = ready_addr(&line, "socks5");
+        (proc, socks)
+    }
+
+    /// Starts agent `i` at 127.net.0.(i+1) with an echo service, tunnelled to `relay_ports`.
+    async fn agent(&self, i: u8, relay_ports: &[u16]) -> (Proc, Echo) {
+        let id = format!("agent-{i}");
+        let ip = Ipv4Addr::new(127, self.net, 0, i + 1);
+        let echo = Echo::start(ip).await;
+        let relays: Vec<String> = relay_ports
+            .iter()
+            .map(|port| format!("\"127.0.0.1:{port}\""))
+            .collect();
+        let config = self.path(&format!("{id}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+id = "{id}"
+relays = [{relays}]
+server_name = "postern-relay"
+ca = "{ca}"
+token = "env:POSTERN_TEST_TOKEN"
+ips = ["{ip}"]
+ports = ["{port}"]
+redundancy = {redundancy}
+reconnect_min = "100ms"
+reconnect_max = "1s"
+[transport]
+idle_timeout = "3s"
+keep_alive = "500ms"
+[admin]
+listen = "127.0.0.1:0"
+"#,
+                relays = relays.join(", "),
+                ca = p(&self.bundle.ca),
+                port = echo.addr.port(),
+                redundancy = relay_ports.len(),
+            ),
+        )
+        .unwrap();
+        let proc = Proc::spawn(
+            &id,
+            BIN,
+            &["agent", "--config", &p(&config)],
+            &[("POSTERN_TEST_TOKEN", TOKEN)],
+            &self.path(&format!("{id}.log")),
+        );
+        (proc, echo)
+    }
+
+    /// Prints the last lines of every process log (for a failing test).
+    fn dump_logs(&self) {
+        for entry in std::fs::read_dir(self.dir.path()).unwrap().flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "log") {
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(30).collect();
+                eprintln!("==== {} (last {} lines)", path.display(), tail.len());
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+}
+
+/// Waits until etcd holds a route of `relay` for each of `count` agents.
+async fn wait_routes(etcd: &Etcd, relay: &str, count: usize) {
+    wait_for(
+        Duration::from_secs(30),
+        &format!("{count} routes of {relay}"),
+        || async { (routes_of(etcd, relay).await.len() >= count).then_some(()) },
+    )
+    .await;
+}
+
+/// The relay's TCP connection to etcd is reset 20 times in 30 s (every 1.5 s, a little more than
+/// the keep-alive period of the 4 s lease, so resets land in every phase of its cycle) while
+/// clients keep transferring through a gateway. The relay keeps its lease: a watch
+/// on the prefix sees no delete, the relay's record and routes stay on the same lease, and every
+/// transfer is byte-exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_keeps_its_lease_through_etcd_connection_resets() {
+    const RESETS: usize = 20;
+    const EVERY: Duration = Duration::from_millis(1500);
+    let setup = Setup::new(91);
+    let etcd = Etcd::started(setup.dir.path()).await;
+    let etcd_addr: SocketAddr = etcd.url.trim_start_matches("http://").parse().unwrap();
+    let forwarder = Forwarder::start(etcd_addr).await;
+
+    let (config, port) = setup.relay_config("relay-0", "relay-0", &forwarder.url(), "");
+    let _relay = setup.relay("relay-0", &config).await;
+    let (_gateway, socks) = setup.gateway("gateway-0", &etcd.url, "").await;
+    let mut agents = Vec::new();
+    for i in 0..3 {
+        agents.push(setup.agent(i, &[port]).await);
+    }
+    wait_routes(&etcd, "relay-0", 3).await;
+    let lease = lease_of(&etcd, "/postern/relays/relay-0")
+        .await
+        .expect("relay record");
+    let routes_before = routes_of(&etcd, "relay-0").await;
+    assert!(routes_before.iter().all(|(_, l)| *l == lease));
+
+    let deletes = DeleteWatch::start(&etcd, "/postern/").await;
+    let targets: Vec<SocketAddr> = agents.iter().map(|(_, echo)| echo.addr).collect();
+    let loads = [
+        Load::start(socks, targets.clone(), 32 * 1024),
+        Load::start(socks, targets.into_iter().rev().collect(), 8 * 1024),
+    ];
+    for load in &loads {
+        load.wait_transfers(5).await;
+    }
+
+    let started = Instant::now();
+    let mut reset_connections = 0;
+    for round in 0..RESETS {
+        let next = started + EVERY * round as u32;
+        tokio::time::sleep_until(next.into()).await;
+        let n = forwarder.reset_all().await;
+        assert!(n > 0, "reset {round} found no connection to reset");
+        reset_connections += n;
+    }
+    let storm = started.elapsed();
+    // One more keep-alive period after the last reset: a lost lease would show by now.
+    tokio::time::sleep(LEASE_TTL).await;
+
+    let mut results = Vec::new();
+    for load in loads {
+        results.extend(load.finish().await);
+    }
+    let (ok, failed, corrupt) = tally(&results);
+    let deleted = deletes.deleted();
+    let lease_after = lease_of(&etcd, "/postern/relays/relay-0").await;
+    let routes_after = routes_of(&etcd, "relay-0").await;
+    eprintln!(
+        "{RESETS} resets ({reset_connections} connections) in {storm:?}: {} route/relay deletions, \
+         transfers ok={ok} failed={failed} corrupt={corrupt}, lease {lease:x} -> {lease_after:x?}",
+        deleted.len()
+    );
+    if !deleted.is_empty() || failed > 0 || corrupt > 0 || lease_after != Some(lease) {
+        setup.dump_logs();
+    }
+    assert!(
+        deleted.is_empty(),
+        "{} keys deleted during the resets, first: {:?}",
+        deleted.len(),
+        &deleted[..deleted.len().min(8)]
+    );
+    assert_eq!(lease_after, Some(lease), "the relay's lease changed");
+    assert_eq!(routes_after, routes_before, "the relay's routes changed");
+    let failures: Vec<&Outcome> = results
+        .iter()
+        .map(|(_, o)| o)
+        .filter(|o| **o != Outcome::Ok)
+        .collect();
+    assert!(failures.is_empty(), "transfers failed: {failures:?}");
+    assert!(ok >= 20, "only {ok} transfers completed");
+
+    // The watch does see deletes under the prefix: a route put and deleted by the test shows.
+    let mut client = etcd_client::Client::connect([etcd.url.clone()], None)
+        .await
+        .unwrap();
+    let probe = "/postern/routes/default/127.91.9.9/probe/1";
+    let value = r#"{"agent_id":"probe","ports":[],"connected_at":0,"draining":false}"#;
+    client.put(probe, value, None).await.unwrap();
+    client.delete(probe, None).await.unwrap();
+    wait_for(
+        Duration::from_secs(5),
+        "the watch to see the probe's delete",
+        || async { (deletes.deleted() == [probe.to_string()]).then_some(()) },
+    )
+    .await;
+}

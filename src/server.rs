@@ -227,10 +227,18 @@ impl Process {
                 .clone()
                 .run(self.registry.clone(), cache_stop.clone()),
         );
-        let relay_task = self
-            .relay
-            .clone()
-            .map(|relay| tokio::spawn(relay.run(shutdown.clone())));
+        // A relay that may not run (its id is another live relay's) stops the whole process.
+        let shutdown = shutdown.child_token();
+        let relay_task = self.relay.clone().map(|relay| {
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let result = relay.run(shutdown.clone()).await;
+                if result.is_err() {
+                    shutdown.cancel();
+                }
+                result
+            })
+        });
         let gateway_result = match self.gateway {
             Some(gateway) => gateway.run(shutdown.clone(), self.grace).await,
             None => {

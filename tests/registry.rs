@@ -465,3 +465,80 @@ async fn relay_keeps_its_lease_through_etcd_connection_resets() {
     )
     .await;
 }
+
+/// A second relay started with the id of a live one is refused: it exits non-zero with a message
+/// naming the conflict, and the first relay's record and routes stay, on the same lease, with no
+/// delete seen under the prefix. A relay restarted after a crash (its old lease still live for up
+/// to a TTL) is not refused: it waits for the old lease to expire and registers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_relay_with_a_live_id_is_refused() {
+    let setup = Setup::new(92);
+    let etcd = Etcd::started(setup.dir.path()).await;
+    let (config, port) = setup.relay_config("relay-a", "relay-dup", &etcd.url, "");
+    let mut first = setup.relay("relay-a", &config).await;
+    let mut agents = Vec::new();
+    for i in 0..2 {
+        agents.push(setup.agent(i, &[port]).await);
+    }
+    wait_routes(&etcd, "relay-dup", 2).await;
+    let lease = lease_of(&etcd, "/postern/relays/relay-dup")
+        .await
+        .expect("relay record");
+    let routes_before = routes_of(&etcd, "relay-dup").await;
+    let deletes = DeleteWatch::start(&etcd, "/postern/").await;
+
+    let (config_b, _) = setup.relay_config("relay-b", "relay-dup", &etcd.url, "");
+    let mut second = setup.relay("relay-b", &config_b).await;
+    let started = Instant::now();
+    let limit = LEASE_TTL + Duration::from_secs(15);
+    let Ok(status) = tokio::time::timeout(limit, second.child.wait()).await else {
+        setup.dump_logs();
+        panic!("the second relay still runs after {limit:?}");
+    };
+    let status = status.unwrap();
+    let refused_after = started.elapsed();
+    let log = std::fs::read_to_string(setup.path("relay-b.log")).unwrap();
+    eprintln!("second relay refused after {refused_after:?} ({status})");
+    if status.success() || !log.contains("is held by another live relay") {
+        setup.dump_logs();
+    }
+    assert!(!status.success(), "the second relay exited with {status}");
+    assert!(
+        log.contains("relay id relay-dup is held by another live relay"),
+        "no clear refusal in the second relay's log"
+    );
+    assert!(first.alive(), "the first relay died");
+    assert_eq!(
+        lease_of(&etcd, "/postern/relays/relay-dup").await,
+        Some(lease),
+        "the first relay's record changed hands"
+    );
+    assert_eq!(routes_of(&etcd, "relay-dup").await, routes_before);
+    let deleted = deletes.deleted();
+    assert!(deleted.is_empty(), "keys deleted: {deleted:?}");
+
+    // A crash and an immediate restart under the same id: the old lease still holds the record
+    // until it expires, then the new process registers and its agents' routes come back.
+    first.child.kill().await.unwrap();
+    let restarted_at = Instant::now();
+    let _again = setup.relay("relay-a2", &config).await;
+    let new_lease = wait_for(
+        LEASE_TTL + Duration::from_secs(15),
+        "the restarted relay to register",
+        || async {
+            lease_of(&etcd, "/postern/relays/relay-dup")
+                .await
+                .filter(|l| *l != lease)
+        },
+    )
+    .await;
+    eprintln!(
+        "restarted relay registered after {:?}",
+        restarted_at.elapsed()
+    );
+    wait_routes(&etcd, "relay-dup", 2).await;
+    assert!(routes_of(&etcd, "relay-dup")
+        .await
+        .iter()
+        .all(|(_, l)| *l == new_lease));
+}

@@ -8,7 +8,8 @@
 use std::time::Duration;
 
 use etcd_client::{
-    Client, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn,
+    TxnOp, TxnOpResponse, WatchOptions,
 };
 use tokio::sync::{mpsc, watch, Mutex};
 
@@ -229,17 +230,54 @@ impl EtcdRegistry {
                     )
                 })
                 .collect();
-            let mut client = self.client.clone();
-            match timed_for(Some(lease), client.txn(Txn::new().and_then(ops))).await {
-                Ok(_) => {}
-                Err(err @ Error::LeaseNotFound { .. }) => {
-                    self.lease_gone(lease).await;
-                    return Err(err);
-                }
-                Err(err) => return Err(err),
-            }
+            self.txn_under(lease, Txn::new().and_then(ops)).await?;
         }
         Ok(())
+    }
+
+    /// Runs a transaction that writes under `lease`; a lease etcd does not know is forgotten so
+    /// the next write grants a new one.
+    async fn txn_under(&self, lease: i64, txn: Txn) -> Result<etcd_client::TxnResponse, Error> {
+        let mut client = self.client.clone();
+        match timed_for(Some(lease), client.txn(txn)).await {
+            Err(err @ Error::LeaseNotFound { .. }) => {
+                self.lease_gone(lease).await;
+                Err(err)
+            }
+            other => other,
+        }
+    }
+
+    /// Pages through every key from `from` (inclusive) to `end` (exclusive) at one revision,
+    /// calling `each` on every key; returns that revision.
+    async fn scan(
+        &self,
+        from: String,
+        end: Vec<u8>,
+        mut each: impl FnMut(&KeyValue),
+    ) -> Result<i64, Error> {
+        let mut from: Vec<u8> = from.into_bytes();
+        let mut revision = 0;
+        loop {
+            let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            if revision > 0 {
+                // Later pages read the same revision as the first: one consistent list.
+                options = options.with_revision(revision);
+            }
+            let mut client = self.client.clone();
+            let resp = timed(client.get(from.clone(), Some(options))).await?;
+            if revision == 0 {
+                revision = resp.header().map_or(0, |h| h.revision());
+            }
+            resp.kvs().iter().for_each(&mut each);
+            match (resp.more(), resp.kvs().last()) {
+                (true, Some(last)) => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok(revision),
+            }
+        }
     }
 }
 
@@ -347,9 +385,75 @@ async fn keep_alive(mut client: Client, id: i64, ttl: Duration, epoch: watch::Se
 impl Registry for EtcdRegistry {
     async fn register_relay(&self, relay: &RelayInfo) -> Result<(), Error> {
         let lease = self.lease_id().await?;
+        let key = self.keys.relay_key(&relay.id);
         let value = serde_json::to_vec(relay).map_err(unavailable)?;
-        self.put_all(vec![(self.keys.relay_key(&relay.id), value)], lease)
-            .await
+        let put = || {
+            TxnOp::put(
+                key.clone(),
+                value.clone(),
+                Some(PutOptions::new().with_lease(lease)),
+            )
+        };
+        // Bounded: each round either writes, or finds a live holder, or saw the key change hands.
+        for _ in 0..4 {
+            // Create the record if absent, or overwrite it if it already hangs off our lease.
+            let txn = Txn::new()
+                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                .and_then([put()])
+                .or_else([TxnOp::txn(
+                    Txn::new()
+                        .when([Compare::lease(key.clone(), CompareOp::Equal, lease)])
+                        .and_then([put()])
+                        .or_else([TxnOp::get(key.clone(), None)]),
+                )]);
+            let resp = self.txn_under(lease, txn).await?;
+            if resp.succeeded() {
+                return Ok(());
+            }
+            let inner = match resp.op_responses().into_iter().next() {
+                Some(TxnOpResponse::Txn(inner)) => inner,
+                _ => {
+                    return Err(Error::Unavailable(
+                        "unexpected etcd transaction answer".into(),
+                    ))
+                }
+            };
+            if inner.succeeded() {
+                return Ok(());
+            }
+            let holder = inner.op_responses().into_iter().find_map(|op| match op {
+                TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.lease()),
+                _ => None,
+            });
+            let Some(holder) = holder else {
+                // Deleted between the two comparisons: try again.
+                continue;
+            };
+            let mut client = self.client.clone();
+            match remaining_ttl(&mut client, holder).await? {
+                Some(ttl_secs) => {
+                    return Err(Error::IdTaken {
+                        id: relay.id.clone(),
+                        lease: holder,
+                        ttl_secs,
+                    })
+                }
+                // Its lease just expired: etcd is deleting the record; try again.
+                None if holder != 0 => continue,
+                // A record without a lease was written by hand: not ours to overwrite.
+                None => {
+                    return Err(Error::IdTaken {
+                        id: relay.id.clone(),
+                        lease: 0,
+                        ttl_secs: 0,
+                    })
+                }
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "the record of relay {} kept changing hands",
+            relay.id
+        )))
     }
 
     async fn deregister_relay(&self, relay_id: &str) -> Result<(), Error> {
@@ -360,9 +464,11 @@ impl Registry for EtcdRegistry {
                 l.keeper.abort();
                 timed(client.lease_revoke(l.id)).await.map(|_| ())
             }
-            None => timed(client.delete(self.keys.relay_key(relay_id), None))
-                .await
-                .map(|_| ()),
+            // Without a lease nothing in etcd is ours: the record may be another relay's.
+            None => {
+                tracing::debug!(relay_id, "no etcd lease held; nothing to deregister");
+                Ok(())
+            }
         }
     }
 
@@ -398,40 +504,39 @@ impl Registry for EtcdRegistry {
         Ok(())
     }
 
+    async fn owned_routes(&self, relay_id: &str) -> Result<Vec<RouteKey>, Error> {
+        let lease = match self.lease.lock().await.as_ref() {
+            Some(l) if !l.keeper.is_finished() => l.id,
+            _ => return Ok(Vec::new()),
+        };
+        let start = format!("{}/routes/", self.keys.prefix);
+        let end = prefix_end(&start);
+        let mut owned = Vec::new();
+        self.scan(start, end, |kv| {
+            if kv.lease() != lease {
+                return;
+            }
+            match self.keys.parse(kv) {
+                Ok(Event::PutRoute(r)) if r.key.relay_id == relay_id => owned.push(r.key),
+                _ => {}
+            }
+        })
+        .await?;
+        Ok(owned)
+    }
+
     async fn snapshot(&self) -> Result<Snapshot, Error> {
         let start = format!("{}/", self.keys.prefix);
         let end = prefix_end(&start);
         let mut snapshot = Snapshot::default();
-        let mut from: Vec<u8> = start.into_bytes();
-        let mut revision = 0;
-        loop {
-            let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
-            if revision > 0 {
-                // Later pages read the same revision as the first: one consistent list.
-                options = options.with_revision(revision);
-            }
-            let mut client = self.client.clone();
-            let resp = timed(client.get(from.clone(), Some(options))).await?;
-            if revision == 0 {
-                revision = resp.header().map_or(0, |h| h.revision());
-            }
-            for kv in resp.kvs() {
-                match self.keys.parse(kv) {
-                    Ok(Event::PutRoute(r)) => snapshot.routes.push(r),
-                    Ok(Event::PutRelay(r)) => snapshot.relays.push(r),
-                    Ok(_) => {}
-                    Err(err) => tracing::warn!(%err, "ignoring malformed registry entry"),
-                }
-            }
-            match (resp.more(), resp.kvs().last()) {
-                (true, Some(last)) => {
-                    from = last.key().to_vec();
-                    from.push(0);
-                }
-                _ => break,
-            }
-        }
-        snapshot.revision = revision;
+        snapshot.revision = self
+            .scan(start, end, |kv| match self.keys.parse(kv) {
+                Ok(Event::PutRoute(r)) => snapshot.routes.push(r),
+                Ok(Event::PutRelay(r)) => snapshot.relays.push(r),
+                Ok(_) => {}
+                Err(err) => tracing::warn!(%err, "ignoring malformed registry entry"),
+            })
+            .await?;
         Ok(snapshot)
     }
 

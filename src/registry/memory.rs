@@ -119,6 +119,16 @@ impl Registry for MemoryRegistry {
         Ok(())
     }
 
+    async fn owned_routes(&self, relay_id: &str) -> Result<Vec<RouteKey>, Error> {
+        let state = self.lock();
+        Ok(state
+            .routes
+            .keys()
+            .filter(|k| k.relay_id == relay_id)
+            .cloned()
+            .collect())
+    }
+
     async fn snapshot(&self) -> Result<Snapshot, Error> {
         let state = self.lock();
         Ok(Snapshot {

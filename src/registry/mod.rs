@@ -33,6 +33,16 @@ pub enum Error {
     LeaseNotFound { lease: i64 },
     #[error("relay {0} is not registered")]
     NotRegistered(String),
+    /// Another live relay holds this relay id (its record hangs off a lease that is not ours).
+    #[error(
+        "relay id {id} is held by another live relay (etcd lease {lease:x}, TTL {ttl_secs}s); \
+         relay ids must be unique: set relay.id"
+    )]
+    IdTaken {
+        id: String,
+        lease: i64,
+        ttl_secs: i64,
+    },
     #[error("malformed registry entry {key}: {message}")]
     Malformed { key: String, message: String },
 }
@@ -186,13 +196,18 @@ pub enum WatchItem {
 /// The registry as relays and gateways use it. Implementations must be cheap to call concurrently.
 #[async_trait::async_trait]
 pub trait Registry: Send + Sync + 'static {
-    /// Grants (or re-grants) the relay's lease and writes its record under it.
+    /// Grants (or re-grants) the relay's lease and writes its record under it, if the record is
+    /// absent or already ours: [`Error::IdTaken`] when another live relay holds the id.
     async fn register_relay(&self, relay: &RelayInfo) -> Result<(), Error>;
     /// Revokes the relay's lease: its record and every route it wrote disappear at once.
     async fn deregister_relay(&self, relay_id: &str) -> Result<(), Error>;
     /// Writes routes under the owning relay's lease.
     async fn put_routes(&self, relay_id: &str, routes: &[Route]) -> Result<(), Error>;
     async fn delete_routes(&self, keys: &[RouteKey]) -> Result<(), Error>;
+    /// The routes of relay `relay_id` that this process wrote and still owns: with etcd, those
+    /// attached to this process's current lease. A reconcile deletes stale routes among these
+    /// only, never another process's.
+    async fn owned_routes(&self, relay_id: &str) -> Result<Vec<RouteKey>, Error>;
     /// Every route and relay, with the revision they were read at.
     async fn snapshot(&self) -> Result<Snapshot, Error>;
     /// Changes after `revision` (exclusive), in order. The channel closes when the watch breaks.

@@ -294,7 +294,31 @@ impl Relay {
             }
         };
         let accept_task = tokio::spawn(accept);
-        shutdown.cancelled().await;
+        let mut publisher_task = publisher_task;
+        // The publisher ends on its own only when the relay may not run: its id belongs to
+        // another live relay.
+        let refused = tokio::select! {
+            _ = shutdown.cancelled() => None,
+            result = &mut publisher_task => Some(result),
+        };
+        if let Some(result) = refused {
+            closed.cancel();
+            let _ = accept_task.await;
+            self.endpoint
+                .close(close::REJECTED.into(), b"relay refused to start");
+            if let Some(ep) = &self.peer_endpoint {
+                ep.close(close::REJECTED.into(), b"relay refused to start");
+            }
+            // Revokes the lease this relay was granted, which holds none of the other's keys.
+            let _ = self.registry.deregister_relay(&self.config.id).await;
+            return match result {
+                Ok(Err(err)) => Err(anyhow::Error::new(err)),
+                Ok(Ok(())) => Err(anyhow::anyhow!("the relay's registry publisher stopped")),
+                Err(err) => Err(anyhow::anyhow!(
+                    "the relay's registry publisher failed: {err}"
+                )),
+            };
+        }
         self.drain().await;
         closed.cancel();
         let _ = accept_task.await;

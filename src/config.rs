@@ -1190,6 +1190,7 @@ pub struct RegistryFile {
     pub endpoints: Vec<String>,
     pub prefix: Option<String>,
     pub lease_ttl: Option<HumanDuration>,
+    pub max_staleness: Option<HumanDuration>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -1209,10 +1210,21 @@ pub enum RegistryConfig {
         endpoints: Vec<String>,
         prefix: String,
         lease_ttl: Duration,
+        /// A gateway whose route view etcd has not confirmed for longer is not ready.
+        max_staleness: Duration,
     },
 }
 
 impl RegistryConfig {
+    /// The bound on a gateway's route view age (`registry.max_staleness`); none for the
+    /// in-process memory registry, which is never stale.
+    pub fn max_staleness(&self) -> Option<Duration> {
+        match self {
+            RegistryConfig::Memory => None,
+            RegistryConfig::Etcd { max_staleness, .. } => Some(*max_staleness),
+        }
+    }
+
     pub fn from_file(f: RegistryFile) -> Result<Self, Error> {
         match f.kind.unwrap_or_default() {
             RegistryKind::Memory => {
@@ -1235,6 +1247,13 @@ impl RegistryConfig {
                 if lease_ttl < Duration::from_secs(2) {
                     return Err(invalid("registry.lease_ttl", "must be at least 2s"));
                 }
+                let max_staleness = f.max_staleness.map_or(Duration::from_secs(30), |d| d.0);
+                if max_staleness < Duration::from_secs(2) {
+                    return Err(invalid(
+                        "registry.max_staleness",
+                        "must be at least 2s (the view is confirmed about every second)",
+                    ));
+                }
                 Ok(RegistryConfig::Etcd {
                     endpoints: f.endpoints,
                     prefix: f
@@ -1243,6 +1262,7 @@ impl RegistryConfig {
                         .trim_end_matches('/')
                         .to_string(),
                     lease_ttl,
+                    max_staleness,
                 })
             }
         }

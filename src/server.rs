@@ -50,6 +50,7 @@ pub async fn open_registry(config: &RegistryConfig) -> anyhow::Result<Arc<dyn Re
             endpoints,
             prefix,
             lease_ttl,
+            ..
         } => Ok(Arc::new(
             EtcdRegistry::connect(endpoints, prefix, *lease_ttl)
                 .await
@@ -125,7 +126,7 @@ impl Process {
         config: ServerConfig,
         registry: Arc<dyn Registry>,
     ) -> anyhow::Result<Self> {
-        let cache = Arc::new(RouteCache::new());
+        let cache = Arc::new(RouteCache::new().with_max_staleness(config.registry.max_staleness()));
         let relay = Relay::bind(
             config.relay.clone(),
             config.peer.as_ref(),
@@ -158,7 +159,7 @@ impl Process {
         registry: Option<Arc<dyn Registry>>,
     ) -> anyhow::Result<Self> {
         let registry = given_or_open(registry, &config.registry).await?;
-        let cache = Arc::new(RouteCache::new());
+        let cache = Arc::new(RouteCache::new().with_max_staleness(config.registry.max_staleness()));
         let relay = Relay::bind(
             config.relay.clone(),
             config.peer.as_ref(),
@@ -180,7 +181,7 @@ impl Process {
         registry: Option<Arc<dyn Registry>>,
     ) -> anyhow::Result<Self> {
         let registry = given_or_open(registry, &config.registry).await?;
-        let cache = Arc::new(RouteCache::new());
+        let cache = Arc::new(RouteCache::new().with_max_staleness(config.registry.max_staleness()));
         let peers = PeerPool::new(&config.peer, cache.clone())?;
         let gateway =
             Gateway::bind(config.gateway.clone(), cache.clone(), None, Some(peers)).await?;

@@ -257,6 +257,17 @@ listen = "127.0.0.1:0"
 
     /// Starts a gateway and returns it with its SOCKS5 address.
     async fn gateway(&self, name: &str, etcd_url: &str, extra: &str) -> (Proc, SocketAddr) {
+        let ((proc, _), socks) = self.gateway_with_admin(name, etcd_url, extra).await;
+        (proc, socks)
+    }
+
+    /// Starts a gateway: (process, admin address), SOCKS5 address.
+    async fn gateway_with_admin(
+        &self,
+        name: &str,
+        etcd_url: &str,
+        extra: &str,
+    ) -> ((Proc, SocketAddr), SocketAddr) {
         let config = self.path(&format!("{name}.toml"));
         let b = &self.bundle;
         std::fs::write(
@@ -291,7 +302,7 @@ listen = "127.0.0.1:0"
         );
         let line = proc.ready_line().await;
         let socks = ready_addr(&line, "socks5");
-        (proc, socks)
+        ((proc, ready_addr(&line, "admin")), socks)
     }
 
     /// Starts agent `i` at 127.net.0.(i+1) with an echo service, tunnelled to `relay_ports`.
@@ -541,4 +552,287 @@ async fn second_relay_with_a_live_id_is_refused() {
         .await
         .iter()
         .all(|(_, l)| *l == new_lease));
+}
+
+/// Three etcd members on loopback, each with its own ports and data dir.
+struct EtcdCluster {
+    urls: Vec<String>,
+    members: Vec<Proc>,
+}
+
+impl EtcdCluster {
+    async fn start(dir: &Path) -> EtcdCluster {
+        let ports: Vec<(u16, u16)> = (0..3)
+            .map(|_| (process::free_tcp_port(), process::free_tcp_port()))
+            .collect();
+        let initial: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect();
+        let initial = initial.join(",");
+        let mut members = Vec::new();
+        let mut urls = Vec::new();
+        for (i, (client, peer)) in ports.iter().enumerate() {
+            let client = format!("http://127.0.0.1:{client}");
+            let peer = format!("http://127.0.0.1:{peer}");
+            let data = dir.join(format!("etcd-m{i}"));
+            let name = format!("m{i}");
+            let args = [
+                "--name",
+                &name,
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+                "--initial-cluster",
+                &initial,
+                "--initial-cluster-state",
+                "new",
+                "--initial-cluster-token",
+                "postern-test",
+            ];
+            members.push(Proc::spawn(
+                &format!("etcd-m{i}"),
+                "etcd",
+                &args,
+                &[],
+                &dir.join(format!("etcd-m{i}.log")),
+            ));
+            urls.push(client);
+        }
+        for url in &urls {
+            wait_for(process::STARTUP, "the etcd cluster to answer", || {
+                let url = url.clone();
+                async move {
+                    let mut c = etcd_client::Client::connect([url], None).await.ok()?;
+                    c.get("probe", None).await.ok().map(|_| ())
+                }
+            })
+            .await;
+        }
+        EtcdCluster { urls, members }
+    }
+}
+
+/// `GET path` on an admin listener: (status, body).
+async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let work = async {
+        let mut tcp = TcpStream::connect(addr).await.ok()?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+        tcp.write_all(req.as_bytes()).await.ok()?;
+        let mut text = String::new();
+        tcp.read_to_string(&mut text).await.ok()?;
+        let status = text.split_whitespace().nth(1)?.parse().ok()?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map_or("", |(_, b)| b)
+            .to_string();
+        Some((status, body))
+    };
+    tokio::time::timeout(Duration::from_secs(5), work)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or((0, String::new()))
+}
+
+/// `postern_registry_view_age_seconds` as the gateway exports it.
+async fn view_age(admin: SocketAddr) -> f64 {
+    let (_, body) = admin_get(admin, "/metrics").await;
+    body.lines()
+        .find_map(|l| l.strip_prefix("postern_registry_view_age_seconds "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no postern_registry_view_age_seconds in /metrics"))
+}
+
+/// Waits until `GET /readyz` answers `status`; returns how long that took.
+async fn wait_readyz(admin: SocketAddr, status: u16, what: &str, limit: Duration) -> Duration {
+    let started = Instant::now();
+    wait_for(limit, what, || async {
+        (admin_get(admin, "/readyz").await.0 == status).then_some(())
+    })
+    .await;
+    started.elapsed()
+}
+
+/// A 3-member etcd; the gateway and the relay talk to member m0 only. m0 is isolated from the
+/// other two (both stopped with SIGSTOP: no leader for m0, which itself answers on). The
+/// gateway's view age rises and it turns not ready past `registry.max_staleness` (3 s); the
+/// relay, cut off for longer than its lease TTL, refuses a new agent with `Draining`. When the
+/// members come back, the gateway is ready again with a fresh view, and the new agent's tunnel
+/// comes up and carries traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_member_makes_the_gateway_stale_and_the_relay_refuse() {
+    const MAX_STALENESS: Duration = Duration::from_secs(3);
+    let setup = Setup::new(93);
+    let etcd = EtcdCluster::start(setup.dir.path()).await;
+    let m0 = etcd.urls[0].clone();
+    let (config, port) = setup.relay_config("relay-0", "relay-0", &m0, "");
+    let mut relay = Proc::spawn(
+        "relay-0",
+        BIN,
+        &["relay", "--config", &p(&config)],
+        &[],
+        &setup.path("relay-0.log"),
+    );
+    let relay_admin = ready_addr(&relay.ready_line().await, "admin");
+    let extra = format!("max_staleness = \"{}s\"", MAX_STALENESS.as_secs());
+    let (mut gateway, socks) = setup.gateway_with_admin("gateway-0", &m0, &extra).await;
+    let gateway_admin = gateway.1;
+    let (_agent0, echo0) = setup.agent(0, &[port]).await;
+    wait_readyz(
+        gateway_admin,
+        200,
+        "the gateway to be ready",
+        Duration::from_secs(20),
+    )
+    .await;
+    wait_readyz(
+        relay_admin,
+        200,
+        "the relay to be ready",
+        Duration::from_secs(20),
+    )
+    .await;
+    wait_for(Duration::from_secs(20), "agent-0 reachable", || async {
+        (harness::transfer(socks, echo0.addr, 4096, 1).await == Outcome::Ok).then_some(())
+    })
+    .await;
+    // With nothing changing, progress answers keep a healthy view young, well past the bound.
+    let mut fresh_age: f64 = 0.0;
+    let quiet = Instant::now();
+    while quiet.elapsed() < MAX_STALENESS + Duration::from_secs(2) {
+        fresh_age = fresh_age.max(view_age(gateway_admin).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(fresh_age < 2.0, "a healthy view grew {fresh_age}s old");
+    assert_eq!(admin_get(gateway_admin, "/readyz").await.0, 200);
+
+    for member in &etcd.members[1..] {
+        member.signal("STOP");
+    }
+    let isolated = Instant::now();
+    let stale_after = wait_readyz(
+        gateway_admin,
+        503,
+        "the gateway to report itself stale",
+        Duration::from_secs(30),
+    )
+    .await;
+    // The gauge is refreshed every 250 ms: it crosses the bound at most that much later.
+    let stale_age = wait_for(
+        Duration::from_secs(2),
+        "the view age metric past the bound",
+        || async {
+            let age = view_age(gateway_admin).await;
+            (age > MAX_STALENESS.as_secs_f64()).then_some(age)
+        },
+    )
+    .await;
+    let (_, reason) = admin_get(gateway_admin, "/readyz").await;
+    assert!(
+        reason.contains("not confirmed by the registry"),
+        "readyz says {reason:?}"
+    );
+    // Only the `fresh` check fails: the cached routes are there.
+    assert_eq!(
+        admin_get(gateway_admin, "/readyz?exclude=fresh").await.0,
+        200
+    );
+    // Relay: cut off for longer than its lease TTL, it is not ready and refuses new tunnels.
+    let relay_cut_off = wait_readyz(
+        relay_admin,
+        503,
+        "the relay to notice it is cut off",
+        Duration::from_secs(30),
+    )
+    .await;
+    let (mut agent1, echo1) = setup.agent(1, &[port]).await;
+    let agent1_log = setup.path("agent-1.log");
+    wait_for(
+        Duration::from_secs(15),
+        "agent-1 refused with Draining",
+        || async {
+            let log = std::fs::read_to_string(&agent1_log).unwrap_or_default();
+            log.contains("relay cut off from the registry")
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        routes_of_url(&etcd.urls[0], "relay-0").await.is_none(),
+        "m0 answered a read without a leader"
+    );
+
+    for member in &etcd.members[1..] {
+        member.signal("CONT");
+    }
+    let healed = Instant::now();
+    let recovered_after = wait_readyz(
+        gateway_admin,
+        200,
+        "the gateway to be ready again",
+        Duration::from_secs(30),
+    )
+    .await;
+    let recovered_age = view_age(gateway_admin).await;
+    wait_readyz(
+        relay_admin,
+        200,
+        "the relay to be ready again",
+        Duration::from_secs(30),
+    )
+    .await;
+    wait_for(
+        Duration::from_secs(30),
+        "agent-1 reachable after the partition",
+        || async {
+            (harness::transfer(socks, echo1.addr, 4096, 2).await == Outcome::Ok).then_some(())
+        },
+    )
+    .await;
+    eprintln!(
+        "isolated m0: gateway stale (503) after {stale_after:?} with max_staleness {MAX_STALENESS:?} \
+         (view age then {stale_age:.1}s; at most {fresh_age:.2}s while healthy); relay not ready after \
+         {relay_cut_off:?} from then; healed: gateway ready after {recovered_after:?} (view age \
+         {recovered_age:.2}s), total partition {:?}",
+        healed - isolated
+    );
+    assert!(recovered_age < MAX_STALENESS.as_secs_f64());
+    assert!(relay.alive() && gateway.0.alive() && agent1.alive());
+}
+
+/// The route keys of `relay` read from one etcd member; `None` when it cannot answer in 3 s.
+async fn routes_of_url(url: &str, relay: &str) -> Option<usize> {
+    let work = async {
+        let options = etcd_client::ConnectOptions::new().with_require_leader(true);
+        let mut client = etcd_client::Client::connect([url.to_string()], Some(options))
+            .await
+            .ok()?;
+        let resp = client
+            .get("/postern/routes/", Some(GetOptions::new().with_prefix()))
+            .await
+            .ok()?;
+        Some(
+            resp.kvs()
+                .iter()
+                .filter(|kv| {
+                    kv.key_str()
+                        .is_ok_and(|k| k.split('/').nth(5) == Some(relay))
+                })
+                .count(),
+        )
+    };
+    tokio::time::timeout(Duration::from_secs(3), work)
+        .await
+        .ok()
+        .flatten()
 }

@@ -19,6 +19,9 @@ use super::{Error, Event, Registry, RelayInfo, Route, RouteKey, RouteValue, Snap
 
 /// Deadline for one etcd request; an unreachable etcd must not stall the publisher forever.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a watch asks etcd to confirm its progress: the bound on how late a gateway learns
+/// that its view stopped advancing.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// Keys per range page when listing, and operations per transaction (etcd's default limit is 128).
 const PAGE: i64 = 2_000;
 const TXN_OPS: usize = 128;
@@ -35,6 +38,29 @@ pub struct EtcdRegistry {
     lease_ttl: Duration,
     lease: Mutex<Option<Lease>>,
     epoch: watch::Sender<u64>,
+    /// When etcd last confirmed this process's lease (granted or refreshed it); the connect time
+    /// before any lease.
+    confirmed: Confirmed,
+}
+
+/// When etcd last confirmed the lease, shared with its keep-alive task.
+#[derive(Clone)]
+struct Confirmed(std::sync::Arc<std::sync::Mutex<std::time::Instant>>);
+
+impl Confirmed {
+    fn now() -> Self {
+        Confirmed(std::sync::Arc::new(std::sync::Mutex::new(
+            std::time::Instant::now(),
+        )))
+    }
+
+    fn touch(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
+    }
+
+    fn elapsed(&self) -> Duration {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).elapsed()
+    }
 }
 
 fn unavailable(err: impl std::fmt::Display) -> Error {
@@ -157,7 +183,10 @@ impl EtcdRegistry {
         prefix: &str,
         lease_ttl: Duration,
     ) -> Result<Self, Error> {
+        // `require_leader`: a member cut off from the cluster's leader fails requests and
+        // streams instead of serving a view that has stopped advancing.
         let options = ConnectOptions::new()
+            .with_require_leader(true)
             .with_connect_timeout(Duration::from_secs(3))
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
             .with_keep_alive_while_idle(true);
@@ -172,6 +201,7 @@ impl EtcdRegistry {
             lease_ttl,
             lease: Mutex::new(None),
             epoch: watch::channel(0).0,
+            confirmed: Confirmed::now(),
         })
     }
 
@@ -191,11 +221,13 @@ impl EtcdRegistry {
         let mut client = self.client.clone();
         let granted = timed(client.lease_grant(ttl, None)).await?;
         let id = granted.id();
+        self.confirmed.touch();
         let keeper = tokio::spawn(keep_alive(
             self.client.clone(),
             id,
             self.lease_ttl,
             self.epoch.clone(),
+            self.confirmed.clone(),
         ));
         tracing::info!(lease = id, ttl, "etcd lease granted");
         *lease = Some(Lease { id, keeper });
@@ -292,7 +324,12 @@ enum StreamEnd {
 
 /// Refreshes `id` every TTL/3 on one keep-alive stream until etcd says the lease is gone or the
 /// stream breaks.
-async fn keep_alive_stream(client: &mut Client, id: i64, ttl: Duration) -> StreamEnd {
+async fn keep_alive_stream(
+    client: &mut Client,
+    id: i64,
+    ttl: Duration,
+    confirmed: &Confirmed,
+) -> StreamEnd {
     let (mut keeper, mut responses) = match timed_for(Some(id), client.lease_keep_alive(id)).await {
         Ok(pair) => pair,
         Err(Error::LeaseNotFound { .. }) => return StreamEnd::Gone,
@@ -305,7 +342,7 @@ async fn keep_alive_stream(client: &mut Client, id: i64, ttl: Duration) -> Strea
             return StreamEnd::Broken(classify(err, Some(id)));
         }
         match tokio::time::timeout(REQUEST_TIMEOUT, responses.message()).await {
-            Ok(Ok(Some(resp))) if resp.ttl() > 0 => {}
+            Ok(Ok(Some(resp))) if resp.ttl() > 0 => confirmed.touch(),
             Ok(Ok(Some(_))) => return StreamEnd::Gone,
             Ok(Ok(None)) => {
                 return StreamEnd::Broken(Error::Unavailable("keep-alive stream closed".into()))
@@ -334,12 +371,18 @@ async fn remaining_ttl(client: &mut Client, id: i64) -> Result<Option<i64>, Erro
 /// the same lease once etcd confirms it still exists; only when etcd says it is gone does this end
 /// and bump `epoch`, so the owner grants a new lease and re-puts every key. Never revokes: a lease
 /// that may be alive holds every route of the relay.
-async fn keep_alive(mut client: Client, id: i64, ttl: Duration, epoch: watch::Sender<u64>) {
+async fn keep_alive(
+    mut client: Client,
+    id: i64,
+    ttl: Duration,
+    epoch: watch::Sender<u64>,
+    confirmed: Confirmed,
+) {
     let max_delay = (ttl / 4).max(Duration::from_millis(200));
     let mut backoff = Backoff::new(Duration::from_millis(50), max_delay);
     loop {
         let opened = tokio::time::Instant::now();
-        match keep_alive_stream(&mut client, id, ttl).await {
+        match keep_alive_stream(&mut client, id, ttl, &confirmed).await {
             StreamEnd::Gone => break,
             StreamEnd::Broken(err) => {
                 tracing::warn!(lease = id, %err, "etcd keep-alive stream broke; keeping the same lease")
@@ -543,6 +586,7 @@ impl Registry for EtcdRegistry {
     async fn watch(&self, after_revision: i64) -> Result<mpsc::Receiver<WatchItem>, Error> {
         let options = WatchOptions::new()
             .with_prefix()
+            .with_progress_notify()
             .with_start_revision(after_revision + 1);
         let mut client = self.client.clone();
         let mut stream =
@@ -550,8 +594,23 @@ impl Registry for EtcdRegistry {
         let (tx, rx) = mpsc::channel(1024);
         let keys = self.keys.clone();
         tokio::spawn(async move {
+            let mut progress = tokio::time::interval(PROGRESS_EVERY);
+            progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                let resp = match stream.message().await {
+                // `message` only polls the gRPC stream: dropping it for a tick loses nothing.
+                let resp = tokio::select! {
+                    m = stream.message() => m,
+                    _ = progress.tick() => {
+                        // etcd answers with an empty response at its current revision. An
+                        // unanswered request is what leaves the view's age growing.
+                        if let Err(err) = stream.request_progress().await {
+                            tracing::warn!(%err, "etcd watch broke");
+                            return;
+                        }
+                        continue;
+                    }
+                };
+                let resp = match resp {
                     Ok(Some(resp)) => resp,
                     Ok(None) => return,
                     Err(err) => {
@@ -585,17 +644,21 @@ impl Registry for EtcdRegistry {
                             .ok()
                     })
                     .collect();
-                if !events.is_empty()
-                    && tx
-                        .send(WatchItem::Events { revision, events })
-                        .await
-                        .is_err()
-                {
+                let item = if events.is_empty() {
+                    WatchItem::Progress { revision }
+                } else {
+                    WatchItem::Events { revision, events }
+                };
+                if tx.send(item).await.is_err() {
                     return;
                 }
             }
         });
         Ok(rx)
+    }
+
+    fn cut_off(&self) -> bool {
+        self.confirmed.elapsed() > self.lease_ttl
     }
 
     fn lease_epoch(&self) -> watch::Receiver<u64> {

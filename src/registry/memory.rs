@@ -175,8 +175,19 @@ impl Registry for MemoryRegistry {
                     return;
                 }
             }
+            // Nothing stands between this watch and the registry: confirm the view every second.
+            let mut progress = tokio::time::interval(std::time::Duration::from_secs(1));
             loop {
-                match changes.recv().await {
+                let change = tokio::select! {
+                    c = changes.recv() => c,
+                    _ = progress.tick() => {
+                        if tx.send(WatchItem::Progress { revision: last }).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                };
+                match change {
                     Ok((revision, _)) if revision <= last => continue,
                     Ok((revision, event)) => {
                         last = revision;
@@ -255,6 +266,7 @@ mod tests {
         while seen.len() < 2 {
             match rx.recv().await.unwrap() {
                 WatchItem::Events { events, .. } => seen.extend(events),
+                WatchItem::Progress { .. } => {}
                 WatchItem::Reset => panic!("unexpected reset"),
             }
         }

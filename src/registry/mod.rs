@@ -189,6 +189,10 @@ pub struct Snapshot {
 pub enum WatchItem {
     /// Changes up to and including `revision`.
     Events { revision: i64, events: Vec<Event> },
+    /// No change, but the registry confirms the view is current up to `revision` (etcd progress
+    /// notifications; the memory registry sends one every second). How old the last confirmation
+    /// is tells how stale a gateway's view may be.
+    Progress { revision: i64 },
     /// The watch cannot continue from where it was (compacted history, lagging consumer): re-list.
     Reset,
 }
@@ -215,6 +219,12 @@ pub trait Registry: Send + Sync + 'static {
     /// Changes whenever this process's relay lease was lost, so the relay re-registers and re-puts
     /// its routes (the registry forgets keys of a lost lease).
     fn lease_epoch(&self) -> watch::Receiver<u64>;
+    /// True when this process's relay lease has gone unconfirmed by the registry for longer than
+    /// its TTL (or was never granted in that long): the relay cannot publish, and its routes may
+    /// be gone. Never for the memory registry.
+    fn cut_off(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

@@ -207,7 +207,7 @@ impl Relay {
 
     /// True once the relay is registered and its routes are in step with the registry.
     pub fn is_registered(&self) -> bool {
-        *self.in_sync.borrow()
+        *self.in_sync.borrow() && !self.registry.cut_off()
     }
 
     pub fn is_draining(&self) -> bool {
@@ -412,6 +412,13 @@ impl Relay {
                 Err(Reject {
                     code: Code::Draining,
                     reason: "relay is draining".into(),
+                })
+            } else if self.registry.cut_off() {
+                // Its routes could not be published (and its lease may be gone): the agent is
+                // better served by a relay that can.
+                Err(Reject {
+                    code: Code::Draining,
+                    reason: "relay cut off from the registry for longer than its lease TTL".into(),
                 })
             } else {
                 let cert =

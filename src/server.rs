@@ -50,9 +50,10 @@ pub async fn open_registry(config: &RegistryConfig) -> anyhow::Result<Arc<dyn Re
             endpoints,
             prefix,
             lease_ttl,
+            security,
             ..
         } => Ok(Arc::new(
-            EtcdRegistry::connect(endpoints, prefix, *lease_ttl)
+            EtcdRegistry::connect_with(endpoints, prefix, *lease_ttl, security)
                 .await
                 .context("connecting to etcd")?,
         )),

@@ -8,12 +8,13 @@
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn,
-    TxnOp, TxnOpResponse, WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    KeyValue, PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use tokio::sync::{mpsc, watch, Mutex};
 
 use crate::backoff::Backoff;
+use crate::config::EtcdSecurity;
 
 use super::{Error, Event, Registry, RelayInfo, Route, RouteKey, RouteValue, Snapshot, WatchItem};
 
@@ -67,6 +68,31 @@ fn unavailable(err: impl std::fmt::Display) -> Error {
     Error::Unavailable(err.to_string())
 }
 
+/// An etcd error with its causes: a TLS failure hides under "transport error" otherwise.
+fn with_causes(err: &etcd_client::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    // Name the setting behind the TLS failures an operator meets first.
+    if text.contains("BadCertificate") || text.contains("CertificateRequired") {
+        text.push_str(
+            " (etcd refused this client's certificate or its absence: check registry.cert and registry.key)",
+        );
+    } else if text.contains("UnknownIssuer") || text.contains("invalid peer certificate") {
+        text.push_str(
+            " (etcd's certificate is not signed by registry.ca, or does not name the endpoint)",
+        );
+    }
+    text
+}
+
 /// Keeps etcd's error kind: a lease etcd does not know is gone for good, anything else (a broken
 /// connection, a timeout, a leader election) may pass.
 fn classify(err: etcd_client::Error, lease: Option<i64>) -> Error {
@@ -78,7 +104,7 @@ fn classify(err: etcd_client::Error, lease: Option<i64>) -> Error {
         {
             Error::LeaseNotFound { lease }
         }
-        _ => unavailable(err),
+        _ => Error::Unavailable(with_causes(&err)),
     }
 }
 
@@ -112,6 +138,25 @@ fn prefix_end(prefix: &str) -> Vec<u8> {
         }
     }
     vec![0]
+}
+
+/// Adds TLS (CA, client certificate) and an etcd user to `options`.
+fn secure(mut options: ConnectOptions, security: &EtcdSecurity) -> Result<ConnectOptions, Error> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path)
+            .map_err(|e| Error::Unavailable(format!("cannot read {}: {e}", path.display())))
+    };
+    if let Some(tls) = &security.tls {
+        let mut config = TlsOptions::new().ca_certificate(Certificate::from_pem(read(&tls.ca)?));
+        if let Some((cert, key)) = &tls.client {
+            config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        options = options.with_tls(config);
+    }
+    if let Some(auth) = &security.auth {
+        options = options.with_user(auth.username.clone(), auth.password.expose());
+    }
+    Ok(options)
 }
 
 /// Key layout and parsing, shared by the registry and its watch tasks.
@@ -183,6 +228,16 @@ impl EtcdRegistry {
         prefix: &str,
         lease_ttl: Duration,
     ) -> Result<Self, Error> {
+        Self::connect_with(endpoints, prefix, lease_ttl, &EtcdSecurity::default()).await
+    }
+
+    /// [`EtcdRegistry::connect`] with TLS and an etcd user.
+    pub async fn connect_with(
+        endpoints: &[String],
+        prefix: &str,
+        lease_ttl: Duration,
+        security: &EtcdSecurity,
+    ) -> Result<Self, Error> {
         // `require_leader`: a member cut off from the cluster's leader fails requests and
         // streams instead of serving a view that has stopped advancing.
         let options = ConnectOptions::new()
@@ -190,9 +245,10 @@ impl EtcdRegistry {
             .with_connect_timeout(Duration::from_secs(3))
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
             .with_keep_alive_while_idle(true);
+        let options = secure(options, security)?;
         let client = Client::connect(endpoints, Some(options))
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| Error::Unavailable(with_causes(&e)))?;
         Ok(EtcdRegistry {
             client,
             keys: Keys {

@@ -1029,3 +1029,78 @@ async fn cluster_through_etcd_with_client_certificates() {
     assert!(record.kvs().is_empty(), "the refused relay registered");
     assert!(nocert.alive());
 }
+
+/// etcd with users (`auth enable`): a relay, a gateway and an agent signed in as a user whose
+/// password comes from the environment work; a relay with a wrong password fails at start,
+/// saying authentication failed, and its password appears in no log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_through_etcd_with_a_user_and_password() {
+    const PASSWORD: &str = "etcd-test-secret-7d1c";
+    let setup = Setup::new(95);
+    let etcd = Etcd::started(setup.dir.path()).await;
+    let mut admin = etcd_client::Client::connect([etcd.url.clone()], None)
+        .await
+        .unwrap();
+    admin.user_add("root", PASSWORD, None).await.unwrap();
+    admin.user_grant_role("root", "root").await.unwrap();
+    admin.auth_enable().await.unwrap();
+    // Without a user, etcd refuses now.
+    assert!(admin.get("/postern/", None).await.is_err());
+
+    let auth = "username = \"root\"\npassword = \"env:POSTERN_ETCD_PASSWORD\"";
+    let (config, port) = setup.relay_config("relay-0", "relay-0", &etcd.url, auth);
+    let mut relay = Proc::spawn(
+        "relay-0",
+        BIN,
+        &["relay", "--config", &p(&config)],
+        &[("POSTERN_ETCD_PASSWORD", PASSWORD)],
+        &setup.path("relay-0.log"),
+    );
+    relay.ready_line().await;
+    // The gateway reads the same password from a file.
+    let password_file = setup.path("etcd-password");
+    std::fs::write(&password_file, format!("{PASSWORD}\n")).unwrap();
+    let file_auth = format!(
+        "username = \"root\"\npassword = \"file:{}\"",
+        p(&password_file)
+    );
+    let (_gateway, socks) = setup.gateway("gateway-0", &etcd.url, &file_auth).await;
+    let (_agent, echo) = setup.agent(0, &[port]).await;
+    let mut outcome = Outcome::Failed("not tried".into());
+    for i in 0..200 {
+        outcome = harness::transfer(socks, echo.addr, 16 * 1024, i).await;
+        if outcome == Outcome::Ok {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(outcome, Outcome::Ok, "transfer through an etcd with users");
+
+    let (config, _) = setup.relay_config("relay-bad", "relay-bad", &etcd.url, auth);
+    let mut bad = Proc::spawn(
+        "relay-bad",
+        BIN,
+        &["relay", "--config", &p(&config)],
+        &[("POSTERN_ETCD_PASSWORD", "wrong-password")],
+        &setup.path("relay-bad.log"),
+    );
+    let status = bad.wait_exit(Duration::from_secs(20)).await;
+    assert!(!status.success());
+    let log = std::fs::read_to_string(setup.path("relay-bad.log")).unwrap();
+    eprintln!("relay with a wrong password: {}", log.trim());
+    assert!(
+        log.contains("authentication failed"),
+        "no clear refusal: {log}"
+    );
+    assert!(relay.alive());
+    for entry in std::fs::read_dir(setup.dir.path()).unwrap().flatten() {
+        if entry.path().extension().is_some_and(|e| e == "log") {
+            let text = std::fs::read_to_string(entry.path()).unwrap();
+            assert!(
+                !text.contains(PASSWORD) && !text.contains("wrong-password"),
+                "a password in {}",
+                entry.path().display()
+            );
+        }
+    }
+}

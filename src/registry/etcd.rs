@@ -154,7 +154,10 @@ fn secure(mut options: ConnectOptions, security: &EtcdSecurity) -> Result<Connec
         options = options.with_tls(config);
     }
     if let Some(auth) = &security.auth {
-        options = options.with_user(auth.username.clone(), auth.password.expose());
+        // etcd's simple tokens expire (5 min by default): sign in again when one has.
+        options = options
+            .with_user(auth.username.clone(), auth.password.expose())
+            .with_auto_token_refresh(true);
     }
     Ok(options)
 }

@@ -117,9 +117,11 @@ struct DeleteWatch {
 
 impl DeleteWatch {
     async fn start(etcd: &Etcd, prefix: &str) -> DeleteWatch {
-        let mut client = etcd_client::Client::connect([etcd.url.clone()], None)
-            .await
-            .unwrap();
+        Self::start_url(&etcd.url, prefix).await
+    }
+
+    async fn start_url(url: &str, prefix: &str) -> DeleteWatch {
+        let mut client = etcd_client::Client::connect([url], None).await.unwrap();
         let mut stream = client
             .watch(prefix, Some(WatchOptions::new().with_prefix()))
             .await
@@ -151,9 +153,11 @@ impl DeleteWatch {
 
 /// The lease a key is attached to (0 when none), read straight from etcd.
 async fn lease_of(etcd: &Etcd, key: &str) -> Option<i64> {
-    let mut client = etcd_client::Client::connect([etcd.url.clone()], None)
-        .await
-        .unwrap();
+    lease_of_url(&etcd.url, key).await
+}
+
+async fn lease_of_url(url: &str, key: &str) -> Option<i64> {
+    let mut client = etcd_client::Client::connect([url], None).await.unwrap();
     let resp = client.get(key, None).await.unwrap();
     resp.kvs().first().map(|kv| kv.lease())
 }
@@ -558,6 +562,9 @@ async fn second_relay_with_a_live_id_is_refused() {
 struct EtcdCluster {
     urls: Vec<String>,
     members: Vec<Proc>,
+    /// Each member's command line, to restart it on the same ports and data.
+    args: Vec<Vec<String>>,
+    dir: PathBuf,
 }
 
 impl EtcdCluster {
@@ -573,6 +580,7 @@ impl EtcdCluster {
         let initial = initial.join(",");
         let mut members = Vec::new();
         let mut urls = Vec::new();
+        let mut all_args: Vec<Vec<String>> = Vec::new();
         for (i, (client, peer)) in ports.iter().enumerate() {
             let client = format!("http://127.0.0.1:{client}");
             let peer = format!("http://127.0.0.1:{peer}");
@@ -605,19 +613,46 @@ impl EtcdCluster {
                 &[],
                 &dir.join(format!("etcd-m{i}.log")),
             ));
+            all_args.push(args.iter().map(|a| a.to_string()).collect());
             urls.push(client);
         }
-        for url in &urls {
-            wait_for(process::STARTUP, "the etcd cluster to answer", || {
-                let url = url.clone();
-                async move {
-                    let mut c = etcd_client::Client::connect([url], None).await.ok()?;
-                    c.get("probe", None).await.ok().map(|_| ())
-                }
-            })
-            .await;
+        let cluster = EtcdCluster {
+            urls,
+            members,
+            args: all_args,
+            dir: dir.to_path_buf(),
+        };
+        for i in 0..3 {
+            cluster.wait_member(i).await;
         }
-        EtcdCluster { urls, members }
+        cluster
+    }
+
+    /// Waits until member `i` answers a (linearizable) read: it is in the cluster with a leader.
+    async fn wait_member(&self, i: usize) {
+        let url = self.urls[i].clone();
+        wait_for(process::STARTUP, "the etcd member to answer", || {
+            let url = url.clone();
+            async move {
+                let mut c = etcd_client::Client::connect([url], None).await.ok()?;
+                c.get("probe", None).await.ok().map(|_| ())
+            }
+        })
+        .await;
+    }
+
+    /// Kills member `i` and starts it again on its ports and data; waits until it answers.
+    async fn restart(&mut self, i: usize) {
+        self.members[i].child.kill().await.unwrap();
+        let args: Vec<&str> = self.args[i].iter().map(String::as_str).collect();
+        self.members[i] = Proc::spawn(
+            &format!("etcd-m{i}"),
+            "etcd",
+            &args,
+            &[],
+            &self.dir.join(format!("etcd-m{i}.log")),
+        );
+        self.wait_member(i).await;
     }
 }
 
@@ -663,7 +698,8 @@ async fn wait_readyz(admin: SocketAddr, status: u16, what: &str, limit: Duration
     started.elapsed()
 }
 
-/// A 3-member etcd; the gateway and the relay talk to member m0 only. m0 is isolated from the
+/// A 3-member etcd; the gateway and the relay talk to member m0 only. First m0 restarts: no
+/// route is deleted and the relay keeps its lease. Then m0 is isolated from the
 /// other two (both stopped with SIGSTOP: no leader for m0, which itself answers on). The
 /// gateway's view age rises and it turns not ready past `registry.max_staleness` (3 s); the
 /// relay, cut off for longer than its lease TTL, refuses a new agent with `Draining`. When the
@@ -673,7 +709,7 @@ async fn wait_readyz(admin: SocketAddr, status: u16, what: &str, limit: Duration
 async fn partitioned_member_makes_the_gateway_stale_and_the_relay_refuse() {
     const MAX_STALENESS: Duration = Duration::from_secs(3);
     let setup = Setup::new(93);
-    let etcd = EtcdCluster::start(setup.dir.path()).await;
+    let mut etcd = EtcdCluster::start(setup.dir.path()).await;
     let m0 = etcd.urls[0].clone();
     let (config, port) = setup.relay_config("relay-0", "relay-0", &m0, "");
     let mut relay = Proc::spawn(
@@ -715,6 +751,32 @@ async fn partitioned_member_makes_the_gateway_stale_and_the_relay_refuse() {
     }
     assert!(fresh_age < 2.0, "a healthy view grew {fresh_age}s old");
     assert_eq!(admin_get(gateway_admin, "/readyz").await.0, 200);
+
+    // The member the gateway and the relay talk to restarts: their streams break, yet no route
+    // is deleted, the relay keeps its lease, and both are ready again.
+    let deletes = DeleteWatch::start_url(&etcd.urls[1], "/postern/").await;
+    let lease = lease_of_url(&etcd.urls[1], "/postern/relays/relay-0").await;
+    let restarted = Instant::now();
+    etcd.restart(0).await;
+    let member_back = restarted.elapsed();
+    wait_readyz(
+        gateway_admin,
+        200,
+        "the gateway ready",
+        Duration::from_secs(10),
+    )
+    .await;
+    wait_readyz(relay_admin, 200, "the relay ready", Duration::from_secs(10)).await;
+    assert_eq!(
+        lease_of_url(&etcd.urls[1], "/postern/relays/relay-0").await,
+        lease
+    );
+    assert!(
+        deletes.deleted().is_empty(),
+        "deleted: {:?}",
+        deletes.deleted()
+    );
+    eprintln!("m0 restarted in {member_back:?}: no deletion, same lease");
 
     for member in &etcd.members[1..] {
         member.signal("STOP");

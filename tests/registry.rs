@@ -9,7 +9,7 @@ mod harness;
 #[path = "process/mod.rs"]
 mod process;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,7 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use harness::{tally, wait_for, Load, Outcome, LEASE_TTL, TOKEN};
-use process::{free_udp_port, ready_addr, Echo, Etcd, Proc, BIN};
+use process::{free_udp_port, ready_addr, Echo, Etcd, EtcdTls, Proc, BIN};
 
 /// A TCP forwarder from a loopback port to `target`. [`Forwarder::reset_all`] resets every
 /// connection open through it at that moment; later connections pass again.
@@ -899,56 +899,11 @@ async fn routes_of_url(url: &str, relay: &str) -> Option<usize> {
         .flatten()
 }
 
-/// etcd's TLS material for a test: a CA, etcd's server certificate for 127.0.0.1, and a client
-/// certificate for postern, written as PEM files.
-struct EtcdPki {
-    ca: PathBuf,
-    server: (PathBuf, PathBuf),
-    client: (PathBuf, PathBuf),
-}
-
-impl EtcdPki {
-    fn new(dir: &Path) -> EtcdPki {
-        use postern::cert::{generate_ca, issue, Kind};
-        let write = |name: &str, pem: &str| {
-            let path = dir.join(name);
-            std::fs::write(&path, pem).unwrap();
-            path
-        };
-        let (ca, ca_key) = generate_ca("etcd test CA").unwrap();
-        let localhost: IpAddr = "127.0.0.1".parse().unwrap();
-        let (server, server_key) =
-            issue(&ca, &ca_key, Kind::Relay, "etcd", &[], &[localhost], 2).unwrap();
-        let (client, client_key) =
-            issue(&ca, &ca_key, Kind::Relay, "postern", &[], &[], 2).unwrap();
-        EtcdPki {
-            ca: write("etcd-ca.pem", &ca),
-            server: (
-                write("etcd-server.pem", &server),
-                write("etcd-server-key.pem", &server_key),
-            ),
-            client: (
-                write("etcd-client.pem", &client),
-                write("etcd-client-key.pem", &client_key),
-            ),
-        }
-    }
-
-    /// A client of the test's own, with the client certificate.
-    async fn client(&self, url: &str) -> Option<etcd_client::Client> {
-        let tls = etcd_client::TlsOptions::new()
-            .ca_certificate(etcd_client::Certificate::from_pem(
-                std::fs::read(&self.ca).unwrap(),
-            ))
-            .identity(etcd_client::Identity::from_pem(
-                std::fs::read(&self.client.0).unwrap(),
-                std::fs::read(&self.client.1).unwrap(),
-            ));
-        let options = etcd_client::ConnectOptions::new().with_tls(tls);
-        etcd_client::Client::connect([url], Some(options))
-            .await
-            .ok()
-    }
+/// A client of the test's own for a TLS etcd, with the client certificate.
+async fn tls_client(tls: &EtcdTls, url: &str) -> Option<etcd_client::Client> {
+    etcd_client::Client::connect([url], Some(tls.options()))
+        .await
+        .ok()
 }
 
 /// etcd serving clients over TLS only, with client certificates required
@@ -959,7 +914,7 @@ impl EtcdPki {
 async fn cluster_through_etcd_with_client_certificates() {
     let setup = Setup::new(94);
     let dir = setup.dir.path();
-    let pki = EtcdPki::new(dir);
+    let pki = EtcdTls::new(dir);
     let (client_port, peer_port) = (process::free_tcp_port(), process::free_tcp_port());
     let url = format!("https://127.0.0.1:{client_port}");
     let peer = format!("http://127.0.0.1:{peer_port}");
@@ -994,7 +949,7 @@ async fn cluster_through_etcd_with_client_certificates() {
         &dir.join("etcd.log"),
     );
     wait_for(process::STARTUP, "etcd over TLS to answer", || async {
-        let mut client = pki.client(&url).await?;
+        let mut client = tls_client(&pki, &url).await?;
         client.get("probe", None).await.ok().map(|_| ())
     })
     .await;
@@ -1028,7 +983,7 @@ async fn cluster_through_etcd_with_client_certificates() {
         let pki = &pki;
         let url = url.clone();
         async move {
-            let mut client = pki.client(&url).await?;
+            let mut client = tls_client(&pki, &url).await?;
             let resp = client
                 .get("/postern/routes/", Some(GetOptions::new().with_prefix()))
                 .await
@@ -1083,7 +1038,7 @@ async fn cluster_through_etcd_with_client_certificates() {
     .await;
     eprintln!("relay without a client certificate: {refusal}");
     assert_eq!(admin_get(admin, "/readyz").await.0, 503);
-    let mut client = pki.client(&url).await.unwrap();
+    let mut client = tls_client(&pki, &url).await.unwrap();
     let record = client
         .get("/postern/relays/relay-nocert", None)
         .await

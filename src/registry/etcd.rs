@@ -395,12 +395,15 @@ async fn keep_alive_stream(
         Err(err) => return StreamEnd::Broken(err),
     };
     let mut tick = tokio::time::interval(ttl / 3);
+    // A silent stream (a hung member, a blackholed path) is given up after one refresh period,
+    // leaving two more within the TTL to reach etcd another way.
+    let answer_within = (ttl / 3).clamp(Duration::from_secs(1), REQUEST_TIMEOUT);
     loop {
         tick.tick().await;
         if let Err(err) = keeper.keep_alive().await {
             return StreamEnd::Broken(classify(err, Some(id)));
         }
-        match tokio::time::timeout(REQUEST_TIMEOUT, responses.message()).await {
+        match tokio::time::timeout(answer_within, responses.message()).await {
             Ok(Ok(Some(resp))) if resp.ttl() > 0 => confirmed.touch(),
             Ok(Ok(Some(_))) => return StreamEnd::Gone,
             Ok(Ok(None)) => {

@@ -983,7 +983,7 @@ async fn cluster_through_etcd_with_client_certificates() {
         let pki = &pki;
         let url = url.clone();
         async move {
-            let mut client = tls_client(&pki, &url).await?;
+            let mut client = tls_client(pki, &url).await?;
             let resp = client
                 .get("/postern/routes/", Some(GetOptions::new().with_prefix()))
                 .await

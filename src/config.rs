@@ -1258,6 +1258,125 @@ pub struct RegistryFile {
     pub endpoints: Vec<String>,
     pub prefix: Option<String>,
     pub lease_ttl: Option<HumanDuration>,
+    pub max_staleness: Option<HumanDuration>,
+    /// CA that signed etcd's server certificate (PEM); required with `https://` endpoints.
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key (PEM) for etcd's `--client-cert-auth`.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// etcd user (etcd's `auth enable`); `password` is a secret reference (`env:`, `file:`).
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+/// How postern proves itself to etcd and checks etcd's certificate.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EtcdSecurity {
+    pub tls: Option<EtcdTls>,
+    pub auth: Option<EtcdAuth>,
+}
+
+/// TLS to etcd: the CA that signed etcd's certificate, and a client certificate when etcd asks
+/// for one. Paths; the files are checked when the config loads and read when connecting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    /// (certificate, key).
+    pub client: Option<(PathBuf, PathBuf)>,
+}
+
+/// An etcd user and its password (masked in `Debug`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdAuth {
+    pub username: String,
+    pub password: Secret,
+}
+
+impl EtcdSecurity {
+    fn from_file(f: &RegistryFile) -> Result<Self, Error> {
+        let https = f
+            .endpoints
+            .iter()
+            .filter(|e| e.starts_with("https://"))
+            .count();
+        if https != 0 && https != f.endpoints.len() {
+            return Err(invalid(
+                "registry.endpoints",
+                "all https:// or none: etcd endpoints cannot mix TLS and plain",
+            ));
+        }
+        let tls = match (&f.ca, https > 0) {
+            (None, false) => {
+                if f.cert.is_some() || f.key.is_some() {
+                    return Err(invalid(
+                        "registry.cert",
+                        "a client certificate needs https:// endpoints and registry.ca",
+                    ));
+                }
+                None
+            }
+            (None, true) => {
+                return Err(invalid(
+                    "registry.ca",
+                    "required with https:// endpoints: the CA that signed etcd's certificate",
+                ))
+            }
+            (Some(_), false) => {
+                return Err(invalid(
+                    "registry.ca",
+                    "only meaningful with https:// endpoints",
+                ))
+            }
+            (Some(ca), true) => {
+                crate::tls::load_certs(ca).map_err(|e| invalid("registry.ca", e.to_string()))?;
+                let client = match (&f.cert, &f.key) {
+                    (None, None) => None,
+                    (Some(cert), Some(key)) => {
+                        crate::tls::load_certs(cert)
+                            .map_err(|e| invalid("registry.cert", e.to_string()))?;
+                        crate::tls::load_key(key)
+                            .map_err(|e| invalid("registry.key", e.to_string()))?;
+                        Some((cert.clone(), key.clone()))
+                    }
+                    (Some(_), None) => {
+                        return Err(invalid("registry.key", "required with registry.cert"))
+                    }
+                    (None, Some(_)) => {
+                        return Err(invalid("registry.cert", "required with registry.key"))
+                    }
+                };
+                Some(EtcdTls {
+                    ca: ca.clone(),
+                    client,
+                })
+            }
+        };
+        let auth = match (&f.username, &f.password) {
+            (None, None) => None,
+            (Some(username), Some(password)) => {
+                if username.is_empty() {
+                    return Err(invalid("registry.username", "must not be empty"));
+                }
+                Some(EtcdAuth {
+                    username: username.clone(),
+                    password: Secret::resolve(password, "registry.password")?,
+                })
+            }
+            (Some(_), None) => {
+                return Err(invalid(
+                    "registry.password",
+                    "required with registry.username",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "registry.username",
+                    "required with registry.password",
+                ))
+            }
+        };
+        Ok(EtcdSecurity { tls, auth })
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -1277,10 +1396,22 @@ pub enum RegistryConfig {
         endpoints: Vec<String>,
         prefix: String,
         lease_ttl: Duration,
+        /// A gateway whose route view etcd has not confirmed for longer is not ready.
+        max_staleness: Duration,
+        security: EtcdSecurity,
     },
 }
 
 impl RegistryConfig {
+    /// The bound on a gateway's route view age (`registry.max_staleness`); none for the
+    /// in-process memory registry, which is never stale.
+    pub fn max_staleness(&self) -> Option<Duration> {
+        match self {
+            RegistryConfig::Memory => None,
+            RegistryConfig::Etcd { max_staleness, .. } => Some(*max_staleness),
+        }
+    }
+
     pub fn from_file(f: RegistryFile) -> Result<Self, Error> {
         match f.kind.unwrap_or_default() {
             RegistryKind::Memory => {
@@ -1289,6 +1420,17 @@ impl RegistryConfig {
                         "registry.endpoints",
                         "only meaningful with kind = \"etcd\"",
                     ));
+                }
+                for (key, set) in [
+                    ("registry.ca", f.ca.is_some()),
+                    ("registry.cert", f.cert.is_some()),
+                    ("registry.key", f.key.is_some()),
+                    ("registry.username", f.username.is_some()),
+                    ("registry.password", f.password.is_some()),
+                ] {
+                    if set {
+                        return Err(invalid(key, "only meaningful with kind = \"etcd\""));
+                    }
                 }
                 Ok(RegistryConfig::Memory)
             }
@@ -1303,6 +1445,14 @@ impl RegistryConfig {
                 if lease_ttl < Duration::from_secs(2) {
                     return Err(invalid("registry.lease_ttl", "must be at least 2s"));
                 }
+                let security = EtcdSecurity::from_file(&f)?;
+                let max_staleness = f.max_staleness.map_or(Duration::from_secs(30), |d| d.0);
+                if max_staleness < Duration::from_secs(2) {
+                    return Err(invalid(
+                        "registry.max_staleness",
+                        "must be at least 2s (the view is confirmed about every second)",
+                    ));
+                }
                 Ok(RegistryConfig::Etcd {
                     endpoints: f.endpoints,
                     prefix: f
@@ -1311,6 +1461,8 @@ impl RegistryConfig {
                         .trim_end_matches('/')
                         .to_string(),
                     lease_ttl,
+                    max_staleness,
+                    security,
                 })
             }
         }
@@ -1769,5 +1921,84 @@ mod claim_tests {
         assert_eq!(overlap_warnings(&[a_only.clone(), b_only]), "");
         let b_any = cred("vpc-b", &["10.1.0.0/16"], &[]);
         assert!(overlap_warnings(&[a_only, b_any]).starts_with("\nwarning: "));
+    }
+}
+
+#[cfg(test)]
+mod registry_tests {
+    use super::*;
+
+    fn etcd(endpoints: &[&str]) -> RegistryFile {
+        RegistryFile {
+            kind: Some(RegistryKind::Etcd),
+            endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
+            ..RegistryFile::default()
+        }
+    }
+
+    fn error_key(f: RegistryFile) -> String {
+        match RegistryConfig::from_file(f) {
+            Err(Error::Invalid { key, .. }) => key,
+            other => panic!("expected an invalid key, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn etcd_tls_and_users_are_checked_key_by_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = crate::cert::generate_bundle(dir.path(), "etcd").unwrap();
+        let https = ["https://127.0.0.1:2379"];
+
+        assert_eq!(error_key(etcd(&https)), "registry.ca");
+        let mut f = etcd(&["http://127.0.0.1:2379"]);
+        f.ca = Some(bundle.ca.clone());
+        assert_eq!(error_key(f), "registry.ca");
+        assert_eq!(
+            error_key(etcd(&["https://127.0.0.1:2379", "http://127.0.0.1:2380"])),
+            "registry.endpoints"
+        );
+        let mut f = etcd(&https);
+        f.ca = Some(bundle.ca.clone());
+        f.cert = Some(bundle.relay_cert.clone());
+        assert_eq!(error_key(f), "registry.key");
+        let mut f = etcd(&https);
+        f.ca = Some(dir.path().join("missing.pem"));
+        assert_eq!(error_key(f), "registry.ca");
+        let mut f = etcd(&["http://127.0.0.1:2379"]);
+        f.username = Some("postern".into());
+        assert_eq!(error_key(f), "registry.password");
+        let mut f = etcd(&["http://127.0.0.1:2379"]);
+        f.max_staleness = Some(HumanDuration(Duration::from_secs(1)));
+        assert_eq!(error_key(f), "registry.max_staleness");
+        let f = RegistryFile {
+            ca: Some(bundle.ca.clone()),
+            ..RegistryFile::default()
+        };
+        assert_eq!(error_key(f), "registry.ca");
+
+        let mut f = etcd(&https);
+        f.ca = Some(bundle.ca.clone());
+        f.cert = Some(bundle.relay_cert.clone());
+        f.key = Some(bundle.relay_key.clone());
+        f.username = Some("postern".into());
+        f.password = Some("hunter2-literal".into());
+        let config = RegistryConfig::from_file(f).unwrap();
+        let RegistryConfig::Etcd {
+            security,
+            max_staleness,
+            ..
+        } = &config
+        else {
+            panic!("not etcd: {config:?}")
+        };
+        assert_eq!(*max_staleness, Duration::from_secs(30));
+        let tls = security.tls.as_ref().unwrap();
+        assert_eq!(tls.ca, bundle.ca);
+        assert!(tls.client.is_some());
+        assert_eq!(
+            security.auth.as_ref().unwrap().password.expose(),
+            "hunter2-literal"
+        );
+        assert!(!format!("{config:?}").contains("hunter2"), "{config:?}");
     }
 }

@@ -105,6 +105,8 @@ pub struct Metrics {
     pub relay_tunnels_refused: Counter,
     pub agent_tunnels: Gauge,
     pub routes_cached: Gauge,
+    /// Seconds since the registry last confirmed the gateway's route view.
+    pub registry_view_age: Gauge<f64, AtomicU64>,
     pub open_attempts: Family<Outcome, Counter>,
     pub registry_operations: Family<Operation, Counter>,
     pub lease_held: Gauge,
@@ -134,6 +136,7 @@ impl Metrics {
             relay_tunnels_refused: Counter::default(),
             agent_tunnels: Gauge::default(),
             routes_cached: Gauge::default(),
+            registry_view_age: Gauge::default(),
             open_attempts: Family::default(),
             registry_operations: Family::default(),
             lease_held: Gauge::default(),
@@ -233,6 +236,11 @@ impl Metrics {
             "routes_cached",
             "Routes in this process's registry cache",
             self.routes_cached.clone(),
+        );
+        r.register(
+            "registry_view_age_seconds",
+            "Seconds since the registry last confirmed this process's route view (changes or progress notifications)",
+            self.registry_view_age.clone(),
         );
         r.register(
             "open_attempts",
@@ -613,6 +621,7 @@ mod tests {
                 "postern_gateway_connections_total",
                 "postern_open_attempts_total",
                 "postern_registry_operations_total",
+                "postern_registry_view_age_seconds",
                 "postern_routes_cached",
             ]
         );

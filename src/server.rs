@@ -50,8 +50,10 @@ pub async fn open_registry(config: &RegistryConfig) -> anyhow::Result<Arc<dyn Re
             endpoints,
             prefix,
             lease_ttl,
+            security,
+            ..
         } => Ok(Arc::new(
-            EtcdRegistry::connect(endpoints, prefix, *lease_ttl)
+            EtcdRegistry::connect_with(endpoints, prefix, *lease_ttl, security)
                 .await
                 .context("connecting to etcd")?,
         )),
@@ -125,7 +127,7 @@ impl Process {
         config: ServerConfig,
         registry: Arc<dyn Registry>,
     ) -> anyhow::Result<Self> {
-        let cache = Arc::new(RouteCache::new());
+        let cache = Arc::new(RouteCache::new().with_max_staleness(config.registry.max_staleness()));
         let relay = Relay::bind(
             config.relay.clone(),
             config.peer.as_ref(),
@@ -158,7 +160,7 @@ impl Process {
         registry: Option<Arc<dyn Registry>>,
     ) -> anyhow::Result<Self> {
         let registry = given_or_open(registry, &config.registry).await?;
-        let cache = Arc::new(RouteCache::new());
+        let cache = Arc::new(RouteCache::new().with_max_staleness(config.registry.max_staleness()));
         let relay = Relay::bind(
             config.relay.clone(),
             config.peer.as_ref(),
@@ -180,7 +182,7 @@ impl Process {
         registry: Option<Arc<dyn Registry>>,
     ) -> anyhow::Result<Self> {
         let registry = given_or_open(registry, &config.registry).await?;
-        let cache = Arc::new(RouteCache::new());
+        let cache = Arc::new(RouteCache::new().with_max_staleness(config.registry.max_staleness()));
         let peers = PeerPool::new(&config.peer, cache.clone())?;
         let gateway =
             Gateway::bind(config.gateway.clone(), cache.clone(), None, Some(peers)).await?;
@@ -227,10 +229,18 @@ impl Process {
                 .clone()
                 .run(self.registry.clone(), cache_stop.clone()),
         );
-        let relay_task = self
-            .relay
-            .clone()
-            .map(|relay| tokio::spawn(relay.run(shutdown.clone())));
+        // A relay that may not run (its id is another live relay's) stops the whole process.
+        let shutdown = shutdown.child_token();
+        let relay_task = self.relay.clone().map(|relay| {
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let result = relay.run(shutdown.clone()).await;
+                if result.is_err() {
+                    shutdown.cancel();
+                }
+                result
+            })
+        });
         let gateway_result = match self.gateway {
             Some(gateway) => gateway.run(shutdown.clone(), self.grace).await,
             None => {

@@ -793,7 +793,8 @@ fn check_binary_names_semantic_errors() {
 
 /// Commented-out keys that show an example value, not the default.
 const EXAMPLE_VALUES: &[&str] = &[
-    "id", "pin", "cert", "key", "ips", "agent_ca", "clients", "name", "password", "ids",
+    "id", "pin", "cert", "key", "ips", "agent_ca", "clients", "name", "password", "ids", "ca",
+    "username",
 ];
 
 /// `text` with the commented-out `# key = value` lines whose key `keep` accepts put in force.

@@ -165,6 +165,12 @@ impl AdminState {
             }
             if p.gateway.is_some() && !p.cache.is_ready() {
                 failing.push(("routes", "route list not loaded yet".into()));
+            } else if p.gateway.is_some() && !p.cache.is_fresh() {
+                let age = p.cache.view_age().unwrap_or_default().as_secs();
+                failing.push((
+                    "fresh",
+                    format!("route view not confirmed by the registry for {age}s (registry.max_staleness)"),
+                ));
             }
         }
         if let Some(agent) = &self.agent {
@@ -469,9 +475,10 @@ fn query(req: &Request<hyper::body::Incoming>) -> HashMap<String, String> {
 
 /// Readiness checks `/readyz?exclude=NAME` may leave out (repeated or comma-separated), as
 /// Kubernetes' own `/readyz?exclude=etcd` does: `registered` (a relay's lease is held and its routes
-/// are in step with the registry), `routes` (a gateway's first full route list), `tunnel` (an
+/// are in step with the registry), `routes` (a gateway's first full route list), `fresh` (the
+/// registry confirmed a gateway's route view within `registry.max_staleness`), `tunnel` (an
 /// agent's first tunnel). Draining can never be excluded.
-pub const READINESS_CHECKS: [&str; 3] = ["registered", "routes", "tunnel"];
+pub const READINESS_CHECKS: [&str; 4] = ["registered", "routes", "fresh", "tunnel"];
 
 fn excluded_checks(req: &Request<hyper::body::Incoming>) -> Result<Vec<&'static str>, String> {
     let mut excluded = Vec::new();

@@ -4,7 +4,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -153,10 +153,24 @@ impl State {
     }
 }
 
+/// Aborts a helper task when its owner's future ends or is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Routes and relays as last seen in the registry.
 pub struct RouteCache {
     state: RwLock<State>,
     ready: watch::Sender<bool>,
+    /// When the registry last confirmed the view (a full list, changes, or a progress
+    /// notification); `None` before the first list.
+    confirmed: std::sync::Mutex<Option<Instant>>,
+    /// Beyond this age the view is stale and a gateway not ready (`registry.max_staleness`).
+    max_staleness: Option<Duration>,
 }
 
 impl Default for RouteCache {
@@ -170,7 +184,42 @@ impl RouteCache {
         RouteCache {
             state: RwLock::new(State::default()),
             ready: watch::channel(false).0,
+            confirmed: std::sync::Mutex::new(None),
+            max_staleness: None,
         }
+    }
+
+    /// Sets the age beyond which [`RouteCache::is_fresh`] is false (none: never stale).
+    pub fn with_max_staleness(mut self, max_staleness: Option<Duration>) -> Self {
+        self.max_staleness = max_staleness;
+        self
+    }
+
+    /// How long ago the registry last confirmed this view; `None` before the first list.
+    pub fn view_age(&self) -> Option<Duration> {
+        self.confirmed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|at| at.elapsed())
+    }
+
+    /// False once the view is older than `registry.max_staleness`: the registry (or the member
+    /// this process talks to) has stopped confirming it, and routes may have changed unseen.
+    pub fn is_fresh(&self) -> bool {
+        match (self.max_staleness, self.view_age()) {
+            (Some(bound), Some(age)) => age <= bound,
+            _ => true,
+        }
+    }
+
+    /// The bound [`RouteCache::is_fresh`] checks against.
+    pub fn max_staleness(&self) -> Option<Duration> {
+        self.max_staleness
+    }
+
+    fn confirm(&self) {
+        *self.confirmed.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        crate::metrics::metrics().registry_view_age.set(0.0);
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
@@ -358,6 +407,7 @@ impl RouteCache {
         }
         let count = fresh.route_count;
         *self.write() = fresh;
+        self.confirm();
         crate::metrics::metrics().routes_cached.set(count as i64);
         self.ready.send_replace(true);
     }
@@ -365,6 +415,26 @@ impl RouteCache {
     /// Keeps the cache in step with `registry` until `shutdown`: list, watch, and on any break
     /// (error, reset, closed watch) list again after a capped backoff.
     pub async fn run(self: Arc<Self>, registry: Arc<dyn Registry>, shutdown: CancellationToken) {
+        // The view's age as a metric, kept current between scrapes.
+        let age = {
+            let cache = self.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(250));
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tick.tick() => {}
+                    }
+                    if let Some(age) = cache.view_age() {
+                        crate::metrics::metrics()
+                            .registry_view_age
+                            .set(age.as_secs_f64());
+                    }
+                }
+            })
+        };
+        let _age = AbortOnDrop(age);
         let mut backoff =
             crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         loop {
@@ -429,7 +499,10 @@ impl RouteCache {
                     crate::metrics::metrics()
                         .routes_cached
                         .set(state.route_count as i64);
+                    drop(state);
+                    self.confirm();
                 }
+                WatchItem::Progress { .. } => self.confirm(),
                 WatchItem::Reset => return Ok(()),
             }
         }

@@ -1,18 +1,28 @@
 //! The etcd v3 registry (tested against etcd 3.4). One lease per relay, kept alive every TTL/3;
-//! every key the relay writes is attached to it. A lease that is lost (etcd outage, expiry) bumps
-//! [`Registry::lease_epoch`] so the relay's publisher re-registers and re-puts every route.
+//! every key the relay writes is attached to it. The lease id is kept through blips: a broken
+//! keep-alive stream (reset connection, GOAWAY, member restart) is reopened for the same lease
+//! once etcd confirms it still has it. Only a lease etcd says is gone (expired) is replaced; that
+//! bumps [`Registry::lease_epoch`] so the relay's publisher re-registers and re-puts every route.
+//! The lease is revoked only on a clean shutdown.
 
 use std::time::Duration;
 
 use etcd_client::{
-    Client, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp, WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    KeyValue, PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use tokio::sync::{mpsc, watch, Mutex};
+
+use crate::backoff::Backoff;
+use crate::config::EtcdSecurity;
 
 use super::{Error, Event, Registry, RelayInfo, Route, RouteKey, RouteValue, Snapshot, WatchItem};
 
 /// Deadline for one etcd request; an unreachable etcd must not stall the publisher forever.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a watch asks etcd to confirm its progress: the bound on how late a gateway learns
+/// that its view stopped advancing.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// Keys per range page when listing, and operations per transaction (etcd's default limit is 128).
 const PAGE: i64 = 2_000;
 const TXN_OPS: usize = 128;
@@ -29,17 +39,89 @@ pub struct EtcdRegistry {
     lease_ttl: Duration,
     lease: Mutex<Option<Lease>>,
     epoch: watch::Sender<u64>,
+    /// When etcd last confirmed this process's lease (granted or refreshed it); the connect time
+    /// before any lease.
+    confirmed: Confirmed,
+}
+
+/// When etcd last confirmed the lease, shared with its keep-alive task.
+#[derive(Clone)]
+struct Confirmed(std::sync::Arc<std::sync::Mutex<std::time::Instant>>);
+
+impl Confirmed {
+    fn now() -> Self {
+        Confirmed(std::sync::Arc::new(std::sync::Mutex::new(
+            std::time::Instant::now(),
+        )))
+    }
+
+    fn touch(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
+    }
+
+    fn elapsed(&self) -> Duration {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).elapsed()
+    }
 }
 
 fn unavailable(err: impl std::fmt::Display) -> Error {
     Error::Unavailable(err.to_string())
 }
 
+/// An etcd error with its causes: a TLS failure hides under "transport error" otherwise.
+fn with_causes(err: &etcd_client::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    // Name the setting behind the TLS failures an operator meets first.
+    if text.contains("BadCertificate") || text.contains("CertificateRequired") {
+        text.push_str(
+            " (etcd refused this client's certificate or its absence: check registry.cert and registry.key)",
+        );
+    } else if text.contains("UnknownIssuer") || text.contains("invalid peer certificate") {
+        text.push_str(
+            " (etcd's certificate is not signed by registry.ca, or does not name the endpoint)",
+        );
+    }
+    text
+}
+
+/// Keeps etcd's error kind: a lease etcd does not know is gone for good, anything else (a broken
+/// connection, a timeout, a leader election) may pass.
+fn classify(err: etcd_client::Error, lease: Option<i64>) -> Error {
+    match (&err, lease) {
+        // etcd answers NotFound only for leases ("etcdserver: requested lease not found"): a key
+        // that does not exist is an empty answer, not an error.
+        (etcd_client::Error::GRpcStatus(status), Some(lease))
+            if status.code() == tonic::Code::NotFound =>
+        {
+            Error::LeaseNotFound { lease }
+        }
+        _ => Error::Unavailable(with_causes(&err)),
+    }
+}
+
 async fn timed<T>(
     fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
 ) -> Result<T, Error> {
+    timed_for(None, fut).await
+}
+
+/// [`timed`] for a request about `lease`, so a lease etcd does not know comes back as
+/// [`Error::LeaseNotFound`].
+async fn timed_for<T>(
+    lease: Option<i64>,
+    fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, Error> {
     match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
-        Ok(result) => result.map_err(unavailable),
+        Ok(result) => result.map_err(|e| classify(e, lease)),
         Err(_) => Err(Error::Unavailable(format!(
             "etcd did not answer within {REQUEST_TIMEOUT:?}"
         ))),
@@ -56,6 +138,28 @@ fn prefix_end(prefix: &str) -> Vec<u8> {
         }
     }
     vec![0]
+}
+
+/// Adds TLS (CA, client certificate) and an etcd user to `options`.
+fn secure(mut options: ConnectOptions, security: &EtcdSecurity) -> Result<ConnectOptions, Error> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path)
+            .map_err(|e| Error::Unavailable(format!("cannot read {}: {e}", path.display())))
+    };
+    if let Some(tls) = &security.tls {
+        let mut config = TlsOptions::new().ca_certificate(Certificate::from_pem(read(&tls.ca)?));
+        if let Some((cert, key)) = &tls.client {
+            config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        options = options.with_tls(config);
+    }
+    if let Some(auth) = &security.auth {
+        // etcd's simple tokens expire (5 min by default): sign in again when one has.
+        options = options
+            .with_user(auth.username.clone(), auth.password.expose())
+            .with_auto_token_refresh(true);
+    }
+    Ok(options)
 }
 
 /// Key layout and parsing, shared by the registry and its watch tasks.
@@ -127,13 +231,27 @@ impl EtcdRegistry {
         prefix: &str,
         lease_ttl: Duration,
     ) -> Result<Self, Error> {
+        Self::connect_with(endpoints, prefix, lease_ttl, &EtcdSecurity::default()).await
+    }
+
+    /// [`EtcdRegistry::connect`] with TLS and an etcd user.
+    pub async fn connect_with(
+        endpoints: &[String],
+        prefix: &str,
+        lease_ttl: Duration,
+        security: &EtcdSecurity,
+    ) -> Result<Self, Error> {
+        // `require_leader`: a member cut off from the cluster's leader fails requests and
+        // streams instead of serving a view that has stopped advancing.
         let options = ConnectOptions::new()
+            .with_require_leader(true)
             .with_connect_timeout(Duration::from_secs(3))
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
             .with_keep_alive_while_idle(true);
+        let options = secure(options, security)?;
         let client = Client::connect(endpoints, Some(options))
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| Error::Unavailable(with_causes(&e)))?;
         Ok(EtcdRegistry {
             client,
             keys: Keys {
@@ -142,10 +260,13 @@ impl EtcdRegistry {
             lease_ttl,
             lease: Mutex::new(None),
             epoch: watch::channel(0).0,
+            confirmed: Confirmed::now(),
         })
     }
 
-    /// The current lease id, granting one (and starting its keep-alive) when there is none.
+    /// The current lease id, granting one (and starting its keep-alive) when there is none. A
+    /// lease is replaced only once etcd has said it is gone: never revoked here, since one that
+    /// only lost its keep-alive stream may still hold every route of this relay.
     async fn lease_id(&self) -> Result<i64, Error> {
         let mut lease = self.lease.lock().await;
         if let Some(l) = lease.as_ref() {
@@ -153,24 +274,39 @@ impl EtcdRegistry {
                 return Ok(l.id);
             }
         }
-        if let Some(old) = lease.take() {
-            // Best effort: a lease we abandoned should not keep stale keys alive until it expires.
-            let mut client = self.client.clone();
-            let _ = timed(client.lease_revoke(old.id)).await;
-        }
+        // The keeper only ends once etcd said the lease is gone: nothing is left to revoke.
+        lease.take();
         let ttl = self.lease_ttl.as_secs().max(1) as i64;
         let mut client = self.client.clone();
         let granted = timed(client.lease_grant(ttl, None)).await?;
         let id = granted.id();
+        self.confirmed.touch();
         let keeper = tokio::spawn(keep_alive(
             self.client.clone(),
             id,
             self.lease_ttl,
             self.epoch.clone(),
+            self.confirmed.clone(),
         ));
         tracing::info!(lease = id, ttl, "etcd lease granted");
         *lease = Some(Lease { id, keeper });
         Ok(id)
+    }
+
+    /// Forgets `id` after etcd said it does not know it (a write under it failed), so the next
+    /// [`EtcdRegistry::lease_id`] grants a new one and the owner re-puts everything.
+    async fn lease_gone(&self, id: i64) {
+        let mut lease = self.lease.lock().await;
+        if lease.as_ref().is_some_and(|l| l.id == id) {
+            if let Some(l) = lease.take() {
+                l.keeper.abort();
+                tracing::warn!(
+                    lease = id,
+                    "etcd lease not found; a new one will be granted"
+                );
+                self.epoch.send_modify(|e| *e += 1);
+            }
+        }
     }
 
     async fn put_all(&self, kvs: Vec<(String, Vec<u8>)>, lease: i64) -> Result<(), Error> {
@@ -185,37 +321,168 @@ impl EtcdRegistry {
                     )
                 })
                 .collect();
-            let mut client = self.client.clone();
-            timed(client.txn(Txn::new().and_then(ops))).await?;
+            self.txn_under(lease, Txn::new().and_then(ops)).await?;
         }
         Ok(())
     }
-}
 
-/// Refreshes `id` every TTL/3 until etcd says it is gone or the stream breaks; then bumps `epoch`
-/// so the owner re-registers.
-async fn keep_alive(mut client: Client, id: i64, ttl: Duration, epoch: watch::Sender<u64>) {
-    let result = async {
-        let (mut keeper, mut responses) = timed(client.lease_keep_alive(id)).await?;
-        let mut tick = tokio::time::interval(ttl / 3);
+    /// Runs a transaction that writes under `lease`; a lease etcd does not know is forgotten so
+    /// the next write grants a new one.
+    async fn txn_under(&self, lease: i64, txn: Txn) -> Result<etcd_client::TxnResponse, Error> {
+        let mut client = self.client.clone();
+        match timed_for(Some(lease), client.txn(txn)).await {
+            Err(err @ Error::LeaseNotFound { .. }) => {
+                self.lease_gone(lease).await;
+                Err(err)
+            }
+            other => other,
+        }
+    }
+
+    /// Pages through every key from `from` (inclusive) to `end` (exclusive) at one revision,
+    /// calling `each` on every key; returns that revision.
+    async fn scan(
+        &self,
+        from: String,
+        end: Vec<u8>,
+        mut each: impl FnMut(&KeyValue),
+    ) -> Result<i64, Error> {
+        let mut from: Vec<u8> = from.into_bytes();
+        let mut revision = 0;
         loop {
-            tick.tick().await;
-            keeper.keep_alive().await.map_err(unavailable)?;
-            match tokio::time::timeout(REQUEST_TIMEOUT, responses.message()).await {
-                Ok(Ok(Some(resp))) if resp.ttl() > 0 => {}
-                Ok(Ok(Some(_))) => return Err(Error::Unavailable("lease expired".into())),
-                Ok(Ok(None)) => return Err(Error::Unavailable("keep-alive stream closed".into())),
-                Ok(Err(e)) => return Err(unavailable(e)),
-                Err(_) => return Err(Error::Unavailable("keep-alive timed out".into())),
+            let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            if revision > 0 {
+                // Later pages read the same revision as the first: one consistent list.
+                options = options.with_revision(revision);
+            }
+            let mut client = self.client.clone();
+            let resp = timed(client.get(from.clone(), Some(options))).await?;
+            if revision == 0 {
+                revision = resp.header().map_or(0, |h| h.revision());
+            }
+            resp.kvs().iter().for_each(&mut each);
+            match (resp.more(), resp.kvs().last()) {
+                (true, Some(last)) => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok(revision),
             }
         }
-        #[allow(unreachable_code)]
-        Ok::<(), Error>(())
     }
-    .await;
-    if let Err(err) = result {
-        tracing::warn!(lease = id, %err, "etcd lease lost; re-registering");
+}
+
+/// Why one keep-alive stream ended.
+enum StreamEnd {
+    /// etcd answered TTL 0: the lease is gone.
+    Gone,
+    /// The stream broke (reset connection, GOAWAY, timeout, leader change): the lease may well
+    /// be alive.
+    Broken(Error),
+}
+
+/// Refreshes `id` every TTL/3 on one keep-alive stream until etcd says the lease is gone or the
+/// stream breaks.
+async fn keep_alive_stream(
+    client: &mut Client,
+    id: i64,
+    ttl: Duration,
+    confirmed: &Confirmed,
+) -> StreamEnd {
+    let (mut keeper, mut responses) = match timed_for(Some(id), client.lease_keep_alive(id)).await {
+        Ok(pair) => pair,
+        Err(Error::LeaseNotFound { .. }) => return StreamEnd::Gone,
+        Err(err) => return StreamEnd::Broken(err),
+    };
+    let mut tick = tokio::time::interval(ttl / 3);
+    // A silent stream (a hung member, a blackholed path) is given up after one refresh period,
+    // leaving two more within the TTL to reach etcd another way.
+    let answer_within = (ttl / 3).clamp(Duration::from_secs(1), REQUEST_TIMEOUT);
+    loop {
+        tick.tick().await;
+        if let Err(err) = keeper.keep_alive().await {
+            return StreamEnd::Broken(classify(err, Some(id)));
+        }
+        match tokio::time::timeout(answer_within, responses.message()).await {
+            Ok(Ok(Some(resp))) if resp.ttl() > 0 => confirmed.touch(),
+            Ok(Ok(Some(_))) => return StreamEnd::Gone,
+            Ok(Ok(None)) => {
+                return StreamEnd::Broken(Error::Unavailable("keep-alive stream closed".into()))
+            }
+            Ok(Err(err)) => match classify(err, Some(id)) {
+                Error::LeaseNotFound { .. } => return StreamEnd::Gone,
+                err => return StreamEnd::Broken(err),
+            },
+            Err(_) => return StreamEnd::Broken(Error::Unavailable("keep-alive timed out".into())),
+        }
     }
+}
+
+/// Whether etcd still knows lease `id`: `Ok(Some(remaining))`, `Ok(None)` when it is gone, an
+/// error when etcd cannot say.
+async fn remaining_ttl(client: &mut Client, id: i64) -> Result<Option<i64>, Error> {
+    match timed_for(Some(id), client.lease_time_to_live(id, None)).await {
+        // etcd 3.4 answers TTL -1 for a lease it does not know (expired or revoked).
+        Ok(resp) if resp.ttl() > 0 => Ok(Some(resp.ttl())),
+        Ok(_) | Err(Error::LeaseNotFound { .. }) => Ok(None),
+        Err(err) => Err(err),
+    }
+}
+
+/// Keeps lease `id` alive for as long as etcd has it. A broken keep-alive stream is reopened for
+/// the same lease once etcd confirms it still exists; only when etcd says it is gone does this end
+/// and bump `epoch`, so the owner grants a new lease and re-puts every key. Never revokes: a lease
+/// that may be alive holds every route of the relay.
+async fn keep_alive(
+    mut client: Client,
+    id: i64,
+    ttl: Duration,
+    epoch: watch::Sender<u64>,
+    confirmed: Confirmed,
+) {
+    let max_delay = (ttl / 4).max(Duration::from_millis(200));
+    let mut backoff = Backoff::new(Duration::from_millis(50), max_delay);
+    loop {
+        let opened = tokio::time::Instant::now();
+        match keep_alive_stream(&mut client, id, ttl, &confirmed).await {
+            StreamEnd::Gone => break,
+            StreamEnd::Broken(err) => {
+                tracing::warn!(lease = id, %err, "etcd keep-alive stream broke; keeping the same lease")
+            }
+        }
+        // A stream that lived a while earned a quick retry; one that breaks at once backs off.
+        if opened.elapsed() > ttl {
+            backoff.reset();
+        }
+        loop {
+            tokio::time::sleep(backoff.next_delay()).await;
+            match remaining_ttl(&mut client, id).await {
+                Ok(Some(remaining)) => {
+                    tracing::info!(
+                        lease = id,
+                        remaining,
+                        "etcd lease still held; reopening its keep-alive"
+                    );
+                    break;
+                }
+                Ok(None) => {
+                    tracing::warn!(
+                        lease = id,
+                        "etcd lease expired; re-registering under a new one"
+                    );
+                    epoch.send_modify(|e| *e += 1);
+                    return;
+                }
+                Err(err) => {
+                    tracing::debug!(lease = id, %err, "etcd cannot say whether the lease lives; asking again")
+                }
+            }
+        }
+    }
+    tracing::warn!(
+        lease = id,
+        "etcd lease expired; re-registering under a new one"
+    );
     epoch.send_modify(|e| *e += 1);
 }
 
@@ -223,9 +490,75 @@ async fn keep_alive(mut client: Client, id: i64, ttl: Duration, epoch: watch::Se
 impl Registry for EtcdRegistry {
     async fn register_relay(&self, relay: &RelayInfo) -> Result<(), Error> {
         let lease = self.lease_id().await?;
+        let key = self.keys.relay_key(&relay.id);
         let value = serde_json::to_vec(relay).map_err(unavailable)?;
-        self.put_all(vec![(self.keys.relay_key(&relay.id), value)], lease)
-            .await
+        let put = || {
+            TxnOp::put(
+                key.clone(),
+                value.clone(),
+                Some(PutOptions::new().with_lease(lease)),
+            )
+        };
+        // Bounded: each round either writes, or finds a live holder, or saw the key change hands.
+        for _ in 0..4 {
+            // Create the record if absent, or overwrite it if it already hangs off our lease.
+            let txn = Txn::new()
+                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                .and_then([put()])
+                .or_else([TxnOp::txn(
+                    Txn::new()
+                        .when([Compare::lease(key.clone(), CompareOp::Equal, lease)])
+                        .and_then([put()])
+                        .or_else([TxnOp::get(key.clone(), None)]),
+                )]);
+            let resp = self.txn_under(lease, txn).await?;
+            if resp.succeeded() {
+                return Ok(());
+            }
+            let inner = match resp.op_responses().into_iter().next() {
+                Some(TxnOpResponse::Txn(inner)) => inner,
+                _ => {
+                    return Err(Error::Unavailable(
+                        "unexpected etcd transaction answer".into(),
+                    ))
+                }
+            };
+            if inner.succeeded() {
+                return Ok(());
+            }
+            let holder = inner.op_responses().into_iter().find_map(|op| match op {
+                TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.lease()),
+                _ => None,
+            });
+            let Some(holder) = holder else {
+                // Deleted between the two comparisons: try again.
+                continue;
+            };
+            let mut client = self.client.clone();
+            match remaining_ttl(&mut client, holder).await? {
+                Some(ttl_secs) => {
+                    return Err(Error::IdTaken {
+                        id: relay.id.clone(),
+                        lease: holder,
+                        ttl_secs,
+                    })
+                }
+                // Its lease just expired: etcd is deleting the record; try again.
+                None if holder != 0 => continue,
+                // A record without a lease was written by hand: not ours to overwrite.
+                None => {
+                    return Err(Error::IdTaken {
+                        id: relay.id.clone(),
+                        lease: 0,
+                        ttl_secs: 0,
+                    })
+                }
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "the record of relay {} kept changing hands",
+            relay.id
+        )))
     }
 
     async fn deregister_relay(&self, relay_id: &str) -> Result<(), Error> {
@@ -236,9 +569,11 @@ impl Registry for EtcdRegistry {
                 l.keeper.abort();
                 timed(client.lease_revoke(l.id)).await.map(|_| ())
             }
-            None => timed(client.delete(self.keys.relay_key(relay_id), None))
-                .await
-                .map(|_| ()),
+            // Without a lease nothing in etcd is ours: the record may be another relay's.
+            None => {
+                tracing::debug!(relay_id, "no etcd lease held; nothing to deregister");
+                Ok(())
+            }
         }
     }
 
@@ -274,46 +609,46 @@ impl Registry for EtcdRegistry {
         Ok(())
     }
 
+    async fn owned_routes(&self, relay_id: &str) -> Result<Vec<RouteKey>, Error> {
+        let lease = match self.lease.lock().await.as_ref() {
+            Some(l) if !l.keeper.is_finished() => l.id,
+            _ => return Ok(Vec::new()),
+        };
+        let start = format!("{}/routes/", self.keys.prefix);
+        let end = prefix_end(&start);
+        let mut owned = Vec::new();
+        self.scan(start, end, |kv| {
+            if kv.lease() != lease {
+                return;
+            }
+            match self.keys.parse(kv) {
+                Ok(Event::PutRoute(r)) if r.key.relay_id == relay_id => owned.push(r.key),
+                _ => {}
+            }
+        })
+        .await?;
+        Ok(owned)
+    }
+
     async fn snapshot(&self) -> Result<Snapshot, Error> {
         let start = format!("{}/", self.keys.prefix);
         let end = prefix_end(&start);
         let mut snapshot = Snapshot::default();
-        let mut from: Vec<u8> = start.into_bytes();
-        let mut revision = 0;
-        loop {
-            let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
-            if revision > 0 {
-                // Later pages read the same revision as the first: one consistent list.
-                options = options.with_revision(revision);
-            }
-            let mut client = self.client.clone();
-            let resp = timed(client.get(from.clone(), Some(options))).await?;
-            if revision == 0 {
-                revision = resp.header().map_or(0, |h| h.revision());
-            }
-            for kv in resp.kvs() {
-                match self.keys.parse(kv) {
-                    Ok(Event::PutRoute(r)) => snapshot.routes.push(r),
-                    Ok(Event::PutRelay(r)) => snapshot.relays.push(r),
-                    Ok(_) => {}
-                    Err(err) => tracing::warn!(%err, "ignoring malformed registry entry"),
-                }
-            }
-            match (resp.more(), resp.kvs().last()) {
-                (true, Some(last)) => {
-                    from = last.key().to_vec();
-                    from.push(0);
-                }
-                _ => break,
-            }
-        }
-        snapshot.revision = revision;
+        snapshot.revision = self
+            .scan(start, end, |kv| match self.keys.parse(kv) {
+                Ok(Event::PutRoute(r)) => snapshot.routes.push(r),
+                Ok(Event::PutRelay(r)) => snapshot.relays.push(r),
+                Ok(_) => {}
+                Err(err) => tracing::warn!(%err, "ignoring malformed registry entry"),
+            })
+            .await?;
         Ok(snapshot)
     }
 
     async fn watch(&self, after_revision: i64) -> Result<mpsc::Receiver<WatchItem>, Error> {
         let options = WatchOptions::new()
             .with_prefix()
+            .with_progress_notify()
             .with_start_revision(after_revision + 1);
         let mut client = self.client.clone();
         let mut stream =
@@ -321,8 +656,23 @@ impl Registry for EtcdRegistry {
         let (tx, rx) = mpsc::channel(1024);
         let keys = self.keys.clone();
         tokio::spawn(async move {
+            let mut progress = tokio::time::interval(PROGRESS_EVERY);
+            progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                let resp = match stream.message().await {
+                // `message` only polls the gRPC stream: dropping it for a tick loses nothing.
+                let resp = tokio::select! {
+                    m = stream.message() => m,
+                    _ = progress.tick() => {
+                        // etcd answers with an empty response at its current revision. An
+                        // unanswered request is what leaves the view's age growing.
+                        if let Err(err) = stream.request_progress().await {
+                            tracing::warn!(%err, "etcd watch broke");
+                            return;
+                        }
+                        continue;
+                    }
+                };
+                let resp = match resp {
                     Ok(Some(resp)) => resp,
                     Ok(None) => return,
                     Err(err) => {
@@ -356,17 +706,21 @@ impl Registry for EtcdRegistry {
                             .ok()
                     })
                     .collect();
-                if !events.is_empty()
-                    && tx
-                        .send(WatchItem::Events { revision, events })
-                        .await
-                        .is_err()
-                {
+                let item = if events.is_empty() {
+                    WatchItem::Progress { revision }
+                } else {
+                    WatchItem::Events { revision, events }
+                };
+                if tx.send(item).await.is_err() {
                     return;
                 }
             }
         });
         Ok(rx)
+    }
+
+    fn cut_off(&self) -> bool {
+        self.confirmed.elapsed() > self.lease_ttl
     }
 
     fn lease_epoch(&self) -> watch::Receiver<u64> {

@@ -119,6 +119,16 @@ impl Registry for MemoryRegistry {
         Ok(())
     }
 
+    async fn owned_routes(&self, relay_id: &str) -> Result<Vec<RouteKey>, Error> {
+        let state = self.lock();
+        Ok(state
+            .routes
+            .keys()
+            .filter(|k| k.relay_id == relay_id)
+            .cloned()
+            .collect())
+    }
+
     async fn snapshot(&self) -> Result<Snapshot, Error> {
         let state = self.lock();
         Ok(Snapshot {
@@ -165,8 +175,19 @@ impl Registry for MemoryRegistry {
                     return;
                 }
             }
+            // Nothing stands between this watch and the registry: confirm the view every second.
+            let mut progress = tokio::time::interval(std::time::Duration::from_secs(1));
             loop {
-                match changes.recv().await {
+                let change = tokio::select! {
+                    c = changes.recv() => c,
+                    _ = progress.tick() => {
+                        if tx.send(WatchItem::Progress { revision: last }).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                };
+                match change {
                     Ok((revision, _)) if revision <= last => continue,
                     Ok((revision, event)) => {
                         last = revision;
@@ -245,6 +266,7 @@ mod tests {
         while seen.len() < 2 {
             match rx.recv().await.unwrap() {
                 WatchItem::Events { events, .. } => seen.extend(events),
+                WatchItem::Progress { .. } => {}
                 WatchItem::Reset => panic!("unexpected reset"),
             }
         }

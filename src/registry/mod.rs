@@ -21,13 +21,28 @@ use tokio::sync::{mpsc, watch};
 
 use crate::protocol::PortRange;
 
-/// Registry failures.
+/// Registry failures. The kinds matter to the caller: `Unavailable` is worth retrying with the
+/// same lease, `LeaseNotFound` means the lease is gone and must be granted anew.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// etcd did not answer, the connection broke, or it refused for a transient reason.
     #[error("registry unavailable: {0}")]
     Unavailable(String),
+    /// etcd no longer knows the lease (it expired or was revoked): its keys are gone.
+    #[error("etcd lease {lease:x} not found (expired or revoked)")]
+    LeaseNotFound { lease: i64 },
     #[error("relay {0} is not registered")]
     NotRegistered(String),
+    /// Another live relay holds this relay id (its record hangs off a lease that is not ours).
+    #[error(
+        "relay id {id} is held by another live relay (etcd lease {lease:x}, TTL {ttl_secs}s); \
+         relay ids must be unique: set relay.id"
+    )]
+    IdTaken {
+        id: String,
+        lease: i64,
+        ttl_secs: i64,
+    },
     #[error("malformed registry entry {key}: {message}")]
     Malformed { key: String, message: String },
 }
@@ -179,6 +194,10 @@ pub struct Snapshot {
 pub enum WatchItem {
     /// Changes up to and including `revision`.
     Events { revision: i64, events: Vec<Event> },
+    /// No change, but the registry confirms the view is current up to `revision` (etcd progress
+    /// notifications; the memory registry sends one every second). How old the last confirmation
+    /// is tells how stale a gateway's view may be.
+    Progress { revision: i64 },
     /// The watch cannot continue from where it was (compacted history, lagging consumer): re-list.
     Reset,
 }
@@ -186,13 +205,18 @@ pub enum WatchItem {
 /// The registry as relays and gateways use it. Implementations must be cheap to call concurrently.
 #[async_trait::async_trait]
 pub trait Registry: Send + Sync + 'static {
-    /// Grants (or re-grants) the relay's lease and writes its record under it.
+    /// Grants (or re-grants) the relay's lease and writes its record under it, if the record is
+    /// absent or already ours: [`Error::IdTaken`] when another live relay holds the id.
     async fn register_relay(&self, relay: &RelayInfo) -> Result<(), Error>;
     /// Revokes the relay's lease: its record and every route it wrote disappear at once.
     async fn deregister_relay(&self, relay_id: &str) -> Result<(), Error>;
     /// Writes routes under the owning relay's lease.
     async fn put_routes(&self, relay_id: &str, routes: &[Route]) -> Result<(), Error>;
     async fn delete_routes(&self, keys: &[RouteKey]) -> Result<(), Error>;
+    /// The routes of relay `relay_id` that this process wrote and still owns: with etcd, those
+    /// attached to this process's current lease. A reconcile deletes stale routes among these
+    /// only, never another process's.
+    async fn owned_routes(&self, relay_id: &str) -> Result<Vec<RouteKey>, Error>;
     /// Every route and relay, with the revision they were read at.
     async fn snapshot(&self) -> Result<Snapshot, Error>;
     /// Changes after `revision` (exclusive), in order. The channel closes when the watch breaks.
@@ -200,6 +224,12 @@ pub trait Registry: Send + Sync + 'static {
     /// Changes whenever this process's relay lease was lost, so the relay re-registers and re-puts
     /// its routes (the registry forgets keys of a lost lease).
     fn lease_epoch(&self) -> watch::Receiver<u64>;
+    /// True when this process's relay lease has gone unconfirmed by the registry for longer than
+    /// its TTL (or was never granted in that long): the relay cannot publish, and its routes may
+    /// be gone. Never for the memory registry.
+    fn cut_off(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

@@ -226,7 +226,7 @@ impl Relay {
 
     /// True once the relay is registered and its routes are in step with the registry.
     pub fn is_registered(&self) -> bool {
-        *self.in_sync.borrow()
+        *self.in_sync.borrow() && !self.registry.cut_off()
     }
 
     pub fn is_draining(&self) -> bool {
@@ -318,7 +318,31 @@ impl Relay {
             }
         };
         let accept_task = tokio::spawn(accept);
-        shutdown.cancelled().await;
+        let mut publisher_task = publisher_task;
+        // The publisher ends on its own only when the relay may not run: its id belongs to
+        // another live relay.
+        let refused = tokio::select! {
+            _ = shutdown.cancelled() => None,
+            result = &mut publisher_task => Some(result),
+        };
+        if let Some(result) = refused {
+            closed.cancel();
+            let _ = accept_task.await;
+            self.endpoint
+                .close(close::REJECTED.into(), b"relay refused to start");
+            if let Some(ep) = &self.peer_endpoint {
+                ep.close(close::REJECTED.into(), b"relay refused to start");
+            }
+            // Revokes the lease this relay was granted, which holds none of the other's keys.
+            let _ = self.registry.deregister_relay(&self.config.id).await;
+            return match result {
+                Ok(Err(err)) => Err(anyhow::Error::new(err)),
+                Ok(Ok(())) => Err(anyhow::anyhow!("the relay's registry publisher stopped")),
+                Err(err) => Err(anyhow::anyhow!(
+                    "the relay's registry publisher failed: {err}"
+                )),
+            };
+        }
         self.drain().await;
         closed.cancel();
         let _ = accept_task.await;
@@ -421,6 +445,13 @@ impl Relay {
                 Err(Reject {
                     code: Code::Draining,
                     reason: "relay is draining".into(),
+                })
+            } else if self.registry.cut_off() {
+                // Its routes could not be published (and its lease may be gone): the agent is
+                // better served by a relay that can.
+                Err(Reject {
+                    code: Code::Draining,
+                    reason: "relay cut off from the registry for longer than its lease TTL".into(),
                 })
             } else {
                 let cert =

@@ -7,11 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::sessions::SessionTable;
 use crate::backoff::Backoff;
-use crate::registry::{Registry, RelayInfo, Route, RouteKey};
+use crate::registry::{Error, Registry, RelayInfo, Route, RouteKey};
 
 /// Most changes taken from the queue in one go.
 const MAX_BATCH: usize = 4096;
@@ -83,33 +84,58 @@ mod tests {
 }
 
 impl Publisher {
-    pub async fn run(mut self, shutdown: CancellationToken) {
+    /// Publishes until `shutdown`. Ends early with [`Error::IdTaken`] when another live relay
+    /// holds this relay's id from the start and keeps it longer than its lease could outlive a
+    /// crash: the relay must not run under a name it does not own.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), Error> {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
         let mut synced = false;
+        let mut registered_once = false;
+        // When a start-up id conflict is given up as permanent.
+        let mut conflict_deadline: Option<Instant> = None;
         let mut epoch = self.registry.lease_epoch();
         loop {
             if !synced {
                 match self.reconcile().await {
                     Ok(()) => {
                         synced = true;
+                        registered_once = true;
+                        conflict_deadline = None;
                         backoff.reset();
                         self.in_sync.send_replace(true);
                         crate::metrics::metrics().lease_held.set(1);
                     }
                     Err(err) => {
-                        tracing::warn!(%err, relay_id = %self.relay.id, "registry reconcile failed; retrying");
                         self.in_sync.send_replace(false);
                         crate::metrics::metrics().lease_held.set(0);
+                        if let Error::IdTaken { ttl_secs, .. } = &err {
+                            if !registered_once {
+                                // A relay restarted after a crash finds its own previous lease
+                                // holding the id: that one expires within its TTL. A live
+                                // holder refreshes it and is still there after that.
+                                let wait = Duration::from_secs(ttl_secs.max(&0).unsigned_abs())
+                                    + Duration::from_secs(2);
+                                let deadline =
+                                    *conflict_deadline.get_or_insert_with(|| Instant::now() + wait);
+                                if Instant::now() >= deadline {
+                                    tracing::error!(%err, relay_id = %self.relay.id, "refusing to start");
+                                    return Err(err);
+                                }
+                            }
+                            tracing::warn!(%err, relay_id = %self.relay.id, "relay id held by another lease; waiting for it to expire");
+                        } else {
+                            tracing::warn!(%err, relay_id = %self.relay.id, "registry reconcile failed; retrying");
+                        }
                         tokio::select! {
-                            _ = shutdown.cancelled() => return,
+                            _ = shutdown.cancelled() => return Ok(()),
                             _ = tokio::time::sleep(backoff.next_delay()) => continue,
                         }
                     }
                 }
             }
             let first = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                c = self.changes.recv() => match c { Some(c) => c, None => return },
+                _ = shutdown.cancelled() => return Ok(()),
+                c = self.changes.recv() => match c { Some(c) => c, None => return Ok(()) },
                 changed = epoch.changed() => {
                     if changed.is_ok() {
                         self.in_sync.send_replace(false);
@@ -164,19 +190,20 @@ impl Publisher {
 
     /// Registers the relay and makes its routes in the registry equal the session table. Changes
     /// queued meanwhile are drained first: the table already reflects them.
-    async fn reconcile(&mut self) -> Result<(), crate::registry::Error> {
+    async fn reconcile(&mut self) -> Result<(), Error> {
         while let Ok(change) = self.changes.try_recv() {
             if let Change::Relay(info) = change {
                 self.relay = info;
             }
         }
         self.registry.register_relay(&self.relay).await?;
-        let snapshot = self.registry.snapshot().await?;
-        let present: BTreeSet<RouteKey> = snapshot
-            .routes
+        // Only routes under this relay's own lease: never another process's, even one that
+        // carries the same relay id.
+        let present: BTreeSet<RouteKey> = self
+            .registry
+            .owned_routes(&self.relay.id)
+            .await?
             .into_iter()
-            .filter(|r| r.key.relay_id == self.relay.id)
-            .map(|r| r.key)
             .collect();
         let desired: BTreeMap<RouteKey, Route> = self
             .sessions

@@ -115,7 +115,8 @@ impl Cluster {
             .tempdir()
             .unwrap();
         let bundle = postern::cert::generate_bundle(dir.path(), "postern-relay").unwrap();
-        let etcd = Etcd::started(dir.path()).await;
+        // As production etcd runs: TLS only, client certificates required.
+        let etcd = Etcd::started_tls(dir.path()).await;
         let mut cluster = Cluster {
             dir,
             etcd,
@@ -171,7 +172,7 @@ ca = "{ca}"
 kind = "etcd"
 endpoints = ["{etcd}"]
 lease_ttl = "{ttl}s"
-[admin]
+{etcd_tls}[admin]
 listen = "127.0.0.1:0"
 "#,
                 cert = Self::p(&b.relay_cert),
@@ -180,6 +181,7 @@ listen = "127.0.0.1:0"
                 net = self.net,
                 ca = Self::p(&b.ca),
                 etcd = self.etcd.url,
+                etcd_tls = self.etcd.registry_toml(),
                 ttl = LEASE_TTL.as_secs(),
             ),
         )
@@ -224,13 +226,14 @@ key = "{key}"
 [registry]
 kind = "etcd"
 endpoints = ["{etcd}"]
-[admin]
+{etcd_tls}[admin]
 listen = "127.0.0.1:0"
 "#,
                 ca = Self::p(&b.ca),
                 cert = Self::p(&b.peer_cert),
                 key = Self::p(&b.peer_key),
                 etcd = self.etcd.url,
+                etcd_tls = self.etcd.registry_toml(),
             ),
         )
         .unwrap();

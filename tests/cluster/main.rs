@@ -1,5 +1,6 @@
 //! Cluster and high availability, with real processes: etcd, relays, gateways and agents on
-//! 127.0.0.0/8. Each test runs its own etcd and its own address range (127.N.0.0/16).
+//! 127.0.0.0/8. Each test runs its own etcd (TLS only, client certificates required, as in
+//! production) and its own address range (127.N.0.0/16).
 
 mod harness;
 #[path = "../process/mod.rs"]
@@ -214,9 +215,7 @@ async fn stale_routes_never_reach_the_wrong_host() {
         .await;
     let (a, b) = (&cluster.agents[0], &cluster.agents[1]);
     // B's real session on each relay, from etcd.
-    let mut client = etcd_client::Client::connect([cluster.etcd.url.clone()], None)
-        .await
-        .unwrap();
+    let mut client = cluster.etcd.client().await.unwrap();
     let prefix = format!("/postern/routes/default/{}/", b.ip);
     let resp = client
         .get(
@@ -268,12 +267,13 @@ async fn stale_routes_never_reach_the_wrong_host() {
 async fn gateway_ready_only_with_every_route() {
     postern::tls::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
-    let etcd = harness::Etcd::started(dir.path()).await;
+    let etcd = harness::Etcd::started_tls(dir.path()).await;
     let registry: Arc<dyn postern::registry::Registry> = Arc::new(
-        postern::registry::etcd::EtcdRegistry::connect(
+        postern::registry::etcd::EtcdRegistry::connect_with(
             &[etcd.url.clone()],
             "/postern",
             Duration::from_secs(30),
+            &etcd.security(),
         )
         .await
         .unwrap(),
@@ -309,10 +309,11 @@ async fn gateway_ready_only_with_every_route() {
     assert!(!cache.is_ready());
     let stop = tokio_util::sync::CancellationToken::new();
     let gateway_registry: Arc<dyn postern::registry::Registry> = Arc::new(
-        postern::registry::etcd::EtcdRegistry::connect(
+        postern::registry::etcd::EtcdRegistry::connect_with(
             &[etcd.url.clone()],
             "/postern",
             Duration::from_secs(30),
+            &etcd.security(),
         )
         .await
         .unwrap(),

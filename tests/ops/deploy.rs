@@ -374,9 +374,10 @@ fn kubernetes_manifests_agree_with_each_other_and_the_config_schema() {
                 "{what}: port admin"
             );
             // A relay keeps carrying its tunnels while etcd is away: its Services must not drop it
-            // (and every other relay with it) for that, so its readiness leaves registration out.
+            // (and every other relay with it) for that, so its readiness leaves registration and
+            // the route view's freshness out.
             let ready_path = if ["server", "relay"].contains(&loaded.role.as_str()) {
-                "/readyz?exclude=registered"
+                "/readyz?exclude=registered,fresh"
             } else {
                 "/readyz"
             };

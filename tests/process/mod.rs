@@ -161,6 +161,57 @@ pub struct Etcd {
     peer_port: u16,
     proc: Option<Proc>,
     log: PathBuf,
+    tls: Option<EtcdTls>,
+}
+
+/// PEM files of an etcd that serves TLS only and requires client certificates.
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    pub server: (PathBuf, PathBuf),
+    /// The certificate and key postern (and the test) present.
+    pub client: (PathBuf, PathBuf),
+}
+
+impl EtcdTls {
+    /// A CA, etcd's certificate for 127.0.0.1, and a client certificate, written under `dir`.
+    pub fn new(dir: &Path) -> EtcdTls {
+        use postern::cert::{generate_ca, issue, Kind};
+        let write = |name: &str, pem: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, pem).unwrap();
+            path
+        };
+        let (ca, ca_key) = generate_ca("etcd test CA").unwrap();
+        let localhost: IpAddr = "127.0.0.1".parse().unwrap();
+        let (server, server_key) =
+            issue(&ca, &ca_key, Kind::Relay, "etcd", &[], &[localhost], 2).unwrap();
+        let (client, client_key) =
+            issue(&ca, &ca_key, Kind::Relay, "postern", &[], &[], 2).unwrap();
+        EtcdTls {
+            ca: write("etcd-ca.pem", &ca),
+            server: (
+                write("etcd-server.pem", &server),
+                write("etcd-server-key.pem", &server_key),
+            ),
+            client: (
+                write("etcd-client.pem", &client),
+                write("etcd-client-key.pem", &client_key),
+            ),
+        }
+    }
+
+    /// Client options with the CA and the client certificate.
+    pub fn options(&self) -> etcd_client::ConnectOptions {
+        let tls = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(
+                std::fs::read(&self.ca).unwrap(),
+            ))
+            .identity(etcd_client::Identity::from_pem(
+                std::fs::read(&self.client.0).unwrap(),
+                std::fs::read(&self.client.1).unwrap(),
+            ));
+        etcd_client::ConnectOptions::new().with_tls(tls)
+    }
 }
 
 impl Etcd {
@@ -174,6 +225,7 @@ impl Etcd {
             peer_port: free_tcp_port(),
             proc: None,
             log: dir.join("etcd.log"),
+            tls: None,
         }
     }
 
@@ -181,6 +233,46 @@ impl Etcd {
         let mut etcd = Etcd::planned(dir);
         etcd.start().await;
         etcd
+    }
+
+    /// [`Etcd::started`], serving clients over TLS only with client certificates required
+    /// (`--client-cert-auth`), as production etcd clusters do.
+    pub async fn started_tls(dir: &Path) -> Etcd {
+        let mut etcd = Etcd::planned(dir);
+        etcd.url = format!("https://127.0.0.1:{}", etcd.client_port);
+        etcd.tls = Some(EtcdTls::new(dir));
+        etcd.start().await;
+        etcd
+    }
+
+    /// The `[registry]` lines (after `endpoints`) a postern config needs to reach this etcd.
+    pub fn registry_toml(&self) -> String {
+        match &self.tls {
+            None => String::new(),
+            Some(tls) => format!(
+                "ca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                tls.ca.display(),
+                tls.client.0.display(),
+                tls.client.1.display()
+            ),
+        }
+    }
+
+    /// What postern's own etcd registry needs to reach this etcd.
+    pub fn security(&self) -> postern::config::EtcdSecurity {
+        postern::config::EtcdSecurity {
+            tls: self.tls.as_ref().map(|tls| postern::config::EtcdTls {
+                ca: tls.ca.clone(),
+                client: Some(tls.client.clone()),
+            }),
+            auth: None,
+        }
+    }
+
+    /// A client of the test's own (with the client certificate when etcd requires one).
+    pub async fn client(&self) -> Result<etcd_client::Client, etcd_client::Error> {
+        let options = self.tls.as_ref().map(EtcdTls::options);
+        etcd_client::Client::connect([self.url.clone()], options).await
     }
 
     /// Starts (or restarts) etcd and waits until it answers. Fails, never skips, when the `etcd`
@@ -193,9 +285,10 @@ impl Etcd {
                 .is_ok(),
             "the `etcd` binary is missing: install Debian's etcd-server (scripts/deps does)"
         );
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let client = self.url.clone();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let args = [
+        let initial = format!("test={peer}");
+        let mut args = vec![
             "--name",
             "test",
             "--data-dir",
@@ -209,16 +302,25 @@ impl Etcd {
             "--initial-advertise-peer-urls",
             &peer,
             "--initial-cluster",
-            &format!("test={peer}"),
+            &initial,
         ];
+        let tls_args: Vec<String> = match &self.tls {
+            None => Vec::new(),
+            Some(tls) => vec![
+                "--client-cert-auth".into(),
+                "--trusted-ca-file".into(),
+                tls.ca.display().to_string(),
+                "--cert-file".into(),
+                tls.server.0.display().to_string(),
+                "--key-file".into(),
+                tls.server.1.display().to_string(),
+            ],
+        };
+        args.extend(tls_args.iter().map(String::as_str));
         self.proc = Some(Proc::spawn("etcd", "etcd", &args, &[], &self.log));
-        let url = self.url.clone();
-        wait_for(STARTUP, "etcd to answer", || {
-            let url = url.clone();
-            async move {
-                let mut c = etcd_client::Client::connect([url], None).await.ok()?;
-                c.get("probe", None).await.ok().map(|_| ())
-            }
+        wait_for(STARTUP, "etcd to answer", || async {
+            let mut c = self.client().await.ok()?;
+            c.get("probe", None).await.ok().map(|_| ())
         })
         .await;
     }
@@ -232,9 +334,7 @@ impl Etcd {
 
     /// Every route key under `/postern/routes/`: (namespace, ip, relay, session).
     pub async fn route_keys(&self) -> BTreeSet<(String, IpAddr, String, u64)> {
-        let mut client = etcd_client::Client::connect([self.url.clone()], None)
-            .await
-            .unwrap();
+        let mut client = self.client().await.unwrap();
         let resp = client
             .get(
                 "/postern/routes/",

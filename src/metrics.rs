@@ -40,6 +40,12 @@ pub struct Outcome {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    /// `stalled` (a writer moved nothing while data waited) or `idle`.
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Operation {
     pub operation: &'static str,
     pub result: &'static str,
@@ -106,6 +112,8 @@ pub struct Metrics {
     pub agent_tunnels: Gauge,
     pub routes_cached: Gauge,
     pub open_attempts: Family<Outcome, Counter>,
+    /// Proxied streams a splice reset because a limit expired.
+    pub stream_resets: Family<Reason, Counter>,
     pub registry_operations: Family<Operation, Counter>,
     pub lease_held: Gauge,
     pub handshake_seconds: Histogram,
@@ -125,6 +133,11 @@ impl Metrics {
                 version: env!("CARGO_PKG_VERSION"),
             })
             .set(1);
+        let stream_resets = Family::<Reason, Counter>::default();
+        // Both series exist from the start, so a rate over them never starts from nothing.
+        for reason in ["stalled", "idle"] {
+            let _ = stream_resets.get_or_create(&Reason { reason });
+        }
         Metrics {
             client_connections: Family::default(),
             client_bytes: Family::default(),
@@ -135,6 +148,7 @@ impl Metrics {
             agent_tunnels: Gauge::default(),
             routes_cached: Gauge::default(),
             open_attempts: Family::default(),
+            stream_resets,
             registry_operations: Family::default(),
             lease_held: Gauge::default(),
             handshake_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
@@ -169,6 +183,11 @@ impl Metrics {
             "config_last_reload_success_timestamp_seconds",
             "When the configuration last loaded successfully, in seconds since the Unix epoch",
             self.config_reload_success_timestamp.clone(),
+        );
+        r.register(
+            "stream_resets",
+            "Proxied streams reset because their writer stalled or they sat idle, by reason",
+            self.stream_resets.clone(),
         );
     }
 
@@ -575,6 +594,7 @@ mod tests {
             "process_virtual_memory_bytes",
             "process_resident_memory_bytes",
             "process_start_time_seconds",
+            "postern_stream_resets_total",
         ];
         for set in [&agent, &relay, &gateway, &server, &all] {
             for name in common {

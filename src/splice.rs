@@ -1,10 +1,18 @@
 //! Moves bytes between a TCP connection and a QUIC stream, both ways at once, carrying half-closes
 //! across: TCP EOF → QUIC FIN and QUIC FIN → TCP `shutdown(Write)`. A failure on either side aborts
 //! both (QUIC reset, TCP RST), so a truncated transfer never looks like a clean end to anyone.
+//!
+//! No splice may hold its connection hostage: QUIC returns connection-level credit only when data
+//! is read, so a stream whose writer cannot move its bytes (a client that stopped reading) pins a
+//! stream window of its connection's shared window for as long as it lives. Every splice
+//! therefore runs under [`Limits`]: a writer that moves nothing for `stall_timeout` while data
+//! waits, or a splice that moves nothing either way for `idle_timeout`, is reset (and counted in
+//! `postern_stream_resets_total`); spliced TCP sockets carry keep-alives.
 
 use std::io::{self, IoSlice};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::RwLock;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 use prometheus_client::metrics::counter::Counter;
@@ -78,6 +86,145 @@ impl Progress {
     }
 }
 
+/// Deadlines and socket options of every splice in this process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// A writer that has moved nothing for this long while data waits is reset.
+    pub stall_timeout: Duration,
+    /// A splice that has moved nothing either way for this long is reset.
+    pub idle_timeout: Duration,
+    /// TCP keep-alive idle time of spliced TCP sockets.
+    pub tcp_keepalive: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        crate::config::Transport::default().splice_limits()
+    }
+}
+
+static LIMITS: RwLock<Option<Limits>> = RwLock::new(None);
+
+/// Sets the limits of every splice started from now on; a role calls it once at start-up with its
+/// transport settings. Until then the shipped defaults apply.
+pub fn configure(limits: Limits) {
+    *LIMITS.write().unwrap_or_else(|e| e.into_inner()) = Some(limits);
+}
+
+/// The limits in force.
+pub fn limits() -> Limits {
+    LIMITS
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .unwrap_or_default()
+}
+
+/// Why a splice was reset by its own watch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Expired {
+    Stalled,
+    Idle,
+}
+
+/// What the watch of one splice sees: when bytes last moved and, per direction, since when a
+/// write has been waiting (0: none). Times are milliseconds since `start`, plus one.
+struct Watch {
+    start: Instant,
+    last_moved: AtomicU64,
+    waiting: [AtomicU64; 2],
+}
+
+impl Watch {
+    fn new() -> Self {
+        Watch {
+            start: Instant::now(),
+            last_moved: AtomicU64::new(1),
+            waiting: [AtomicU64::new(0), AtomicU64::new(0)],
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64 + 1
+    }
+
+    /// A write in direction `lane` starts waiting for its writer.
+    fn waiting(&self, lane: usize) {
+        self.waiting[lane].store(self.now(), Ordering::Relaxed);
+    }
+
+    /// The write in direction `lane` went through.
+    fn moved(&self, lane: usize) {
+        self.waiting[lane].store(0, Ordering::Relaxed);
+        self.last_moved.store(self.now(), Ordering::Relaxed);
+    }
+
+    /// Resolves when one of the limits expires.
+    async fn expired(&self, limits: Limits) -> Expired {
+        let stall = limits.stall_timeout.as_millis() as u64;
+        let idle = limits.idle_timeout.as_millis() as u64;
+        loop {
+            let now = self.now();
+            let oldest_wait = self
+                .waiting
+                .iter()
+                .map(|w| w.load(Ordering::Relaxed))
+                .filter(|&w| w != 0)
+                .min();
+            let stall_at = oldest_wait.map(|w| w + stall);
+            if stall_at.is_some_and(|at| now >= at) {
+                return Expired::Stalled;
+            }
+            let idle_at = self.last_moved.load(Ordering::Relaxed) + idle;
+            if oldest_wait.is_none() && now >= idle_at {
+                return Expired::Idle;
+            }
+            // A write that starts waiting after this check expires no sooner than `now + stall`.
+            let next = stall_at.unwrap_or(u64::MAX).min(idle_at).min(now + stall);
+            tokio::time::sleep(Duration::from_millis(next.saturating_sub(now).max(1))).await;
+        }
+    }
+}
+
+const UP: usize = 0;
+const DOWN: usize = 1;
+
+/// Runs the two directions of a splice under the limits; an expired limit is counted and becomes
+/// the splice's error.
+async fn watched<F>(watch: &Watch, limits: Limits, both: F) -> io::Result<Transferred>
+where
+    F: std::future::Future<Output = io::Result<(u64, u64)>>,
+{
+    tokio::select! {
+        result = both => result.map(|(up, down)| Transferred { up, down }),
+        expired = watch.expired(limits) => {
+            let (reason, err) = match expired {
+                Expired::Stalled => ("stalled", io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no progress for {:?} while data waited", limits.stall_timeout),
+                )),
+                Expired::Idle => ("idle", io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("idle for {:?}", limits.idle_timeout),
+                )),
+            };
+            crate::metrics::metrics()
+                .stream_resets
+                .get_or_create(&crate::metrics::Reason { reason })
+                .inc();
+            Err(err)
+        }
+    }
+}
+
+/// Turns on TCP keep-alive, so a peer that vanished without a FIN or RST is noticed.
+fn keepalive(tcp: &TcpStream, idle: Duration) {
+    let params = socket2::TcpKeepalive::new().with_time(idle);
+    // Probes every sixth of the idle time; the system's probe count (9 on Linux) ends it.
+    #[cfg(any(target_os = "linux", target_os = "macos", target_os = "freebsd"))]
+    let params = params.with_interval((idle / 6).max(Duration::from_secs(1)));
+    let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&params);
+}
+
 /// Splices `tcp` with the stream pair until both directions have ended.
 pub async fn splice(tcp: TcpStream, send: SendStream, recv: RecvStream) -> io::Result<Transferred> {
     splice_metered(tcp, send, recv, &Progress::default()).await
@@ -92,12 +239,17 @@ pub async fn splice_metered(
 ) -> io::Result<Transferred> {
     // Small writes (request/response protocols) must not wait for Nagle.
     let _ = tcp.set_nodelay(true);
+    let limits = limits();
+    keepalive(&tcp, limits.tcp_keepalive);
+    let watch = Watch::new();
     let (mut tcp_read, mut tcp_write) = tcp.into_split();
-    let up = to_quic(&mut tcp_read, &mut send, |n| progress.add_up(n));
-    let down = from_quic(&mut recv, &mut tcp_write, |n| progress.add_down(n));
-    let result = tokio::try_join!(up, down);
+    let up = to_quic(&mut tcp_read, &mut send, &watch, UP, |n| progress.add_up(n));
+    let down = from_quic(&mut recv, &mut tcp_write, &watch, DOWN, |n| {
+        progress.add_down(n)
+    });
+    let result = watched(&watch, limits, async { tokio::try_join!(up, down) }).await;
     match result {
-        Ok((up, down)) => Ok(Transferred { up, down }),
+        Ok(t) => Ok(t),
         Err(err) => {
             let code = quinn::VarInt::from_u32(close::STREAM_ABORTED);
             let _ = send.reset(code);
@@ -116,6 +268,8 @@ pub async fn splice_metered(
 async fn to_quic<R: tokio::io::AsyncRead + Unpin>(
     from: &mut R,
     send: &mut SendStream,
+    watch: &Watch,
+    lane: usize,
     moved: impl Fn(u64),
 ) -> io::Result<u64> {
     let mut total = 0u64;
@@ -132,9 +286,11 @@ async fn to_quic<R: tokio::io::AsyncRead + Unpin>(
             delivered(send).await;
             return Ok(total);
         }
+        watch.waiting(lane);
         send.write_chunk(buf.split().freeze())
             .await
             .map_err(io::Error::from)?;
+        watch.moved(lane);
         total += n as u64;
         moved(n as u64);
     }
@@ -161,6 +317,8 @@ fn next_read_size(want: usize, offered: usize, read: usize) -> usize {
 async fn from_quic<W: tokio::io::AsyncWrite + Unpin>(
     recv: &mut RecvStream,
     to: &mut W,
+    watch: &Watch,
+    lane: usize,
     moved: impl Fn(u64),
 ) -> io::Result<u64> {
     let mut total = 0u64;
@@ -173,6 +331,7 @@ async fn from_quic<W: tokio::io::AsyncWrite + Unpin>(
     {
         let batch = &mut chunks[..n];
         let len = batch.iter().map(|c| c.len() as u64).sum::<u64>();
+        watch.waiting(lane);
         if to.is_write_vectored() {
             write_all_vectored(to, batch).await?;
         } else {
@@ -182,6 +341,7 @@ async fn from_quic<W: tokio::io::AsyncWrite + Unpin>(
             }
             to.write_all(&gathered).await?;
         }
+        watch.moved(lane);
         // Counted once written: what the client has been given, not what arrived.
         total += len;
         moved(len);
@@ -253,11 +413,15 @@ pub async fn splice_io_metered<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
+    let limits = limits();
+    let watch = Watch::new();
     let (mut io_read, mut io_write) = tokio::io::split(io);
-    let up = to_quic(&mut io_read, &mut send, |n| progress.add_up(n));
-    let down = from_quic(&mut recv, &mut io_write, |n| progress.add_down(n));
-    match tokio::try_join!(up, down) {
-        Ok((up, down)) => Ok(Transferred { up, down }),
+    let up = to_quic(&mut io_read, &mut send, &watch, UP, |n| progress.add_up(n));
+    let down = from_quic(&mut recv, &mut io_write, &watch, DOWN, |n| {
+        progress.add_down(n)
+    });
+    match watched(&watch, limits, async { tokio::try_join!(up, down) }).await {
+        Ok(t) => Ok(t),
         Err(err) => {
             let code = quinn::VarInt::from_u32(close::STREAM_ABORTED);
             let _ = send.reset(code);
@@ -284,12 +448,17 @@ pub async fn splice_quic(
     // Received chunks are one frame each (~1.4 KB); handed on as they are, they would sit in the
     // sending stream's buffer as thousands of segments, which quinn walks from the start for every
     // frame it sends. `to_quic` gathers what is there into one buffer per write instead.
-    let result = tokio::try_join!(
-        to_quic(&mut a_recv, &mut b_send, |_| {}),
-        to_quic(&mut b_recv, &mut a_send, |_| {})
-    );
+    let limits = limits();
+    let watch = Watch::new();
+    let result = watched(&watch, limits, async {
+        tokio::try_join!(
+            to_quic(&mut a_recv, &mut b_send, &watch, UP, |_| {}),
+            to_quic(&mut b_recv, &mut a_send, &watch, DOWN, |_| {})
+        )
+    })
+    .await;
     match result {
-        Ok((up, down)) => Ok(Transferred { up, down }),
+        Ok(t) => Ok(t),
         Err(err) => {
             let code = quinn::VarInt::from_u32(close::STREAM_ABORTED);
             for send in [&mut a_send, &mut b_send] {

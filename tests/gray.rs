@@ -1,0 +1,227 @@
+//! Gray failures, with real processes on 127.0.0.0/8 and the shipped default timings unless a test
+//! says otherwise: clients that stop reading must not freeze the tunnel their streams share.
+//! Each test uses its own agent address range 127.N.0.0/16.
+
+#[path = "process/mod.rs"]
+mod process;
+#[path = "ops/support.rs"]
+mod support;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use support::*;
+
+/// A service that writes an endless byte pattern to every connection and counts what the kernel
+/// took from it: once every client stopped reading, the count stops growing.
+struct Source {
+    addr: SocketAddr,
+    written: Arc<AtomicU64>,
+}
+
+impl Source {
+    async fn start(ip: Ipv4Addr) -> Source {
+        let listener = TcpListener::bind((ip, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let written = Arc::new(AtomicU64::new(0));
+        let count = written.clone();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                let count = count.clone();
+                tokio::spawn(async move {
+                    let block = payload(64 * 1024, 7);
+                    while let Ok(n) = tcp.write(&block).await {
+                        count.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        Source { addr, written }
+    }
+}
+
+/// One echo transfer of `size` bytes through the proxy, checked byte for byte, within `limit`.
+async fn echo_once(
+    proxy: SocketAddr,
+    target: SocketAddr,
+    size: usize,
+    seed: u64,
+    limit: Duration,
+) -> Result<(), String> {
+    let work = async {
+        let mut tcp = socks_connect(proxy, None, target)
+            .await
+            .map_err(|code| format!("socks reply {code:#04x}"))?;
+        let data = payload(size, seed);
+        let (mut r, mut w) = tcp.split();
+        let writer = async {
+            w.write_all(&data).await?;
+            w.shutdown().await
+        };
+        let reader = async {
+            let mut buf = Vec::with_capacity(size + ECHO_HEADER);
+            r.read_to_end(&mut buf).await.map(|_| buf)
+        };
+        let (wr, rd) = tokio::join!(writer, reader);
+        wr.map_err(|e| format!("write: {e}"))?;
+        let got = rd.map_err(|e| format!("read: {e}"))?;
+        if got.len() != size + ECHO_HEADER || sha256(&got[ECHO_HEADER..]) != sha256(&data) {
+            return Err(format!("echo of {} bytes differs", got.len()));
+        }
+        Ok(())
+    };
+    tokio::time::timeout(limit, work)
+        .await
+        .unwrap_or_else(|_| Err(format!("not done within {limit:?}")))
+}
+
+/// `clients` loops of echo transfers for `window`; returns the bytes echoed per second. Every
+/// transfer must complete byte-exact within 5 s.
+async fn echo_rate(proxy: SocketAddr, target: SocketAddr, clients: usize, window: Duration) -> f64 {
+    const SIZE: usize = 256 * 1024;
+    let stop = Arc::new(AtomicBool::new(false));
+    let moved = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let (stop, moved) = (stop.clone(), moved.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut seed = c as u64 * 1_000_000;
+            while !stop.load(Ordering::Relaxed) {
+                seed += 1;
+                echo_once(proxy, target, SIZE, seed, Duration::from_secs(5))
+                    .await
+                    .unwrap_or_else(|e| panic!("client {c}, transfer {seed}: {e}"));
+                moved.fetch_add(SIZE as u64, Ordering::Relaxed);
+            }
+        }));
+    }
+    tokio::time::sleep(window).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await.unwrap();
+    }
+    moved.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// 20 clients download from a service behind the agent and stop reading, while 4 other clients
+/// keep echoing through another port of the same agent (a `postern server` and an agent, shipped
+/// default windows and stream deadlines). Before the fix the stalled streams pinned the tunnel's
+/// whole connection window and every other stream of the tunnel stopped; now the others keep
+/// completing byte-exact at a comparable rate, and the stalled streams are reset after
+/// `stream_stall_timeout` (15 s) and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_readers_do_not_freeze_the_tunnel() {
+    const NET: u8 = 93;
+    const STALLED: usize = 20;
+    let w = Workdir::new("stall");
+    let ip = Ipv4Addr::new(127, NET, 0, 1);
+    let echo = Echo::start(ip).await;
+    let source = Source::start(ip).await;
+    let config = w.write("server.toml", &server_toml(&w, NET, &[], "5s"));
+    let (_server, line) =
+        Proc::postern("server", "server", &config, &[], &w.path("server.log")).await;
+    let (socks5, admin) = (ready_addr(&line, "socks5"), ready_addr(&line, "admin"));
+    let agent_config = w.write(
+        "agent.toml",
+        &agent_toml(
+            &w,
+            "agent-stall",
+            &[ready_addr(&line, "relay")],
+            ip,
+            &[echo.addr.port(), source.addr.port()],
+            1,
+            "5s",
+        ),
+    );
+    let (_agent, _) =
+        Proc::postern("agent", "agent", &agent_config, &[], &w.path("agent.log")).await;
+    wait_route(admin, ip).await;
+
+    let window = Duration::from_secs(3);
+    let baseline = echo_rate(socks5, echo.addr, 4, window).await;
+
+    // The stalled downloads: each reads the SOCKS5 reply, then nothing more.
+    let mut stalled: Vec<TcpStream> = Vec::new();
+    for i in 0..STALLED {
+        let tcp = socks_connect(socks5, None, source.addr)
+            .await
+            .unwrap_or_else(|code| panic!("stalled client {i}: socks reply {code:#04x}"));
+        stalled.push(tcp);
+    }
+    // Every buffer on the way fills: the source's writes stop for good.
+    let mut last = (u64::MAX, Instant::now());
+    wait_for(QUICK, "the source's writes to stop", || {
+        let now = source.written.load(Ordering::Relaxed);
+        if now != last.0 {
+            last = (now, Instant::now());
+        }
+        let settled = last.1.elapsed() >= Duration::from_millis(500);
+        async move { settled.then_some(()) }
+    })
+    .await;
+    let filled_at = Instant::now();
+    let held = source.written.load(Ordering::Relaxed);
+
+    let during = echo_rate(socks5, echo.addr, 4, window).await;
+    eprintln!(
+        "echo rate of 4 clients: {:.1} MB/s alone, {:.1} MB/s with {STALLED} stalled readers \
+         ({:.1} MB held on the way)",
+        baseline / 1e6,
+        during / 1e6,
+        held as f64 / 1e6
+    );
+    assert!(
+        during >= baseline * 0.5,
+        "others' rate fell from {baseline:.0} to {during:.0} B/s while readers stalled"
+    );
+
+    // The stalled streams are reset by the gateway's progress deadline, and counted.
+    let resets = r#"postern_stream_resets_total{reason="stalled"}"#;
+    let counted = wait_for(
+        Duration::from_secs(40),
+        "the stalled streams to be reset",
+        || async {
+            let (_, body) = http_get(admin, "/metrics").await.ok()?;
+            let n = parse_samples(&body).get(resets).copied().unwrap_or(0.0);
+            (n >= STALLED as f64).then_some(n)
+        },
+    )
+    .await;
+    let reset_after = filled_at.elapsed();
+    eprintln!("{counted} stalled streams reset {reset_after:?} after the buffers filled");
+    assert_eq!(
+        counted, STALLED as f64,
+        "only the stalled streams are reset"
+    );
+    // Each stalled client sees the end as a reset once it reads what was buffered for it.
+    for (i, mut tcp) in stalled.into_iter().enumerate() {
+        let mut sink = vec![0u8; 256 * 1024];
+        let end = tokio::time::timeout(QUICK, async {
+            loop {
+                match tcp.read(&mut sink).await {
+                    Ok(0) => return Ok(()),
+                    Ok(_) => continue,
+                    Err(err) => return Err(err),
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("stalled client {i} never saw its end"));
+        let err = end.expect_err("a reset, not a clean end");
+        assert_eq!(
+            err.kind(),
+            std::io::ErrorKind::ConnectionReset,
+            "client {i}"
+        );
+    }
+    // And the tunnel still carries new connections.
+    echo_once(socks5, echo.addr, 1 << 20, 99, Duration::from_secs(5))
+        .await
+        .unwrap();
+}

@@ -45,6 +45,23 @@ impl Source {
     }
 }
 
+/// An agent config with the shipped transport defaults (the shared writer shortens them).
+fn default_agent_toml(
+    w: &Workdir,
+    id: &str,
+    relay: SocketAddr,
+    ip: Ipv4Addr,
+    ports: &[u16],
+) -> String {
+    let text = agent_toml(w, id, &[relay], ip, ports, 1, "5s");
+    let tuned = "[transport]\nidle_timeout = \"3s\"\nkeep_alive = \"500ms\"\n";
+    assert!(
+        text.contains(tuned),
+        "agent_toml changed its transport table"
+    );
+    text.replace(tuned, "")
+}
+
 /// One echo transfer of `size` bytes through the proxy, checked byte for byte, within `limit`.
 async fn echo_once(
     proxy: SocketAddr,
@@ -129,14 +146,12 @@ async fn stalled_readers_do_not_freeze_the_tunnel() {
     let (socks5, admin) = (ready_addr(&line, "socks5"), ready_addr(&line, "admin"));
     let agent_config = w.write(
         "agent.toml",
-        &agent_toml(
+        &default_agent_toml(
             &w,
             "agent-stall",
-            &[ready_addr(&line, "relay")],
+            ready_addr(&line, "relay"),
             ip,
             &[echo.addr.port(), source.addr.port()],
-            1,
-            "5s",
         ),
     );
     let (_agent, _) =
@@ -224,4 +239,69 @@ async fn stalled_readers_do_not_freeze_the_tunnel() {
     echo_once(socks5, echo.addr, 1 << 20, 99, Duration::from_secs(5))
         .await
         .unwrap();
+}
+
+/// An agent that stops answering (`kill -STOP`: its kernel still holds the UDP socket, nothing
+/// fails, it just goes silent) loses its tunnel and its routes at the relay within seconds, with
+/// the shipped default timings. Before, the relay kept the session until the 30 s QUIC idle
+/// timeout and kept routing new connections to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_drops_a_silent_agent_within_seconds() {
+    const NET: u8 = 94;
+    let w = Workdir::new("silent");
+    let ip = Ipv4Addr::new(127, NET, 0, 1);
+    let echo = Echo::start(ip).await;
+    let config = w.write("server.toml", &server_toml(&w, NET, &[], "5s"));
+    let (_server, line) =
+        Proc::postern("server", "server", &config, &[], &w.path("server.log")).await;
+    let (socks5, admin) = (ready_addr(&line, "socks5"), ready_addr(&line, "admin"));
+    let agent_config = w.write(
+        "agent.toml",
+        &default_agent_toml(
+            &w,
+            "agent-silent",
+            ready_addr(&line, "relay"),
+            ip,
+            &[echo.addr.port()],
+        ),
+    );
+    let (agent, _) =
+        Proc::postern("agent", "agent", &agent_config, &[], &w.path("agent.log")).await;
+    wait_route(admin, ip).await;
+    echo_once(socks5, echo.addr, 100_000, 1, Duration::from_secs(5))
+        .await
+        .unwrap();
+
+    let tunnels = |body: &str| parse_samples(body).get("postern_relay_tunnels").copied();
+    agent.signal("STOP");
+    let stopped = Instant::now();
+    wait_for(
+        Duration::from_secs(20),
+        "the relay to drop the silent agent",
+        || async {
+            let (_, body) = http_get(admin, "/metrics").await.ok()?;
+            let (code, routes) = http_get(admin, &format!("/api/routes?ip={ip}"))
+                .await
+                .ok()?;
+            let gone = tunnels(&body) == Some(0.0) && !(code == 200 && routes.contains("relay_id"));
+            gone.then_some(())
+        },
+    )
+    .await;
+    let dropped = stopped.elapsed();
+    eprintln!("relay dropped the stopped agent's session and routes {dropped:?} after kill -STOP");
+    assert!(
+        dropped < Duration::from_secs(8),
+        "the relay held a silent agent's tunnel for {dropped:?}"
+    );
+    // Without a route the gateway refuses at once instead of waiting on the silent tunnel.
+    let refused = Instant::now();
+    let code = socks_connect(socks5, None, echo.addr).await.err();
+    assert_eq!(
+        code,
+        Some(0x04),
+        "SOCKS5 reply for a target whose agent is gone"
+    );
+    assert!(refused.elapsed() < Duration::from_secs(1));
+    agent.signal("CONT");
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use support::*;
 
@@ -53,7 +53,19 @@ fn default_agent_toml(
     ip: Ipv4Addr,
     ports: &[u16],
 ) -> String {
-    let text = agent_toml(w, id, &[relay], ip, ports, 1, "5s");
+    agent_toml_to(w, id, &[relay], ip, ports, 1)
+}
+
+/// [`default_agent_toml`] for several relay addresses and a redundancy.
+fn agent_toml_to(
+    w: &Workdir,
+    id: &str,
+    relays: &[SocketAddr],
+    ip: Ipv4Addr,
+    ports: &[u16],
+    redundancy: u32,
+) -> String {
+    let text = agent_toml(w, id, relays, ip, ports, redundancy, "5s");
     let tuned = "[transport]\nidle_timeout = \"3s\"\nkeep_alive = \"500ms\"\n";
     assert!(
         text.contains(tuned),
@@ -304,4 +316,194 @@ async fn relay_drops_a_silent_agent_within_seconds() {
     );
     assert!(refused.elapsed() < Duration::from_secs(1));
     agent.signal("CONT");
+}
+
+/// A UDP forwarder between an agent and one relay that the test can tell to drop everything, both
+/// ways: a cut agent↔relay path while both processes stay up. Each agent source address gets an
+/// upstream socket of its own, so the relay sees one 5-tuple per agent socket.
+struct Cuttable {
+    addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+}
+
+impl Cuttable {
+    async fn start(upstream: SocketAddr) -> Cuttable {
+        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let addr = front.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let drop_all = cut.clone();
+        tokio::spawn(async move {
+            let mut sides: std::collections::HashMap<SocketAddr, Arc<UdpSocket>> =
+                std::collections::HashMap::new();
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, from)) = front.recv_from(&mut buf).await {
+                if drop_all.load(Ordering::Relaxed) {
+                    continue;
+                }
+                let side = match sides.get(&from) {
+                    Some(side) => side.clone(),
+                    None => {
+                        let Ok(side) = UdpSocket::bind("127.0.0.1:0").await else {
+                            continue;
+                        };
+                        if side.connect(upstream).await.is_err() {
+                            continue;
+                        }
+                        let side = Arc::new(side);
+                        sides.insert(from, side.clone());
+                        let (back, front, drop_all) =
+                            (side.clone(), front.clone(), drop_all.clone());
+                        tokio::spawn(async move {
+                            let mut buf = vec![0u8; 65536];
+                            while let Ok(n) = back.recv(&mut buf).await {
+                                if !drop_all.load(Ordering::Relaxed) {
+                                    let _ = front.send_to(&buf[..n], from).await;
+                                }
+                            }
+                        });
+                        side
+                    }
+                };
+                let _ = side.send(&buf[..n]).await;
+            }
+        });
+        Cuttable { addr, cut }
+    }
+}
+
+/// Two relays (etcd, shipped default lease and timings), a gateway, and one agent with a tunnel
+/// to each; the agent↔relay-1 path is cut (every datagram dropped) while 8 clients open new
+/// connections through the gateway. Before, every connection routed via relay-1 waited out the
+/// whole 10 s open budget and failed with 0x06, for as long as relay-1 kept the session; now each
+/// attempt is hedged to relay-2 after a short delay and relay-1's (relay, session) is demoted, so
+/// no connection after the first second fails or waits longer than 1.5 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_agent_path_costs_new_connections_at_most_a_hedge() {
+    const NET: u8 = 95;
+    const CLIENTS: usize = 8;
+    let w = Workdir::new("cut");
+    let etcd = Etcd::started(w.dir.path()).await;
+    let ip = Ipv4Addr::new(127, NET, 0, 1);
+    let echo = Echo::start(ip).await;
+    let mut relays = Vec::new();
+    for id in ["relay-1", "relay-2"] {
+        let port = free_udp_port();
+        let text = relay_toml(&w, id, port, &etcd.url, NET, "5s");
+        let tuned = "lease_ttl = \"4s\"\n";
+        assert!(text.contains(tuned), "relay_toml changed its lease");
+        let config = w.write(&format!("{id}.toml"), &text.replace(tuned, ""));
+        let (proc, line) =
+            Proc::postern(id, "relay", &config, &[], &w.path(&format!("{id}.log"))).await;
+        relays.push((proc, ready_addr(&line, "relay")));
+    }
+    let path = Cuttable::start(relays[0].1).await;
+    let config = w.write("gateway.toml", &gateway_toml(&w, &etcd.url, "5s"));
+    let (_gateway, line) =
+        Proc::postern("gateway", "gateway", &config, &[], &w.path("gateway.log")).await;
+    let (socks5, admin) = (ready_addr(&line, "socks5"), ready_addr(&line, "admin"));
+    let agent_config = w.write(
+        "agent.toml",
+        &agent_toml_to(
+            &w,
+            "agent-cut",
+            &[path.addr, relays[1].1],
+            ip,
+            &[echo.addr.port()],
+            2,
+        ),
+    );
+    let (_agent, _) =
+        Proc::postern("agent", "agent", &agent_config, &[], &w.path("agent.log")).await;
+    wait_for(
+        QUICK,
+        "the gateway to route the agent via both relays",
+        || async {
+            let (code, body) = http_get(admin, &format!("/api/routes?ip={ip}"))
+                .await
+                .ok()?;
+            (code == 200 && body.contains("relay-1") && body.contains("relay-2")).then_some(())
+        },
+    )
+    .await;
+
+    // (started, waited, error) per connection, from CLIENTS loops of new connections.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut loops = Vec::new();
+    for c in 0..CLIENTS {
+        let stop = stop.clone();
+        loops.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut seed = c as u64 * 1_000_000;
+            while !stop.load(Ordering::Relaxed) {
+                seed += 1;
+                let started = Instant::now();
+                let result =
+                    echo_once(socks5, echo.addr, 4096, seed, Duration::from_secs(15)).await;
+                seen.push((started, started.elapsed(), result.err()));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            seen
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    path.cut.store(true, Ordering::Relaxed);
+    let cut_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut seen = Vec::new();
+    for l in loops {
+        seen.extend(l.await.unwrap());
+    }
+
+    // Connections open at the cut and carried by relay-1 may break with it (as a reset): that is
+    // the cut, not a failure to connect.
+    let in_flight: Vec<_> = seen
+        .iter()
+        .filter(|(s, d, _)| *s < cut_at && *s + *d > cut_at)
+        .collect();
+    let before: Vec<_> = seen.iter().filter(|(s, d, _)| *s + *d <= cut_at).collect();
+    let first: Vec<_> = seen
+        .iter()
+        .filter(|(s, _, _)| *s >= cut_at && *s < cut_at + Duration::from_secs(1))
+        .collect();
+    let after: Vec<_> = seen
+        .iter()
+        .filter(|(s, _, _)| *s >= cut_at + Duration::from_secs(1))
+        .collect();
+    let failed = |set: &[&(Instant, Duration, Option<String>)]| {
+        set.iter().filter(|(_, _, e)| e.is_some()).count()
+    };
+    let longest = |set: &[&(Instant, Duration, Option<String>)]| {
+        set.iter().map(|(_, d, _)| *d).max().unwrap_or_default()
+    };
+    eprintln!(
+        "before the cut: {} connections, {} failed, longest {:?}; open at the cut: {}, {} broke; \
+         first second: {} connections, {} failed, longest {:?}; after it: {} connections, {} \
+         failed, longest {:?}",
+        before.len(),
+        failed(&before),
+        longest(&before),
+        in_flight.len(),
+        failed(&in_flight),
+        first.len(),
+        failed(&first),
+        longest(&first),
+        after.len(),
+        failed(&after),
+        longest(&after),
+    );
+    let errors: Vec<_> = seen.iter().filter_map(|(_, _, e)| e.as_deref()).collect();
+    assert_eq!(failed(&before), 0, "before the cut: {errors:?}");
+    assert_eq!(failed(&after), 0, "after the first second: {errors:?}");
+    assert!(
+        after.len() >= 50,
+        "too few connections after the cut: {}",
+        after.len()
+    );
+    // No new connection waited long, in the first second or after it.
+    let waited = longest(&first).max(longest(&after));
+    assert!(
+        waited <= Duration::from_millis(1500),
+        "a connection opened after the cut waited {waited:?}"
+    );
 }

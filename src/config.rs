@@ -484,6 +484,8 @@ impl Transport {
             stall_timeout: self.stream_stall_timeout,
             idle_timeout: self.stream_idle_timeout,
             tcp_keepalive: self.tcp_keepalive,
+            // A client's stalled streams may pin at most half of a connection's window.
+            stalled_per_client: ((self.connection_window / self.stream_window / 2) as usize).max(1),
         }
     }
 }

@@ -41,7 +41,8 @@ pub struct Outcome {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Reason {
-    /// `stalled` (a writer moved nothing while data waited) or `idle`.
+    /// `stalled` (a writer moved nothing while data waited), `stall_limit` (it stalled while its
+    /// client already had its share of stalled streams) or `idle`.
     pub reason: &'static str,
 }
 
@@ -135,7 +136,7 @@ impl Metrics {
             .set(1);
         let stream_resets = Family::<Reason, Counter>::default();
         // Both series exist from the start, so a rate over them never starts from nothing.
-        for reason in ["stalled", "idle"] {
+        for reason in ["stalled", "stall_limit", "idle"] {
             let _ = stream_resets.get_or_create(&Reason { reason });
         }
         Metrics {

@@ -7,11 +7,14 @@
 //! stream window of its connection's shared window for as long as it lives. Every splice
 //! therefore runs under [`Limits`]: a writer that moves nothing for `stall_timeout` while data
 //! waits, or a splice that moves nothing either way for `idle_timeout`, is reset (and counted in
-//! `postern_stream_resets_total`); spliced TCP sockets carry keep-alives.
+//! `postern_stream_resets_total`); one client may have only so many stalled streams at once, so
+//! its stalls alone never exhaust a connection's window; spliced TCP sockets carry keep-alives.
 
+use std::collections::HashMap;
 use std::io::{self, IoSlice};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::RwLock;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{LazyLock, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
@@ -52,6 +55,8 @@ pub struct Progress {
     up: AtomicU64,
     down: AtomicU64,
     totals: Option<(Counter, Counter)>,
+    /// The client whose stalls count against its budget ([`Limits::stalled_per_client`]).
+    client: Option<IpAddr>,
 }
 
 impl Progress {
@@ -61,6 +66,13 @@ impl Progress {
             totals: Some((up_total, down_total)),
             ..Progress::default()
         }
+    }
+
+    /// This meter's splice belongs to `client`: while its writer stalls it holds one of the
+    /// client's [`Limits::stalled_per_client`] stall slots.
+    pub fn for_client(mut self, client: IpAddr) -> Self {
+        self.client = Some(client);
+        self
     }
 
     pub fn add_up(&self, n: u64) {
@@ -95,6 +107,45 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// TCP keep-alive idle time of spliced TCP sockets.
     pub tcp_keepalive: Duration,
+    /// How many of one client's connections may stall at once. A stalled stream pins up to one
+    /// stream window of its QUIC connection's window; the roles set this to half as many stream
+    /// windows as the connection window holds, so no one client can exhaust a connection. A
+    /// stream whose writer has waited [`STALL_GRACE`] while its client already holds this many
+    /// stalls is reset at once.
+    pub stalled_per_client: usize,
+}
+
+/// How long a writer may wait before its splice counts as stalled against its client's budget.
+pub const STALL_GRACE: Duration = Duration::from_secs(1);
+
+/// Stalled splices per client, process-wide.
+static STALLS: LazyLock<Mutex<HashMap<IpAddr, usize>>> = LazyLock::new(Default::default);
+
+/// One of a client's stall slots, given back on drop.
+struct StallSlot(IpAddr);
+
+impl StallSlot {
+    fn claim(client: IpAddr, limit: usize) -> Option<StallSlot> {
+        let mut stalls = STALLS.lock().unwrap_or_else(|e| e.into_inner());
+        let held = stalls.entry(client).or_insert(0);
+        if *held >= limit {
+            return None;
+        }
+        *held += 1;
+        Some(StallSlot(client))
+    }
+}
+
+impl Drop for StallSlot {
+    fn drop(&mut self) {
+        let mut stalls = STALLS.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = stalls.get_mut(&self.0) {
+            *held -= 1;
+            if *held == 0 {
+                stalls.remove(&self.0);
+            }
+        }
+    }
 }
 
 impl Default for Limits {
@@ -123,6 +174,8 @@ pub fn limits() -> Limits {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Expired {
     Stalled,
+    /// Stalled while its client already held all its stall slots.
+    OverStallLimit,
     Idle,
 }
 
@@ -132,15 +185,27 @@ struct Watch {
     start: Instant,
     last_moved: AtomicU64,
     waiting: [AtomicU64; 2],
+    /// The client whose stall budget a stalled lane draws on, if any.
+    client: Option<IpAddr>,
+    /// Per lane: whether it holds a stall slot (checked without the lock on every write).
+    holding: [AtomicBool; 2],
+    slots: [Mutex<Option<StallSlot>>; 2],
 }
 
 impl Watch {
-    fn new() -> Self {
+    fn new(client: Option<IpAddr>) -> Self {
         Watch {
             start: Instant::now(),
             last_moved: AtomicU64::new(1),
             waiting: [AtomicU64::new(0), AtomicU64::new(0)],
+            client,
+            holding: [AtomicBool::new(false), AtomicBool::new(false)],
+            slots: [Mutex::new(None), Mutex::new(None)],
         }
+    }
+
+    fn slot(&self, lane: usize) -> std::sync::MutexGuard<'_, Option<StallSlot>> {
+        self.slots[lane].lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn now(&self) -> u64 {
@@ -156,6 +221,39 @@ impl Watch {
     fn moved(&self, lane: usize) {
         self.waiting[lane].store(0, Ordering::Relaxed);
         self.last_moved.store(self.now(), Ordering::Relaxed);
+        if self.holding[lane].swap(false, Ordering::Relaxed) {
+            *self.slot(lane) = None;
+        }
+    }
+
+    /// Takes a stall slot for every lane of a client's splice that has waited [`STALL_GRACE`];
+    /// false when the client has none left. Returns when to look again.
+    fn claim_stall_slots(&self, now: u64, limit: usize) -> Result<u64, ()> {
+        let Some(client) = self.client else {
+            return Ok(u64::MAX);
+        };
+        let grace = STALL_GRACE.as_millis() as u64;
+        let mut next = u64::MAX;
+        for lane in [UP, DOWN] {
+            let since = self.waiting[lane].load(Ordering::Relaxed);
+            if since == 0 || self.holding[lane].load(Ordering::Relaxed) {
+                continue;
+            }
+            if now < since + grace {
+                next = next.min(since + grace);
+                continue;
+            }
+            let slot = StallSlot::claim(client, limit).ok_or(())?;
+            *self.slot(lane) = Some(slot);
+            self.holding[lane].store(true, Ordering::Relaxed);
+            // The lane may have moved meanwhile; then it must not keep the slot.
+            if self.waiting[lane].load(Ordering::Relaxed) == 0
+                && self.holding[lane].swap(false, Ordering::Relaxed)
+            {
+                *self.slot(lane) = None;
+            }
+        }
+        Ok(next)
     }
 
     /// Resolves when one of the limits expires.
@@ -164,6 +262,9 @@ impl Watch {
         let idle = limits.idle_timeout.as_millis() as u64;
         loop {
             let now = self.now();
+            let Ok(claim_at) = self.claim_stall_slots(now, limits.stalled_per_client) else {
+                return Expired::OverStallLimit;
+            };
             let oldest_wait = self
                 .waiting
                 .iter()
@@ -178,8 +279,17 @@ impl Watch {
             if oldest_wait.is_none() && now >= idle_at {
                 return Expired::Idle;
             }
-            // A write that starts waiting after this check expires no sooner than `now + stall`.
-            let next = stall_at.unwrap_or(u64::MAX).min(idle_at).min(now + stall);
+            // A client's lane that starts waiting after this check is looked at within a grace
+            // period: it counts against the client's stalls between one and two graces in.
+            let look_again = match self.client {
+                Some(_) => STALL_GRACE.as_millis() as u64,
+                None => stall,
+            };
+            let next = stall_at
+                .unwrap_or(u64::MAX)
+                .min(idle_at)
+                .min(now + look_again)
+                .min(claim_at);
             tokio::time::sleep(Duration::from_millis(next.saturating_sub(now).max(1))).await;
         }
     }
@@ -201,6 +311,13 @@ where
                 Expired::Stalled => ("stalled", io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!("no progress for {:?} while data waited", limits.stall_timeout),
+                )),
+                Expired::OverStallLimit => ("stall_limit", io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "stalled while the client already had {} stalled connections",
+                        limits.stalled_per_client
+                    ),
                 )),
                 Expired::Idle => ("idle", io::Error::new(
                     io::ErrorKind::TimedOut,
@@ -241,7 +358,7 @@ pub async fn splice_metered(
     let _ = tcp.set_nodelay(true);
     let limits = limits();
     keepalive(&tcp, limits.tcp_keepalive);
-    let watch = Watch::new();
+    let watch = Watch::new(progress.client);
     let (mut tcp_read, mut tcp_write) = tcp.into_split();
     let up = to_quic(&mut tcp_read, &mut send, &watch, UP, |n| progress.add_up(n));
     let down = from_quic(&mut recv, &mut tcp_write, &watch, DOWN, |n| {
@@ -414,7 +531,7 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let limits = limits();
-    let watch = Watch::new();
+    let watch = Watch::new(progress.client);
     let (mut io_read, mut io_write) = tokio::io::split(io);
     let up = to_quic(&mut io_read, &mut send, &watch, UP, |n| progress.add_up(n));
     let down = from_quic(&mut recv, &mut io_write, &watch, DOWN, |n| {
@@ -449,7 +566,7 @@ pub async fn splice_quic(
     // sending stream's buffer as thousands of segments, which quinn walks from the start for every
     // frame it sends. `to_quic` gathers what is there into one buffer per write instead.
     let limits = limits();
-    let watch = Watch::new();
+    let watch = Watch::new(None);
     let result = watched(&watch, limits, async {
         tokio::try_join!(
             to_quic(&mut a_recv, &mut b_send, &watch, UP, |_| {}),

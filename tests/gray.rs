@@ -138,16 +138,19 @@ async fn echo_rate(proxy: SocketAddr, target: SocketAddr, clients: usize, window
     moved.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
 }
 
-/// 20 clients download from a service behind the agent and stop reading, while 4 other clients
-/// keep echoing through another port of the same agent (a `postern server` and an agent, shipped
-/// default windows and stream deadlines). Before the fix the stalled streams pinned the tunnel's
-/// whole connection window and every other stream of the tunnel stopped; now the others keep
-/// completing byte-exact at a comparable rate, and the stalled streams are reset after
-/// `stream_stall_timeout` (15 s) and counted.
+/// 20 downloads from one client address stop reading a service behind the agent, while 4 other
+/// connections keep echoing through another port of the same agent (a `postern server` and an
+/// agent, shipped default windows and stream deadlines). Before the fix the stalled streams pinned
+/// the tunnel's whole connection window and every other stream of the tunnel stopped; now the
+/// others keep completing byte-exact at a comparable rate. The client may hold 16 stalled streams
+/// (half the 32 MiB connection window in 1 MiB stream windows): the 4 beyond are reset about a
+/// second after they stall, the 16 after `stream_stall_timeout` (15 s), all counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_readers_do_not_freeze_the_tunnel() {
     const NET: u8 = 93;
     const STALLED: usize = 20;
+    // connection_window / stream_window / 2 with the shipped defaults.
+    const PER_CLIENT: usize = 16;
     let w = Workdir::new("stall");
     let ip = Ipv4Addr::new(127, NET, 0, 1);
     let echo = Echo::start(ip).await;
@@ -194,6 +197,23 @@ async fn stalled_readers_do_not_freeze_the_tunnel() {
     .await;
     let filled_at = Instant::now();
     let held = source.written.load(Ordering::Relaxed);
+    let resets = |reason: &'static str| async move {
+        let (_, body) = http_get(admin, "/metrics").await.ok()?;
+        let key = format!("postern_stream_resets_total{{reason=\"{reason}\"}}");
+        parse_samples(&body).get(&key).copied()
+    };
+    // The streams beyond the client's share of stalls are reset soon after they stall.
+    wait_for(
+        QUICK,
+        "the stalls beyond the client's share to be reset",
+        || async {
+            resets("stall_limit")
+                .await
+                .filter(|n| *n >= (STALLED - PER_CLIENT) as f64)
+        },
+    )
+    .await;
+    let early = filled_at.elapsed();
 
     let during = echo_rate(socks5, echo.addr, 4, window).await;
     eprintln!(
@@ -209,21 +229,25 @@ async fn stalled_readers_do_not_freeze_the_tunnel() {
     );
 
     // The stalled streams are reset by the gateway's progress deadline, and counted.
-    let resets = r#"postern_stream_resets_total{reason="stalled"}"#;
     let counted = wait_for(
         Duration::from_secs(40),
         "the stalled streams to be reset",
-        || async {
-            let (_, body) = http_get(admin, "/metrics").await.ok()?;
-            let n = parse_samples(&body).get(resets).copied().unwrap_or(0.0);
-            (n >= STALLED as f64).then_some(n)
-        },
+        || async { resets("stalled").await.filter(|n| *n >= PER_CLIENT as f64) },
     )
     .await;
     let reset_after = filled_at.elapsed();
-    eprintln!("{counted} stalled streams reset {reset_after:?} after the buffers filled");
+    eprintln!(
+        "{} streams over the client's share reset {early:?} and {counted} stalled streams \
+         {reset_after:?} after the buffers filled",
+        STALLED - PER_CLIENT
+    );
     assert_eq!(
-        counted, STALLED as f64,
+        resets("stall_limit").await,
+        Some((STALLED - PER_CLIENT) as f64),
+        "only the stalls beyond the client's share are reset early"
+    );
+    assert_eq!(
+        counted, PER_CLIENT as f64,
         "only the stalled streams are reset"
     );
     // Each stalled client sees the end as a reset once it reads what was buffered for it.

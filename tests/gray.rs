@@ -148,9 +148,6 @@ async fn echo_rate(proxy: SocketAddr, target: SocketAddr, clients: usize, window
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_readers_do_not_freeze_the_tunnel() {
     const NET: u8 = 93;
-    const STALLED: usize = 20;
-    // connection_window / stream_window / 2 with the shipped defaults.
-    const PER_CLIENT: usize = 16;
     let w = Workdir::new("stall");
     let ip = Ipv4Addr::new(127, NET, 0, 1);
     let echo = Echo::start(ip).await;
@@ -173,108 +170,43 @@ async fn stalled_readers_do_not_freeze_the_tunnel() {
         Proc::postern("agent", "agent", &agent_config, &[], &w.path("agent.log")).await;
     wait_route(admin, ip).await;
 
-    let window = Duration::from_secs(3);
-    let baseline = echo_rate(socks5, echo.addr, 4, window).await;
+    stall_scenario(socks5, admin, &echo, &source).await;
+}
 
-    // The stalled downloads: each reads the SOCKS5 reply, then nothing more.
-    let mut stalled: Vec<TcpStream> = Vec::new();
-    for i in 0..STALLED {
-        let tcp = socks_connect(socks5, None, source.addr)
-            .await
-            .unwrap_or_else(|code| panic!("stalled client {i}: socks reply {code:#04x}"));
-        stalled.push(tcp);
-    }
-    // Every buffer on the way fills: the source's writes stop for good.
-    let mut last = (u64::MAX, Instant::now());
-    wait_for(QUICK, "the source's writes to stop", || {
-        let now = source.written.load(Ordering::Relaxed);
-        if now != last.0 {
-            last = (now, Instant::now());
-        }
-        let settled = last.1.elapsed() >= Duration::from_millis(500);
-        async move { settled.then_some(()) }
-    })
-    .await;
-    let filled_at = Instant::now();
-    let held = source.written.load(Ordering::Relaxed);
-    let resets = |reason: &'static str| async move {
-        let (_, body) = http_get(admin, "/metrics").await.ok()?;
-        let key = format!("postern_stream_resets_total{{reason=\"{reason}\"}}");
-        parse_samples(&body).get(&key).copied()
-    };
-    // The streams beyond the client's share of stalls are reset soon after they stall.
-    wait_for(
-        QUICK,
-        "the stalls beyond the client's share to be reset",
-        || async {
-            resets("stall_limit")
-                .await
-                .filter(|n| *n >= (STALLED - PER_CLIENT) as f64)
-        },
-    )
-    .await;
-    let early = filled_at.elapsed();
+/// The same stall through a split cluster (etcd, one relay, a gateway; shipped defaults): the
+/// stalled streams share the gateway↔relay peer connection with the others, which before the fix
+/// froze every agent behind that relay for this gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_readers_do_not_freeze_the_peer_connection() {
+    const NET: u8 = 96;
+    let w = Workdir::new("stall-split");
+    let etcd = Etcd::started(w.dir.path()).await;
+    let ip = Ipv4Addr::new(127, NET, 0, 1);
+    let echo = Echo::start(ip).await;
+    let source = Source::start(ip).await;
+    let text = relay_toml(&w, "relay-1", free_udp_port(), &etcd.url, NET, "5s");
+    let config = w.write("relay.toml", &text.replace("lease_ttl = \"4s\"\n", ""));
+    let (_relay, line) = Proc::postern("relay", "relay", &config, &[], &w.path("relay.log")).await;
+    let relay = ready_addr(&line, "relay");
+    let config = w.write("gateway.toml", &gateway_toml(&w, &etcd.url, "5s"));
+    let (_gateway, line) =
+        Proc::postern("gateway", "gateway", &config, &[], &w.path("gateway.log")).await;
+    let (socks5, admin) = (ready_addr(&line, "socks5"), ready_addr(&line, "admin"));
+    let agent_config = w.write(
+        "agent.toml",
+        &default_agent_toml(
+            &w,
+            "agent-stall",
+            relay,
+            ip,
+            &[echo.addr.port(), source.addr.port()],
+        ),
+    );
+    let (_agent, _) =
+        Proc::postern("agent", "agent", &agent_config, &[], &w.path("agent.log")).await;
+    wait_route(admin, ip).await;
 
-    let during = echo_rate(socks5, echo.addr, 4, window).await;
-    eprintln!(
-        "echo rate of 4 clients: {:.1} MB/s alone, {:.1} MB/s with {STALLED} stalled readers \
-         ({:.1} MB held on the way)",
-        baseline / 1e6,
-        during / 1e6,
-        held as f64 / 1e6
-    );
-    assert!(
-        during >= baseline * 0.5,
-        "others' rate fell from {baseline:.0} to {during:.0} B/s while readers stalled"
-    );
-
-    // The stalled streams are reset by the gateway's progress deadline, and counted.
-    let counted = wait_for(
-        Duration::from_secs(40),
-        "the stalled streams to be reset",
-        || async { resets("stalled").await.filter(|n| *n >= PER_CLIENT as f64) },
-    )
-    .await;
-    let reset_after = filled_at.elapsed();
-    eprintln!(
-        "{} streams over the client's share reset {early:?} and {counted} stalled streams \
-         {reset_after:?} after the buffers filled",
-        STALLED - PER_CLIENT
-    );
-    assert_eq!(
-        resets("stall_limit").await,
-        Some((STALLED - PER_CLIENT) as f64),
-        "only the stalls beyond the client's share are reset early"
-    );
-    assert_eq!(
-        counted, PER_CLIENT as f64,
-        "only the stalled streams are reset"
-    );
-    // Each stalled client sees the end as a reset once it reads what was buffered for it.
-    for (i, mut tcp) in stalled.into_iter().enumerate() {
-        let mut sink = vec![0u8; 256 * 1024];
-        let end = tokio::time::timeout(QUICK, async {
-            loop {
-                match tcp.read(&mut sink).await {
-                    Ok(0) => return Ok(()),
-                    Ok(_) => continue,
-                    Err(err) => return Err(err),
-                }
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("stalled client {i} never saw its end"));
-        let err = end.expect_err("a reset, not a clean end");
-        assert_eq!(
-            err.kind(),
-            std::io::ErrorKind::ConnectionReset,
-            "client {i}"
-        );
-    }
-    // And the tunnel still carries new connections.
-    echo_once(socks5, echo.addr, 1 << 20, 99, Duration::from_secs(5))
-        .await
-        .unwrap();
+    stall_scenario(socks5, admin, &echo, &source).await;
 }
 
 /// An agent that stops answering (`kill -STOP`: its kernel still holds the UDP socket, nothing
@@ -530,4 +462,115 @@ async fn cut_agent_path_costs_new_connections_at_most_a_hedge() {
         waited <= Duration::from_millis(1500),
         "a connection opened after the cut waited {waited:?}"
     );
+}
+
+/// 20 downloads from one client address stop reading while 4 other connections echo through the
+/// same agent; checks and prints the others' rates, the early resets beyond the client's share
+/// of stalls, and the resets at `stream_stall_timeout`. `admin` is the gateway's.
+async fn stall_scenario(socks5: SocketAddr, admin: SocketAddr, echo: &Echo, source: &Source) {
+    const STALLED: usize = 20;
+    // connection_window / stream_window / 2 with the shipped defaults.
+    const PER_CLIENT: usize = 16;
+    let window = Duration::from_secs(3);
+    let baseline = echo_rate(socks5, echo.addr, 4, window).await;
+
+    // The stalled downloads: each reads the SOCKS5 reply, then nothing more.
+    let mut stalled: Vec<TcpStream> = Vec::new();
+    for i in 0..STALLED {
+        let tcp = socks_connect(socks5, None, source.addr)
+            .await
+            .unwrap_or_else(|code| panic!("stalled client {i}: socks reply {code:#04x}"));
+        stalled.push(tcp);
+    }
+    // Every buffer on the way fills: the source's writes stop for good.
+    let mut last = (u64::MAX, Instant::now());
+    wait_for(QUICK, "the source's writes to stop", || {
+        let now = source.written.load(Ordering::Relaxed);
+        if now != last.0 {
+            last = (now, Instant::now());
+        }
+        let settled = last.1.elapsed() >= Duration::from_millis(500);
+        async move { settled.then_some(()) }
+    })
+    .await;
+    let filled_at = Instant::now();
+    let held = source.written.load(Ordering::Relaxed);
+    let resets = |reason: &'static str| async move {
+        let (_, body) = http_get(admin, "/metrics").await.ok()?;
+        let key = format!("postern_stream_resets_total{{reason=\"{reason}\"}}");
+        parse_samples(&body).get(&key).copied()
+    };
+    // The streams beyond the client's share of stalls are reset soon after they stall.
+    wait_for(
+        QUICK,
+        "the stalls beyond the client's share to be reset",
+        || async {
+            resets("stall_limit")
+                .await
+                .filter(|n| *n >= (STALLED - PER_CLIENT) as f64)
+        },
+    )
+    .await;
+    let early = filled_at.elapsed();
+
+    let during = echo_rate(socks5, echo.addr, 4, window).await;
+    eprintln!(
+        "echo rate of 4 clients: {:.1} MB/s alone, {:.1} MB/s with {STALLED} stalled readers \
+         ({:.1} MB held on the way)",
+        baseline / 1e6,
+        during / 1e6,
+        held as f64 / 1e6
+    );
+    assert!(
+        during >= baseline * 0.5,
+        "others' rate fell from {baseline:.0} to {during:.0} B/s while readers stalled"
+    );
+
+    // The stalled streams are reset by the gateway's progress deadline, and counted.
+    let counted = wait_for(
+        Duration::from_secs(40),
+        "the stalled streams to be reset",
+        || async { resets("stalled").await.filter(|n| *n >= PER_CLIENT as f64) },
+    )
+    .await;
+    let reset_after = filled_at.elapsed();
+    eprintln!(
+        "{} streams over the client's share reset {early:?} and {counted} stalled streams \
+         {reset_after:?} after the buffers filled",
+        STALLED - PER_CLIENT
+    );
+    assert_eq!(
+        resets("stall_limit").await,
+        Some((STALLED - PER_CLIENT) as f64),
+        "only the stalls beyond the client's share are reset early"
+    );
+    assert_eq!(
+        counted, PER_CLIENT as f64,
+        "only the stalled streams are reset"
+    );
+    // Each stalled client sees the end as a reset once it reads what was buffered for it.
+    for (i, mut tcp) in stalled.into_iter().enumerate() {
+        let mut sink = vec![0u8; 256 * 1024];
+        let end = tokio::time::timeout(QUICK, async {
+            loop {
+                match tcp.read(&mut sink).await {
+                    Ok(0) => return Ok(()),
+                    Ok(_) => continue,
+                    Err(err) => return Err(err),
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("stalled client {i} never saw its end"));
+        let err = end.expect_err("a reset, not a clean end");
+        assert_eq!(
+            err.kind(),
+            std::io::ErrorKind::ConnectionReset,
+            "client {i}"
+        );
+    }
+    // And the connection still carries new streams.
+    echo_once(socks5, echo.addr, 1 << 20, 99, Duration::from_secs(5))
+        .await
+        .unwrap();
 }

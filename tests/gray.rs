@@ -569,8 +569,13 @@ async fn stall_scenario(socks5: SocketAddr, admin: SocketAddr, echo: &Echo, sour
             "client {i}"
         );
     }
-    // And the connection still carries new streams.
+    // And the connection still carries new streams, at the rate it had before the stall.
     echo_once(socks5, echo.addr, 1 << 20, 99, Duration::from_secs(5))
         .await
         .unwrap();
+    let after = echo_rate(socks5, echo.addr, 4, Duration::from_secs(3)).await;
+    eprintln!(
+        "echo rate of 4 clients after the resets: {:.1} MB/s",
+        after / 1e6
+    );
 }

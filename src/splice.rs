@@ -217,6 +217,12 @@ impl Watch {
         self.waiting[lane].store(self.now(), Ordering::Relaxed);
     }
 
+    /// The write in direction `lane` moved part of its bytes and waits for the rest.
+    fn progressed(&self, lane: usize) {
+        self.moved(lane);
+        self.waiting(lane);
+    }
+
     /// The write in direction `lane` went through.
     fn moved(&self, lane: usize) {
         self.waiting[lane].store(0, Ordering::Relaxed);
@@ -226,34 +232,33 @@ impl Watch {
         }
     }
 
-    /// Takes a stall slot for every lane of a client's splice that has waited [`STALL_GRACE`];
-    /// false when the client has none left. Returns when to look again.
+    /// Takes a stall slot for a client's splice whose writer towards the client has waited
+    /// [`STALL_GRACE`]; an error when the client has none left. Returns when to look again. Only
+    /// that direction counts: there the client's reading is what frees the connection's credit,
+    /// while the other direction waits on the service and the far end's shared window.
     fn claim_stall_slots(&self, now: u64, limit: usize) -> Result<u64, ()> {
         let Some(client) = self.client else {
             return Ok(u64::MAX);
         };
         let grace = STALL_GRACE.as_millis() as u64;
-        let mut next = u64::MAX;
-        for lane in [UP, DOWN] {
-            let since = self.waiting[lane].load(Ordering::Relaxed);
-            if since == 0 || self.holding[lane].load(Ordering::Relaxed) {
-                continue;
-            }
-            if now < since + grace {
-                next = next.min(since + grace);
-                continue;
-            }
-            let slot = StallSlot::claim(client, limit).ok_or(())?;
-            *self.slot(lane) = Some(slot);
-            self.holding[lane].store(true, Ordering::Relaxed);
-            // The lane may have moved meanwhile; then it must not keep the slot.
-            if self.waiting[lane].load(Ordering::Relaxed) == 0
-                && self.holding[lane].swap(false, Ordering::Relaxed)
-            {
-                *self.slot(lane) = None;
-            }
+        let lane = DOWN;
+        let since = self.waiting[lane].load(Ordering::Relaxed);
+        if since == 0 || self.holding[lane].load(Ordering::Relaxed) {
+            return Ok(u64::MAX);
         }
-        Ok(next)
+        if now < since + grace {
+            return Ok(since + grace);
+        }
+        let slot = StallSlot::claim(client, limit).ok_or(())?;
+        *self.slot(lane) = Some(slot);
+        self.holding[lane].store(true, Ordering::Relaxed);
+        // The lane may have moved meanwhile; then it must not keep the slot.
+        if self.waiting[lane].load(Ordering::Relaxed) == 0
+            && self.holding[lane].swap(false, Ordering::Relaxed)
+        {
+            *self.slot(lane) = None;
+        }
+        Ok(u64::MAX)
     }
 
     /// Resolves when one of the limits expires.
@@ -403,10 +408,18 @@ async fn to_quic<R: tokio::io::AsyncRead + Unpin>(
             delivered(send).await;
             return Ok(total);
         }
+        // Written piece by piece as the peer grants credit: a slow reader is progress, not a stall.
+        let mut chunk = buf.split().freeze();
         watch.waiting(lane);
-        send.write_chunk(buf.split().freeze())
-            .await
-            .map_err(io::Error::from)?;
+        loop {
+            send.write_chunks(std::slice::from_mut(&mut chunk))
+                .await
+                .map_err(io::Error::from)?;
+            if chunk.is_empty() {
+                break;
+            }
+            watch.progressed(lane);
+        }
         watch.moved(lane);
         total += n as u64;
         moved(n as u64);
@@ -449,14 +462,23 @@ async fn from_quic<W: tokio::io::AsyncWrite + Unpin>(
         let batch = &mut chunks[..n];
         let len = batch.iter().map(|c| c.len() as u64).sum::<u64>();
         watch.waiting(lane);
+        let mut progressed = || watch.progressed(lane);
         if to.is_write_vectored() {
-            write_all_vectored(to, batch).await?;
+            write_all_vectored(to, batch, &mut progressed).await?;
         } else {
             gathered.clear();
             for chunk in batch.iter() {
                 gathered.extend_from_slice(chunk);
             }
-            to.write_all(&gathered).await?;
+            let mut at = 0;
+            while at < gathered.len() {
+                let n = to.write(&gathered[at..]).await?;
+                if n == 0 {
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
+                at += n;
+                progressed();
+            }
         }
         watch.moved(lane);
         // Counted once written: what the client has been given, not what arrived.
@@ -469,10 +491,12 @@ async fn from_quic<W: tokio::io::AsyncWrite + Unpin>(
     Ok(total)
 }
 
-/// Writes every byte of `chunks` with vectored writes, consuming the chunks.
+/// Writes every byte of `chunks` with vectored writes, consuming the chunks; `progressed` is
+/// called after every write that left some behind.
 async fn write_all_vectored<W: tokio::io::AsyncWrite + Unpin>(
     to: &mut W,
     chunks: &mut [Bytes],
+    progressed: &mut impl FnMut(),
 ) -> io::Result<()> {
     let mut first = 0;
     loop {
@@ -500,6 +524,7 @@ async fn write_all_vectored<W: tokio::io::AsyncWrite + Unpin>(
         if written > 0 {
             chunks[first].advance(written);
         }
+        progressed();
     }
 }
 
@@ -642,6 +667,66 @@ mod tests {
         }
     }
 
+    fn limits(stall_ms: u64, per_client: usize) -> Limits {
+        Limits {
+            stall_timeout: Duration::from_millis(stall_ms),
+            idle_timeout: Duration::from_secs(3600),
+            tcp_keepalive: Duration::from_secs(60),
+            stalled_per_client: per_client,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_slow_writer_that_progresses_is_not_a_stall() {
+        let watch = Watch::new(None);
+        let started = Instant::now();
+        watch.waiting(DOWN);
+        let expired = {
+            let trickle = async {
+                for _ in 0..10 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    watch.progressed(DOWN);
+                }
+                std::future::pending::<()>().await
+            };
+            tokio::select! {
+                e = watch.expired(limits(300, 16)) => e,
+                _ = trickle => unreachable!(),
+            }
+        };
+        assert_eq!(expired, Expired::Stalled);
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(1300),
+            "reset after {took:?}, while it still moved bytes"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_stalls_only_its_share_of_streams() {
+        // A documentation address no other test uses, so the process-wide table is ours.
+        let client: IpAddr = "192.0.2.77".parse().unwrap();
+        let first = Watch::new(Some(client));
+        let second = Watch::new(Some(client));
+        first.waiting(DOWN);
+        second.waiting(DOWN);
+        let limits = limits(60_000, 1);
+        let outcome = tokio::select! {
+            e = first.expired(limits) => ("first", e),
+            e = second.expired(limits) => ("second", e),
+        };
+        assert_eq!(outcome.1, Expired::OverStallLimit, "{outcome:?}");
+        // The stream that got the slot gives it back once it moves again.
+        let holder = if outcome.0 == "first" {
+            &second
+        } else {
+            &first
+        };
+        assert_eq!(STALLS.lock().unwrap().get(&client), Some(&1));
+        holder.moved(DOWN);
+        assert_eq!(STALLS.lock().unwrap().get(&client), None);
+    }
+
     #[test]
     fn read_size_grows_for_bulk_and_shrinks_for_small_writes() {
         let mut want = BUFFER;
@@ -681,7 +766,9 @@ mod tests {
                 calls: 0,
             };
             for batch in chunks.chunks_mut(BATCH) {
-                write_all_vectored(&mut writer, batch).await.unwrap();
+                write_all_vectored(&mut writer, batch, &mut || {})
+                    .await
+                    .unwrap();
             }
             assert_eq!(writer.out, data, "limit {limit}");
             if limit == 100_000 {

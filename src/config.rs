@@ -375,6 +375,9 @@ pub struct TransportFile {
     pub connection_window: Option<ByteSize>,
     pub send_window: Option<ByteSize>,
     pub udp_buffer: Option<ByteSize>,
+    pub stream_stall_timeout: Option<HumanDuration>,
+    pub stream_idle_timeout: Option<HumanDuration>,
+    pub tcp_keepalive: Option<HumanDuration>,
 }
 
 /// QUIC transport settings. quinn's connection receive window is unbounded by default; ours never is.
@@ -386,17 +389,34 @@ pub struct Transport {
     pub connection_window: u64,
     pub send_window: u64,
     pub udp_buffer: usize,
+    /// A proxied connection whose writer has not moved a byte for this long while data waits
+    /// (a client that stopped reading) is reset, so it cannot pin flow-control credit its
+    /// connection's other streams need.
+    pub stream_stall_timeout: Duration,
+    /// A proxied connection that moved no byte either way for this long is reset.
+    pub stream_idle_timeout: Duration,
+    /// TCP keep-alive idle time on every spliced TCP connection; probes follow every sixth of it,
+    /// so a vanished peer is noticed after about 2.5 times this on Linux (9 probes).
+    pub tcp_keepalive: Duration,
 }
 
 impl Default for Transport {
     fn default() -> Self {
         Transport {
-            idle_timeout: Duration::from_secs(30),
-            keep_alive: Duration::from_secs(5),
-            stream_window: 2 * 1024 * 1024,
-            connection_window: 16 * 1024 * 1024,
+            // Liveness both ways: each end sends a QUIC keep-alive every second of silence, and
+            // whichever stops hearing the other for 5 s closes the tunnel (a stopped agent or
+            // relay, a cut path), so its routes go within seconds, not at a 30 s timeout.
+            idle_timeout: Duration::from_secs(5),
+            keep_alive: Duration::from_secs(1),
+            // 32 streams' worth: one client's stalled downloads (each pins at most a stream
+            // window until `stream_stall_timeout` resets it) leave the rest of the window free.
+            stream_window: 1024 * 1024,
+            connection_window: 32 * 1024 * 1024,
             send_window: 16 * 1024 * 1024,
             udp_buffer: 4 * 1024 * 1024,
+            stream_stall_timeout: Duration::from_secs(15),
+            stream_idle_timeout: Duration::from_secs(3600),
+            tcp_keepalive: Duration::from_secs(60),
         }
     }
 }
@@ -413,7 +433,21 @@ impl Transport {
                 .map_or(d.connection_window, |v| v.as_u64()),
             send_window: f.send_window.map_or(d.send_window, |v| v.as_u64()),
             udp_buffer: f.udp_buffer.map_or(d.udp_buffer, |v| v.as_u64() as usize),
+            stream_stall_timeout: f
+                .stream_stall_timeout
+                .map_or(d.stream_stall_timeout, |v| v.0),
+            stream_idle_timeout: f.stream_idle_timeout.map_or(d.stream_idle_timeout, |v| v.0),
+            tcp_keepalive: f.tcp_keepalive.map_or(d.tcp_keepalive, |v| v.0),
         };
+        for (name, value) in [
+            ("stream_stall_timeout", t.stream_stall_timeout),
+            ("stream_idle_timeout", t.stream_idle_timeout),
+            ("tcp_keepalive", t.tcp_keepalive),
+        ] {
+            if value < Duration::from_secs(1) {
+                return Err(invalid(&format!("{key}.{name}"), "must be at least 1s"));
+            }
+        }
         if t.keep_alive >= t.idle_timeout {
             return Err(invalid(
                 &format!("{key}.keep_alive"),
@@ -442,6 +476,17 @@ impl Transport {
             .keep_alive_interval(Some(self.keep_alive))
             .max_idle_timeout(quinn::IdleTimeout::try_from(self.idle_timeout).ok());
         t
+    }
+
+    /// The deadlines and socket options of the splices this transport's streams ride on.
+    pub fn splice_limits(&self) -> crate::splice::Limits {
+        crate::splice::Limits {
+            stall_timeout: self.stream_stall_timeout,
+            idle_timeout: self.stream_idle_timeout,
+            tcp_keepalive: self.tcp_keepalive,
+            // A client's stalled streams may pin at most half of a connection's window.
+            stalled_per_client: ((self.connection_window / self.stream_window / 2) as usize).max(1),
+        }
     }
 }
 

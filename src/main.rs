@@ -223,6 +223,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             metrics::init(metrics::Roles::AGENT);
             let cfg = AgentConfig::load(&config)?;
             metrics::metrics().record_config_load(true);
+            postern::splice::configure(cfg.transport.splice_limits());
             let admin = cfg.admin;
             let agent = postern::agent::Agent::new(cfg)?;
             let shutdown = shutdown_on_signal();
@@ -241,6 +242,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             metrics::init(metrics::Roles::SERVER);
             let cfg = ServerConfig::load(&path)?;
             metrics::metrics().record_config_load(true);
+            postern::splice::configure(cfg.relay.transport.splice_limits());
             let admin = cfg.admin;
             run_process(
                 Process::bind(cfg).await?,
@@ -255,6 +257,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             metrics::init(metrics::Roles::RELAY);
             let cfg = RelayRoleConfig::load(&path)?;
             metrics::metrics().record_config_load(true);
+            postern::splice::configure(cfg.relay.transport.splice_limits());
             let admin = cfg.admin;
             run_process(
                 Process::bind_relay(cfg, None).await?,
@@ -269,6 +272,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             metrics::init(metrics::Roles::GATEWAY);
             let cfg = GatewayRoleConfig::load(&path)?;
             metrics::metrics().record_config_load(true);
+            postern::splice::configure(cfg.peer.transport.splice_limits());
             let admin = cfg.admin;
             run_process(
                 Process::bind_gateway(cfg, None).await?,

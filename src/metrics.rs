@@ -40,6 +40,13 @@ pub struct Outcome {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    /// `stalled` (a writer moved nothing while data waited), `stall_limit` (it stalled while its
+    /// client already had its share of stalled streams) or `idle`.
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Operation {
     pub operation: &'static str,
     pub result: &'static str,
@@ -108,6 +115,8 @@ pub struct Metrics {
     /// Seconds since the registry last confirmed the gateway's route view.
     pub registry_view_age: Gauge<f64, AtomicU64>,
     pub open_attempts: Family<Outcome, Counter>,
+    /// Proxied streams a splice reset because a limit expired.
+    pub stream_resets: Family<Reason, Counter>,
     pub registry_operations: Family<Operation, Counter>,
     pub lease_held: Gauge,
     pub handshake_seconds: Histogram,
@@ -127,6 +136,11 @@ impl Metrics {
                 version: env!("CARGO_PKG_VERSION"),
             })
             .set(1);
+        let stream_resets = Family::<Reason, Counter>::default();
+        // Both series exist from the start, so a rate over them never starts from nothing.
+        for reason in ["stalled", "stall_limit", "idle"] {
+            let _ = stream_resets.get_or_create(&Reason { reason });
+        }
         Metrics {
             client_connections: Family::default(),
             client_bytes: Family::default(),
@@ -138,6 +152,7 @@ impl Metrics {
             routes_cached: Gauge::default(),
             registry_view_age: Gauge::default(),
             open_attempts: Family::default(),
+            stream_resets,
             registry_operations: Family::default(),
             lease_held: Gauge::default(),
             handshake_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
@@ -172,6 +187,11 @@ impl Metrics {
             "config_last_reload_success_timestamp_seconds",
             "When the configuration last loaded successfully, in seconds since the Unix epoch",
             self.config_reload_success_timestamp.clone(),
+        );
+        r.register(
+            "stream_resets",
+            "Proxied streams reset because their writer stalled or they sat idle, by reason",
+            self.stream_resets.clone(),
         );
     }
 
@@ -583,6 +603,7 @@ mod tests {
             "process_virtual_memory_bytes",
             "process_resident_memory_bytes",
             "process_start_time_seconds",
+            "postern_stream_resets_total",
         ];
         for set in [&agent, &relay, &gateway, &server, &all] {
             for name in common {

@@ -31,6 +31,13 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Deadline for the agent's TCP connect to a local service.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Deadline for one attempt to open a stream through one owner of a route, inside the caller's
+/// [`OPEN_TIMEOUT`]: longer than [`CONNECT_TIMEOUT`], so an agent's slow but successful dial is
+/// not cut short.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(6);
+/// How long an attempt may go unanswered before the next owner is tried alongside it (a hedge):
+/// a hung relay or a cut path costs a new connection this much, not the whole open budget.
+pub const HEDGE_DELAY: Duration = Duration::from_millis(300);
 /// How often the agent pings on its control stream; a tunnel that misses a few pongs is redialled.
 pub const PING_INTERVAL: Duration = Duration::from_secs(5);
 

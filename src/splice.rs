@@ -1,10 +1,21 @@
 //! Moves bytes between a TCP connection and a QUIC stream, both ways at once, carrying half-closes
 //! across: TCP EOF → QUIC FIN and QUIC FIN → TCP `shutdown(Write)`. A failure on either side aborts
 //! both (QUIC reset, TCP RST), so a truncated transfer never looks like a clean end to anyone.
+//!
+//! No splice may hold its connection hostage: QUIC returns connection-level credit only when data
+//! is read, so a stream whose writer cannot move its bytes (a client that stopped reading) pins a
+//! stream window of its connection's shared window for as long as it lives. Every splice
+//! therefore runs under [`Limits`]: a writer that moves nothing for `stall_timeout` while data
+//! waits, or a splice that moves nothing either way for `idle_timeout`, is reset (and counted in
+//! `postern_stream_resets_total`); one client may have only so many stalled streams at once, so
+//! its stalls alone never exhaust a connection's window; spliced TCP sockets carry keep-alives.
 
+use std::collections::HashMap;
 use std::io::{self, IoSlice};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{LazyLock, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 use prometheus_client::metrics::counter::Counter;
@@ -44,6 +55,8 @@ pub struct Progress {
     up: AtomicU64,
     down: AtomicU64,
     totals: Option<(Counter, Counter)>,
+    /// The client whose stalls count against its budget ([`Limits::stalled_per_client`]).
+    client: Option<IpAddr>,
 }
 
 impl Progress {
@@ -53,6 +66,13 @@ impl Progress {
             totals: Some((up_total, down_total)),
             ..Progress::default()
         }
+    }
+
+    /// This meter's splice belongs to `client`: while its writer stalls it holds one of the
+    /// client's [`Limits::stalled_per_client`] stall slots.
+    pub fn for_client(mut self, client: IpAddr) -> Self {
+        self.client = Some(client);
+        self
     }
 
     pub fn add_up(&self, n: u64) {
@@ -78,6 +98,255 @@ impl Progress {
     }
 }
 
+/// Deadlines and socket options of every splice in this process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// A writer that has moved nothing for this long while data waits is reset.
+    pub stall_timeout: Duration,
+    /// A splice that has moved nothing either way for this long is reset.
+    pub idle_timeout: Duration,
+    /// TCP keep-alive idle time of spliced TCP sockets.
+    pub tcp_keepalive: Duration,
+    /// How many of one client's connections may stall at once. A stalled stream pins up to one
+    /// stream window of its QUIC connection's window; the roles set this to half as many stream
+    /// windows as the connection window holds, so no one client can exhaust a connection. A
+    /// stream whose writer has waited [`STALL_GRACE`] while its client already holds this many
+    /// stalls is reset at once.
+    pub stalled_per_client: usize,
+}
+
+/// How long a writer may wait before its splice counts as stalled against its client's budget.
+pub const STALL_GRACE: Duration = Duration::from_secs(1);
+
+/// Stalled splices per client, process-wide.
+static STALLS: LazyLock<Mutex<HashMap<IpAddr, usize>>> = LazyLock::new(Default::default);
+
+/// One of a client's stall slots, given back on drop.
+struct StallSlot(IpAddr);
+
+impl StallSlot {
+    fn claim(client: IpAddr, limit: usize) -> Option<StallSlot> {
+        let mut stalls = STALLS.lock().unwrap_or_else(|e| e.into_inner());
+        let held = stalls.entry(client).or_insert(0);
+        if *held >= limit {
+            return None;
+        }
+        *held += 1;
+        Some(StallSlot(client))
+    }
+}
+
+impl Drop for StallSlot {
+    fn drop(&mut self) {
+        let mut stalls = STALLS.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = stalls.get_mut(&self.0) {
+            *held -= 1;
+            if *held == 0 {
+                stalls.remove(&self.0);
+            }
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        crate::config::Transport::default().splice_limits()
+    }
+}
+
+static LIMITS: RwLock<Option<Limits>> = RwLock::new(None);
+
+/// Sets the limits of every splice started from now on; a role calls it once at start-up with its
+/// transport settings. Until then the shipped defaults apply.
+pub fn configure(limits: Limits) {
+    *LIMITS.write().unwrap_or_else(|e| e.into_inner()) = Some(limits);
+}
+
+/// The limits in force.
+pub fn limits() -> Limits {
+    LIMITS
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .unwrap_or_default()
+}
+
+/// Why a splice was reset by its own watch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Expired {
+    Stalled,
+    /// Stalled while its client already held all its stall slots.
+    OverStallLimit,
+    Idle,
+}
+
+/// What the watch of one splice sees: when bytes last moved and, per direction, since when a
+/// write has been waiting (0: none). Times are milliseconds since `start`, plus one.
+struct Watch {
+    start: Instant,
+    last_moved: AtomicU64,
+    waiting: [AtomicU64; 2],
+    /// The client whose stall budget a stalled lane draws on, if any.
+    client: Option<IpAddr>,
+    /// Per lane: whether it holds a stall slot (checked without the lock on every write).
+    holding: [AtomicBool; 2],
+    slots: [Mutex<Option<StallSlot>>; 2],
+}
+
+impl Watch {
+    fn new(client: Option<IpAddr>) -> Self {
+        Watch {
+            start: Instant::now(),
+            last_moved: AtomicU64::new(1),
+            waiting: [AtomicU64::new(0), AtomicU64::new(0)],
+            client,
+            holding: [AtomicBool::new(false), AtomicBool::new(false)],
+            slots: [Mutex::new(None), Mutex::new(None)],
+        }
+    }
+
+    fn slot(&self, lane: usize) -> std::sync::MutexGuard<'_, Option<StallSlot>> {
+        self.slots[lane].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64 + 1
+    }
+
+    /// A write in direction `lane` starts waiting for its writer.
+    fn waiting(&self, lane: usize) {
+        self.waiting[lane].store(self.now(), Ordering::Relaxed);
+    }
+
+    /// The write in direction `lane` moved part of its bytes and waits for the rest.
+    fn progressed(&self, lane: usize) {
+        self.moved(lane);
+        self.waiting(lane);
+    }
+
+    /// The write in direction `lane` went through.
+    fn moved(&self, lane: usize) {
+        self.waiting[lane].store(0, Ordering::Relaxed);
+        self.last_moved.store(self.now(), Ordering::Relaxed);
+        if self.holding[lane].swap(false, Ordering::Relaxed) {
+            *self.slot(lane) = None;
+        }
+    }
+
+    /// Takes a stall slot for a client's splice whose writer towards the client has waited
+    /// [`STALL_GRACE`]; an error when the client has none left. Returns when to look again. Only
+    /// that direction counts: there the client's reading is what frees the connection's credit,
+    /// while the other direction waits on the service and the far end's shared window.
+    fn claim_stall_slots(&self, now: u64, limit: usize) -> Result<u64, ()> {
+        let Some(client) = self.client else {
+            return Ok(u64::MAX);
+        };
+        let grace = STALL_GRACE.as_millis() as u64;
+        let lane = DOWN;
+        let since = self.waiting[lane].load(Ordering::Relaxed);
+        if since == 0 || self.holding[lane].load(Ordering::Relaxed) {
+            return Ok(u64::MAX);
+        }
+        if now < since + grace {
+            return Ok(since + grace);
+        }
+        let slot = StallSlot::claim(client, limit).ok_or(())?;
+        *self.slot(lane) = Some(slot);
+        self.holding[lane].store(true, Ordering::Relaxed);
+        // The lane may have moved meanwhile; then it must not keep the slot.
+        if self.waiting[lane].load(Ordering::Relaxed) == 0
+            && self.holding[lane].swap(false, Ordering::Relaxed)
+        {
+            *self.slot(lane) = None;
+        }
+        Ok(u64::MAX)
+    }
+
+    /// Resolves when one of the limits expires.
+    async fn expired(&self, limits: Limits) -> Expired {
+        let stall = limits.stall_timeout.as_millis() as u64;
+        let idle = limits.idle_timeout.as_millis() as u64;
+        loop {
+            let now = self.now();
+            let Ok(claim_at) = self.claim_stall_slots(now, limits.stalled_per_client) else {
+                return Expired::OverStallLimit;
+            };
+            let oldest_wait = self
+                .waiting
+                .iter()
+                .map(|w| w.load(Ordering::Relaxed))
+                .filter(|&w| w != 0)
+                .min();
+            let stall_at = oldest_wait.map(|w| w + stall);
+            if stall_at.is_some_and(|at| now >= at) {
+                return Expired::Stalled;
+            }
+            let idle_at = self.last_moved.load(Ordering::Relaxed) + idle;
+            if oldest_wait.is_none() && now >= idle_at {
+                return Expired::Idle;
+            }
+            // A client's lane that starts waiting after this check is looked at within a grace
+            // period: it counts against the client's stalls between one and two graces in.
+            let look_again = match self.client {
+                Some(_) => STALL_GRACE.as_millis() as u64,
+                None => stall,
+            };
+            let next = stall_at
+                .unwrap_or(u64::MAX)
+                .min(idle_at)
+                .min(now + look_again)
+                .min(claim_at);
+            tokio::time::sleep(Duration::from_millis(next.saturating_sub(now).max(1))).await;
+        }
+    }
+}
+
+const UP: usize = 0;
+const DOWN: usize = 1;
+
+/// Runs the two directions of a splice under the limits; an expired limit is counted and becomes
+/// the splice's error.
+async fn watched<F>(watch: &Watch, limits: Limits, both: F) -> io::Result<Transferred>
+where
+    F: std::future::Future<Output = io::Result<(u64, u64)>>,
+{
+    tokio::select! {
+        result = both => result.map(|(up, down)| Transferred { up, down }),
+        expired = watch.expired(limits) => {
+            let (reason, err) = match expired {
+                Expired::Stalled => ("stalled", io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no progress for {:?} while data waited", limits.stall_timeout),
+                )),
+                Expired::OverStallLimit => ("stall_limit", io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "stalled while the client already had {} stalled connections",
+                        limits.stalled_per_client
+                    ),
+                )),
+                Expired::Idle => ("idle", io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("idle for {:?}", limits.idle_timeout),
+                )),
+            };
+            crate::metrics::metrics()
+                .stream_resets
+                .get_or_create(&crate::metrics::Reason { reason })
+                .inc();
+            Err(err)
+        }
+    }
+}
+
+/// Turns on TCP keep-alive, so a peer that vanished without a FIN or RST is noticed.
+fn keepalive(tcp: &TcpStream, idle: Duration) {
+    let params = socket2::TcpKeepalive::new().with_time(idle);
+    // Probes every sixth of the idle time; the system's probe count (9 on Linux) ends it.
+    #[cfg(any(target_os = "linux", target_os = "macos", target_os = "freebsd"))]
+    let params = params.with_interval((idle / 6).max(Duration::from_secs(1)));
+    let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&params);
+}
+
 /// Splices `tcp` with the stream pair until both directions have ended.
 pub async fn splice(tcp: TcpStream, send: SendStream, recv: RecvStream) -> io::Result<Transferred> {
     splice_metered(tcp, send, recv, &Progress::default()).await
@@ -92,12 +361,17 @@ pub async fn splice_metered(
 ) -> io::Result<Transferred> {
     // Small writes (request/response protocols) must not wait for Nagle.
     let _ = tcp.set_nodelay(true);
+    let limits = limits();
+    keepalive(&tcp, limits.tcp_keepalive);
+    let watch = Watch::new(progress.client);
     let (mut tcp_read, mut tcp_write) = tcp.into_split();
-    let up = to_quic(&mut tcp_read, &mut send, |n| progress.add_up(n));
-    let down = from_quic(&mut recv, &mut tcp_write, |n| progress.add_down(n));
-    let result = tokio::try_join!(up, down);
+    let up = to_quic(&mut tcp_read, &mut send, &watch, UP, |n| progress.add_up(n));
+    let down = from_quic(&mut recv, &mut tcp_write, &watch, DOWN, |n| {
+        progress.add_down(n)
+    });
+    let result = watched(&watch, limits, async { tokio::try_join!(up, down) }).await;
     match result {
-        Ok((up, down)) => Ok(Transferred { up, down }),
+        Ok(t) => Ok(t),
         Err(err) => {
             let code = quinn::VarInt::from_u32(close::STREAM_ABORTED);
             let _ = send.reset(code);
@@ -116,6 +390,8 @@ pub async fn splice_metered(
 async fn to_quic<R: tokio::io::AsyncRead + Unpin>(
     from: &mut R,
     send: &mut SendStream,
+    watch: &Watch,
+    lane: usize,
     moved: impl Fn(u64),
 ) -> io::Result<u64> {
     let mut total = 0u64;
@@ -132,9 +408,19 @@ async fn to_quic<R: tokio::io::AsyncRead + Unpin>(
             delivered(send).await;
             return Ok(total);
         }
-        send.write_chunk(buf.split().freeze())
-            .await
-            .map_err(io::Error::from)?;
+        // Written piece by piece as the peer grants credit: a slow reader is progress, not a stall.
+        let mut chunk = buf.split().freeze();
+        watch.waiting(lane);
+        loop {
+            send.write_chunks(std::slice::from_mut(&mut chunk))
+                .await
+                .map_err(io::Error::from)?;
+            if chunk.is_empty() {
+                break;
+            }
+            watch.progressed(lane);
+        }
+        watch.moved(lane);
         total += n as u64;
         moved(n as u64);
     }
@@ -161,6 +447,8 @@ fn next_read_size(want: usize, offered: usize, read: usize) -> usize {
 async fn from_quic<W: tokio::io::AsyncWrite + Unpin>(
     recv: &mut RecvStream,
     to: &mut W,
+    watch: &Watch,
+    lane: usize,
     moved: impl Fn(u64),
 ) -> io::Result<u64> {
     let mut total = 0u64;
@@ -173,15 +461,26 @@ async fn from_quic<W: tokio::io::AsyncWrite + Unpin>(
     {
         let batch = &mut chunks[..n];
         let len = batch.iter().map(|c| c.len() as u64).sum::<u64>();
+        watch.waiting(lane);
+        let mut progressed = || watch.progressed(lane);
         if to.is_write_vectored() {
-            write_all_vectored(to, batch).await?;
+            write_all_vectored(to, batch, &mut progressed).await?;
         } else {
             gathered.clear();
             for chunk in batch.iter() {
                 gathered.extend_from_slice(chunk);
             }
-            to.write_all(&gathered).await?;
+            let mut at = 0;
+            while at < gathered.len() {
+                let n = to.write(&gathered[at..]).await?;
+                if n == 0 {
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
+                at += n;
+                progressed();
+            }
         }
+        watch.moved(lane);
         // Counted once written: what the client has been given, not what arrived.
         total += len;
         moved(len);
@@ -192,10 +491,12 @@ async fn from_quic<W: tokio::io::AsyncWrite + Unpin>(
     Ok(total)
 }
 
-/// Writes every byte of `chunks` with vectored writes, consuming the chunks.
+/// Writes every byte of `chunks` with vectored writes, consuming the chunks; `progressed` is
+/// called after every write that left some behind.
 async fn write_all_vectored<W: tokio::io::AsyncWrite + Unpin>(
     to: &mut W,
     chunks: &mut [Bytes],
+    progressed: &mut impl FnMut(),
 ) -> io::Result<()> {
     let mut first = 0;
     loop {
@@ -223,6 +524,7 @@ async fn write_all_vectored<W: tokio::io::AsyncWrite + Unpin>(
         if written > 0 {
             chunks[first].advance(written);
         }
+        progressed();
     }
 }
 
@@ -253,11 +555,15 @@ pub async fn splice_io_metered<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
+    let limits = limits();
+    let watch = Watch::new(progress.client);
     let (mut io_read, mut io_write) = tokio::io::split(io);
-    let up = to_quic(&mut io_read, &mut send, |n| progress.add_up(n));
-    let down = from_quic(&mut recv, &mut io_write, |n| progress.add_down(n));
-    match tokio::try_join!(up, down) {
-        Ok((up, down)) => Ok(Transferred { up, down }),
+    let up = to_quic(&mut io_read, &mut send, &watch, UP, |n| progress.add_up(n));
+    let down = from_quic(&mut recv, &mut io_write, &watch, DOWN, |n| {
+        progress.add_down(n)
+    });
+    match watched(&watch, limits, async { tokio::try_join!(up, down) }).await {
+        Ok(t) => Ok(t),
         Err(err) => {
             let code = quinn::VarInt::from_u32(close::STREAM_ABORTED);
             let _ = send.reset(code);
@@ -284,12 +590,17 @@ pub async fn splice_quic(
     // Received chunks are one frame each (~1.4 KB); handed on as they are, they would sit in the
     // sending stream's buffer as thousands of segments, which quinn walks from the start for every
     // frame it sends. `to_quic` gathers what is there into one buffer per write instead.
-    let result = tokio::try_join!(
-        to_quic(&mut a_recv, &mut b_send, |_| {}),
-        to_quic(&mut b_recv, &mut a_send, |_| {})
-    );
+    let limits = limits();
+    let watch = Watch::new(None);
+    let result = watched(&watch, limits, async {
+        tokio::try_join!(
+            to_quic(&mut a_recv, &mut b_send, &watch, UP, |_| {}),
+            to_quic(&mut b_recv, &mut a_send, &watch, DOWN, |_| {})
+        )
+    })
+    .await;
     match result {
-        Ok((up, down)) => Ok(Transferred { up, down }),
+        Ok(t) => Ok(t),
         Err(err) => {
             let code = quinn::VarInt::from_u32(close::STREAM_ABORTED);
             for send in [&mut a_send, &mut b_send] {
@@ -356,6 +667,66 @@ mod tests {
         }
     }
 
+    fn limits(stall_ms: u64, per_client: usize) -> Limits {
+        Limits {
+            stall_timeout: Duration::from_millis(stall_ms),
+            idle_timeout: Duration::from_secs(3600),
+            tcp_keepalive: Duration::from_secs(60),
+            stalled_per_client: per_client,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_slow_writer_that_progresses_is_not_a_stall() {
+        let watch = Watch::new(None);
+        let started = Instant::now();
+        watch.waiting(DOWN);
+        let expired = {
+            let trickle = async {
+                for _ in 0..10 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    watch.progressed(DOWN);
+                }
+                std::future::pending::<()>().await
+            };
+            tokio::select! {
+                e = watch.expired(limits(300, 16)) => e,
+                _ = trickle => unreachable!(),
+            }
+        };
+        assert_eq!(expired, Expired::Stalled);
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(1300),
+            "reset after {took:?}, while it still moved bytes"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_stalls_only_its_share_of_streams() {
+        // A documentation address no other test uses, so the process-wide table is ours.
+        let client: IpAddr = "192.0.2.77".parse().unwrap();
+        let first = Watch::new(Some(client));
+        let second = Watch::new(Some(client));
+        first.waiting(DOWN);
+        second.waiting(DOWN);
+        let limits = limits(60_000, 1);
+        let outcome = tokio::select! {
+            e = first.expired(limits) => ("first", e),
+            e = second.expired(limits) => ("second", e),
+        };
+        assert_eq!(outcome.1, Expired::OverStallLimit, "{outcome:?}");
+        // The stream that got the slot gives it back once it moves again.
+        let holder = if outcome.0 == "first" {
+            &second
+        } else {
+            &first
+        };
+        assert_eq!(STALLS.lock().unwrap().get(&client), Some(&1));
+        holder.moved(DOWN);
+        assert_eq!(STALLS.lock().unwrap().get(&client), None);
+    }
+
     #[test]
     fn read_size_grows_for_bulk_and_shrinks_for_small_writes() {
         let mut want = BUFFER;
@@ -395,7 +766,9 @@ mod tests {
                 calls: 0,
             };
             for batch in chunks.chunks_mut(BATCH) {
-                write_all_vectored(&mut writer, batch).await.unwrap();
+                write_all_vectored(&mut writer, batch, &mut || {})
+                    .await
+                    .unwrap();
             }
             assert_eq!(writer.out, data, "limit {limit}");
             if limit == 100_000 {

@@ -330,7 +330,7 @@ async fn carry_with<F, Fut>(
         relay_id,
         agent_id,
     } = opened;
-    let meter = Arc::new(client_meter());
+    let meter = Arc::new(client_meter().for_client(client.addr.ip()));
     let tracked = load::relay_load().track(&relay_id, &meter);
     let result = splice(send, recv, meter.clone()).await.map(|_| ());
     drop(tracked);

@@ -191,7 +191,7 @@ impl PeerPool {
             }
         };
         tokio::select! {
-            r = tokio::time::timeout(protocol::OPEN_TIMEOUT, attempt) => r.unwrap_or(Err(Code::Timeout)),
+            r = tokio::time::timeout(protocol::ATTEMPT_TIMEOUT, attempt) => r.unwrap_or(Err(Code::Timeout)),
             _ = conn.closed() => Err(Code::Internal),
         }
     }

@@ -879,7 +879,7 @@ async fn open_on(session: &Session, target: SocketAddr) -> Result<(SendStream, R
             Err(_) => Err(Code::Internal),
         }
     };
-    match tokio::time::timeout(protocol::OPEN_TIMEOUT, attempt).await {
+    match tokio::time::timeout(protocol::ATTEMPT_TIMEOUT, attempt).await {
         Ok(result) => result,
         Err(_) => Err(Code::Timeout),
     }

@@ -1,0 +1,581 @@
+//! Gray failures, with real processes on 127.0.0.0/8 and the shipped default timings unless a test
+//! says otherwise: clients that stop reading must not freeze the tunnel their streams share.
+//! Each test uses its own agent address range 127.N.0.0/16.
+
+#[path = "process/mod.rs"]
+mod process;
+#[path = "ops/support.rs"]
+mod support;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+
+use support::*;
+
+/// A service that writes an endless byte pattern to every connection and counts what the kernel
+/// took from it: once every client stopped reading, the count stops growing.
+struct Source {
+    addr: SocketAddr,
+    written: Arc<AtomicU64>,
+}
+
+impl Source {
+    async fn start(ip: Ipv4Addr) -> Source {
+        let listener = TcpListener::bind((ip, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let written = Arc::new(AtomicU64::new(0));
+        let count = written.clone();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                let count = count.clone();
+                tokio::spawn(async move {
+                    let block = payload(64 * 1024, 7);
+                    while let Ok(n) = tcp.write(&block).await {
+                        count.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        Source { addr, written }
+    }
+}
+
+/// An agent config with the shipped transport defaults (the shared writer shortens them).
+fn default_agent_toml(
+    w: &Workdir,
+    id: &str,
+    relay: SocketAddr,
+    ip: Ipv4Addr,
+    ports: &[u16],
+) -> String {
+    agent_toml_to(w, id, &[relay], ip, ports, 1)
+}
+
+/// [`default_agent_toml`] for several relay addresses and a redundancy.
+fn agent_toml_to(
+    w: &Workdir,
+    id: &str,
+    relays: &[SocketAddr],
+    ip: Ipv4Addr,
+    ports: &[u16],
+    redundancy: u32,
+) -> String {
+    let text = agent_toml(w, id, relays, ip, ports, redundancy, "5s");
+    let tuned = "[transport]\nidle_timeout = \"3s\"\nkeep_alive = \"500ms\"\n";
+    assert!(
+        text.contains(tuned),
+        "agent_toml changed its transport table"
+    );
+    text.replace(tuned, "")
+}
+
+/// One echo transfer of `size` bytes through the proxy, checked byte for byte, within `limit`.
+async fn echo_once(
+    proxy: SocketAddr,
+    target: SocketAddr,
+    size: usize,
+    seed: u64,
+    limit: Duration,
+) -> Result<(), String> {
+    let work = async {
+        let mut tcp = socks_connect(proxy, None, target)
+            .await
+            .map_err(|code| format!("socks reply {code:#04x}"))?;
+        let data = payload(size, seed);
+        let (mut r, mut w) = tcp.split();
+        let writer = async {
+            w.write_all(&data).await?;
+            w.shutdown().await
+        };
+        let reader = async {
+            let mut buf = Vec::with_capacity(size + ECHO_HEADER);
+            r.read_to_end(&mut buf).await.map(|_| buf)
+        };
+        let (wr, rd) = tokio::join!(writer, reader);
+        wr.map_err(|e| format!("write: {e}"))?;
+        let got = rd.map_err(|e| format!("read: {e}"))?;
+        if got.len() != size + ECHO_HEADER || sha256(&got[ECHO_HEADER..]) != sha256(&data) {
+            return Err(format!("echo of {} bytes differs", got.len()));
+        }
+        Ok(())
+    };
+    tokio::time::timeout(limit, work)
+        .await
+        .unwrap_or_else(|_| Err(format!("not done within {limit:?}")))
+}
+
+/// `clients` loops of echo transfers for `window`; returns the bytes echoed per second. Every
+/// transfer must complete byte-exact within 5 s.
+async fn echo_rate(proxy: SocketAddr, target: SocketAddr, clients: usize, window: Duration) -> f64 {
+    const SIZE: usize = 256 * 1024;
+    let stop = Arc::new(AtomicBool::new(false));
+    let moved = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let (stop, moved) = (stop.clone(), moved.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut seed = c as u64 * 1_000_000;
+            while !stop.load(Ordering::Relaxed) {
+                seed += 1;
+                echo_once(proxy, target, SIZE, seed, Duration::from_secs(5))
+                    .await
+                    .unwrap_or_else(|e| panic!("client {c}, transfer {seed}: {e}"));
+                moved.fetch_add(SIZE as u64, Ordering::Relaxed);
+            }
+        }));
+    }
+    tokio::time::sleep(window).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await.unwrap();
+    }
+    moved.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// 20 downloads from one client address stop reading a service behind the agent, while 4 other
+/// connections keep echoing through another port of the same agent (a `postern server` and an
+/// agent, shipped default windows and stream deadlines). Before the fix the stalled streams pinned
+/// the tunnel's whole connection window and every other stream of the tunnel stopped; now the
+/// others keep completing byte-exact at a comparable rate. The client may hold 16 stalled streams
+/// (half the 32 MiB connection window in 1 MiB stream windows): the 4 beyond are reset about a
+/// second after they stall, the 16 after `stream_stall_timeout` (15 s), all counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_readers_do_not_freeze_the_tunnel() {
+    const NET: u8 = 93;
+    let w = Workdir::new("stall");
+    let ip = Ipv4Addr::new(127, NET, 0, 1);
+    let echo = Echo::start(ip).await;
+    let source = Source::start(ip).await;
+    let config = w.write("server.toml", &server_toml(&w, NET, &[], "5s"));
+    let (_server, line) =
+        Proc::postern("server", "server", &config, &[], &w.path("server.log")).await;
+    let (socks5, admin) = (ready_addr(&line, "socks5"), ready_addr(&line, "admin"));
+    let agent_config = w.write(
+        "agent.toml",
+        &default_agent_toml(
+            &w,
+            "agent-stall",
+            ready_addr(&line, "relay"),
+            ip,
+            &[echo.addr.port(), source.addr.port()],
+        ),
+    );
+    let (_agent, _) =
+        Proc::postern("agent", "agent", &agent_config, &[], &w.path("agent.log")).await;
+    wait_route(admin, ip).await;
+
+    stall_scenario(socks5, admin, &echo, &source).await;
+}
+
+/// The same stall through a split cluster (etcd, one relay, a gateway; shipped defaults): the
+/// stalled streams share the gateway↔relay peer connection with the others, which before the fix
+/// froze every agent behind that relay for this gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_readers_do_not_freeze_the_peer_connection() {
+    const NET: u8 = 96;
+    let w = Workdir::new("stall-split");
+    let etcd = Etcd::started(w.dir.path()).await;
+    let ip = Ipv4Addr::new(127, NET, 0, 1);
+    let echo = Echo::start(ip).await;
+    let source = Source::start(ip).await;
+    let text = relay_toml(&w, "relay-1", free_udp_port(), &etcd.url, NET, "5s");
+    let config = w.write("relay.toml", &text.replace("lease_ttl = \"4s\"\n", ""));
+    let (_relay, line) = Proc::postern("relay", "relay", &config, &[], &w.path("relay.log")).await;
+    let relay = ready_addr(&line, "relay");
+    let config = w.write("gateway.toml", &gateway_toml(&w, &etcd.url, "5s"));
+    let (_gateway, line) =
+        Proc::postern("gateway", "gateway", &config, &[], &w.path("gateway.log")).await;
+    let (socks5, admin) = (ready_addr(&line, "socks5"), ready_addr(&line, "admin"));
+    let agent_config = w.write(
+        "agent.toml",
+        &default_agent_toml(
+            &w,
+            "agent-stall",
+            relay,
+            ip,
+            &[echo.addr.port(), source.addr.port()],
+        ),
+    );
+    let (_agent, _) =
+        Proc::postern("agent", "agent", &agent_config, &[], &w.path("agent.log")).await;
+    wait_route(admin, ip).await;
+
+    stall_scenario(socks5, admin, &echo, &source).await;
+}
+
+/// An agent that stops answering (`kill -STOP`: its kernel still holds the UDP socket, nothing
+/// fails, it just goes silent) loses its tunnel and its routes at the relay within seconds, with
+/// the shipped default timings. Before, the relay kept the session until the 30 s QUIC idle
+/// timeout and kept routing new connections to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_drops_a_silent_agent_within_seconds() {
+    const NET: u8 = 94;
+    let w = Workdir::new("silent");
+    let ip = Ipv4Addr::new(127, NET, 0, 1);
+    let echo = Echo::start(ip).await;
+    let config = w.write("server.toml", &server_toml(&w, NET, &[], "5s"));
+    let (_server, line) =
+        Proc::postern("server", "server", &config, &[], &w.path("server.log")).await;
+    let (socks5, admin) = (ready_addr(&line, "socks5"), ready_addr(&line, "admin"));
+    let agent_config = w.write(
+        "agent.toml",
+        &default_agent_toml(
+            &w,
+            "agent-silent",
+            ready_addr(&line, "relay"),
+            ip,
+            &[echo.addr.port()],
+        ),
+    );
+    let (agent, _) =
+        Proc::postern("agent", "agent", &agent_config, &[], &w.path("agent.log")).await;
+    wait_route(admin, ip).await;
+    echo_once(socks5, echo.addr, 100_000, 1, Duration::from_secs(5))
+        .await
+        .unwrap();
+
+    let tunnels = |body: &str| parse_samples(body).get("postern_relay_tunnels").copied();
+    agent.signal("STOP");
+    let stopped = Instant::now();
+    wait_for(
+        Duration::from_secs(20),
+        "the relay to drop the silent agent",
+        || async {
+            let (_, body) = http_get(admin, "/metrics").await.ok()?;
+            let (code, routes) = http_get(admin, &format!("/api/routes?ip={ip}"))
+                .await
+                .ok()?;
+            let gone = tunnels(&body) == Some(0.0) && !(code == 200 && routes.contains("relay_id"));
+            gone.then_some(())
+        },
+    )
+    .await;
+    let dropped = stopped.elapsed();
+    eprintln!("relay dropped the stopped agent's session and routes {dropped:?} after kill -STOP");
+    assert!(
+        dropped < Duration::from_secs(8),
+        "the relay held a silent agent's tunnel for {dropped:?}"
+    );
+    // Without a route the gateway refuses at once instead of waiting on the silent tunnel.
+    let refused = Instant::now();
+    let code = socks_connect(socks5, None, echo.addr).await.err();
+    assert_eq!(
+        code,
+        Some(0x04),
+        "SOCKS5 reply for a target whose agent is gone"
+    );
+    assert!(refused.elapsed() < Duration::from_secs(1));
+    agent.signal("CONT");
+}
+
+/// A UDP forwarder between an agent and one relay that the test can tell to drop everything, both
+/// ways: a cut agent↔relay path while both processes stay up. Each agent source address gets an
+/// upstream socket of its own, so the relay sees one 5-tuple per agent socket.
+struct Cuttable {
+    addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+}
+
+impl Cuttable {
+    async fn start(upstream: SocketAddr) -> Cuttable {
+        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let addr = front.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let drop_all = cut.clone();
+        tokio::spawn(async move {
+            let mut sides: std::collections::HashMap<SocketAddr, Arc<UdpSocket>> =
+                std::collections::HashMap::new();
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, from)) = front.recv_from(&mut buf).await {
+                if drop_all.load(Ordering::Relaxed) {
+                    continue;
+                }
+                let side = match sides.get(&from) {
+                    Some(side) => side.clone(),
+                    None => {
+                        let Ok(side) = UdpSocket::bind("127.0.0.1:0").await else {
+                            continue;
+                        };
+                        if side.connect(upstream).await.is_err() {
+                            continue;
+                        }
+                        let side = Arc::new(side);
+                        sides.insert(from, side.clone());
+                        let (back, front, drop_all) =
+                            (side.clone(), front.clone(), drop_all.clone());
+                        tokio::spawn(async move {
+                            let mut buf = vec![0u8; 65536];
+                            while let Ok(n) = back.recv(&mut buf).await {
+                                if !drop_all.load(Ordering::Relaxed) {
+                                    let _ = front.send_to(&buf[..n], from).await;
+                                }
+                            }
+                        });
+                        side
+                    }
+                };
+                let _ = side.send(&buf[..n]).await;
+            }
+        });
+        Cuttable { addr, cut }
+    }
+}
+
+/// Two relays (etcd, shipped default lease and timings), a gateway, and one agent with a tunnel
+/// to each; the agent↔relay-1 path is cut (every datagram dropped) while 8 clients open new
+/// connections through the gateway. Before, every connection routed via relay-1 waited out the
+/// whole 10 s open budget and failed with 0x06, for as long as relay-1 kept the session; now each
+/// attempt is hedged to relay-2 after a short delay and relay-1's (relay, session) is demoted, so
+/// no connection after the first second fails or waits longer than 1.5 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_agent_path_costs_new_connections_at_most_a_hedge() {
+    const NET: u8 = 95;
+    const CLIENTS: usize = 8;
+    let w = Workdir::new("cut");
+    let etcd = Etcd::started(w.dir.path()).await;
+    let ip = Ipv4Addr::new(127, NET, 0, 1);
+    let echo = Echo::start(ip).await;
+    let mut relays = Vec::new();
+    for id in ["relay-1", "relay-2"] {
+        let port = free_udp_port();
+        let text = relay_toml(&w, id, port, &etcd.url, NET, "5s");
+        let tuned = "lease_ttl = \"4s\"\n";
+        assert!(text.contains(tuned), "relay_toml changed its lease");
+        let config = w.write(&format!("{id}.toml"), &text.replace(tuned, ""));
+        let (proc, line) =
+            Proc::postern(id, "relay", &config, &[], &w.path(&format!("{id}.log"))).await;
+        relays.push((proc, ready_addr(&line, "relay")));
+    }
+    let path = Cuttable::start(relays[0].1).await;
+    let config = w.write("gateway.toml", &gateway_toml(&w, &etcd.url, "5s"));
+    let (_gateway, line) =
+        Proc::postern("gateway", "gateway", &config, &[], &w.path("gateway.log")).await;
+    let (socks5, admin) = (ready_addr(&line, "socks5"), ready_addr(&line, "admin"));
+    let agent_config = w.write(
+        "agent.toml",
+        &agent_toml_to(
+            &w,
+            "agent-cut",
+            &[path.addr, relays[1].1],
+            ip,
+            &[echo.addr.port()],
+            2,
+        ),
+    );
+    let (_agent, _) =
+        Proc::postern("agent", "agent", &agent_config, &[], &w.path("agent.log")).await;
+    wait_for(
+        QUICK,
+        "the gateway to route the agent via both relays",
+        || async {
+            let (code, body) = http_get(admin, &format!("/api/routes?ip={ip}"))
+                .await
+                .ok()?;
+            (code == 200 && body.contains("relay-1") && body.contains("relay-2")).then_some(())
+        },
+    )
+    .await;
+
+    // (started, waited, error) per connection, from CLIENTS loops of new connections.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut loops = Vec::new();
+    for c in 0..CLIENTS {
+        let stop = stop.clone();
+        loops.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut seed = c as u64 * 1_000_000;
+            while !stop.load(Ordering::Relaxed) {
+                seed += 1;
+                let started = Instant::now();
+                let result =
+                    echo_once(socks5, echo.addr, 4096, seed, Duration::from_secs(15)).await;
+                seen.push((started, started.elapsed(), result.err()));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            seen
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    path.cut.store(true, Ordering::Relaxed);
+    let cut_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut seen = Vec::new();
+    for l in loops {
+        seen.extend(l.await.unwrap());
+    }
+
+    // Connections open at the cut and carried by relay-1 may break with it (as a reset): that is
+    // the cut, not a failure to connect.
+    let in_flight: Vec<_> = seen
+        .iter()
+        .filter(|(s, d, _)| *s < cut_at && *s + *d > cut_at)
+        .collect();
+    let before: Vec<_> = seen.iter().filter(|(s, d, _)| *s + *d <= cut_at).collect();
+    let first: Vec<_> = seen
+        .iter()
+        .filter(|(s, _, _)| *s >= cut_at && *s < cut_at + Duration::from_secs(1))
+        .collect();
+    let after: Vec<_> = seen
+        .iter()
+        .filter(|(s, _, _)| *s >= cut_at + Duration::from_secs(1))
+        .collect();
+    let failed = |set: &[&(Instant, Duration, Option<String>)]| {
+        set.iter().filter(|(_, _, e)| e.is_some()).count()
+    };
+    let longest = |set: &[&(Instant, Duration, Option<String>)]| {
+        set.iter().map(|(_, d, _)| *d).max().unwrap_or_default()
+    };
+    eprintln!(
+        "before the cut: {} connections, {} failed, longest {:?}; open at the cut: {}, {} broke; \
+         first second: {} connections, {} failed, longest {:?}; after it: {} connections, {} \
+         failed, longest {:?}",
+        before.len(),
+        failed(&before),
+        longest(&before),
+        in_flight.len(),
+        failed(&in_flight),
+        first.len(),
+        failed(&first),
+        longest(&first),
+        after.len(),
+        failed(&after),
+        longest(&after),
+    );
+    let errors: Vec<_> = seen.iter().filter_map(|(_, _, e)| e.as_deref()).collect();
+    assert_eq!(failed(&before), 0, "before the cut: {errors:?}");
+    assert_eq!(failed(&after), 0, "after the first second: {errors:?}");
+    assert!(
+        after.len() >= 50,
+        "too few connections after the cut: {}",
+        after.len()
+    );
+    // No new connection waited long, in the first second or after it.
+    let waited = longest(&first).max(longest(&after));
+    assert!(
+        waited <= Duration::from_millis(1500),
+        "a connection opened after the cut waited {waited:?}"
+    );
+}
+
+/// 20 downloads from one client address stop reading while 4 other connections echo through the
+/// same agent; checks and prints the others' rates, the early resets beyond the client's share
+/// of stalls, and the resets at `stream_stall_timeout`. `admin` is the gateway's.
+async fn stall_scenario(socks5: SocketAddr, admin: SocketAddr, echo: &Echo, source: &Source) {
+    const STALLED: usize = 20;
+    // connection_window / stream_window / 2 with the shipped defaults.
+    const PER_CLIENT: usize = 16;
+    let window = Duration::from_secs(3);
+    let baseline = echo_rate(socks5, echo.addr, 4, window).await;
+
+    // The stalled downloads: each reads the SOCKS5 reply, then nothing more.
+    let mut stalled: Vec<TcpStream> = Vec::new();
+    for i in 0..STALLED {
+        let tcp = socks_connect(socks5, None, source.addr)
+            .await
+            .unwrap_or_else(|code| panic!("stalled client {i}: socks reply {code:#04x}"));
+        stalled.push(tcp);
+    }
+    // Every buffer on the way fills: the source's writes stop for good.
+    let mut last = (u64::MAX, Instant::now());
+    wait_for(QUICK, "the source's writes to stop", || {
+        let now = source.written.load(Ordering::Relaxed);
+        if now != last.0 {
+            last = (now, Instant::now());
+        }
+        let settled = last.1.elapsed() >= Duration::from_millis(500);
+        async move { settled.then_some(()) }
+    })
+    .await;
+    let filled_at = Instant::now();
+    let held = source.written.load(Ordering::Relaxed);
+    let resets = |reason: &'static str| async move {
+        let (_, body) = http_get(admin, "/metrics").await.ok()?;
+        let key = format!("postern_stream_resets_total{{reason=\"{reason}\"}}");
+        parse_samples(&body).get(&key).copied()
+    };
+    // The streams beyond the client's share of stalls are reset soon after they stall.
+    wait_for(
+        QUICK,
+        "the stalls beyond the client's share to be reset",
+        || async {
+            resets("stall_limit")
+                .await
+                .filter(|n| *n >= (STALLED - PER_CLIENT) as f64)
+        },
+    )
+    .await;
+    let early = filled_at.elapsed();
+
+    let during = echo_rate(socks5, echo.addr, 4, window).await;
+    eprintln!(
+        "echo rate of 4 clients: {:.1} MB/s alone, {:.1} MB/s with {STALLED} stalled readers \
+         ({:.1} MB held on the way)",
+        baseline / 1e6,
+        during / 1e6,
+        held as f64 / 1e6
+    );
+    assert!(
+        during >= baseline * 0.5,
+        "others' rate fell from {baseline:.0} to {during:.0} B/s while readers stalled"
+    );
+
+    // The stalled streams are reset by the gateway's progress deadline, and counted.
+    let counted = wait_for(
+        Duration::from_secs(40),
+        "the stalled streams to be reset",
+        || async { resets("stalled").await.filter(|n| *n >= PER_CLIENT as f64) },
+    )
+    .await;
+    let reset_after = filled_at.elapsed();
+    eprintln!(
+        "{} streams over the client's share reset {early:?} and {counted} stalled streams \
+         {reset_after:?} after the buffers filled",
+        STALLED - PER_CLIENT
+    );
+    assert_eq!(
+        resets("stall_limit").await,
+        Some((STALLED - PER_CLIENT) as f64),
+        "only the stalls beyond the client's share are reset early"
+    );
+    assert_eq!(
+        counted, PER_CLIENT as f64,
+        "only the stalled streams are reset"
+    );
+    // Each stalled client sees the end as a reset once it reads what was buffered for it.
+    for (i, mut tcp) in stalled.into_iter().enumerate() {
+        let mut sink = vec![0u8; 256 * 1024];
+        let end = tokio::time::timeout(QUICK, async {
+            loop {
+                match tcp.read(&mut sink).await {
+                    Ok(0) => return Ok(()),
+                    Ok(_) => continue,
+                    Err(err) => return Err(err),
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("stalled client {i} never saw its end"));
+        let err = end.expect_err("a reset, not a clean end");
+        assert_eq!(
+            err.kind(),
+            std::io::ErrorKind::ConnectionReset,
+            "client {i}"
+        );
+    }
+    // And the connection still carries new streams, at the rate it had before the stall.
+    echo_once(socks5, echo.addr, 1 << 20, 99, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let after = echo_rate(socks5, echo.addr, 4, Duration::from_secs(3)).await;
+    eprintln!(
+        "echo rate of 4 clients after the resets: {:.1} MB/s",
+        after / 1e6
+    );
+}

@@ -280,7 +280,12 @@ async fn relay_drops_a_silent_agent_within_seconds() {
 struct Cuttable {
     addr: SocketAddr,
     cut: Arc<AtomicBool>,
+    /// When each QUIC Initial packet arrived at the front, with its destination connection ID:
+    /// one ID per handshake attempted through the forwarder.
+    initials: Initials,
 }
+
+type Initials = Arc<std::sync::Mutex<Vec<(Instant, Vec<u8>)>>>;
 
 impl Cuttable {
     async fn start(upstream: SocketAddr) -> Cuttable {
@@ -288,11 +293,16 @@ impl Cuttable {
         let addr = front.local_addr().unwrap();
         let cut = Arc::new(AtomicBool::new(false));
         let drop_all = cut.clone();
+        let initials: Initials = Arc::default();
+        let seen = initials.clone();
         tokio::spawn(async move {
             let mut sides: std::collections::HashMap<SocketAddr, Arc<UdpSocket>> =
                 std::collections::HashMap::new();
             let mut buf = vec![0u8; 65536];
             while let Ok((n, from)) = front.recv_from(&mut buf).await {
+                if let Some(dcid) = quic_initial_dcid(&buf[..n]) {
+                    seen.lock().unwrap().push((Instant::now(), dcid));
+                }
                 if drop_all.load(Ordering::Relaxed) {
                     continue;
                 }
@@ -323,8 +333,36 @@ impl Cuttable {
                 let _ = side.send(&buf[..n]).await;
             }
         });
-        Cuttable { addr, cut }
+        Cuttable {
+            addr,
+            cut,
+            initials,
+        }
     }
+
+    /// When each handshake (distinct Initial destination connection ID) that began at or after
+    /// `since` began, counted from `since`.
+    fn handshakes_since(&self, since: Instant) -> Vec<Duration> {
+        let initials = self.initials.lock().unwrap();
+        let mut ids = std::collections::HashSet::new();
+        initials
+            .iter()
+            .filter(|(at, id)| *at >= since && ids.insert(id.clone()))
+            .map(|(at, _)| *at - since)
+            .collect()
+    }
+}
+
+/// The destination connection ID of a datagram that starts with a QUIC v1 Initial packet (long
+/// header, type 0, non-zero version), which stays the same across a client's retransmissions.
+fn quic_initial_dcid(datagram: &[u8]) -> Option<Vec<u8>> {
+    let first = *datagram.first()?;
+    let version = datagram.get(1..5)?;
+    if first & 0xc0 != 0xc0 || (first >> 4) & 0x03 != 0 || version == [0, 0, 0, 0] {
+        return None;
+    }
+    let len = *datagram.get(5)? as usize;
+    datagram.get(6..6 + len).map(<[u8]>::to_vec)
 }
 
 /// Two relays (etcd, shipped default lease and timings), a gateway, and one agent with a tunnel
@@ -461,6 +499,177 @@ async fn cut_agent_path_costs_new_connections_at_most_a_hedge() {
     assert!(
         waited <= Duration::from_millis(1500),
         "a connection opened after the cut waited {waited:?}"
+    );
+}
+
+/// Two relays (etcd, shipped default lease and timings), a gateway, and one agent with a tunnel
+/// to each; the gateway reaches relay-1's peer endpoint only through a forwarder, which drops
+/// every datagram for 22 s while 16 clients open new connections through the gateway. New
+/// connections keep succeeding through relay-2 at a comparable rate (hedging and the demotion of
+/// relay-1 by outcome see to that). Once relay-1's longest demotion (16 s) ends, the pool is asked
+/// for it again: before, every caller queued on one lock held across a 2 s handshake and dialled in
+/// turn (handshakes 17.5, 19.5 and 21.5 s after the cut); now they share one dial, and the failed
+/// dial marks relay-1 down for longer than a dial, so one handshake goes toward it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_peer_path_costs_one_dial_not_the_gateway() {
+    const NET: u8 = 97;
+    const CLIENTS: usize = 16;
+    // Longer than relay-1's longest demotion by outcome (16 s), so that the pool is asked for
+    // relay-1 again while the path is still cut.
+    const CUT: Duration = Duration::from_secs(22);
+    let w = Workdir::new("peercut");
+    let etcd = Etcd::started(w.dir.path()).await;
+    let ip = Ipv4Addr::new(127, NET, 0, 1);
+    let echo = Echo::start(ip).await;
+    let peer_port = free_udp_port();
+    let path = Cuttable::start(SocketAddr::from(([127, 0, 0, 1], peer_port))).await;
+    let mut relays = Vec::new();
+    for id in ["relay-1", "relay-2"] {
+        let port = free_udp_port();
+        let mut text = relay_toml(&w, id, port, &etcd.url, NET, "5s");
+        let tuned = "lease_ttl = \"4s\"\n";
+        assert!(text.contains(tuned), "relay_toml changed its lease");
+        text = text.replace(tuned, "");
+        if id == "relay-1" {
+            let listen = "peer_listen = \"127.0.0.1:0\"\n";
+            assert!(text.contains(listen), "relay_toml changed its peer_listen");
+            text = text.replace(
+                listen,
+                &format!(
+                    "peer_listen = \"127.0.0.1:{peer_port}\"\npeer_advertise = \"{}\"\n",
+                    path.addr
+                ),
+            );
+        }
+        let config = w.write(&format!("{id}.toml"), &text);
+        let (proc, line) =
+            Proc::postern(id, "relay", &config, &[], &w.path(&format!("{id}.log"))).await;
+        relays.push((proc, ready_addr(&line, "relay")));
+    }
+    let config = w.write("gateway.toml", &gateway_toml(&w, &etcd.url, "5s"));
+    let (_gateway, line) =
+        Proc::postern("gateway", "gateway", &config, &[], &w.path("gateway.log")).await;
+    let (socks5, admin) = (ready_addr(&line, "socks5"), ready_addr(&line, "admin"));
+    let agent_config = w.write(
+        "agent.toml",
+        &agent_toml_to(
+            &w,
+            "agent-peercut",
+            &[relays[0].1, relays[1].1],
+            ip,
+            &[echo.addr.port()],
+            2,
+        ),
+    );
+    let (_agent, _) =
+        Proc::postern("agent", "agent", &agent_config, &[], &w.path("agent.log")).await;
+    wait_for(
+        QUICK,
+        "the gateway to route the agent via both relays",
+        || async {
+            let (code, body) = http_get(admin, &format!("/api/routes?ip={ip}"))
+                .await
+                .ok()?;
+            (code == 200 && body.contains("relay-1") && body.contains("relay-2")).then_some(())
+        },
+    )
+    .await;
+    // The path through the forwarder works: some connection went through relay-1.
+    wait_for(QUICK, "a peer handshake through the forwarder", || async {
+        echo_once(socks5, echo.addr, 64, 1, Duration::from_secs(5))
+            .await
+            .ok()?;
+        (!path
+            .handshakes_since(Instant::now() - Duration::from_secs(3600))
+            .is_empty())
+        .then_some(())
+    })
+    .await;
+
+    // (started, waited, error) per connection, from CLIENTS loops of new connections.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut loops = Vec::new();
+    for c in 0..CLIENTS {
+        let stop = stop.clone();
+        loops.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut seed = c as u64 * 1_000_000;
+            while !stop.load(Ordering::Relaxed) {
+                seed += 1;
+                let started = Instant::now();
+                let result =
+                    echo_once(socks5, echo.addr, 4096, seed, Duration::from_secs(15)).await;
+                seen.push((started, started.elapsed(), result.err()));
+            }
+            seen
+        }));
+    }
+    let load_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    path.cut.store(true, Ordering::Relaxed);
+    let cut_at = Instant::now();
+    tokio::time::sleep(CUT).await;
+    stop.store(true, Ordering::Relaxed);
+    let handshakes = path.handshakes_since(cut_at);
+    let mut seen = Vec::new();
+    for l in loops {
+        seen.extend(l.await.unwrap());
+    }
+
+    type Seen = (Instant, Duration, Option<String>);
+    let before: Vec<_> = seen.iter().filter(|(s, d, _)| *s + *d <= cut_at).collect();
+    let in_flight: Vec<_> = seen
+        .iter()
+        .filter(|(s, d, _)| *s < cut_at && *s + *d > cut_at)
+        .collect();
+    let first: Vec<_> = seen
+        .iter()
+        .filter(|(s, _, _)| *s >= cut_at && *s < cut_at + Duration::from_secs(1))
+        .collect();
+    let after: Vec<_> = seen
+        .iter()
+        .filter(|(s, _, _)| *s >= cut_at + Duration::from_secs(1))
+        .collect();
+    let failed = |set: &[&Seen]| set.iter().filter(|(_, _, e)| e.is_some()).count();
+    let longest = |set: &[&Seen]| set.iter().map(|(_, d, _)| *d).max().unwrap_or_default();
+    let rate_before = before.len() as f64 / (cut_at - load_at).as_secs_f64();
+    let rate_after = after.iter().filter(|(_, _, e)| e.is_none()).count() as f64
+        / (CUT - Duration::from_secs(1)).as_secs_f64();
+    eprintln!(
+        "before the cut: {} connections ({rate_before:.0}/s), {} failed, longest {:?}; open at \
+         the cut: {}, {} broke; first second: {} connections, {} failed, longest {:?}; after it: \
+         {} connections ({rate_after:.0}/s), {} failed, longest {:?}; handshakes toward relay-1 \
+         during the cut: {} (began {handshakes:.1?} after it)",
+        before.len(),
+        failed(&before),
+        longest(&before),
+        in_flight.len(),
+        failed(&in_flight),
+        first.len(),
+        failed(&first),
+        longest(&first),
+        after.len(),
+        failed(&after),
+        longest(&after),
+        handshakes.len(),
+    );
+    let errors: Vec<_> = seen.iter().filter_map(|(_, _, e)| e.as_deref()).collect();
+    assert_eq!(failed(&before), 0, "before the cut: {errors:?}");
+    assert_eq!(failed(&after), 0, "after the first second: {errors:?}");
+    assert!(
+        rate_after >= rate_before / 3.0,
+        "the gateway slowed from {rate_before:.0} to {rate_after:.0} connections/s"
+    );
+    let waited = longest(&first).max(longest(&after));
+    assert!(
+        waited <= Duration::from_millis(1500),
+        "a connection opened after the cut waited {waited:?}"
+    );
+    // One dial at a time, each followed by a down mark at least as long as a dial (2 s), doubling.
+    assert!(
+        handshakes.len() <= 2,
+        "{} handshakes toward relay-1 during the cut, at {handshakes:.1?}",
+        handshakes.len()
     );
 }
 

@@ -397,7 +397,7 @@ impl RouteCache {
         let _ = rx.wait_for(|ready| *ready).await;
     }
 
-    fn replace(&self, routes: &[Route], relays: &[RelayInfo]) {
+    pub(crate) fn replace(&self, routes: &[Route], relays: &[RelayInfo]) {
         let mut fresh = State::default();
         for r in routes {
             fresh.put(r);

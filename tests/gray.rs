@@ -7,7 +7,8 @@ mod process;
 #[path = "ops/support.rs"]
 mod support;
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -787,4 +788,171 @@ async fn stall_scenario(socks5: SocketAddr, admin: SocketAddr, echo: &Echo, sour
         "echo rate of 4 clients after the resets: {:.1} MB/s",
         after / 1e6
     );
+}
+
+/// Two relays (etcd, shipped default lease and timings), a gateway, and one agent with redundancy 2
+/// given both relay addresses, holding a tunnel to each; relay-2 is killed (`kill -9`). Before, the
+/// slot that lost relay-2 kept dialling and landing on relay-1, already held by the other slot,
+/// and each landing cost relay-1 a session: a route put and delete in etcd, in bursts of eight
+/// immediate redials, for as long as relay-2 stayed down. Now the slot dials only relay-2's
+/// address (failed dials back off) and idles once relay-2's lease ran out: relay-1's routes for
+/// the agent do not change, the agent keeps serving through relay-1, and when relay-2 comes back
+/// the agent holds two tunnels on distinct relays again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_does_not_churn_sessions_while_a_relay_is_down() {
+    const NET: u8 = 97;
+    const WINDOW: Duration = Duration::from_secs(20);
+    let w = Workdir::new("churn");
+    let etcd = Etcd::started(w.dir.path()).await;
+    let ip = Ipv4Addr::new(127, NET, 0, 1);
+    let echo = Echo::start(ip).await;
+    let mut relays = Vec::new();
+    for id in ["relay-1", "relay-2"] {
+        let port = free_udp_port();
+        let text = relay_toml(&w, id, port, &etcd.url, NET, "5s");
+        let tuned = "lease_ttl = \"4s\"\n";
+        assert!(text.contains(tuned), "relay_toml changed its lease");
+        let config = w.write(&format!("{id}.toml"), &text.replace(tuned, ""));
+        let (proc, line) =
+            Proc::postern(id, "relay", &config, &[], &w.path(&format!("{id}.log"))).await;
+        relays.push((proc, ready_addr(&line, "relay"), config));
+    }
+    let config = w.write("gateway.toml", &gateway_toml(&w, &etcd.url, "5s"));
+    let (_gateway, line) =
+        Proc::postern("gateway", "gateway", &config, &[], &w.path("gateway.log")).await;
+    let socks5 = ready_addr(&line, "socks5");
+    // The shipped reconnect backoff too (200 ms to 30 s).
+    let text = agent_toml_to(
+        &w,
+        "agent-churn",
+        &[relays[0].1, relays[1].1],
+        ip,
+        &[echo.addr.port()],
+        2,
+    );
+    let tuned = "reconnect_min = \"100ms\"\nreconnect_max = \"500ms\"\n";
+    assert!(text.contains(tuned), "agent_toml changed its backoff");
+    let agent_config = w.write("agent.toml", &text.replace(tuned, ""));
+    let (_agent, _) =
+        Proc::postern("agent", "agent", &agent_config, &[], &w.path("agent.log")).await;
+    let both: BTreeSet<String> = ["relay-1".to_string(), "relay-2".to_string()].into();
+    wait_for(QUICK, "the agent's routes on both relays", || async {
+        (etcd.routes().await.get(&IpAddr::V4(ip)) == Some(&both)).then_some(())
+    })
+    .await;
+
+    // Every route put and delete for the agent, from now on.
+    let mut client = etcd.client().await.unwrap();
+    let prefix = "/postern/routes/";
+    let mut events = client
+        .watch(prefix, Some(etcd_client::WatchOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    let agent_key = format!("/{ip}/");
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<(Instant, bool, String)>::new()));
+    let record = seen.clone();
+    let watching = tokio::spawn(async move {
+        while let Ok(Some(resp)) = events.message().await {
+            for event in resp.events() {
+                let Some(kv) = event.kv() else { continue };
+                let key = kv.key_str().unwrap_or_default().to_string();
+                if key.contains(&agent_key) {
+                    let put = event.event_type() == etcd_client::EventType::Put;
+                    record.lock().unwrap().push((Instant::now(), put, key));
+                }
+            }
+        }
+    });
+
+    // New connections through the gateway all along.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut loops = Vec::new();
+    for c in 0..4u64 {
+        let stop = stop.clone();
+        loops.push(tokio::spawn(async move {
+            let mut done = Vec::new();
+            let mut seed = c * 1_000_000;
+            while !stop.load(Ordering::Relaxed) {
+                seed += 1;
+                let started = Instant::now();
+                let result =
+                    echo_once(socks5, echo.addr, 4096, seed, Duration::from_secs(15)).await;
+                done.push((started, result.err()));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            done
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let sessions_before = w.log("relay-1.log").matches("tunnel up").count();
+    relays[1].0.signal("KILL");
+    let killed = Instant::now();
+    tokio::time::sleep(WINDOW).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut done = Vec::new();
+    for l in loops {
+        done.extend(l.await.unwrap());
+    }
+    let sessions_after = w.log("relay-1.log").matches("tunnel up").count();
+    let events: Vec<_> = seen.lock().unwrap().clone();
+    let relay1: Vec<_> = events
+        .iter()
+        .filter(|(_, _, key)| key.contains("/relay-1/"))
+        .collect();
+    let (puts, deletes) = (
+        relay1.iter().filter(|(_, put, _)| *put).count(),
+        relay1.iter().filter(|(_, put, _)| !*put).count(),
+    );
+    let failed_late: Vec<_> = done
+        .iter()
+        .filter(|(s, e)| *s >= killed + WINDOW / 2 && e.is_some())
+        .collect();
+    let failed = done.iter().filter(|(_, e)| e.is_some()).count();
+    let dials_failed = w.log("agent.log").matches("dial failed").count();
+    eprintln!(
+        "in {WINDOW:?} after relay-2's kill -9: relay-1 route puts {puts}, deletes {deletes}; \
+         relay-1 sessions created {}; agent dials failed {dials_failed}; {} connections, \
+         {failed} failed ({} in the second half)",
+        sessions_after - sessions_before,
+        done.len(),
+        failed_late.len(),
+    );
+    assert!(
+        puts + deletes <= 2,
+        "relay-1's routes for the agent churned: {relay1:?}"
+    );
+    // Given both addresses, the slot that lost relay-2 dials only relay-2's: none lands on relay-1.
+    assert_eq!(
+        sessions_after,
+        sessions_before,
+        "relay-1 created {} sessions for the agent",
+        sessions_after - sessions_before
+    );
+    assert_eq!(
+        etcd.routes().await.get(&IpAddr::V4(ip)),
+        Some(&["relay-1".to_string()].into()),
+        "the agent keeps its tunnel to relay-1"
+    );
+    assert!(failed_late.is_empty(), "{failed_late:?}");
+    assert!(done.len() >= 40, "too few connections: {}", done.len());
+
+    // relay-2 comes back: the agent gets its second tunnel, on relay-2.
+    let (_relay2, _) = Proc::postern(
+        "relay-2",
+        "relay",
+        &relays[1].2,
+        &[],
+        &w.path("relay-2b.log"),
+    )
+    .await;
+    let restarted = Instant::now();
+    wait_for(QUICK, "the agent's routes on both relays again", || async {
+        (etcd.routes().await.get(&IpAddr::V4(ip)) == Some(&both)).then_some(())
+    })
+    .await;
+    eprintln!(
+        "relay-2 restarted: the agent held tunnels on both relays again after {:?}",
+        restarted.elapsed()
+    );
+    watching.abort();
 }

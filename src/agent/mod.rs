@@ -19,9 +19,6 @@ use crate::backoff::Backoff;
 use crate::config::AgentConfig;
 use crate::protocol::{self, close, Hello, Message, Welcome};
 
-/// How often a tunnel that lands on a relay the agent already holds is redialled from a fresh UDP
-/// port before the slot backs off.
-const DUPLICATE_REDIALS: u32 = 8;
 /// Deadline for dialling one relay address (QUIC handshake + hello/welcome). Short, because the next
 /// address may be alive: a restarting relay's port just stays silent.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
@@ -32,10 +29,11 @@ const MAX_MISSED_PONGS: u32 = 3;
 struct Shared {
     config: AgentConfig,
     ips: Vec<IpAddr>,
-    /// slot → relay id it currently holds.
-    held: Mutex<HashMap<usize, String>>,
-    /// Live relays as last reported by a relay; slots beyond it idle.
-    live_relays: AtomicU32,
+    /// slot → (relay id, relay address) it currently holds.
+    held: Mutex<HashMap<usize, (String, SocketAddr)>>,
+    /// Live relays as last reported by a relay (Welcome, then every Pong); slots beyond it idle.
+    /// A watch, so that an idle slot wakes as soon as a relay joins.
+    live_relays: watch::Sender<u32>,
     tunnels_up: watch::Sender<usize>,
     /// Tunnels of draining relays winding down (their in-flight streams finishing); the agent waits
     /// for them before it exits.
@@ -105,7 +103,7 @@ impl Agent {
                 config,
                 ips,
                 held: Mutex::new(HashMap::new()),
-                live_relays: AtomicU32::new(live),
+                live_relays: watch::channel(live).0,
                 tunnels_up: watch::channel(0).0,
                 winding_down: TaskTracker::new(),
             }),
@@ -142,21 +140,49 @@ impl Agent {
 }
 
 impl Shared {
-    fn lock_held(&self) -> std::sync::MutexGuard<'_, HashMap<usize, String>> {
-        // The map holds plain strings; a poisoned lock still holds a coherent map.
+    fn lock_held(&self) -> std::sync::MutexGuard<'_, HashMap<usize, (String, SocketAddr)>> {
+        // The map holds plain values; a poisoned lock still holds a coherent map.
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn wanted(&self) -> usize {
         self.config
             .redundancy
-            .min(self.live_relays.load(Ordering::Relaxed).max(1)) as usize
+            .min((*self.live_relays.borrow()).max(1)) as usize
+    }
+
+    /// Records the live relay count a relay reported; wakes idle slots when it changed.
+    fn set_live_relays(&self, live: u32) {
+        if live > 0 {
+            self.live_relays
+                .send_if_modified(|n| std::mem::replace(n, live) != live);
+        }
+    }
+
+    /// Whether `slot` should idle: the other slots already hold as many tunnels as there are
+    /// live relays (or `redundancy`). Counted, not by slot index: the slot that lost its tunnel
+    /// may be slot 0 while slot 1 holds the only live relay, and then slot 0 is the one beyond
+    /// the live relays. Dialling anyway can only land on a relay already held.
+    fn should_idle(&self, slot: usize) -> bool {
+        let others = self.lock_held().keys().filter(|s| **s != slot).count();
+        others >= self.wanted()
     }
 
     /// One tunnel slot: dial, serve until the tunnel ends, back off, repeat.
+    ///
+    /// A dial that lands on a relay another slot already holds costs that relay a session: its
+    /// routes are put in etcd before the `Welcome` names the relay, and deleted when the agent
+    /// closes the duplicate. So a slot (1) idles while the other slots hold as many tunnels as
+    /// there are live relays, (2) dials the relay addresses other slots do not hold, when there
+    /// are any, and (3) treats a duplicate landing like a failed dial, with the same exponential
+    /// backoff. Together a slot whose relay died neither redials the survivor in a loop while
+    /// the dead relay's lease runs out nor afterwards. The relay does not refuse a second `Hello`
+    /// of the same agent id and credential instead: it cannot tell it from an agent that
+    /// restarted while its old session is not yet timed out, and refusing that one would lock a
+    /// restarted agent out of every relay for the idle timeout.
     async fn run_slot(self: Arc<Self>, slot: usize, shutdown: CancellationToken) {
         let mut backoff = Backoff::new(self.config.reconnect_min, self.config.reconnect_max);
-        let mut duplicates = 0u32;
+        let mut live = self.live_relays.subscribe();
         // Slots start staggered so the first tunnel's Welcome can tell the others the cluster size.
         if slot > 0 {
             tokio::select! {
@@ -165,46 +191,51 @@ impl Shared {
             }
         }
         while !shutdown.is_cancelled() {
-            if slot >= self.wanted() {
-                // The cluster is smaller than `redundancy`: idle, and look again later.
+            if self.should_idle(slot) {
+                // The cluster is smaller than `redundancy`: idle until a relay joins (a Pong
+                // reports it), or look again later (another slot may have lost its tunnel).
+                live.mark_unchanged();
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(self.config.reconnect_max.min(Duration::from_secs(5))) => continue,
+                    _ = live.changed() => {}
+                    _ = tokio::time::sleep(self.config.reconnect_max.min(Duration::from_secs(5))) => {}
                 }
+                continue;
             }
             // A dial (DNS, QUIC handshake, Hello) can take DIAL_TIMEOUT per relay address; a
             // signal must not wait for it: dropping the dial drops its endpoint and socket.
             let dialled = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                dialled = self.dial() => dialled,
+                dialled = self.dial(slot) => dialled,
             };
             match dialled {
                 Ok(tunnel) => {
-                    self.live_relays
-                        .store(tunnel.welcome.live_relays, Ordering::Relaxed);
+                    self.set_live_relays(tunnel.welcome.live_relays);
                     let duplicate = {
                         let mut held = self.lock_held();
                         let dup = held
                             .iter()
-                            .any(|(s, r)| *s != slot && *r == tunnel.welcome.relay_id);
+                            .any(|(s, (r, _))| *s != slot && *r == tunnel.welcome.relay_id);
                         if !dup {
-                            held.insert(slot, tunnel.welcome.relay_id.clone());
+                            held.insert(
+                                slot,
+                                (
+                                    tunnel.welcome.relay_id.clone(),
+                                    tunnel.connection.remote_address(),
+                                ),
+                            );
                         }
                         dup
                     };
                     if duplicate {
+                        // Backed off like a failed dial: behind a load balancer the next dial
+                        // (a fresh UDP port, a new 5-tuple) may reach another relay, but while
+                        // the only other relay is down every landing is a duplicate.
                         tracing::debug!(relay_id = %tunnel.welcome.relay_id, "tunnel landed on a relay already held");
                         tunnel
                             .connection
                             .close(close::DUPLICATE.into(), b"duplicate relay");
-                        if slot < self.wanted() && duplicates < DUPLICATE_REDIALS {
-                            // Redial at once: a fresh UDP port is a new 5-tuple for the load balancer.
-                            duplicates += 1;
-                            continue;
-                        }
-                        duplicates = 0;
                     } else {
-                        duplicates = 0;
                         backoff.reset();
                         self.tunnels_up.send_modify(|n| *n += 1);
                         crate::metrics::metrics().agent_tunnels.inc();
@@ -233,8 +264,20 @@ impl Shared {
     }
 
     /// Dials one relay endpoint from a fresh UDP port and completes the hello.
-    async fn dial(&self) -> anyhow::Result<Tunnel> {
-        let addrs = self.resolve_relays().await?;
+    /// Addresses other slots' tunnels go to are left out when any other address is left: with
+    /// a list of relay addresses they only lead to a relay already held. Behind one load-balanced
+    /// address (every address held) all are dialled.
+    async fn dial(&self, slot: usize) -> anyhow::Result<Tunnel> {
+        let mut addrs = self.resolve_relays().await?;
+        let held: Vec<SocketAddr> = self
+            .lock_held()
+            .iter()
+            .filter(|(s, _)| **s != slot)
+            .map(|(_, (_, addr))| *addr)
+            .collect();
+        if addrs.iter().any(|a| !held.contains(a)) {
+            addrs.retain(|a| !held.contains(a));
+        }
         let mut last_err = None;
         for addr in addrs {
             let started = std::time::Instant::now();
@@ -331,9 +374,7 @@ impl Shared {
                 match protocol::read_message(&mut recv).await? {
                     Message::Pong { live_relays, .. } => {
                         outstanding.store(0, Ordering::Relaxed);
-                        if live_relays > 0 {
-                            self.live_relays.store(live_relays, Ordering::Relaxed);
-                        }
+                        self.set_live_relays(live_relays);
                     }
                     Message::Drain { grace_ms } => {
                         return Ok(Some(Duration::from_millis(grace_ms)))

@@ -937,14 +937,7 @@ async fn agent_does_not_churn_sessions_while_a_relay_is_down() {
     assert!(done.len() >= 40, "too few connections: {}", done.len());
 
     // relay-2 comes back: the agent gets its second tunnel, on relay-2.
-    let (_relay2, _) = Proc::postern(
-        "relay-2",
-        "relay",
-        &relays[1].2,
-        &[],
-        &w.path("relay-2b.log"),
-    )
-    .await;
+    let _relay2 = restart_on_its_port("relay-2", &relays[1].2, &w.path("relay-2b.log")).await;
     let restarted = Instant::now();
     wait_for(QUICK, "the agent's routes on both relays again", || async {
         (etcd.routes().await.get(&IpAddr::V4(ip)) == Some(&both)).then_some(())
@@ -955,4 +948,39 @@ async fn agent_does_not_churn_sessions_while_a_relay_is_down() {
         restarted.elapsed()
     );
     watching.abort();
+}
+
+/// Starts a relay again on the fixed UDP port it had. Until it is back, other processes' dial
+/// sockets bind ephemeral ports from the same range, and one may hold that port for a moment; a
+/// start that fails to bind is retried, a bounded number of times.
+async fn restart_on_its_port(name: &str, config: &std::path::Path, log: &std::path::Path) -> Proc {
+    use tokio::io::AsyncBufReadExt as _;
+    let config = config.to_str().unwrap();
+    for _ in 0..10 {
+        let mut proc = Proc::spawn(
+            name,
+            BIN,
+            &["relay", "--config", config],
+            &[("POSTERN_TEST_TOKEN", TOKEN)],
+            log,
+        );
+        let stdout = proc.child.stdout.take().expect("stdout piped");
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        if let Ok(Ok(Some(line))) = tokio::time::timeout(QUICK, lines.next_line()).await {
+            if line.starts_with("ready ") {
+                // Keep draining stdout so the child never blocks on a full pipe.
+                tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+                return proc;
+            }
+        }
+        let _ = proc.child.wait().await;
+        assert!(
+            std::fs::read_to_string(log)
+                .unwrap_or_default()
+                .contains("Address already in use"),
+            "{name} did not start, and not for a taken port"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    panic!("{name}: its port stayed taken");
 }

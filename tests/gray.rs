@@ -83,31 +83,9 @@ async fn echo_once(
     seed: u64,
     limit: Duration,
 ) -> Result<(), String> {
-    let work = async {
-        let mut tcp = socks_connect(proxy, None, target)
-            .await
-            .map_err(|code| format!("socks reply {code:#04x}"))?;
-        let data = payload(size, seed);
-        let (mut r, mut w) = tcp.split();
-        let writer = async {
-            w.write_all(&data).await?;
-            w.shutdown().await
-        };
-        let reader = async {
-            let mut buf = Vec::with_capacity(size + ECHO_HEADER);
-            r.read_to_end(&mut buf).await.map(|_| buf)
-        };
-        let (wr, rd) = tokio::join!(writer, reader);
-        wr.map_err(|e| format!("write: {e}"))?;
-        let got = rd.map_err(|e| format!("read: {e}"))?;
-        if got.len() != size + ECHO_HEADER || sha256(&got[ECHO_HEADER..]) != sha256(&data) {
-            return Err(format!("echo of {} bytes differs", got.len()));
-        }
-        Ok(())
-    };
-    tokio::time::timeout(limit, work)
+    echo_through_within(proxy, None, target, size, seed, limit)
         .await
-        .unwrap_or_else(|_| Err(format!("not done within {limit:?}")))
+        .map(|_| ())
 }
 
 /// `clients` loops of echo transfers for `window`; returns the bytes echoed per second. Every

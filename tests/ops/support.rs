@@ -118,6 +118,18 @@ pub async fn echo_through(
     size: usize,
     seed: u64,
 ) -> Result<(usize, usize), String> {
+    echo_through_within(proxy, login, target, size, seed, QUICK).await
+}
+
+/// [`echo_through`] within `limit` instead of [`QUICK`].
+pub async fn echo_through_within(
+    proxy: SocketAddr,
+    login: Option<(&str, &str)>,
+    target: SocketAddr,
+    size: usize,
+    seed: u64,
+    limit: Duration,
+) -> Result<(usize, usize), String> {
     let work = async {
         let mut tcp = socks_connect(proxy, login, target)
             .await
@@ -152,9 +164,9 @@ pub async fn echo_through(
         }
         Ok((size, got.len()))
     };
-    tokio::time::timeout(QUICK, work)
+    tokio::time::timeout(limit, work)
         .await
-        .unwrap_or_else(|_| Err("timed out".into()))
+        .unwrap_or_else(|_| Err(format!("not done within {limit:?}")))
 }
 
 /// One GET against an admin listener: (status code, body).

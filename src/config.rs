@@ -724,6 +724,10 @@ pub struct RelayFile {
     pub peer_advertise: Option<String>,
     /// Admitted agent tunnels the relay holds at most; more are refused.
     pub max_tunnels: Option<u32>,
+    /// Connections in their handshake or not yet admitted, held at most in total.
+    pub max_pending: Option<u32>,
+    /// Connections in their handshake or not yet admitted, held at most per source address.
+    pub max_pending_per_source: Option<u32>,
     #[serde(default)]
     pub transport: TransportFile,
 }
@@ -836,8 +840,18 @@ pub struct RelayConfig {
     /// again, through the VIP likely another relay. Handshakes in progress do not count, so clients
     /// without credentials cannot fill it.
     pub max_tunnels: u32,
+    /// Connections in their QUIC handshake or waiting for their hello to be admitted, held at
+    /// most in total; past it a new connection is refused before its TLS handshake.
+    pub max_pending: u32,
+    /// The same, per source (an IPv4 address or an IPv6 /64).
+    pub max_pending_per_source: u32,
     pub transport: Transport,
 }
+
+/// Default `relay.max_pending`.
+pub const DEFAULT_MAX_PENDING: u32 = 512;
+/// Default `relay.max_pending_per_source`.
+pub const DEFAULT_MAX_PENDING_PER_SOURCE: u32 = 32;
 
 /// Default `relay.max_tunnels`: ~35 KiB per idle tunnel (docs/performance.md) makes this ~1.7 GiB.
 pub const DEFAULT_MAX_TUNNELS: u32 = 50_000;
@@ -868,6 +882,8 @@ impl RelayConfig {
             drain_grace: Duration::from_secs(30),
             peer: None,
             max_tunnels: DEFAULT_MAX_TUNNELS,
+            max_pending: DEFAULT_MAX_PENDING,
+            max_pending_per_source: DEFAULT_MAX_PENDING_PER_SOURCE,
             transport: Transport::default(),
         }
     }
@@ -930,6 +946,21 @@ impl RelayConfig {
                 Some(0) => return Err(invalid("relay.max_tunnels", "must be at least 1")),
                 Some(n) => n,
                 None => DEFAULT_MAX_TUNNELS,
+            },
+            max_pending: match f.max_pending {
+                Some(0) => return Err(invalid("relay.max_pending", "must be at least 1")),
+                Some(n) => n,
+                None => DEFAULT_MAX_PENDING,
+            },
+            max_pending_per_source: match f.max_pending_per_source {
+                Some(0) => {
+                    return Err(invalid(
+                        "relay.max_pending_per_source",
+                        "must be at least 1",
+                    ))
+                }
+                Some(n) => n,
+                None => DEFAULT_MAX_PENDING_PER_SOURCE,
             },
             transport: Transport::from_file(f.transport, "relay.transport")?,
         })

@@ -41,8 +41,9 @@ pub struct Outcome {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Reason {
-    /// `stalled` (a writer moved nothing while data waited), `stall_limit` (it stalled while its
-    /// client already had its share of stalled streams) or `idle`.
+    /// Stream resets: `stalled` (a writer moved nothing while data waited), `stall_limit` (it
+    /// stalled while its client already had its share of stalled streams) or `idle`. Refused
+    /// handshakes: `per_source` or `total`.
     pub reason: &'static str,
 }
 
@@ -110,6 +111,9 @@ pub struct Metrics {
     pub relay_streams_active: Gauge,
     pub relay_tunnels: Gauge,
     pub relay_tunnels_refused: Counter,
+    /// Connections refused before their handshake at the unadmitted-connection limits, by limit
+    /// (`per_source` or `total`).
+    pub relay_handshakes_refused: Family<Reason, Counter>,
     pub agent_tunnels: Gauge,
     pub routes_cached: Gauge,
     /// Seconds since the registry last confirmed the gateway's route view.
@@ -141,7 +145,12 @@ impl Metrics {
         for reason in ["stalled", "stall_limit", "idle"] {
             let _ = stream_resets.get_or_create(&Reason { reason });
         }
+        let relay_handshakes_refused = Family::<Reason, Counter>::default();
+        for reason in ["per_source", "total"] {
+            let _ = relay_handshakes_refused.get_or_create(&Reason { reason });
+        }
         Metrics {
+            relay_handshakes_refused,
             client_connections: Family::default(),
             client_bytes: Family::default(),
             active_client_connections: Gauge::default(),
@@ -223,6 +232,12 @@ impl Metrics {
             "relay_tunnels_refused",
             "New tunnels refused because the relay holds relay.max_tunnels",
             self.relay_tunnels_refused.clone(),
+        );
+        r.register(
+            "relay_handshakes_refused",
+            "New connections refused before their handshake because too many are not yet admitted \
+             (relay.max_pending_per_source, relay.max_pending), by limit",
+            self.relay_handshakes_refused.clone(),
         );
         r.register(
             "relay_lease_held",
@@ -628,6 +643,7 @@ mod tests {
             [
                 "postern_registry_operations_total",
                 "postern_relay_active_streams",
+                "postern_relay_handshakes_refused_total",
                 "postern_relay_lease_held",
                 "postern_relay_tunnels",
                 "postern_relay_tunnels_refused_total",

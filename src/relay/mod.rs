@@ -6,6 +6,7 @@
 //! replacement tunnel elsewhere first), refuses new streams and tunnels, lets in-flight streams finish
 //! within the grace period, then revokes its lease and closes.
 
+pub mod admission;
 pub mod peer;
 pub mod publisher;
 pub mod sessions;
@@ -29,9 +30,7 @@ use crate::registry::{unix_now, Registry, RelayInfo};
 use publisher::{Change, Publisher};
 use sessions::{Session, SessionTable};
 
-/// Streams an agent may open on its tunnel: the control stream and a little slack. quinn reserves
-/// per-stream state for every permitted stream, so this stays tiny.
-const AGENT_MAX_STREAMS: u32 = 4;
+use admission::{AGENT_MAX_STREAMS, PRE_ADMISSION_WINDOW};
 /// Deadline for a QUIC handshake to complete.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a hello waits for this process's first view of the registry's routes, without which
@@ -101,6 +100,8 @@ pub struct Relay {
     tunnel_slots: Arc<tokio::sync::Semaphore>,
     /// When the last "tunnel limit reached" warning was logged (seconds since the Unix epoch).
     limit_warned_at: std::sync::atomic::AtomicU64,
+    /// Connections in their handshake or not yet admitted (`relay.max_pending*`).
+    pending: Arc<admission::Pending>,
 }
 
 impl Relay {
@@ -113,7 +114,14 @@ impl Relay {
         registry: Arc<dyn Registry>,
         cache: Arc<RouteCache>,
     ) -> anyhow::Result<Arc<Self>> {
-        let transport = Arc::new(config.transport.quinn(AGENT_MAX_STREAMS));
+        let mut transport = config.transport.quinn(AGENT_MAX_STREAMS);
+        // Until its hello is admitted a connection may make the relay buffer one hello's worth;
+        // admission raises the window to `connection_window` (see `admission`).
+        transport.receive_window(
+            quinn::VarInt::from_u64(PRE_ADMISSION_WINDOW.min(config.transport.connection_window))
+                .unwrap_or(quinn::VarInt::MAX),
+        );
+        let transport = Arc::new(transport);
         let client_auth = match &config.agent_ca {
             Some(roots) => crate::tls::ClientAuth::Optional(roots),
             None => crate::tls::ClientAuth::None,
@@ -171,6 +179,7 @@ impl Relay {
             credentials: std::sync::RwLock::new(Arc::new(config.agents.clone())),
             tunnel_slots: Arc::new(tokio::sync::Semaphore::new(config.max_tunnels as usize)),
             limit_warned_at: std::sync::atomic::AtomicU64::new(0),
+            pending: admission::Pending::new(config.max_pending_per_source, config.max_pending),
             config,
             endpoint,
             peer_endpoint,
@@ -236,6 +245,11 @@ impl Relay {
     /// QUIC connections on the agent endpoint, admitted or not (handshakes and hellos included).
     pub fn open_connections(&self) -> usize {
         self.endpoint.open_connections()
+    }
+
+    /// Connections in their handshake or waiting for admission.
+    pub fn pending_connections(&self) -> usize {
+        self.pending.len()
     }
 
     /// Streams currently carried.
@@ -306,11 +320,21 @@ impl Relay {
                         incoming.refuse();
                         continue;
                     }
+                    // Unadmitted connections per source and in total, also before the handshake.
+                    let pending = match relay.pending.enter(incoming.remote_address().ip()) {
+                        Ok(slot) => slot,
+                        Err(limit) => {
+                            relay.pending.refused(incoming.remote_address(), limit);
+                            incoming.refuse();
+                            continue;
+                        }
+                    };
                     let relay = relay.clone();
                     let conn_closed = closed.clone();
                     tasks.spawn(async move {
                         let remote = incoming.remote_address();
-                        if let Err(err) = relay.serve_incoming(incoming, conn_closed).await {
+                        if let Err(err) = relay.serve_incoming(incoming, pending, conn_closed).await
+                        {
                             tracing::debug!(%remote, err = format!("{err:#}"), "tunnel ended");
                         }
                     });
@@ -409,6 +433,7 @@ impl Relay {
     async fn serve_incoming(
         self: Arc<Self>,
         incoming: quinn::Incoming,
+        pending: admission::Slot,
         closed: CancellationToken,
     ) -> anyhow::Result<()> {
         let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming)
@@ -552,6 +577,12 @@ impl Relay {
                 return Ok(());
             }
             crate::metrics::metrics().relay_tunnels.inc();
+            // Admitted: the connection gets its full window and no longer counts as pending.
+            conn.set_receive_window(
+                quinn::VarInt::from_u64(self.config.transport.connection_window)
+                    .unwrap_or(quinn::VarInt::MAX),
+            );
+            drop(pending);
             let _ = self
                 .changes
                 .send(Change::Put(session.routes(&self.config.id)));

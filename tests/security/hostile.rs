@@ -46,6 +46,13 @@ impl Hostile {
 
     /// A completed QUIC handshake with the relay, and nothing else.
     pub async fn connect(&self) -> quinn::Connection {
+        self.try_connect()
+            .await
+            .expect("the relay completes the handshake")
+    }
+
+    /// A QUIC handshake with the relay, which may refuse it.
+    pub async fn try_connect(&self) -> Result<quinn::Connection, quinn::ConnectionError> {
         within(
             IO,
             "hostile QUIC handshake",
@@ -54,9 +61,17 @@ impl Hostile {
                 .expect("connect"),
         )
         .await
-        .expect("the relay completes the handshake")
     }
 }
+
+/// Whether `err` is the relay refusing a connection before its handshake.
+pub fn refused(err: &quinn::ConnectionError) -> bool {
+    matches!(err, quinn::ConnectionError::ConnectionClosed(c)
+        if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED)
+}
+
+/// How long a stream open or write must stay blocked to count as flow-control blocked.
+const BLOCKED: Duration = Duration::from_secs(1);
 
 /// A frame header claiming `len` bytes, followed by `body`.
 fn raw_frame(version: u8, len: u32, body: &[u8]) -> Vec<u8> {
@@ -127,13 +142,66 @@ async fn misbehave(hostile: Arc<Hostile>, case: &'static str, token: String, ip:
             "expected hello"
         }
         "hello-on-many-streams" => {
-            // Every stream the relay allows, each with a hello; only the first is the control stream.
-            for _ in 0..4 {
-                let (mut send, _recv) = conn.open_bi().await.expect("stream");
-                let _ = send
-                    .write_all(&raw_frame(protocol::VERSION, 3, b"!!!"))
-                    .await;
+            // Before admission the relay grants one stream, the control stream: a second cannot
+            // even be opened, so it holds no relay state.
+            let (mut send, _recv) = conn.open_bi().await.expect("stream");
+            let _ = send
+                .write_all(&raw_frame(protocol::VERSION, 3, b"!!!"))
+                .await;
+            let extra = tokio::time::timeout(BLOCKED, conn.open_bi()).await;
+            assert!(
+                !matches!(extra, Ok(Ok(_))),
+                "{case}: a second stream opened"
+            );
+            "bad hello"
+        }
+        "extra-streams-before-hello" => {
+            // Half a frame header on the control stream, then a second stream: blocked by the
+            // stream limit until the relay closes the connection at the hello deadline.
+            let (mut send, _recv) = conn.open_bi().await.expect("stream");
+            send.write_all(&[protocol::VERSION, 0, 0])
+                .await
+                .expect("write");
+            let extra = tokio::time::timeout(BLOCKED, conn.open_bi()).await;
+            assert!(
+                !matches!(extra, Ok(Ok(_))),
+                "{case}: a second stream opened"
+            );
+            // The control stream stays open (its end would be an answer of its own).
+            let got = closed_by_relay(&conn, case).await;
+            drop(send);
+            assert_eq!(
+                got,
+                (close::PROTOCOL, "no hello within the deadline".into())
+            );
+            return;
+        }
+        "push-before-hello" => {
+            // A frame header announcing the largest frame, then as many bytes as the relay will
+            // take: flow control stops the sender at the pre-admission window (plus the one
+            // frame the relay reads), where a full stream window (1 MiB) was granted before.
+            let (mut send, _recv) = conn.open_bi().await.expect("stream");
+            let mut sent = 0usize;
+            let mut header = raw_frame(protocol::VERSION, MAX_FRAME_LEN as u32, b"");
+            header.resize(16 * 1024, b' ');
+            let chunk = vec![b' '; 16 * 1024];
+            let mut first = Some(header);
+            loop {
+                let data = first.take().unwrap_or_else(|| chunk.clone());
+                match tokio::time::timeout(BLOCKED, send.write(&data)).await {
+                    Ok(Ok(n)) => sent += n,
+                    // Blocked, or closed by the relay (after it read the whole frame).
+                    Ok(Err(_)) | Err(_) => break,
+                }
+                assert!(sent <= 4 << 20, "{case}: the relay took {sent} bytes");
             }
+            let bound =
+                MAX_FRAME_LEN + 5 + postern::relay::admission::PRE_ADMISSION_WINDOW as usize;
+            eprintln!("{case}: the relay granted {sent} bytes before admission (bound {bound})");
+            assert!(
+                sent <= bound,
+                "{case}: {sent} bytes accepted before admission, bound {bound}"
+            );
             "bad hello"
         }
         "second-stream-after-welcome"
@@ -157,9 +225,17 @@ async fn misbehave(hostile: Arc<Hostile>, case: &'static str, token: String, ip:
             );
             let reason = match case {
                 "second-stream-after-welcome" => {
-                    let (mut extra, _r) = conn.open_bi().await.expect("extra stream");
-                    let _ = extra.write_all(&vec![0x55; 256 * 1024]).await;
-                    "agents open only the control stream"
+                    // The relay grants agents one stream, also once admitted: a second stays
+                    // blocked. Junk on the control stream then ends the tunnel.
+                    let extra = tokio::time::timeout(BLOCKED, conn.open_bi()).await;
+                    assert!(
+                        !matches!(extra, Ok(Ok(_))),
+                        "{case}: a second stream opened"
+                    );
+                    let _ = send
+                        .write_all(&raw_frame(protocol::VERSION, 5, b"junk!"))
+                        .await;
+                    "bad control frame"
                 }
                 "garbage-after-welcome" => {
                     let _ = send
@@ -256,6 +332,8 @@ async fn a_hostile_agent_is_closed_with_a_clear_code_and_the_relay_keeps_serving
         "malformed-json",
         "ping-before-hello",
         "hello-on-many-streams",
+        "extra-streams-before-hello",
+        "push-before-hello",
         "second-stream-after-welcome",
         "garbage-after-welcome",
         "hello-again",
@@ -270,13 +348,24 @@ async fn a_hostile_agent_is_closed_with_a_clear_code_and_the_relay_keeps_serving
         ));
     }
     // A handshake flood beside them: 300 connections that complete the QUIC handshake and never
-    // say anything, from another address; each must be closed at the hello deadline.
+    // say anything, from another address. The relay holds `relay.max_pending_per_source` of them
+    // and refuses the rest before their handshake; each one it holds is closed at the hello
+    // deadline.
     let flooder = Arc::new(Hostile::new(ip(net, 67, 1), stack.relay_addr, &stack.trust));
     let flooded = Arc::new(AtomicUsize::new(0));
+    let turned_away = Arc::new(AtomicUsize::new(0));
     for _ in 0..300 {
-        let (flooder, flooded) = (flooder.clone(), flooded.clone());
+        let (flooder, flooded, turned_away) =
+            (flooder.clone(), flooded.clone(), turned_away.clone());
         cases.spawn(async move {
-            let conn = flooder.connect().await;
+            let conn = match flooder.try_connect().await {
+                Ok(conn) => conn,
+                Err(err) => {
+                    assert!(refused(&err), "flooded handshake ended with {err:?}");
+                    turned_away.fetch_add(1, Ordering::SeqCst);
+                    return;
+                }
+            };
             flooded.fetch_add(1, Ordering::SeqCst);
             let got = closed_by_relay(&conn, "flooded handshake").await;
             assert_eq!(
@@ -288,7 +377,15 @@ async fn a_hostile_agent_is_closed_with_a_clear_code_and_the_relay_keeps_serving
     while let Some(result) = cases.join_next().await {
         result.expect("a hostile case failed");
     }
-    assert_eq!(flooded.load(Ordering::SeqCst), 300);
+    let per_source = postern::config::DEFAULT_MAX_PENDING_PER_SOURCE as usize;
+    assert_eq!(
+        (
+            flooded.load(Ordering::SeqCst),
+            turned_away.load(Ordering::SeqCst)
+        ),
+        (per_source, 300 - per_source),
+        "(handshakes held, refused) from the flooding address"
+    );
     eprintln!(
         "hostile cases and flood closed within {:?}",
         started.elapsed()
@@ -325,8 +422,87 @@ async fn a_hostile_agent_is_closed_with_a_clear_code_and_the_relay_keeps_serving
     let owners = stack.owners("default", real_ip.into());
     assert_eq!(owners.len(), 1, "{owners:?}");
     assert!(
-        (10..22).all(|d| stack.owners("default", ip(net, 5, d).into()).is_empty()),
+        (10..24).all(|d| stack.owners("default", ip(net, 5, d).into()).is_empty()),
         "a hostile session left a route"
     );
     eprintln!("{requests} legitimate requests served during the attack");
+}
+
+/// Handshakes from one source past `relay.max_pending_per_source` are refused before their TLS
+/// handshake and counted, while an agent from another source still connects and carries traffic;
+/// the source's slots come back when the relay closes its silent connections at the hello
+/// deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_past_its_pending_limit_is_refused_while_another_agent_connects() {
+    init();
+    let pki = Pki::new();
+    let net = 135;
+    let per_source = 4;
+    let stack = Stack::start(&pki, net, 0, GatewayConfig::default(), |relay| {
+        relay.max_pending_per_source = per_source;
+    })
+    .await;
+    let refusals = || {
+        postern::metrics::metrics()
+            .relay_handshakes_refused
+            .get_or_create(&postern::metrics::Reason {
+                reason: "per_source",
+            })
+            .get()
+    };
+    let refused_before = refusals();
+
+    let hostile = Hostile::new(ip(net, 66, 1), stack.relay_addr, &stack.trust);
+    let mut held = Vec::new();
+    for _ in 0..per_source {
+        held.push(hostile.connect().await);
+    }
+    assert_eq!(stack.relay.pending_connections(), per_source as usize);
+    for attempt in 0..3 {
+        let err = hostile
+            .try_connect()
+            .await
+            .expect_err("a handshake past the per-source limit completed");
+        assert!(refused(&err), "attempt {attempt}: {err:?}");
+    }
+    assert!(
+        refusals() >= refused_before + 3,
+        "postern_relay_handshakes_refused_total{{reason=\"per_source\"}} did not count the refusals"
+    );
+
+    // A legitimate agent, from another source, is admitted while the hostile source is full.
+    let real_ip = ip(net, 1, 2);
+    let service = tagged_echo(sa(real_ip, 0), "real").await;
+    let agent = stack
+        .start_agent(stack.agent("real", "default", &[real_ip], &[service.addr.port()]))
+        .await;
+    assert_eq!(agent.handle.tunnels(), 1);
+    for i in 0..3u64 {
+        let tcp = socks5_connect(stack.socks, &Dest::Ip(service.addr), Auth::None)
+            .await
+            .expect("request through the real agent");
+        expect_echo(tcp, Vec::new(), "real", &pattern(i, 4096)).await;
+    }
+    let err = hostile
+        .try_connect()
+        .await
+        .expect_err("the hostile source is still full");
+    assert!(refused(&err), "{err:?}");
+
+    // The relay closes the silent connections at the hello deadline; the source may dial again.
+    for conn in &held {
+        let got = closed_by_relay(conn, "held silent connection").await;
+        assert_eq!(
+            got,
+            (close::PROTOCOL, "no hello within the deadline".into())
+        );
+    }
+    let relay = stack.relay.clone();
+    wait_until(IO, "pending slots released", move || {
+        relay.pending_connections() == 0
+    })
+    .await;
+    let again = hostile.connect().await;
+    drop(again);
+    assert_eq!(agent.handle.tunnels(), 1, "the real agent lost its tunnel");
 }

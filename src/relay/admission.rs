@@ -1,0 +1,201 @@
+//! Bounds on what a relay holds for connections it has not admitted yet.
+//!
+//! A peer that completes the QUIC handshake holds relay state before any `Hello` is checked: the
+//! handshake itself, quinn's connection state and whatever data quinn buffers for it. That state is
+//! bounded three ways:
+//!
+//! - an agent may open one stream, its control stream (the relay opens every other), so quinn
+//!   never reserves or buffers a second one;
+//! - until the hello is admitted the connection's receive window is [`PRE_ADMISSION_WINDOW`],
+//!   enough for the largest frame (a hello is one frame, at most [`protocol::MAX_FRAME_LEN`]);
+//!   admission raises it to `relay.transport.connection_window`;
+//! - connections in the handshake or waiting for admission are counted per source ([`Pending`]):
+//!   past `relay.max_pending_per_source` from one source (an IPv4 address, or an IPv6 /64) or
+//!   `relay.max_pending` in total, a new one is refused before its TLS handshake.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::protocol;
+
+/// Streams an agent may open on its tunnel: the control stream only (the relay opens the rest).
+pub const AGENT_MAX_STREAMS: u32 = 1;
+
+/// The connection receive window before admission: one maximal frame (the hello) and its header,
+/// with a little slack. What an unadmitted peer can make the relay buffer is bounded by it.
+pub const PRE_ADMISSION_WINDOW: u64 = protocol::MAX_FRAME_LEN as u64 + 16 * 1024;
+
+/// Which limit refused a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    /// `relay.max_pending_per_source`.
+    PerSource,
+    /// `relay.max_pending`.
+    Total,
+}
+
+impl Limit {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Limit::PerSource => "per_source",
+            Limit::Total => "total",
+        }
+    }
+}
+
+/// Unadmitted connections, per source and in total.
+pub struct Pending {
+    per_source: u32,
+    total: u32,
+    state: Mutex<State>,
+    /// When the last refusal warning was logged (seconds since the Unix epoch).
+    warned_at: AtomicU64,
+}
+
+#[derive(Default)]
+struct State {
+    by_source: HashMap<IpAddr, u32>,
+    total: u32,
+}
+
+/// One unadmitted connection, counted until dropped (admission, or the connection's end).
+pub struct Slot {
+    pending: Arc<Pending>,
+    source: IpAddr,
+}
+
+/// The key a source is counted under: an IPv4 address, or the /64 of an IPv6 address (one host
+/// usually holds a whole /64).
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let bits = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(bits.into())
+            }
+        },
+    }
+}
+
+impl Pending {
+    pub fn new(per_source: u32, total: u32) -> Arc<Self> {
+        Arc::new(Pending {
+            per_source,
+            total,
+            state: Mutex::new(State::default()),
+            warned_at: AtomicU64::new(0),
+        })
+    }
+
+    /// Counts a new connection from `ip`, or says which limit it would exceed.
+    pub fn enter(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Limit> {
+        let source = source_key(ip);
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.total >= self.total {
+            return Err(Limit::Total);
+        }
+        let held = state.by_source.entry(source).or_insert(0);
+        if *held >= self.per_source {
+            return Err(Limit::PerSource);
+        }
+        *held += 1;
+        state.total += 1;
+        Ok(Slot {
+            pending: self.clone(),
+            source,
+        })
+    }
+
+    /// Unadmitted connections held now.
+    pub fn len(&self) -> usize {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).total as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Counts a refusal and warns at most every 10 s.
+    pub fn refused(&self, remote: std::net::SocketAddr, limit: Limit) {
+        crate::metrics::metrics()
+            .relay_handshakes_refused
+            .get_or_create(&crate::metrics::Reason {
+                reason: limit.as_str(),
+            })
+            .inc();
+        let now = crate::registry::unix_now();
+        let last = self.warned_at.load(Ordering::Relaxed);
+        if now >= last + 10
+            && self
+                .warned_at
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                %remote,
+                limit = limit.as_str(),
+                max_pending = self.total,
+                max_pending_per_source = self.per_source,
+                "unadmitted connection limit reached; refusing new connections \
+                 (postern_relay_handshakes_refused_total counts them)"
+            );
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut state = self.pending.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.total = state.total.saturating_sub(1);
+        if let Some(held) = state.by_source.get_mut(&self.source) {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                state.by_source.remove(&self.source);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_per_source_and_in_total_and_releases_on_drop() {
+        let pending = Pending::new(2, 3);
+        let a: IpAddr = "127.130.0.1".parse().unwrap();
+        let b: IpAddr = "127.130.0.2".parse().unwrap();
+        let a1 = pending.enter(a).unwrap();
+        let _a2 = pending.enter(a).unwrap();
+        assert_eq!(pending.enter(a).err(), Some(Limit::PerSource));
+        let _b1 = pending.enter(b).unwrap();
+        assert_eq!(pending.enter(b).err(), Some(Limit::Total));
+        assert_eq!(pending.len(), 3);
+        drop(a1);
+        assert_eq!(pending.len(), 2);
+        let _a3 = pending.enter(a).unwrap();
+        assert_eq!(pending.enter(a).err(), Some(Limit::Total));
+    }
+
+    #[test]
+    fn ipv6_sources_count_by_slash_64() {
+        let pending = Pending::new(1, 10);
+        let _x = pending.enter("fd00::1".parse().unwrap()).unwrap();
+        assert_eq!(
+            pending.enter("fd00::ffff:1".parse().unwrap()).err(),
+            Some(Limit::PerSource)
+        );
+        let _y = pending.enter("fd00:0:0:1::1".parse().unwrap()).unwrap();
+        // An IPv4-mapped address counts as its IPv4 address.
+        let _v4 = pending.enter("127.130.0.9".parse().unwrap()).unwrap();
+        assert_eq!(
+            pending.enter("::ffff:127.130.0.9".parse().unwrap()).err(),
+            Some(Limit::PerSource)
+        );
+    }
+}

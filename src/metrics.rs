@@ -119,6 +119,9 @@ pub struct Metrics {
     /// Seconds since the registry last confirmed the gateway's route view.
     pub registry_view_age: Gauge<f64, AtomicU64>,
     pub open_attempts: Family<Outcome, Counter>,
+    /// Open attempts by what they ended as: `ok` or a failover cause (`timeout`,
+    /// `peer_unreachable`, `tunnel_closed`, `stale`, `refused`, `protocol`).
+    pub gateway_open_attempts: Family<Outcome, Counter>,
     /// Proxied streams a splice reset because a limit expired.
     pub stream_resets: Family<Reason, Counter>,
     pub registry_operations: Family<Operation, Counter>,
@@ -161,6 +164,7 @@ impl Metrics {
             routes_cached: Gauge::default(),
             registry_view_age: Gauge::default(),
             open_attempts: Family::default(),
+            gateway_open_attempts: Family::default(),
             stream_resets,
             registry_operations: Family::default(),
             lease_held: Gauge::default(),
@@ -281,6 +285,11 @@ impl Metrics {
             "open_attempts",
             "Attempts to open a stream through one owner of a route, by result",
             self.open_attempts.clone(),
+        );
+        r.register(
+            "gateway_open_attempts",
+            "Attempts to open a stream through one owner of a route, by what they ended as: ok or the failover cause",
+            self.gateway_open_attempts.clone(),
         );
     }
 
@@ -597,6 +606,9 @@ mod tests {
         m.open_attempts
             .get_or_create(&super::Outcome { result: "ok" })
             .inc_by(0);
+        m.gateway_open_attempts
+            .get_or_create(&super::Outcome { result: "ok" })
+            .inc_by(0);
         m.registry_operations
             .get_or_create(&super::Operation {
                 operation: "list",
@@ -656,6 +668,7 @@ mod tests {
                 "postern_gateway_bytes_total",
                 "postern_gateway_connect_duration_seconds",
                 "postern_gateway_connections_total",
+                "postern_gateway_open_attempts_total",
                 "postern_open_attempts_total",
                 "postern_registry_operations_total",
                 "postern_registry_view_age_seconds",

@@ -214,9 +214,9 @@ async fn connect<S: ClientStream>(
     };
     let (target, opened) = match gateway.connect(&client, &requested).await {
         Ok(ok) => ok,
-        Err(code) => {
-            super::log_refused(Front::Http, &client, &requested, code);
-            return refusal(code, &requested);
+        Err(err) => {
+            super::log_refused(Front::Http, &client, &requested, &err);
+            return refusal(err.code(), &requested);
         }
     };
     tunnels.spawn(async move {
@@ -287,9 +287,9 @@ async fn forward(
     };
     let (target, opened) = match gateway.connect(&client, &requested).await {
         Ok(ok) => ok,
-        Err(code) => {
-            super::log_refused(Front::Http, &client, &requested, code);
-            return refusal(code, &requested);
+        Err(err) => {
+            super::log_refused(Front::Http, &client, &requested, &err);
+            return refusal(err.code(), &requested);
         }
     };
     let (mut parts, body) = req.into_parts();

@@ -3,6 +3,7 @@
 //! through the tunnel that owns the target ([`forward`]); nothing is ever dialled directly.
 
 pub mod access;
+pub mod failover;
 pub mod forward;
 pub mod http;
 pub mod load;
@@ -20,10 +21,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::GatewayConfig;
-use crate::protocol::{self, Code};
+use crate::protocol::Code;
 use crate::registry::cache::RouteCache;
 use crate::relay::Relay;
 use access::{AccessHandle, Client};
+use failover::OpenError;
 use forward::{Forwarder, Opened, Requested, Target};
 use pool::PeerPool;
 
@@ -109,13 +111,21 @@ impl Gateway {
         &self,
         client: &Client,
         requested: &Requested,
-    ) -> Result<(Target, Opened), Code> {
+    ) -> Result<(Target, Opened), OpenError> {
         let started = Instant::now();
-        let target = self.forwarder.resolve(&client.namespace, requested).await?;
-        self.access.check(client, &target)?;
-        let opened = tokio::time::timeout(protocol::OPEN_TIMEOUT, self.forwarder.open(&target))
-            .await
-            .unwrap_or(Err(Code::Timeout))?;
+        // A name the system resolver looks up gets no longer than an open.
+        let target = tokio::time::timeout(
+            crate::protocol::OPEN_TIMEOUT,
+            self.forwarder.resolve(&client.namespace, requested),
+        )
+        .await
+        .unwrap_or(Err(Code::Timeout))
+        .map_err(OpenError::before_open)?;
+        self.access
+            .check(client, &target)
+            .map_err(OpenError::before_open)?;
+        // The open budget (`protocol::OPEN_TIMEOUT`) is the failover's.
+        let opened = self.forwarder.open(&target).await?;
         crate::metrics::metrics()
             .connect_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -277,8 +287,16 @@ pub(crate) fn client_meter() -> crate::splice::Progress {
     crate::splice::Progress::counting_into(up, down)
 }
 
-/// The access log line for a connection that was refused before any byte moved.
-fn log_refused(front: Front, client: &Client, requested: &Requested, code: Code) {
+/// The access log line for a connection that was refused before any byte moved: `result` is the
+/// code the client was answered with, `cause` what the failover saw (see [`failover::Cause`]),
+/// and `relay_id`/`session_id`/`agent_id` the owner that failed last (`-` when no owner was
+/// tried), with the number of `attempts`.
+fn log_refused(front: Front, client: &Client, requested: &Requested, error: &OpenError) {
+    let code = error.code();
+    let (relay_id, session_id, agent_id) = match &error.owner {
+        Some(o) => (&*o.relay_id, o.session_id.to_string(), &*o.agent_id),
+        None => ("-", "-".to_string(), "-"),
+    };
     crate::metrics::metrics()
         .client_connections
         .get_or_create(&crate::metrics::FrontResult {
@@ -288,9 +306,9 @@ fn log_refused(front: Front, client: &Client, requested: &Requested, code: Code)
         .inc();
     // The same fields as a carried connection's line, so one parser reads both.
     tracing::info!(target: "postern::access", client = %client.addr, user = client.user.as_deref().unwrap_or("-"),
-        front = front.as_str(), target = %requested, namespace = %client.namespace, agent_id = "-", relay_id = "-",
-        bytes_up = 0u64, bytes_down = 0u64, duration_ms = 0u64, result = crate::metrics::code_label(code),
-        reason = code.describe(), "refused");
+        front = front.as_str(), target = %requested, namespace = %client.namespace, agent_id, relay_id,
+        session_id, bytes_up = 0u64, bytes_down = 0u64, duration_ms = 0u64, result = crate::metrics::code_label(code),
+        reason = code.describe(), cause = error.cause.label(), attempts = error.attempts, "refused");
 }
 
 /// The access log line and count for a client turned away before it named a target: a wrong or

@@ -2,7 +2,8 @@
 //! relay, opened lazily, re-opened on failure. One dial per relay at a time, shared by every caller
 //! that needs it meanwhile. A relay whose dial fails or whose connection breaks is marked down, at
 //! first for at least as long as a dial may take, doubling with each further failure up to a cap,
-//! and skipped meanwhile, so new connections go straight to the other owners.
+//! and skipped meanwhile, so new connections go straight to the other owners. Every dial's outcome
+//! and every lost connection is reported to the failover's [`Health`], which orders owners by it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use quinn::{Connection, RecvStream, SendStream};
 
+use super::failover::{Cause, Health};
 use crate::config::PeerConfig;
 use crate::protocol::{self, close, Code, Forward, Message, OpenResult};
 use crate::registry::cache::RouteCache;
@@ -24,7 +26,7 @@ const DOWN_MIN: Duration = Duration::from_secs(1);
 const DOWN_MAX: Duration = Duration::from_secs(16);
 
 /// The outcome of one dial, published to every caller waiting on it.
-type Dial = tokio::sync::watch::Receiver<Option<Result<Connection, Code>>>;
+type Dial = tokio::sync::watch::Receiver<Option<Result<Connection, Cause>>>;
 
 #[derive(Default)]
 struct State {
@@ -67,6 +69,8 @@ pub struct PeerPool {
     connect_timeout: Duration,
     cache: Arc<RouteCache>,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
+    /// Where dial outcomes and lost connections are reported.
+    health: Arc<Health>,
 }
 
 impl PeerPool {
@@ -103,7 +107,13 @@ impl PeerPool {
             connect_timeout: config.connect_timeout,
             cache,
             slots: Mutex::new(HashMap::new()),
+            health: Arc::default(),
         })
+    }
+
+    /// Reports every dial outcome and lost connection to `health` (the failover's).
+    pub fn report_to(&mut self, health: Arc<Health>) {
+        self.health = health;
     }
 
     fn slot(&self, relay_id: &str) -> Arc<Slot> {
@@ -131,7 +141,7 @@ impl PeerPool {
     /// Callers arriving while a dial is under way wait for that dial's outcome; no lock is held
     /// across the handshake, and the dial runs in a task of its own, so a caller that gives up does
     /// not cut it off for the others.
-    async fn connection(&self, relay_id: &str, last_resort: bool) -> Result<Connection, Code> {
+    async fn connection(&self, relay_id: &str, last_resort: bool) -> Result<Connection, Cause> {
         let slot = self.slot(relay_id);
         let mut dial = {
             let mut state = slot.lock();
@@ -140,7 +150,7 @@ impl PeerPool {
             }
             match &state.dial {
                 Some(dial) => dial.clone(),
-                None if state.is_down() && !last_resort => return Err(Code::Internal),
+                None if state.is_down() && !last_resort => return Err(Cause::PeerUnreachable),
                 None => {
                     let dial = self.dial(relay_id, &slot)?;
                     state.dial = Some(dial.clone());
@@ -149,20 +159,20 @@ impl PeerPool {
             }
         };
         let outcome = match dial.wait_for(Option::is_some).await {
-            Ok(outcome) => outcome.clone().unwrap_or(Err(Code::Internal)),
-            Err(_) => Err(Code::Internal),
+            Ok(outcome) => outcome.clone().unwrap_or(Err(Cause::PeerUnreachable)),
+            Err(_) => Err(Cause::PeerUnreachable),
         };
         outcome
     }
 
     /// Starts one dial to `relay_id` in a task of its own, which records its outcome in `slot`
     /// (the connection, or a down mark) before publishing it. Called with `slot`'s state locked.
-    fn dial(&self, relay_id: &str, slot: &Arc<Slot>) -> Result<Dial, Code> {
+    fn dial(&self, relay_id: &str, slot: &Arc<Slot>) -> Result<Dial, Cause> {
         let addr = self
             .cache
             .relay(relay_id)
             .and_then(|r| r.peer_addr)
-            .ok_or(Code::Internal)?;
+            .ok_or(Cause::PeerUnreachable)?;
         let addr = match (self.endpoint.local_addr(), addr) {
             (Ok(local), SocketAddr::V4(v4)) if local.is_ipv6() => {
                 SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
@@ -177,11 +187,12 @@ impl PeerPool {
         let base = connect_timeout.max(DOWN_MIN);
         let slot = slot.clone();
         let relay_id = relay_id.to_string();
+        let health = self.health.clone();
         tokio::spawn(async move {
             let result = match endpoint.connect(addr, &server_name) {
                 Err(err) => {
                     tracing::warn!(%relay_id, %addr, %err, "cannot dial relay peer endpoint");
-                    Err(Code::Internal)
+                    Err(Cause::PeerUnreachable)
                 }
                 Ok(connecting) => match tokio::time::timeout(connect_timeout, connecting).await {
                     Ok(Ok(c)) => {
@@ -190,11 +201,11 @@ impl PeerPool {
                     }
                     Ok(Err(err)) => {
                         tracing::warn!(%relay_id, %addr, %err, "peer handshake failed; relay marked down");
-                        Err(Code::Internal)
+                        Err(Cause::PeerUnreachable)
                     }
                     Err(_) => {
                         tracing::warn!(%relay_id, %addr, "peer handshake timed out; relay marked down");
-                        Err(Code::Internal)
+                        Err(Cause::PeerUnreachable)
                     }
                 },
             };
@@ -209,6 +220,7 @@ impl PeerPool {
                     }
                     Err(_) => state.mark_down(base),
                 }
+                health.relay_reported(&relay_id, state.down_until);
             }
             if let Ok(c) = &result {
                 let watched = c.clone();
@@ -229,6 +241,7 @@ impl PeerPool {
                     } else {
                         tracing::info!(%relay_id, %reason, "peer connection lost; relay marked down");
                         state.mark_down(base);
+                        health.relay_reported(&relay_id, state.down_until);
                     }
                 });
             }
@@ -244,27 +257,27 @@ impl PeerPool {
         relay_id: &str,
         forward: Forward,
         last_resort: bool,
-    ) -> Result<(SendStream, RecvStream), Code> {
+    ) -> Result<(SendStream, RecvStream), Cause> {
         let conn = self.connection(relay_id, last_resort).await?;
         let attempt = async {
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|_| Code::Internal)?;
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|_| Cause::TunnelClosed)?;
             let _ = send.set_priority(protocol::priority::OPENING);
             protocol::write_message(&mut send, &Message::Forward(forward))
                 .await
-                .map_err(|_| Code::Internal)?;
+                .map_err(|_| Cause::TunnelClosed)?;
             match protocol::read_message(&mut recv).await {
                 Ok(Message::ForwardResult(OpenResult { code: Code::Ok })) => {
                     let _ = send.set_priority(protocol::priority::DATA);
                     Ok((send, recv))
                 }
-                Ok(Message::ForwardResult(OpenResult { code })) => Err(code),
-                Ok(_) => Err(Code::BadRequest),
-                Err(_) => Err(Code::Internal),
+                Ok(Message::ForwardResult(OpenResult { code })) => Err(Cause::from_answer(code)),
+                Ok(_) => Err(Cause::Protocol),
+                Err(_) => Err(Cause::TunnelClosed),
             }
         };
         tokio::select! {
-            r = tokio::time::timeout(protocol::ATTEMPT_TIMEOUT, attempt) => r.unwrap_or(Err(Code::Timeout)),
-            _ = conn.closed() => Err(Code::Internal),
+            r = tokio::time::timeout(protocol::ATTEMPT_TIMEOUT, attempt) => r.unwrap_or(Err(Cause::Timeout)),
+            _ = conn.closed() => Err(Cause::TunnelClosed),
         }
     }
 
@@ -371,10 +384,14 @@ mod tests {
 
         // Marked down: skipped at once, for longer than a dial, and no dial meanwhile.
         assert!(pool.is_down("relay-1"));
+        assert!(
+            pool.health.relay_is_down("relay-1"),
+            "the failed dial is reported to the failover's health"
+        );
         let asked = Instant::now();
         assert_eq!(
             pool.connection("relay-1", false).await.err(),
-            Some(Code::Internal)
+            Some(Cause::PeerUnreachable)
         );
         assert!(asked.elapsed() < Duration::from_millis(100));
         tokio::time::sleep(Duration::from_millis(1500)).await;

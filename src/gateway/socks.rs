@@ -117,9 +117,9 @@ pub async fn serve<S: ClientStream>(gateway: Arc<Gateway>, stream: S, addr: Sock
     };
     let (target, opened) = match gateway.connect(&client, &requested).await {
         Ok(ok) => ok,
-        Err(code) => {
-            super::log_refused(Front::Socks5, &client, &requested, code);
-            let _ = proto.reply_error(&reply_for(code)).await;
+        Err(err) => {
+            super::log_refused(Front::Socks5, &client, &requested, &err);
+            let _ = proto.reply_error(&reply_for(err.code())).await;
             return;
         }
     };

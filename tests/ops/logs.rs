@@ -244,3 +244,100 @@ async fn fatal_errors_follow_the_log_format() {
     }
     drop(taken);
 }
+
+/// A failed open names its cause and the owner that failed in the access log, and
+/// `postern_gateway_open_attempts_total` counts the failed attempts by cause: a port where nothing
+/// listens (`refused`, through relay-ops' session for agent-ops), an address no agent announces
+/// (`no_route`, no owner), and the agent stopped with SIGSTOP (`tunnel_closed` when the relay's
+/// idle timeout ends the tunnel first, `timeout` when the attempt's deadline does; the same owner).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_open_names_its_cause_and_owner_in_the_access_log() {
+    let w = Workdir::new("open-cause");
+    let net = 136;
+    let s = Single::start(&w, net, &[], &["--log-format", "json"]).await;
+    let refused_lines = || {
+        w.log("server.log")
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "postern::access" && v["fields"]["message"] == "refused")
+            .map(|v| v["fields"].clone())
+            .collect::<Vec<_>>()
+    };
+
+    // A definite refusal from the agent: the owner answered.
+    assert_eq!(
+        socks_connect(s.socks5, None, s.refused).await.err(),
+        Some(0x05)
+    );
+    let lines = wait_for(QUICK, "the refused line", || async {
+        let lines = refused_lines();
+        (!lines.is_empty()).then_some(lines)
+    })
+    .await;
+    let refused = &lines[0];
+    assert_eq!(refused["target"], s.refused.to_string(), "{refused}");
+    assert_eq!(refused["result"], "connection_refused", "{refused}");
+    assert_eq!(refused["cause"], "refused", "{refused}");
+    assert_eq!(refused["relay_id"], "relay-ops", "{refused}");
+    assert_eq!(refused["agent_id"], "agent-ops", "{refused}");
+    assert_eq!(refused["attempts"], 1, "{refused}");
+    let session = refused["session_id"]
+        .as_str()
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no session id in {refused}"));
+
+    // No owner at all.
+    let unannounced = SocketAddr::from(([127, net, 200, 1], 80));
+    assert!(socks_connect(s.socks5, None, unannounced).await.is_err());
+    let lines = wait_for(QUICK, "the no-route line", || async {
+        let lines = refused_lines();
+        (lines.len() >= 2).then_some(lines)
+    })
+    .await;
+    let no_route = &lines[1];
+    assert_eq!(no_route["target"], unannounced.to_string(), "{no_route}");
+    assert_eq!(no_route["cause"], "no_route", "{no_route}");
+    assert_eq!(no_route["relay_id"], "-", "{no_route}");
+    assert_eq!(no_route["session_id"], "-", "{no_route}");
+    assert_eq!(no_route["attempts"], 0, "{no_route}");
+
+    // The agent stops answering: the attempt through its tunnel fails, and the line says how and
+    // through which owner.
+    let stopped = crate::admin::Stopped::stop(&s.agent);
+    let asked = std::time::Instant::now();
+    let reply = socks_connect(s.socks5, None, s.echo.addr).await.err();
+    let waited = asked.elapsed();
+    assert!(
+        matches!(reply, Some(0x01 | 0x06)),
+        "a stopped agent got SOCKS5 reply {reply:?}"
+    );
+    let lines = wait_for(QUICK, "the stopped-agent line", || async {
+        let lines = refused_lines();
+        (lines.len() >= 3).then_some(lines)
+    })
+    .await;
+    drop(stopped);
+    let failed = &lines[2];
+    eprintln!("stopped agent: SOCKS5 reply {reply:?} after {waited:?}; {failed}");
+    assert_eq!(failed["target"], s.echo.addr.to_string(), "{failed}");
+    let cause = failed["cause"].as_str().unwrap_or_default();
+    assert!(
+        cause == "tunnel_closed" || cause == "timeout",
+        "cause {cause} after {waited:?}: {failed}"
+    );
+    assert_eq!(failed["relay_id"], "relay-ops", "{failed}");
+    assert_eq!(failed["agent_id"], "agent-ops", "{failed}");
+    assert_eq!(failed["session_id"], session.to_string(), "{failed}");
+
+    // The metric counts the failed attempts by cause.
+    let (status, metrics) = http_get(s.admin, "/metrics").await.expect("metrics");
+    assert_eq!(status, 200);
+    let samples = parse_samples(&metrics);
+    for result in ["refused", cause] {
+        let series = format!("postern_gateway_open_attempts_total{{result=\"{result}\"}}");
+        let count = samples
+            .get(&series)
+            .unwrap_or_else(|| panic!("{series} missing:\n{metrics}"));
+        assert!(*count >= 1.0, "{series} = {count}");
+    }
+}

@@ -11,7 +11,10 @@
 //!   admission raises it to `relay.transport.connection_window`;
 //! - connections in the handshake or waiting for admission are counted per source ([`Pending`]):
 //!   past `relay.max_pending_per_source` from one source (an IPv4 address, or an IPv6 /64) or
-//!   `relay.max_pending` in total, a new one is refused before its TLS handshake.
+//!   `relay.max_pending` in total, a new one is refused before its TLS handshake;
+//! - once half of either limit is in use, a client must first prove that it receives at its
+//!   address (a stateless QUIC Retry) before it is counted, so handshakes from spoofed addresses,
+//!   which never complete, cannot hold the slots of the address they name or fill the total.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -111,6 +114,37 @@ impl Pending {
         })
     }
 
+    /// Whether half of either limit is in use for a connection from `ip`.
+    fn under_pressure(&self, ip: IpAddr) -> bool {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let held = state.by_source.get(&source_key(ip)).copied().unwrap_or(0);
+        held.saturating_mul(2) >= self.per_source || state.total.saturating_mul(2) >= self.total
+    }
+
+    /// Screens a new connection before its handshake: counted (its slot is returned with it), or
+    /// sent a QUIC Retry when its address is not validated and the limits are under pressure, or
+    /// refused past a limit (counted and logged).
+    pub fn screen(self: &Arc<Self>, incoming: quinn::Incoming) -> Option<(quinn::Incoming, Slot)> {
+        let remote = incoming.remote_address();
+        let incoming = if !incoming.remote_address_validated() && self.under_pressure(remote.ip()) {
+            match incoming.retry() {
+                // The client comes back with a token proving its address, as a new connection.
+                Ok(()) => return None,
+                Err(err) => err.into_incoming(),
+            }
+        } else {
+            incoming
+        };
+        match self.enter(remote.ip()) {
+            Ok(slot) => Some((incoming, slot)),
+            Err(limit) => {
+                self.refused(remote, limit);
+                incoming.refuse();
+                None
+            }
+        }
+    }
+
     /// Unadmitted connections held now.
     pub fn len(&self) -> usize {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).total as usize
@@ -180,6 +214,21 @@ mod tests {
         assert_eq!(pending.len(), 2);
         let _a3 = pending.enter(a).unwrap();
         assert_eq!(pending.enter(a).err(), Some(Limit::Total));
+    }
+
+    #[test]
+    fn pressure_starts_at_half_of_either_limit() {
+        let pending = Pending::new(4, 6);
+        let a: IpAddr = "127.130.0.1".parse().unwrap();
+        let b: IpAddr = "127.130.0.2".parse().unwrap();
+        assert!(!pending.under_pressure(a));
+        let _a1 = pending.enter(a).unwrap();
+        assert!(!pending.under_pressure(a));
+        let _a2 = pending.enter(a).unwrap();
+        assert!(pending.under_pressure(a), "half of the per-source limit");
+        assert!(!pending.under_pressure(b), "another source is not");
+        let _b1 = pending.enter(b).unwrap();
+        assert!(pending.under_pressure(b), "half of the total");
     }
 
     #[test]

@@ -321,13 +321,8 @@ impl Relay {
                         continue;
                     }
                     // Unadmitted connections per source and in total, also before the handshake.
-                    let pending = match relay.pending.enter(incoming.remote_address().ip()) {
-                        Ok(slot) => slot,
-                        Err(limit) => {
-                            relay.pending.refused(incoming.remote_address(), limit);
-                            incoming.refuse();
-                            continue;
-                        }
+                    let Some((incoming, pending)) = relay.pending.screen(incoming) else {
+                        continue;
                     };
                     let relay = relay.clone();
                     let conn_closed = closed.clone();

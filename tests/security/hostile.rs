@@ -506,3 +506,69 @@ async fn a_source_past_its_pending_limit_is_refused_while_another_agent_connects
     drop(again);
     assert_eq!(agent.handle.tunnels(), 1, "the real agent lost its tunnel");
 }
+
+/// Handshakes that can never complete — what packets with a spoofed source address look like to
+/// the relay — hold at most half of their source's slots: past half, the relay answers a new
+/// connection with a stateless QUIC Retry, which only a client that receives at its address can
+/// answer. A real client from that same address still connects. The spoofer is a UDP forwarder the
+/// test owns: it passes a client's packets to the relay from its own address and drops every
+/// answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_that_never_complete_hold_at_most_half_a_sources_slots() {
+    init();
+    let pki = Pki::new();
+    let net = 136;
+    let per_source = 4;
+    let stack = Stack::start(&pki, net, 0, GatewayConfig::default(), |relay| {
+        relay.max_pending_per_source = per_source;
+    })
+    .await;
+    let spoofed = ip(net, 77, 1);
+    let forwarder = tokio::net::UdpSocket::bind(sa(spoofed, 0))
+        .await
+        .expect("forwarder");
+    let forwarder_addr = forwarder.local_addr().unwrap();
+    let relay_addr = stack.relay_addr;
+    let forwarded = Arc::new(AtomicUsize::new(0));
+    let counted = forwarded.clone();
+    let _forward = AbortOnDrop(tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, from)) = forwarder.recv_from(&mut buf).await {
+            // The relay's answers are dropped: they go to an address that never reads them.
+            if from != relay_addr {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let _ = forwarder.send_to(&buf[..n], relay_addr).await;
+            }
+        }
+    }));
+    let blind = Arc::new(Hostile::new(ip(net, 77, 2), forwarder_addr, &stack.trust));
+    let mut attempts = Vec::new();
+    for _ in 0..20 {
+        let blind = blind.clone();
+        attempts.push(AbortOnDrop(tokio::spawn(async move {
+            let _ = blind.try_connect().await;
+        })));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_until(IO, "initial packets forwarded", || {
+        forwarded.load(Ordering::SeqCst) >= 20
+    })
+    .await;
+    // Every Initial has reached the relay (the loopback delivers in order); give it a moment
+    // to handle the last ones, then count what it holds.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held = stack.relay.pending_connections();
+    assert!(
+        held <= (per_source / 2) as usize,
+        "{held} never-completing handshakes hold slots of the source (limit {per_source})"
+    );
+
+    // A client that can answer, from the same address, is validated by the Retry and connects.
+    let real = Hostile::new(spoofed, stack.relay_addr, &stack.trust);
+    let conn = real
+        .try_connect()
+        .await
+        .expect("a client from the spoofed address is refused");
+    drop(conn);
+    drop(attempts);
+}

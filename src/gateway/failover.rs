@@ -532,7 +532,7 @@ mod tests {
         // A demoted local pair goes behind every healthy owner, but is still tried.
         failover.health.demote(&local);
         let got = failover.order(all.clone(), Some("relay-local"));
-        assert_eq!(ids(&got)[3], ids(&[local.clone()])[0]);
+        assert_eq!(ids(&got)[3], ids(std::slice::from_ref(&local))[0]);
         assert_eq!(got.len(), 4);
         // The pool reporting the relay up again clears its mark.
         failover.health.relay_reported("relay-3", None);

@@ -435,8 +435,11 @@ impl Relay {
             .await
             .context("QUIC handshake timed out")?
             .context("QUIC handshake failed")?;
+        // One deadline from the handshake to the hello, however the peer splits its silence
+        // between opening the control stream and writing on it.
+        let hello_deadline = tokio::time::Instant::now() + protocol::HELLO_TIMEOUT;
         let (mut send, mut recv) =
-            match tokio::time::timeout(protocol::HELLO_TIMEOUT, conn.accept_bi()).await {
+            match tokio::time::timeout_at(hello_deadline, conn.accept_bi()).await {
                 Ok(Ok(streams)) => streams,
                 Ok(Err(err)) => return Err(err).context("control stream"),
                 Err(_) => {
@@ -444,7 +447,8 @@ impl Relay {
                     anyhow::bail!("no control stream within the hello timeout");
                 }
             };
-        let hello = match protocol::read_message_timeout(&mut recv, protocol::HELLO_TIMEOUT).await {
+        let left = hello_deadline.saturating_duration_since(tokio::time::Instant::now());
+        let hello = match protocol::read_message_timeout(&mut recv, left).await {
             Ok(Message::Hello(hello)) => hello,
             Ok(other) => {
                 conn.close(close::PROTOCOL.into(), b"expected hello");

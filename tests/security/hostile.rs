@@ -176,6 +176,28 @@ async fn misbehave(hostile: Arc<Hostile>, case: &'static str, token: String, ip:
             );
             return;
         }
+        "late-stream-then-half-header" => {
+            // Half the hello deadline in silence, then the stream and half a frame header: the
+            // relay's deadline runs from the handshake, not from the stream.
+            let connected = Instant::now();
+            tokio::time::sleep(protocol::HELLO_TIMEOUT / 2).await;
+            let (mut send, _recv) = conn.open_bi().await.expect("stream");
+            send.write_all(&[protocol::VERSION, 0, 0])
+                .await
+                .expect("write");
+            let got = closed_by_relay(&conn, case).await;
+            let took = connected.elapsed();
+            drop(send);
+            assert_eq!(
+                got,
+                (close::PROTOCOL, "no hello within the deadline".into())
+            );
+            assert!(
+                took < protocol::HELLO_TIMEOUT + Duration::from_secs(2),
+                "{case}: closed {took:?} after the handshake"
+            );
+            return;
+        }
         "push-before-hello" => {
             // A frame header announcing the largest frame, then as many bytes as the relay will
             // take: flow control stops the sender at the pre-admission window (plus the one
@@ -334,6 +356,7 @@ async fn a_hostile_agent_is_closed_with_a_clear_code_and_the_relay_keeps_serving
         "hello-on-many-streams",
         "extra-streams-before-hello",
         "push-before-hello",
+        "late-stream-then-half-header",
         "second-stream-after-welcome",
         "garbage-after-welcome",
         "hello-again",
@@ -422,7 +445,7 @@ async fn a_hostile_agent_is_closed_with_a_clear_code_and_the_relay_keeps_serving
     let owners = stack.owners("default", real_ip.into());
     assert_eq!(owners.len(), 1, "{owners:?}");
     assert!(
-        (10..24).all(|d| stack.owners("default", ip(net, 5, d).into()).is_empty()),
+        (10..25).all(|d| stack.owners("default", ip(net, 5, d).into()).is_empty()),
         "a hostile session left a route"
     );
     eprintln!("{requests} legitimate requests served during the attack");

@@ -5,10 +5,9 @@
 //! bounded three ways:
 //!
 //! - an agent may open one stream, its control stream (the relay opens every other), so quinn
-//!   never reserves or buffers a second one;
-//! - until the hello is admitted the connection's receive window is [`PRE_ADMISSION_WINDOW`],
-//!   enough for the largest frame (a hello is one frame, at most [`protocol::MAX_FRAME_LEN`]);
-//!   admission raises it to `relay.transport.connection_window`;
+//!   never reserves or buffers a second one, and what an unadmitted peer can make the relay buffer
+//!   is one stream window (`relay.transport.stream_window`, 1 MiB by default; the hello itself is
+//!   one frame of at most [`crate::protocol::MAX_FRAME_LEN`]);
 //! - connections in the handshake or waiting for admission are counted per source ([`Pending`]):
 //!   past `relay.max_pending_per_source` from one source (an IPv4 address, or an IPv6 /64) or
 //!   `relay.max_pending` in total, a new one is refused before its TLS handshake;
@@ -21,14 +20,8 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::protocol;
-
 /// Streams an agent may open on its tunnel: the control stream only (the relay opens the rest).
 pub const AGENT_MAX_STREAMS: u32 = 1;
-
-/// The connection receive window before admission: one maximal frame (the hello) and its header,
-/// with a little slack. What an unadmitted peer can make the relay buffer is bounded by it.
-pub const PRE_ADMISSION_WINDOW: u64 = protocol::MAX_FRAME_LEN as u64 + 16 * 1024;
 
 /// Which limit refused a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -30,7 +30,8 @@ use crate::registry::{unix_now, Registry, RelayInfo};
 use publisher::{Change, Publisher};
 use sessions::{Session, SessionTable};
 
-use admission::{AGENT_MAX_STREAMS, PRE_ADMISSION_WINDOW};
+use admission::AGENT_MAX_STREAMS;
+
 /// Deadline for a QUIC handshake to complete.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a hello waits for this process's first view of the registry's routes, without which
@@ -114,14 +115,7 @@ impl Relay {
         registry: Arc<dyn Registry>,
         cache: Arc<RouteCache>,
     ) -> anyhow::Result<Arc<Self>> {
-        let mut transport = config.transport.quinn(AGENT_MAX_STREAMS);
-        // Until its hello is admitted a connection may make the relay buffer one hello's worth;
-        // admission raises the window to `connection_window` (see `admission`).
-        transport.receive_window(
-            quinn::VarInt::from_u64(PRE_ADMISSION_WINDOW.min(config.transport.connection_window))
-                .unwrap_or(quinn::VarInt::MAX),
-        );
-        let transport = Arc::new(transport);
+        let transport = Arc::new(config.transport.quinn(AGENT_MAX_STREAMS));
         let client_auth = match &config.agent_ca {
             Some(roots) => crate::tls::ClientAuth::Optional(roots),
             None => crate::tls::ClientAuth::None,
@@ -576,11 +570,7 @@ impl Relay {
                 return Ok(());
             }
             crate::metrics::metrics().relay_tunnels.inc();
-            // Admitted: the connection gets its full window and no longer counts as pending.
-            conn.set_receive_window(
-                quinn::VarInt::from_u64(self.config.transport.connection_window)
-                    .unwrap_or(quinn::VarInt::MAX),
-            );
+            // Admitted: no longer counts as pending.
             drop(pending);
             let _ = self
                 .changes

@@ -200,8 +200,8 @@ async fn misbehave(hostile: Arc<Hostile>, case: &'static str, token: String, ip:
         }
         "push-before-hello" => {
             // A frame header announcing the largest frame, then as many bytes as the relay will
-            // take: flow control stops the sender at the pre-admission window (plus the one
-            // frame the relay reads), where a full stream window (1 MiB) was granted before.
+            // take: flow control stops the sender at one stream window (plus the one frame the
+            // relay reads); with no second stream, that is all it can make the relay buffer.
             let (mut send, _recv) = conn.open_bi().await.expect("stream");
             let mut sent = 0usize;
             let mut header = raw_frame(protocol::VERSION, MAX_FRAME_LEN as u32, b"");
@@ -217,8 +217,7 @@ async fn misbehave(hostile: Arc<Hostile>, case: &'static str, token: String, ip:
                 }
                 assert!(sent <= 4 << 20, "{case}: the relay took {sent} bytes");
             }
-            let bound =
-                MAX_FRAME_LEN + 5 + postern::relay::admission::PRE_ADMISSION_WINDOW as usize;
+            let bound = MAX_FRAME_LEN + 5 + Transport::default().stream_window as usize;
             eprintln!("{case}: the relay granted {sent} bytes before admission (bound {bound})");
             assert!(
                 sent <= bound,

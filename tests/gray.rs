@@ -13,38 +13,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
 
+use process::faults::{restart_on_its_port, Cuttable, Source};
 use support::*;
-
-/// A service that writes an endless byte pattern to every connection and counts what the kernel
-/// took from it: once every client stopped reading, the count stops growing.
-struct Source {
-    addr: SocketAddr,
-    written: Arc<AtomicU64>,
-}
-
-impl Source {
-    async fn start(ip: Ipv4Addr) -> Source {
-        let listener = TcpListener::bind((ip, 0)).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let written = Arc::new(AtomicU64::new(0));
-        let count = written.clone();
-        tokio::spawn(async move {
-            while let Ok((mut tcp, _)) = listener.accept().await {
-                let count = count.clone();
-                tokio::spawn(async move {
-                    let block = payload(64 * 1024, 7);
-                    while let Ok(n) = tcp.write(&block).await {
-                        count.fetch_add(n as u64, Ordering::Relaxed);
-                    }
-                });
-            }
-        });
-        Source { addr, written }
-    }
-}
 
 /// An agent config with the shipped transport defaults (the shared writer shortens them).
 fn default_agent_toml(
@@ -251,97 +224,6 @@ async fn relay_drops_a_silent_agent_within_seconds() {
     );
     assert!(refused.elapsed() < Duration::from_secs(1));
     agent.signal("CONT");
-}
-
-/// A UDP forwarder between an agent and one relay that the test can tell to drop everything, both
-/// ways: a cut agent↔relay path while both processes stay up. Each agent source address gets an
-/// upstream socket of its own, so the relay sees one 5-tuple per agent socket.
-struct Cuttable {
-    addr: SocketAddr,
-    cut: Arc<AtomicBool>,
-    /// When each QUIC Initial packet arrived at the front, with its destination connection ID:
-    /// one ID per handshake attempted through the forwarder.
-    initials: Initials,
-}
-
-type Initials = Arc<std::sync::Mutex<Vec<(Instant, Vec<u8>)>>>;
-
-impl Cuttable {
-    async fn start(upstream: SocketAddr) -> Cuttable {
-        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-        let addr = front.local_addr().unwrap();
-        let cut = Arc::new(AtomicBool::new(false));
-        let drop_all = cut.clone();
-        let initials: Initials = Arc::default();
-        let seen = initials.clone();
-        tokio::spawn(async move {
-            let mut sides: std::collections::HashMap<SocketAddr, Arc<UdpSocket>> =
-                std::collections::HashMap::new();
-            let mut buf = vec![0u8; 65536];
-            while let Ok((n, from)) = front.recv_from(&mut buf).await {
-                if let Some(dcid) = quic_initial_dcid(&buf[..n]) {
-                    seen.lock().unwrap().push((Instant::now(), dcid));
-                }
-                if drop_all.load(Ordering::Relaxed) {
-                    continue;
-                }
-                let side = match sides.get(&from) {
-                    Some(side) => side.clone(),
-                    None => {
-                        let Ok(side) = UdpSocket::bind("127.0.0.1:0").await else {
-                            continue;
-                        };
-                        if side.connect(upstream).await.is_err() {
-                            continue;
-                        }
-                        let side = Arc::new(side);
-                        sides.insert(from, side.clone());
-                        let (back, front, drop_all) =
-                            (side.clone(), front.clone(), drop_all.clone());
-                        tokio::spawn(async move {
-                            let mut buf = vec![0u8; 65536];
-                            while let Ok(n) = back.recv(&mut buf).await {
-                                if !drop_all.load(Ordering::Relaxed) {
-                                    let _ = front.send_to(&buf[..n], from).await;
-                                }
-                            }
-                        });
-                        side
-                    }
-                };
-                let _ = side.send(&buf[..n]).await;
-            }
-        });
-        Cuttable {
-            addr,
-            cut,
-            initials,
-        }
-    }
-
-    /// When each handshake (distinct Initial destination connection ID) that began at or after
-    /// `since` began, counted from `since`.
-    fn handshakes_since(&self, since: Instant) -> Vec<Duration> {
-        let initials = self.initials.lock().unwrap();
-        let mut ids = std::collections::HashSet::new();
-        initials
-            .iter()
-            .filter(|(at, id)| *at >= since && ids.insert(id.clone()))
-            .map(|(at, _)| *at - since)
-            .collect()
-    }
-}
-
-/// The destination connection ID of a datagram that starts with a QUIC v1 Initial packet (long
-/// header, type 0, non-zero version), which stays the same across a client's retransmissions.
-fn quic_initial_dcid(datagram: &[u8]) -> Option<Vec<u8>> {
-    let first = *datagram.first()?;
-    let version = datagram.get(1..5)?;
-    if first & 0xc0 != 0xc0 || (first >> 4) & 0x03 != 0 || version == [0, 0, 0, 0] {
-        return None;
-    }
-    let len = *datagram.get(5)? as usize;
-    datagram.get(6..6 + len).map(<[u8]>::to_vec)
 }
 
 /// Two relays (etcd, shipped default lease and timings), a gateway, and one agent with a tunnel
@@ -915,7 +797,13 @@ async fn agent_does_not_churn_sessions_while_a_relay_is_down() {
     assert!(done.len() >= 40, "too few connections: {}", done.len());
 
     // relay-2 comes back: the agent gets its second tunnel, on relay-2.
-    let _relay2 = restart_on_its_port("relay-2", &relays[1].2, &w.path("relay-2b.log")).await;
+    let _relay2 = restart_on_its_port(
+        "relay-2",
+        &relays[1].2,
+        &w.path("relay-2b.log"),
+        &[("POSTERN_TEST_TOKEN", TOKEN)],
+    )
+    .await;
     let restarted = Instant::now();
     wait_for(QUICK, "the agent's routes on both relays again", || async {
         (etcd.routes().await.get(&IpAddr::V4(ip)) == Some(&both)).then_some(())
@@ -926,39 +814,4 @@ async fn agent_does_not_churn_sessions_while_a_relay_is_down() {
         restarted.elapsed()
     );
     watching.abort();
-}
-
-/// Starts a relay again on the fixed UDP port it had. Until it is back, other processes' dial
-/// sockets bind ephemeral ports from the same range, and one may hold that port for a moment; a
-/// start that fails to bind is retried, a bounded number of times.
-async fn restart_on_its_port(name: &str, config: &std::path::Path, log: &std::path::Path) -> Proc {
-    use tokio::io::AsyncBufReadExt as _;
-    let config = config.to_str().unwrap();
-    for _ in 0..10 {
-        let mut proc = Proc::spawn(
-            name,
-            BIN,
-            &["relay", "--config", config],
-            &[("POSTERN_TEST_TOKEN", TOKEN)],
-            log,
-        );
-        let stdout = proc.child.stdout.take().expect("stdout piped");
-        let mut lines = tokio::io::BufReader::new(stdout).lines();
-        if let Ok(Ok(Some(line))) = tokio::time::timeout(QUICK, lines.next_line()).await {
-            if line.starts_with("ready ") {
-                // Keep draining stdout so the child never blocks on a full pipe.
-                tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-                return proc;
-            }
-        }
-        let _ = proc.child.wait().await;
-        assert!(
-            std::fs::read_to_string(log)
-                .unwrap_or_default()
-                .contains("Address already in use"),
-            "{name} did not start, and not for a taken port"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-    panic!("{name}: its port stayed taken");
 }

@@ -16,6 +16,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
 
+pub mod faults;
+pub mod roles;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_postern");
 /// How long a process may take to print its first line, or etcd to answer.
 pub const STARTUP: Duration = Duration::from_secs(20);
@@ -41,6 +44,24 @@ where
 
 pub fn free_udp_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A UDP port free on `ip` at the time of asking.
+pub fn free_udp_port_on(ip: Ipv4Addr) -> u16 {
+    std::net::UdpSocket::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A TCP port free on `ip` at the time of asking.
+pub fn free_tcp_port_on(ip: Ipv4Addr) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
         .unwrap()
         .local_addr()
         .unwrap()
@@ -156,6 +177,7 @@ pub fn ready_addr(line: &str, key: &str) -> SocketAddr {
 /// stopped and started again on the same ports and data.
 pub struct Etcd {
     pub url: String,
+    host: Ipv4Addr,
     dir: PathBuf,
     client_port: u16,
     peer_port: u16,
@@ -217,12 +239,18 @@ impl EtcdTls {
 impl Etcd {
     /// Chooses the ports; nothing listens on them until [`Etcd::start`].
     pub fn planned(dir: &Path) -> Etcd {
-        let client_port = free_tcp_port();
+        Etcd::planned_on(dir, Ipv4Addr::LOCALHOST)
+    }
+
+    /// [`Etcd::planned`] on loopback address `ip`.
+    pub fn planned_on(dir: &Path, ip: Ipv4Addr) -> Etcd {
+        let client_port = free_tcp_port_on(ip);
         Etcd {
-            url: format!("http://127.0.0.1:{client_port}"),
+            url: format!("http://{ip}:{client_port}"),
+            host: ip,
             dir: dir.join("etcd-data"),
             client_port,
-            peer_port: free_tcp_port(),
+            peer_port: free_tcp_port_on(ip),
             proc: None,
             log: dir.join("etcd.log"),
             tls: None,
@@ -231,6 +259,13 @@ impl Etcd {
 
     pub async fn started(dir: &Path) -> Etcd {
         let mut etcd = Etcd::planned(dir);
+        etcd.start().await;
+        etcd
+    }
+
+    /// [`Etcd::started`] on loopback address `ip`.
+    pub async fn started_on(dir: &Path, ip: Ipv4Addr) -> Etcd {
+        let mut etcd = Etcd::planned_on(dir, ip);
         etcd.start().await;
         etcd
     }
@@ -286,7 +321,7 @@ impl Etcd {
             "the `etcd` binary is missing: install Debian's etcd-server (scripts/deps does)"
         );
         let client = self.url.clone();
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let peer = format!("http://{}:{}", self.host, self.peer_port);
         let initial = format!("test={peer}");
         let mut args = vec![
             "--name",

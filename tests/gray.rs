@@ -799,6 +799,7 @@ async fn agent_does_not_churn_sessions_while_a_relay_is_down() {
     // relay-2 comes back: the agent gets its second tunnel, on relay-2.
     let _relay2 = restart_on_its_port(
         "relay-2",
+        "relay",
         &relays[1].2,
         &w.path("relay-2b.log"),
         &[("POSTERN_TEST_TOKEN", TOKEN)],

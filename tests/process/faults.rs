@@ -132,26 +132,27 @@ pub fn quic_initial_dcid(datagram: &[u8]) -> Option<Vec<u8>> {
     datagram.get(6..6 + len).map(<[u8]>::to_vec)
 }
 
-/// Starts a relay again on the fixed UDP port it had. Until it is back, other processes' dial
+/// Starts a relay (or server) again on the fixed UDP port it had; returns it and its `ready` line. Until it is back, other processes' dial
 /// sockets bind ephemeral ports from the same range, and one may hold that port for a moment; a
 /// start that fails to bind is retried, a bounded number of times.
 pub async fn restart_on_its_port(
     name: &str,
+    role: &str,
     config: &std::path::Path,
     log: &std::path::Path,
     env: &[(&str, &str)],
-) -> Proc {
+) -> (Proc, String) {
     use tokio::io::AsyncBufReadExt as _;
     let config = config.to_str().unwrap();
     for _ in 0..10 {
-        let mut proc = Proc::spawn(name, BIN, &["relay", "--config", config], env, log);
+        let mut proc = Proc::spawn(name, BIN, &[role, "--config", config], env, log);
         let stdout = proc.child.stdout.take().expect("stdout piped");
         let mut lines = tokio::io::BufReader::new(stdout).lines();
         if let Ok(Ok(Some(line))) = tokio::time::timeout(super::STARTUP, lines.next_line()).await {
             if line.starts_with("ready ") {
                 // Keep draining stdout so the child never blocks on a full pipe.
                 tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-                return proc;
+                return (proc, line);
             }
         }
         let _ = proc.child.wait().await;

@@ -11,7 +11,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -86,6 +86,11 @@ pub struct Cluster {
     /// The SOCKS5 doors clients use (a load balancer's view: a door is taken out before its
     /// process is stopped by the rolling restart).
     pub doors: Arc<RwLock<Vec<SocketAddr>>>,
+    /// Bumped (under the doors' write lock) whenever a door is taken out.
+    pub doors_version: Arc<AtomicU64>,
+    /// Where the load's clients connect from, and the stalled readers.
+    pub clients_ip: Ipv4Addr,
+    pub stalled_ip: Ipv4Addr,
 }
 
 async fn start(name: &str, role: &str, config: &std::path::Path, log: PathBuf) -> (Proc, String) {
@@ -103,7 +108,10 @@ async fn start(name: &str, role: &str, config: &std::path::Path, log: PathBuf) -
 
 impl Cluster {
     pub async fn start(net: u8, topo: Topo, paths: Paths) -> Cluster {
-        assert!((100..=119).contains(&net), "the suite's range is 127.100–119");
+        assert!(
+            (100..=119).contains(&net),
+            "the suite's range is 127.100–119"
+        );
         let host = Ipv4Addr::new(127, net, 0, 1);
         let agent_ip = Ipv4Addr::new(127, net, 1, 1);
         let dir = tempfile::Builder::new()
@@ -137,11 +145,15 @@ impl Cluster {
                     "server",
                     ServerRole::clustered(relay, &pki, registry.clone()).toml(),
                 ),
-                Topo::Split => ("relay", RelayRole::new(relay, &pki, registry.clone()).toml()),
+                Topo::Split => (
+                    "relay",
+                    RelayRole::new(relay, &pki, registry.clone()).toml(),
+                ),
             };
             let config = dir.path().join(format!("{id}.toml"));
             std::fs::write(&config, text).unwrap();
-            let (proc, line) = start(&id, role, &config, dir.path().join(format!("{id}.log"))).await;
+            let (proc, line) =
+                start(&id, role, &config, dir.path().join(format!("{id}.log"))).await;
             let agent_path = if paths.agent {
                 Some(Cuttable::start(listen).await)
             } else {
@@ -169,8 +181,13 @@ impl Cluster {
                     GatewayRole::new(IpAddr::V4(host), &pki, registry.clone()).toml(),
                 )
                 .unwrap();
-                let (proc, line) =
-                    start("gateway", "gateway", &config, dir.path().join("gateway.log")).await;
+                let (proc, line) = start(
+                    "gateway",
+                    "gateway",
+                    &config,
+                    dir.path().join("gateway.log"),
+                )
+                .await;
                 Some((
                     proc,
                     ready_addr(&line, "socks5"),
@@ -191,7 +208,13 @@ impl Cluster {
         );
         let agent_config = dir.path().join("agent.toml");
         std::fs::write(&agent_config, agent.toml()).unwrap();
-        let (agent, line) = start("agent", "agent", &agent_config, dir.path().join("agent.log")).await;
+        let (agent, line) = start(
+            "agent",
+            "agent",
+            &agent_config,
+            dir.path().join("agent.log"),
+        )
+        .await;
         let door = match &gateway {
             Some((_, socks5, _)) => *socks5,
             None => relays[0].socks5.unwrap(),
@@ -210,6 +233,9 @@ impl Cluster {
             echo,
             source,
             doors: Arc::new(RwLock::new(vec![door])),
+            doors_version: Arc::default(),
+            clients_ip: Ipv4Addr::new(127, net, 3, 1),
+            stalled_ip: Ipv4Addr::new(127, net, 2, 1),
         };
         cluster.wait_two_tunnels(None).await;
         // Every door reaches the agent.
@@ -306,9 +332,14 @@ impl Cluster {
             .dir
             .path()
             .join(format!("{}.{}.log", node.id, node.restarts));
-        let (proc, line) =
-            restart_on_its_port(&node.id, node.role, &node.config, &log, &[(TOKEN_ENV, TOKEN)])
-                .await;
+        let (proc, line) = restart_on_its_port(
+            &node.id,
+            node.role,
+            &node.config,
+            &log,
+            &[(TOKEN_ENV, TOKEN)],
+        )
+        .await;
         node.proc = Some(proc);
         node.admin = ready_addr(&line, "admin");
         if node.socks5.is_some() {
@@ -329,6 +360,18 @@ impl Cluster {
         let (proc, line) = start("agent", "agent", &self.agent_config, log).await;
         self.agent_admin = ready_addr(&line, "admin");
         self.agent = Some(proc);
+    }
+
+    /// Takes `door` out of the clients' rotation, as a load balancer does for a process about to
+    /// stop; returns the rotation's new version (see [`Load::wait_chosen`]).
+    pub fn take_door_out(&self, door: SocketAddr) -> u64 {
+        let mut doors = self.doors.write().unwrap();
+        doors.retain(|d| *d != door);
+        self.doors_version.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    pub fn put_door_in(&self, door: SocketAddr) {
+        self.doors.write().unwrap().push(door);
     }
 
     /// Prints the tail of every log (for a failing scenario).
@@ -393,8 +436,19 @@ pub enum Outcome {
 /// One echo of `size` pseudo-random bytes through `door`, the identity header and every byte
 /// checked (SHA-256 both ends), within 15 s.
 pub async fn transfer(door: SocketAddr, target: SocketAddr, size: usize, seed: u64) -> Outcome {
+    transfer_from(None, door, target, size, seed).await
+}
+
+/// [`transfer`] from the local address `from`.
+pub async fn transfer_from(
+    from: Option<IpAddr>,
+    door: SocketAddr,
+    target: SocketAddr,
+    size: usize,
+    seed: u64,
+) -> Outcome {
     let work = async {
-        let mut tcp = match socks_connect(door, None, target).await {
+        let mut tcp = match socks_connect_from(from, door, None, target).await {
             Ok(t) => t,
             Err(code) => return Outcome::Failed(format!("socks reply {code:#04x}")),
         };
@@ -450,6 +504,8 @@ pub struct Record {
 pub struct Load {
     stop: Arc<AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<Vec<Record>>>,
+    /// Per client, the rotation version of its latest choice of door.
+    chosen: Arc<Vec<AtomicU64>>,
     pub started: Instant,
 }
 
@@ -457,9 +513,13 @@ impl Load {
     pub fn start(cluster: &Cluster) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let target = cluster.echo.addr;
+        let from = IpAddr::V4(cluster.clients_ip);
+        let chosen: Arc<Vec<AtomicU64>> =
+            Arc::new((0..CLIENTS).map(|_| AtomicU64::new(0)).collect());
         let tasks = (0..CLIENTS)
             .map(|c| {
                 let (stop, doors) = (stop.clone(), cluster.doors.clone());
+                let (version, chosen) = (cluster.doors_version.clone(), chosen.clone());
                 tokio::spawn(async move {
                     let mut seen = Vec::new();
                     let mut seed = c as u64 * 1_000_000;
@@ -467,10 +527,11 @@ impl Load {
                         seed += 1;
                         let door = {
                             let doors = doors.read().unwrap();
+                            chosen[c].store(version.load(Ordering::SeqCst), Ordering::SeqCst);
                             doors[seed as usize % doors.len()]
                         };
                         let started = Instant::now();
-                        let outcome = transfer(door, target, SIZE, seed).await;
+                        let outcome = transfer_from(Some(from), door, target, SIZE, seed).await;
                         seen.push(Record {
                             started,
                             took: started.elapsed(),
@@ -485,8 +546,25 @@ impl Load {
         Load {
             stop,
             tasks,
+            chosen,
             started: Instant::now(),
         }
+    }
+
+    /// Waits until every client chose its door from rotation `version` or later: no client is
+    /// still about to connect to a door taken out before it (a load balancer's head start).
+    pub async fn wait_chosen(&self, version: u64) {
+        wait_for(
+            Duration::from_secs(20),
+            "every client to choose a door again",
+            || async {
+                self.chosen
+                    .iter()
+                    .all(|v| v.load(Ordering::SeqCst) >= version)
+                    .then_some(())
+            },
+        )
+        .await;
     }
 
     pub async fn finish(self) -> Vec<Record> {

@@ -51,11 +51,31 @@ macro_rules! both {
 
 both!(relay_kill, relay_kill_server = 100, relay_kill_split = 101);
 both!(relay_stop, relay_stop_server = 102, relay_stop_split = 103);
-both!(agent_path_cut, agent_path_cut_server = 104, agent_path_cut_split = 105);
-both!(peer_path_cut, peer_path_cut_server = 106, peer_path_cut_split = 107);
-both!(stalled_readers, stalled_readers_server = 108, stalled_readers_split = 109);
-both!(agent_restart, agent_restart_server = 110, agent_restart_split = 111);
-both!(rolling_restart, rolling_restart_server = 112, rolling_restart_split = 113);
+both!(
+    agent_path_cut,
+    agent_path_cut_server = 104,
+    agent_path_cut_split = 105
+);
+both!(
+    peer_path_cut,
+    peer_path_cut_server = 106,
+    peer_path_cut_split = 107
+);
+both!(
+    stalled_readers,
+    stalled_readers_server = 108,
+    stalled_readers_split = 109
+);
+both!(
+    agent_restart,
+    agent_restart_server = 110,
+    agent_restart_split = 111
+);
+both!(
+    rolling_restart,
+    rolling_restart_server = 112,
+    rolling_restart_split = 113
+);
 
 /// A relay that holds one of the agent's tunnels is killed (`kill -9`). In the split cluster the
 /// agent moves to the third relay; in the server topology the relay comes back after [`FAULT`]
@@ -202,11 +222,26 @@ async fn stalled_readers(net: u8, topo: Topo) {
 
     let mut stalled = Vec::new();
     for i in 0..STALLED {
-        let tcp = socks_connect(door, None, c.source.addr)
+        let tcp = socks_connect_from(Some(c.stalled_ip.into()), door, None, c.source.addr)
             .await
             .unwrap_or_else(|code| panic!("stalled reader {i}: socks reply {code:#04x}"));
         stalled.push(tcp);
     }
+    // Every buffer on the way fills: the source's writes stop.
+    let mut last = (u64::MAX, Instant::now());
+    wait_for(
+        Duration::from_secs(20),
+        "the source's writes to stop",
+        || {
+            let now = c.source.written.load(Ordering::Relaxed);
+            if now != last.0 {
+                last = (now, Instant::now());
+            }
+            let settled = last.1.elapsed() >= Duration::from_millis(500);
+            async move { settled.then_some(()) }
+        },
+    )
+    .await;
     let at = Instant::now();
     let load = Load::start(&c);
     until(at, window).await;
@@ -282,7 +317,8 @@ async fn rolling_restart(net: u8, topo: Topo) {
         until(load.started, Duration::from_secs(1)).await;
         for i in 0..c.relays.len() {
             if let Some(door) = c.relays[i].socks5 {
-                c.doors.write().unwrap().retain(|d| *d != door);
+                let version = c.take_door_out(door);
+                load.wait_chosen(version).await;
             }
             let mut proc = c.relays[i].proc.take().unwrap();
             proc.signal("TERM");
@@ -297,7 +333,7 @@ async fn rolling_restart(net: u8, topo: Topo) {
             .await;
             redundant.push(c.wait_two_tunnels(None).await);
             if let Some(door) = c.relays[i].socks5 {
-                c.doors.write().unwrap().push(door);
+                c.put_door_in(door);
             }
         }
         until(Instant::now(), Duration::from_secs(1)).await;
@@ -342,7 +378,8 @@ async fn status_ready(admin: std::net::SocketAddr) -> bool {
     let work = async {
         let mut tcp = tokio::net::TcpStream::connect(admin).await.ok()?;
         tcp.write_all(
-            format!("GET /readyz HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n").as_bytes(),
+            format!("GET /readyz HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
         )
         .await
         .ok()?;

@@ -456,7 +456,25 @@ pub async fn socks_connect(
     login: Option<(&str, &str)>,
     target: SocketAddr,
 ) -> Result<TcpStream, u8> {
-    let mut tcp = TcpStream::connect(proxy).await.map_err(|_| 0xff)?;
+    socks_connect_from(None, proxy, login, target).await
+}
+
+/// [`socks_connect`] from the local address `from` (a client of its own to the gateway's
+/// per-client limits), or any when `None`.
+pub async fn socks_connect_from(
+    from: Option<IpAddr>,
+    proxy: SocketAddr,
+    login: Option<(&str, &str)>,
+    target: SocketAddr,
+) -> Result<TcpStream, u8> {
+    let mut tcp = match from {
+        None => TcpStream::connect(proxy).await.map_err(|_| 0xff)?,
+        Some(ip) => {
+            let socket = tokio::net::TcpSocket::new_v4().map_err(|_| 0xff)?;
+            socket.bind(SocketAddr::new(ip, 0)).map_err(|_| 0xff)?;
+            socket.connect(proxy).await.map_err(|_| 0xff)?
+        }
+    };
     let method = if login.is_some() { 2 } else { 0 };
     tcp.write_all(&[5, 1, method]).await.map_err(|_| 0xff)?;
     let mut choice = [0u8; 2];

@@ -54,6 +54,18 @@ pub struct Paths {
     pub peer: bool,
 }
 
+/// What a test changes from the usual cluster: everything else is shipped defaults.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Shape {
+    pub paths: Paths,
+    /// Relays (servers); default 2 for [`Topo::Server`], 3 for [`Topo::Split`].
+    pub relays: Option<usize>,
+    /// The agent's `redundancy` (default: the shipped 2).
+    pub redundancy: Option<u32>,
+    /// A relay whose agent path is cut before the agent starts.
+    pub precut: Option<usize>,
+}
+
 /// One relay (or server) process, restartable on its ports.
 pub struct Node {
     pub id: String,
@@ -108,6 +120,19 @@ async fn start(name: &str, role: &str, config: &std::path::Path, log: PathBuf) -
 
 impl Cluster {
     pub async fn start(net: u8, topo: Topo, paths: Paths) -> Cluster {
+        Cluster::shaped(
+            net,
+            topo,
+            Shape {
+                paths,
+                ..Shape::default()
+            },
+        )
+        .await
+    }
+
+    pub async fn shaped(net: u8, topo: Topo, shape: Shape) -> Cluster {
+        let paths = shape.paths;
         assert!(
             (100..=119).contains(&net),
             "the suite's range is 127.100–119"
@@ -122,10 +147,10 @@ impl Cluster {
         let etcd = Etcd::started_on(dir.path(), host).await;
         let registry = Registry::etcd(&etcd.url);
         let credential = Credential::new("chaos", TOKEN, &[&format!("127.{net}.1.0/24")]);
-        let count = match topo {
+        let count = shape.relays.unwrap_or(match topo {
             Topo::Server => 2,
             Topo::Split => 3,
-        };
+        });
         let mut relays = Vec::new();
         for i in 0..count {
             let id = format!("relay-{i}");
@@ -197,8 +222,15 @@ impl Cluster {
         };
         let echo = Echo::start(agent_ip).await;
         let source = Source::start(agent_ip).await;
+        if let Some(i) = shape.precut {
+            let path = relays[i]
+                .agent_path
+                .as_ref()
+                .expect("a cuttable agent path");
+            path.cut.store(true, Ordering::Relaxed);
+        }
         let dials: Vec<SocketAddr> = relays.iter().map(|r| r.dial).collect();
-        let agent = AgentRole::new(
+        let mut agent = AgentRole::new(
             "agent-chaos",
             &dials,
             &pki,
@@ -206,6 +238,7 @@ impl Cluster {
             IpAddr::V4(agent_ip),
             &[echo.addr.port(), source.addr.port()],
         );
+        agent.redundancy = shape.redundancy;
         let agent_config = dir.path().join("agent.toml");
         std::fs::write(&agent_config, agent.toml()).unwrap();
         let (agent, line) = start(
@@ -237,7 +270,16 @@ impl Cluster {
             clients_ip: Ipv4Addr::new(127, net, 3, 1),
             stalled_ip: Ipv4Addr::new(127, net, 2, 1),
         };
-        cluster.wait_two_tunnels(None).await;
+        if shape.redundancy.unwrap_or(2) >= 2 && shape.precut.is_none() {
+            cluster.wait_two_tunnels(None).await;
+        } else {
+            let admin = cluster.agent_admin;
+            wait_for(STARTUP, "the agent's tunnel", || async {
+                let s = status(admin).await?;
+                (s["agent_tunnels"].as_u64() >= Some(1)).then_some(())
+            })
+            .await;
+        }
         // Every door reaches the agent.
         wait_for(STARTUP, "a first echo through the door", || async {
             (transfer(door, cluster.echo.addr, 1024, 1).await == Outcome::Ok).then_some(())

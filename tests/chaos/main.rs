@@ -372,6 +372,69 @@ async fn rolling_restart(net: u8, topo: Topo) {
     );
 }
 
+/// A draining relay that is an agent's only owner keeps serving it until the agent's replacement
+/// tunnel is up. Two relays and a gateway; the agent (redundancy 1) holds its one tunnel on
+/// relay-0 (its path to relay-1 is cut while it starts), then relay-0 is sent SIGTERM while the
+/// path to relay-1 stays cut for 3 s more: the replacement cannot come up before. Before, the
+/// draining relay refused new streams and dropped the agent's routes at once, and every new
+/// connection failed until the replacement was up; now none fails, and relay-0 exits once the
+/// agent moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_only_owner_serves_until_the_replacement_is_up() {
+    let mut c = Cluster::shaped(
+        114,
+        Topo::Split,
+        Shape {
+            paths: Paths {
+                agent: true,
+                peer: false,
+            },
+            relays: Some(2),
+            redundancy: Some(1),
+            precut: Some(1),
+        },
+    )
+    .await;
+    let load = Load::start(&c);
+    until(load.started, WARM).await;
+    let mut relay0 = c.relays[0].proc.take().unwrap();
+    let at = Instant::now();
+    relay0.signal("TERM");
+    until(at, Duration::from_secs(3)).await;
+    c.relays[1]
+        .agent_path
+        .as_ref()
+        .unwrap()
+        .cut
+        .store(false, Ordering::Relaxed);
+    let status = relay0.wait_exit(Duration::from_secs(20)).await;
+    let exited = at.elapsed();
+    assert!(status.success(), "relay-0 drained and exited: {status}");
+    let admin = c.relays[1].admin;
+    wait_for(
+        Duration::from_secs(10),
+        "the agent's tunnel on relay-1",
+        || async {
+            let s = cluster::status(admin).await?;
+            (s["relay"]["tunnels"].as_u64() == Some(1)).then_some(())
+        },
+    )
+    .await;
+    until(Instant::now(), Duration::from_secs(1)).await;
+    let f = Figures::of(&load.finish().await, at);
+    f.print(
+        "SIGTERM of the only owner, replacement 3 s later",
+        Topo::Split,
+        &format!("; relay-0 exited {exited:?} after its SIGTERM"),
+    );
+    assert!(f.corrupt.is_empty(), "{:?}", f.corrupt);
+    assert_eq!(
+        f.failed, 0,
+        "connections failed while the only owner drained: {:?}",
+        f.failed_after
+    );
+}
+
 /// Whether the admin listener answers `/readyz` with 200.
 async fn status_ready(admin: std::net::SocketAddr) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -187,6 +187,10 @@ impl Shared {
     async fn run_slot(self: Arc<Self>, slot: usize, shutdown: CancellationToken) {
         let mut backoff = Backoff::new(self.config.reconnect_min, self.config.reconnect_max);
         let mut live = self.live_relays.subscribe();
+        // The address of the relay this slot's last tunnel was lost to (not drained): dialled
+        // last, so a dead or unreachable relay does not cost the slot a whole dial timeout
+        // before a live one is tried.
+        let mut lost: Option<SocketAddr> = None;
         // Slots start staggered so the first tunnel's Welcome can tell the others the cluster size.
         if slot > 0 {
             tokio::select! {
@@ -210,7 +214,7 @@ impl Shared {
             // signal must not wait for it: dropping the dial drops its endpoint and socket.
             let dialled = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                dialled = self.dial(slot) => dialled,
+                dialled = self.dial(slot, lost) => dialled,
             };
             match dialled {
                 Ok(tunnel) => {
@@ -244,8 +248,10 @@ impl Shared {
                         self.tunnels_up.send_modify(|n| *n += 1);
                         crate::metrics::metrics().agent_tunnels.inc();
                         let relay_id = tunnel.welcome.relay_id.clone();
+                        let remote = tunnel.connection.remote_address();
                         tracing::info!(%relay_id, session_id = %tunnel.welcome.session_id, "tunnel up");
                         let result = self.serve(tunnel, &shutdown).await;
+                        lost = result.is_err().then_some(remote);
                         self.tunnels_up.send_modify(|n| *n -= 1);
                         crate::metrics::metrics().agent_tunnels.dec();
                         self.lock_held().remove(&slot);
@@ -271,7 +277,7 @@ impl Shared {
     /// Addresses other slots' tunnels go to are left out when any other address is left: with
     /// a list of relay addresses they only lead to a relay already held. Behind one load-balanced
     /// address (every address held) all are dialled.
-    async fn dial(&self, slot: usize) -> anyhow::Result<Tunnel> {
+    async fn dial(&self, slot: usize, lost: Option<SocketAddr>) -> anyhow::Result<Tunnel> {
         let mut addrs = self.resolve_relays().await?;
         let held: Vec<SocketAddr> = self
             .lock_held()
@@ -282,6 +288,9 @@ impl Shared {
         if addrs.iter().any(|a| !held.contains(a)) {
             addrs.retain(|a| !held.contains(a));
         }
+        // The address the slot's tunnel was just lost to goes last (a stable sort keeps the
+        // shuffle among the others).
+        addrs.sort_by_key(|a| Some(*a) == lost);
         let mut last_err = None;
         for addr in addrs {
             let started = std::time::Instant::now();

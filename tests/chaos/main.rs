@@ -299,8 +299,8 @@ async fn agent_restart(net: u8, topo: Topo) {
 }
 
 /// Every relay restarted one at a time by the documented procedure (SIGTERM, wait for the exit,
-/// start, `/readyz` 200, then every agent holding two tunnels on distinct relays again before
-/// the next relay), five rounds in a row on a fresh cluster. In the server topology each server's
+/// start, `/readyz` 200, then `postern status --wait-redundant 2`: every agent on two distinct
+/// live relays again before the next relay), five rounds in a row on a fresh cluster. In the server topology each server's
 /// door is taken out of the clients' rotation before its SIGTERM and put back once it is ready,
 /// as a load balancer following `/readyz` does. Not one connection may fail.
 async fn rolling_restart(net: u8, topo: Topo) {
@@ -331,7 +331,31 @@ async fn rolling_restart(net: u8, topo: Topo) {
                 ok.then_some(())
             })
             .await;
-            redundant.push(c.wait_two_tunnels(None).await);
+            // The documented procedure's check, from the clients' gateway (server topology:
+            // the other server), then the agent's and relays' own view.
+            let restarted = Instant::now();
+            let view = match &c.gateway {
+                Some((_, _, admin)) => *admin,
+                None => c.relays[1 - i].admin,
+            };
+            let out = tokio::process::Command::new(BIN)
+                .args(["status", "--admin", &view.to_string()])
+                .args(["--wait-redundant", "2", "--timeout", "60s"])
+                .output()
+                .await
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "postern status --wait-redundant 2: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            redundant.push(restarted.elapsed());
+            wait_for(
+                Duration::from_secs(5),
+                "two tunnels as the check said",
+                || async { c.two_tunnels(None).await.then_some(()) },
+            )
+            .await;
             if let Some(door) = c.relays[i].socks5 {
                 c.put_door_in(door);
             }

@@ -154,10 +154,14 @@ impl Cluster {
         let mut relays = Vec::new();
         for i in 0..count {
             let id = format!("relay-{i}");
-            let listen = SocketAddr::from((host, free_udp_port_on(host)));
+            // Ports held until the relay starts, so that the forwarders' own sockets cannot
+            // take them meanwhile.
+            let reserve = || std::net::UdpSocket::bind((host, 0)).unwrap();
+            let (listen_held, peer_held) = (reserve(), reserve());
+            let listen = listen_held.local_addr().unwrap();
             let mut relay = Relay::new(&id, listen, &pki, vec![credential.clone()]);
             let peer_path = if paths.peer {
-                let peer = SocketAddr::from((host, free_udp_port_on(host)));
+                let peer = peer_held.local_addr().unwrap();
                 let path = Cuttable::start(peer).await;
                 relay.peer_listen = Some(peer);
                 relay.peer_advertise = Some(path.addr.to_string());
@@ -177,13 +181,17 @@ impl Cluster {
             };
             let config = dir.path().join(format!("{id}.toml"));
             std::fs::write(&config, text).unwrap();
-            let (proc, line) =
-                start(&id, role, &config, dir.path().join(format!("{id}.log"))).await;
             let agent_path = if paths.agent {
                 Some(Cuttable::start(listen).await)
             } else {
                 None
             };
+            drop((listen_held, peer_held));
+            // Another process's ephemeral socket may still take a port in this instant: the
+            // start is retried like a restart.
+            let log = dir.path().join(format!("{id}.log"));
+            let (proc, line) =
+                restart_on_its_port(&id, role, &config, &log, &[(TOKEN_ENV, TOKEN)]).await;
             relays.push(Node {
                 id,
                 role,
@@ -437,7 +445,7 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if std::thread::panicking() || std::env::var_os("POSTERN_CHAOS_LOGS").is_some() {
             self.dump_logs();
         }
     }

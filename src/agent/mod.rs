@@ -24,8 +24,6 @@ use crate::protocol::{self, close, Hello, Message, Welcome};
 const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
 /// Pongs a tunnel may miss before the agent gives up on it and redials.
 const MAX_MISSED_PONGS: u32 = 3;
-/// Keep-alive intervals with nothing received from the relay before the agent gives up a tunnel.
-const SILENT_KEEPALIVES: u32 = 3;
 /// How long a draining relay's tunnel keeps taking new streams once a replacement tunnel is up:
 /// the replacement's routes reach the draining relay and the gateways through the registry in
 /// about this time, and until they do, the draining relay is the only owner they know of.
@@ -433,34 +431,10 @@ impl Shared {
             #[allow(unreachable_code)]
             Ok::<Option<Duration>, anyhow::Error>(None)
         };
-        // The agent's QUIC keep-alives (every `transport.keep_alive`) make the relay answer with
-        // an acknowledgement within milliseconds, so a tunnel on which nothing at all arrived for
-        // SILENT_KEEPALIVES of them is dead or cut: given up then, well before the QUIC idle
-        // timeout, so that the slot redials another relay sooner.
-        let silence = async {
-            let keep_alive = self.config.transport.keep_alive;
-            let limit = keep_alive * SILENT_KEEPALIVES;
-            let received = || connection.stats().udp_rx.datagrams;
-            let mut last = (received(), tokio::time::Instant::now());
-            let mut interval = tokio::time::interval(keep_alive / 2);
-            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                interval.tick().await;
-                let now = received();
-                if now != last.0 {
-                    last = (now, tokio::time::Instant::now());
-                } else if last.1.elapsed() >= limit {
-                    bail!("nothing arrived from the relay for {limit:?}");
-                }
-            }
-            #[allow(unreachable_code)]
-            Ok::<Option<Duration>, anyhow::Error>(None)
-        };
         let ping = async {
             tokio::select! {
                 r = pongs => r,
                 r = pings => r,
-                r = silence => r,
             }
         };
         let accept = async {

@@ -293,6 +293,16 @@ impl Etcd {
         }
     }
 
+    /// The `[registry]` of a postern config that reaches this etcd (its TLS files included).
+    pub fn registry(&self) -> roles::Registry {
+        let mut r = roles::Registry::etcd(&self.url);
+        if let Some(tls) = &self.tls {
+            r.ca = Some(tls.ca.clone());
+            r.client = Some(tls.client.clone());
+        }
+        r
+    }
+
     /// What postern's own etcd registry needs to reach this etcd.
     pub fn security(&self) -> postern::config::EtcdSecurity {
         postern::config::EtcdSecurity {

@@ -240,20 +240,24 @@ impl Peer {
 }
 
 /// The `[registry]` table of an etcd registry (absent: the memory registry).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Registry {
     pub endpoints: Vec<String>,
     pub lease_ttl: Option<Duration>,
-    /// etcd's CA and postern's client certificate, for a TLS-only etcd.
-    pub tls: Option<(PathBuf, PathBuf, PathBuf)>,
+    /// etcd's CA, for `https://` endpoints.
+    pub ca: Option<PathBuf>,
+    /// postern's client certificate and key, for etcd's `--client-cert-auth`.
+    pub client: Option<(PathBuf, PathBuf)>,
+    /// etcd user and password reference (`env:…`).
+    pub user: Option<(String, String)>,
+    pub max_staleness: Option<Duration>,
 }
 
 impl Registry {
     pub fn etcd(url: &str) -> Registry {
         Registry {
             endpoints: vec![url.to_string()],
-            lease_ttl: None,
-            tls: None,
+            ..Registry::default()
         }
     }
 
@@ -262,10 +266,15 @@ impl Registry {
         t.insert("kind".into(), s("etcd"));
         t.insert("endpoints".into(), strings(&self.endpoints));
         set(&mut t, "lease_ttl", self.lease_ttl.map(dur));
-        if let Some((ca, cert, key)) = &self.tls {
-            t.insert("ca".into(), path(ca));
+        set(&mut t, "max_staleness", self.max_staleness.map(dur));
+        set(&mut t, "ca", self.ca.as_deref().map(path));
+        if let Some((cert, key)) = &self.client {
             t.insert("cert".into(), path(cert));
             t.insert("key".into(), path(key));
+        }
+        if let Some((user, password)) = &self.user {
+            t.insert("username".into(), s(user));
+            t.insert("password".into(), s(password));
         }
         t
     }

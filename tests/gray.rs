@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use process::faults::{restart_on_its_port, Cuttable, Source};
 use support::*;
 
-/// An agent config with the shipped transport defaults (the shared writer shortens them).
+/// An agent config with the shipped transport defaults (the shared builder shortens them).
 fn default_agent_toml(
     w: &Workdir,
     id: &str,
@@ -39,13 +39,28 @@ fn agent_toml_to(
     ports: &[u16],
     redundancy: u32,
 ) -> String {
-    let text = agent_toml(w, id, relays, ip, ports, redundancy, "5s");
-    let tuned = "[transport]\nidle_timeout = \"3s\"\nkeep_alive = \"500ms\"\n";
-    assert!(
-        text.contains(tuned),
-        "agent_toml changed its transport table"
-    );
-    text.replace(tuned, "")
+    shipped_transport(w, id, relays, ip, ports, redundancy).toml()
+}
+
+/// The shared agent with the shipped transport (keep-alive, idle timeout, windows).
+fn shipped_transport(
+    w: &Workdir,
+    id: &str,
+    relays: &[SocketAddr],
+    ip: Ipv4Addr,
+    ports: &[u16],
+    redundancy: u32,
+) -> AgentRole {
+    let mut role = agent_role(w, id, relays, ip, ports, redundancy, "5s");
+    role.extra = Default::default();
+    role
+}
+
+/// A relay with the shipped lease TTL.
+fn default_relay_role(w: &Workdir, id: &str, port: u16, etcd: &str, net: u8) -> RelayRole {
+    let mut role = relay_role(w, id, port, etcd, net, "5s");
+    role.registry.as_mut().unwrap().lease_ttl = None;
+    role
 }
 
 /// One echo transfer of `size` bytes through the proxy, checked byte for byte, within `limit`.
@@ -136,8 +151,8 @@ async fn stalled_readers_do_not_freeze_the_peer_connection() {
     let ip = Ipv4Addr::new(127, NET, 0, 1);
     let echo = Echo::start(ip).await;
     let source = Source::start(ip).await;
-    let text = relay_toml(&w, "relay-1", free_udp_port(), &etcd.url, NET, "5s");
-    let config = w.write("relay.toml", &text.replace("lease_ttl = \"4s\"\n", ""));
+    let text = default_relay_role(&w, "relay-1", free_udp_port(), &etcd.url, NET).toml();
+    let config = w.write("relay.toml", &text);
     let (_relay, line) = Proc::postern("relay", "relay", &config, &[], &w.path("relay.log")).await;
     let relay = ready_addr(&line, "relay");
     let config = w.write("gateway.toml", &gateway_toml(&w, &etcd.url, "5s"));
@@ -243,10 +258,8 @@ async fn cut_agent_path_costs_new_connections_at_most_a_hedge() {
     let mut relays = Vec::new();
     for id in ["relay-1", "relay-2"] {
         let port = free_udp_port();
-        let text = relay_toml(&w, id, port, &etcd.url, NET, "5s");
-        let tuned = "lease_ttl = \"4s\"\n";
-        assert!(text.contains(tuned), "relay_toml changed its lease");
-        let config = w.write(&format!("{id}.toml"), &text.replace(tuned, ""));
+        let text = default_relay_role(&w, id, port, &etcd.url, NET).toml();
+        let config = w.write(&format!("{id}.toml"), &text);
         let (proc, line) =
             Proc::postern(id, "relay", &config, &[], &w.path(&format!("{id}.log"))).await;
         relays.push((proc, ready_addr(&line, "relay")));
@@ -387,22 +400,12 @@ async fn cut_peer_path_costs_one_dial_not_the_gateway() {
     let mut relays = Vec::new();
     for id in ["relay-1", "relay-2"] {
         let port = free_udp_port();
-        let mut text = relay_toml(&w, id, port, &etcd.url, NET, "5s");
-        let tuned = "lease_ttl = \"4s\"\n";
-        assert!(text.contains(tuned), "relay_toml changed its lease");
-        text = text.replace(tuned, "");
+        let mut role = default_relay_role(&w, id, port, &etcd.url, NET);
         if id == "relay-1" {
-            let listen = "peer_listen = \"127.0.0.1:0\"\n";
-            assert!(text.contains(listen), "relay_toml changed its peer_listen");
-            text = text.replace(
-                listen,
-                &format!(
-                    "peer_listen = \"127.0.0.1:{peer_port}\"\npeer_advertise = \"{}\"\n",
-                    path.addr
-                ),
-            );
+            role.relay.peer_listen = Some(SocketAddr::from(([127, 0, 0, 1], peer_port)));
+            role.relay.peer_advertise = Some(path.addr.to_string());
         }
-        let config = w.write(&format!("{id}.toml"), &text);
+        let config = w.write(&format!("{id}.toml"), &role.toml());
         let (proc, line) =
             Proc::postern(id, "relay", &config, &[], &w.path(&format!("{id}.log"))).await;
         relays.push((proc, ready_addr(&line, "relay")));
@@ -669,10 +672,8 @@ async fn agent_does_not_churn_sessions_while_a_relay_is_down() {
     let mut relays = Vec::new();
     for id in ["relay-1", "relay-2"] {
         let port = free_udp_port();
-        let text = relay_toml(&w, id, port, &etcd.url, NET, "5s");
-        let tuned = "lease_ttl = \"4s\"\n";
-        assert!(text.contains(tuned), "relay_toml changed its lease");
-        let config = w.write(&format!("{id}.toml"), &text.replace(tuned, ""));
+        let text = default_relay_role(&w, id, port, &etcd.url, NET).toml();
+        let config = w.write(&format!("{id}.toml"), &text);
         let (proc, line) =
             Proc::postern(id, "relay", &config, &[], &w.path(&format!("{id}.log"))).await;
         relays.push((proc, ready_addr(&line, "relay"), config));
@@ -682,7 +683,7 @@ async fn agent_does_not_churn_sessions_while_a_relay_is_down() {
         Proc::postern("gateway", "gateway", &config, &[], &w.path("gateway.log")).await;
     let socks5 = ready_addr(&line, "socks5");
     // The shipped reconnect backoff too (200 ms to 30 s).
-    let text = agent_toml_to(
+    let mut role = shipped_transport(
         &w,
         "agent-churn",
         &[relays[0].1, relays[1].1],
@@ -690,9 +691,8 @@ async fn agent_does_not_churn_sessions_while_a_relay_is_down() {
         &[echo.addr.port()],
         2,
     );
-    let tuned = "reconnect_min = \"100ms\"\nreconnect_max = \"500ms\"\n";
-    assert!(text.contains(tuned), "agent_toml changed its backoff");
-    let agent_config = w.write("agent.toml", &text.replace(tuned, ""));
+    (role.reconnect_min, role.reconnect_max) = (None, None);
+    let agent_config = w.write("agent.toml", &role.toml());
     let (_agent, _) =
         Proc::postern("agent", "agent", &agent_config, &[], &w.path("agent.log")).await;
     let both: BTreeSet<String> = ["relay-1".to_string(), "relay-2".to_string()].into();

@@ -537,10 +537,16 @@ async fn cut_peer_path_costs_one_dial_not_the_gateway() {
     );
 }
 
+/// The stall scenarios run one at a time: each fills tens of MB of buffers and measures rates
+/// and reset times, which two of them side by side on the 2 shared cores distort (with
+/// `--test-threads 2` they missed their reset deadlines together).
+static STALLS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// 20 downloads from one client address stop reading while 4 other connections echo through the
 /// same agent; checks and prints the others' rates, the early resets beyond the client's share
 /// of stalls, and the resets at `stream_stall_timeout`. `admin` is the gateway's.
 async fn stall_scenario(socks5: SocketAddr, admin: SocketAddr, echo: &Echo, source: &Source) {
+    let _one_at_a_time = STALLS.lock().await;
     const STALLED: usize = 20;
     // connection_window / stream_window / 2 with the shipped defaults.
     const PER_CLIENT: usize = 16;

@@ -426,20 +426,7 @@ impl Cluster {
 
     /// Prints the tail of every log (for a failing scenario).
     pub fn dump_logs(&self) {
-        let Ok(entries) = std::fs::read_dir(self.dir.path()) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.extension().is_some_and(|e| e == "log") {
-                let text = std::fs::read_to_string(&path).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(40).collect();
-                eprintln!("==== {} (last {} lines)", path.display(), tail.len());
-                for line in tail.iter().rev() {
-                    eprintln!("{line}");
-                }
-            }
-        }
+        dump_logs(self.dir.path(), 40);
     }
 }
 

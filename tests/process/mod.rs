@@ -164,6 +164,24 @@ impl Proc {
     }
 }
 
+/// Prints the last `lines` lines of every `*.log` in `dir` (call before a failing assertion).
+pub fn dump_logs(dir: &Path, lines: usize) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "log") {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(lines).collect();
+            eprintln!("==== {} (last {} lines)", path.display(), tail.len());
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
 /// The address a `ready relay=… peer=… socks5=… http=… admin=…` line gives for `key`.
 pub fn ready_addr(line: &str, key: &str) -> SocketAddr {
     line.split_whitespace()

@@ -280,12 +280,28 @@ impl Registry {
     }
 }
 
-fn admin(listen: &Option<String>) -> Option<Table> {
-    listen.as_ref().map(|l| {
-        let mut t = Table::new();
-        t.insert("listen".into(), s(l));
-        t
-    })
+/// Adds the tables every role may have (`[peer]`, `[registry]`, `[admin]`), merges `extra` and
+/// writes the TOML.
+fn finish(
+    mut t: Table,
+    peer: Option<&Peer>,
+    registry: Option<&Registry>,
+    admin: &Option<String>,
+    extra: &Table,
+) -> String {
+    if let Some(p) = peer {
+        t.insert("peer".into(), Value::Table(p.table()));
+    }
+    if let Some(r) = registry {
+        t.insert("registry".into(), Value::Table(r.table()));
+    }
+    if let Some(listen) = admin {
+        let mut a = Table::new();
+        a.insert("listen".into(), s(listen));
+        t.insert("admin".into(), Value::Table(a));
+    }
+    merge(&mut t, extra);
+    toml::to_string(&t).expect("a TOML table serialises")
 }
 
 /// `postern relay`.
@@ -318,17 +334,13 @@ impl RelayRole {
     pub fn toml(&self) -> String {
         let mut t = Table::new();
         t.insert("relay".into(), Value::Table(self.relay.table()));
-        if let Some(p) = &self.peer {
-            t.insert("peer".into(), Value::Table(p.table()));
-        }
-        if let Some(r) = &self.registry {
-            t.insert("registry".into(), Value::Table(r.table()));
-        }
-        if let Some(a) = admin(&self.admin) {
-            t.insert("admin".into(), Value::Table(a));
-        }
-        merge(&mut t, &self.extra);
-        toml::to_string(&t).unwrap()
+        finish(
+            t,
+            self.peer.as_ref(),
+            self.registry.as_ref(),
+            &self.admin,
+            &self.extra,
+        )
     }
 }
 
@@ -357,13 +369,13 @@ impl GatewayRole {
     pub fn toml(&self) -> String {
         let mut t = Table::new();
         t.insert("gateway".into(), Value::Table(self.gateway.table()));
-        t.insert("peer".into(), Value::Table(self.peer.table()));
-        t.insert("registry".into(), Value::Table(self.registry.table()));
-        if let Some(a) = admin(&self.admin) {
-            t.insert("admin".into(), Value::Table(a));
-        }
-        merge(&mut t, &self.extra);
-        toml::to_string(&t).unwrap()
+        finish(
+            t,
+            Some(&self.peer),
+            Some(&self.registry),
+            &self.admin,
+            &self.extra,
+        )
     }
 }
 
@@ -408,17 +420,13 @@ impl ServerRole {
         let mut t = Table::new();
         t.insert("relay".into(), Value::Table(self.relay.table()));
         t.insert("gateway".into(), Value::Table(self.gateway.table()));
-        if let Some(p) = &self.peer {
-            t.insert("peer".into(), Value::Table(p.table()));
-        }
-        if let Some(r) = &self.registry {
-            t.insert("registry".into(), Value::Table(r.table()));
-        }
-        if let Some(a) = admin(&self.admin) {
-            t.insert("admin".into(), Value::Table(a));
-        }
-        merge(&mut t, &self.extra);
-        toml::to_string(&t).unwrap()
+        finish(
+            t,
+            self.peer.as_ref(),
+            self.registry.as_ref(),
+            &self.admin,
+            &self.extra,
+        )
     }
 }
 
@@ -482,11 +490,7 @@ impl AgentRole {
         set(&mut t, "reconnect_min", self.reconnect_min.map(dur));
         set(&mut t, "reconnect_max", self.reconnect_max.map(dur));
         set(&mut t, "drain_grace", self.drain_grace.map(dur));
-        if let Some(a) = admin(&self.admin) {
-            t.insert("admin".into(), Value::Table(a));
-        }
-        merge(&mut t, &self.extra);
-        toml::to_string(&t).unwrap()
+        finish(t, None, None, &self.admin, &self.extra)
     }
 }
 

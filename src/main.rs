@@ -104,6 +104,11 @@ enum Command {
         /// Print the raw JSON instead.
         #[arg(long)]
         json: bool,
+        /// Wait (up to --timeout) until every agent holds tunnels on this many distinct live
+        /// relays (or on every live relay, if fewer), then print the summary; exit 1 if they do
+        /// not in time. A rolling restart runs `--wait-redundant 2` before the next relay.
+        #[arg(long, value_name = "RELAYS")]
+        wait_redundant: Option<usize>,
         /// Deadline for the whole command (connect, requests, answers), e.g. "5s", "500ms".
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
@@ -309,8 +314,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Status {
             admin,
             json,
+            wait_redundant,
             timeout,
         } => {
+            if let Some(want) = wait_redundant {
+                let text = postern::admin::client::wait_redundant(&admin, want, timeout).await?;
+                print_out(&text);
+                return Ok(());
+            }
             let text = postern::admin::client::status(&admin, json, timeout).await?;
             print_out(&text);
             Ok(())

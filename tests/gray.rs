@@ -13,40 +13,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
 
+use process::faults::{restart_on_its_port, Cuttable, Source};
 use support::*;
 
-/// A service that writes an endless byte pattern to every connection and counts what the kernel
-/// took from it: once every client stopped reading, the count stops growing.
-struct Source {
-    addr: SocketAddr,
-    written: Arc<AtomicU64>,
-}
-
-impl Source {
-    async fn start(ip: Ipv4Addr) -> Source {
-        let listener = TcpListener::bind((ip, 0)).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let written = Arc::new(AtomicU64::new(0));
-        let count = written.clone();
-        tokio::spawn(async move {
-            while let Ok((mut tcp, _)) = listener.accept().await {
-                let count = count.clone();
-                tokio::spawn(async move {
-                    let block = payload(64 * 1024, 7);
-                    while let Ok(n) = tcp.write(&block).await {
-                        count.fetch_add(n as u64, Ordering::Relaxed);
-                    }
-                });
-            }
-        });
-        Source { addr, written }
-    }
-}
-
-/// An agent config with the shipped transport defaults (the shared writer shortens them).
+/// An agent config with the shipped transport defaults (the shared builder shortens them).
 fn default_agent_toml(
     w: &Workdir,
     id: &str,
@@ -66,13 +39,28 @@ fn agent_toml_to(
     ports: &[u16],
     redundancy: u32,
 ) -> String {
-    let text = agent_toml(w, id, relays, ip, ports, redundancy, "5s");
-    let tuned = "[transport]\nidle_timeout = \"3s\"\nkeep_alive = \"500ms\"\n";
-    assert!(
-        text.contains(tuned),
-        "agent_toml changed its transport table"
-    );
-    text.replace(tuned, "")
+    shipped_transport(w, id, relays, ip, ports, redundancy).toml()
+}
+
+/// The shared agent with the shipped transport (keep-alive, idle timeout, windows).
+fn shipped_transport(
+    w: &Workdir,
+    id: &str,
+    relays: &[SocketAddr],
+    ip: Ipv4Addr,
+    ports: &[u16],
+    redundancy: u32,
+) -> AgentRole {
+    let mut role = agent_role(w, id, relays, ip, ports, redundancy, "5s");
+    role.extra = Default::default();
+    role
+}
+
+/// A relay with the shipped lease TTL.
+fn default_relay_role(w: &Workdir, id: &str, port: u16, etcd: &str, net: u8) -> RelayRole {
+    let mut role = relay_role(w, id, port, etcd, net, "5s");
+    role.registry.as_mut().unwrap().lease_ttl = None;
+    role
 }
 
 /// One echo transfer of `size` bytes through the proxy, checked byte for byte, within `limit`.
@@ -163,8 +151,8 @@ async fn stalled_readers_do_not_freeze_the_peer_connection() {
     let ip = Ipv4Addr::new(127, NET, 0, 1);
     let echo = Echo::start(ip).await;
     let source = Source::start(ip).await;
-    let text = relay_toml(&w, "relay-1", free_udp_port(), &etcd.url, NET, "5s");
-    let config = w.write("relay.toml", &text.replace("lease_ttl = \"4s\"\n", ""));
+    let text = default_relay_role(&w, "relay-1", free_udp_port(), &etcd.url, NET).toml();
+    let config = w.write("relay.toml", &text);
     let (_relay, line) = Proc::postern("relay", "relay", &config, &[], &w.path("relay.log")).await;
     let relay = ready_addr(&line, "relay");
     let config = w.write("gateway.toml", &gateway_toml(&w, &etcd.url, "5s"));
@@ -253,97 +241,6 @@ async fn relay_drops_a_silent_agent_within_seconds() {
     agent.signal("CONT");
 }
 
-/// A UDP forwarder between an agent and one relay that the test can tell to drop everything, both
-/// ways: a cut agent↔relay path while both processes stay up. Each agent source address gets an
-/// upstream socket of its own, so the relay sees one 5-tuple per agent socket.
-struct Cuttable {
-    addr: SocketAddr,
-    cut: Arc<AtomicBool>,
-    /// When each QUIC Initial packet arrived at the front, with its destination connection ID:
-    /// one ID per handshake attempted through the forwarder.
-    initials: Initials,
-}
-
-type Initials = Arc<std::sync::Mutex<Vec<(Instant, Vec<u8>)>>>;
-
-impl Cuttable {
-    async fn start(upstream: SocketAddr) -> Cuttable {
-        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-        let addr = front.local_addr().unwrap();
-        let cut = Arc::new(AtomicBool::new(false));
-        let drop_all = cut.clone();
-        let initials: Initials = Arc::default();
-        let seen = initials.clone();
-        tokio::spawn(async move {
-            let mut sides: std::collections::HashMap<SocketAddr, Arc<UdpSocket>> =
-                std::collections::HashMap::new();
-            let mut buf = vec![0u8; 65536];
-            while let Ok((n, from)) = front.recv_from(&mut buf).await {
-                if let Some(dcid) = quic_initial_dcid(&buf[..n]) {
-                    seen.lock().unwrap().push((Instant::now(), dcid));
-                }
-                if drop_all.load(Ordering::Relaxed) {
-                    continue;
-                }
-                let side = match sides.get(&from) {
-                    Some(side) => side.clone(),
-                    None => {
-                        let Ok(side) = UdpSocket::bind("127.0.0.1:0").await else {
-                            continue;
-                        };
-                        if side.connect(upstream).await.is_err() {
-                            continue;
-                        }
-                        let side = Arc::new(side);
-                        sides.insert(from, side.clone());
-                        let (back, front, drop_all) =
-                            (side.clone(), front.clone(), drop_all.clone());
-                        tokio::spawn(async move {
-                            let mut buf = vec![0u8; 65536];
-                            while let Ok(n) = back.recv(&mut buf).await {
-                                if !drop_all.load(Ordering::Relaxed) {
-                                    let _ = front.send_to(&buf[..n], from).await;
-                                }
-                            }
-                        });
-                        side
-                    }
-                };
-                let _ = side.send(&buf[..n]).await;
-            }
-        });
-        Cuttable {
-            addr,
-            cut,
-            initials,
-        }
-    }
-
-    /// When each handshake (distinct Initial destination connection ID) that began at or after
-    /// `since` began, counted from `since`.
-    fn handshakes_since(&self, since: Instant) -> Vec<Duration> {
-        let initials = self.initials.lock().unwrap();
-        let mut ids = std::collections::HashSet::new();
-        initials
-            .iter()
-            .filter(|(at, id)| *at >= since && ids.insert(id.clone()))
-            .map(|(at, _)| *at - since)
-            .collect()
-    }
-}
-
-/// The destination connection ID of a datagram that starts with a QUIC v1 Initial packet (long
-/// header, type 0, non-zero version), which stays the same across a client's retransmissions.
-fn quic_initial_dcid(datagram: &[u8]) -> Option<Vec<u8>> {
-    let first = *datagram.first()?;
-    let version = datagram.get(1..5)?;
-    if first & 0xc0 != 0xc0 || (first >> 4) & 0x03 != 0 || version == [0, 0, 0, 0] {
-        return None;
-    }
-    let len = *datagram.get(5)? as usize;
-    datagram.get(6..6 + len).map(<[u8]>::to_vec)
-}
-
 /// Two relays (etcd, shipped default lease and timings), a gateway, and one agent with a tunnel
 /// to each; the agent↔relay-1 path is cut (every datagram dropped) while 8 clients open new
 /// connections through the gateway. Before, every connection routed via relay-1 waited out the
@@ -361,10 +258,8 @@ async fn cut_agent_path_costs_new_connections_at_most_a_hedge() {
     let mut relays = Vec::new();
     for id in ["relay-1", "relay-2"] {
         let port = free_udp_port();
-        let text = relay_toml(&w, id, port, &etcd.url, NET, "5s");
-        let tuned = "lease_ttl = \"4s\"\n";
-        assert!(text.contains(tuned), "relay_toml changed its lease");
-        let config = w.write(&format!("{id}.toml"), &text.replace(tuned, ""));
+        let text = default_relay_role(&w, id, port, &etcd.url, NET).toml();
+        let config = w.write(&format!("{id}.toml"), &text);
         let (proc, line) =
             Proc::postern(id, "relay", &config, &[], &w.path(&format!("{id}.log"))).await;
         relays.push((proc, ready_addr(&line, "relay")));
@@ -505,22 +400,12 @@ async fn cut_peer_path_costs_one_dial_not_the_gateway() {
     let mut relays = Vec::new();
     for id in ["relay-1", "relay-2"] {
         let port = free_udp_port();
-        let mut text = relay_toml(&w, id, port, &etcd.url, NET, "5s");
-        let tuned = "lease_ttl = \"4s\"\n";
-        assert!(text.contains(tuned), "relay_toml changed its lease");
-        text = text.replace(tuned, "");
+        let mut role = default_relay_role(&w, id, port, &etcd.url, NET);
         if id == "relay-1" {
-            let listen = "peer_listen = \"127.0.0.1:0\"\n";
-            assert!(text.contains(listen), "relay_toml changed its peer_listen");
-            text = text.replace(
-                listen,
-                &format!(
-                    "peer_listen = \"127.0.0.1:{peer_port}\"\npeer_advertise = \"{}\"\n",
-                    path.addr
-                ),
-            );
+            role.relay.peer_listen = Some(SocketAddr::from(([127, 0, 0, 1], peer_port)));
+            role.relay.peer_advertise = Some(path.addr.to_string());
         }
-        let config = w.write(&format!("{id}.toml"), &text);
+        let config = w.write(&format!("{id}.toml"), &role.toml());
         let (proc, line) =
             Proc::postern(id, "relay", &config, &[], &w.path(&format!("{id}.log"))).await;
         relays.push((proc, ready_addr(&line, "relay")));
@@ -652,10 +537,16 @@ async fn cut_peer_path_costs_one_dial_not_the_gateway() {
     );
 }
 
+/// The stall scenarios run one at a time: each fills tens of MB of buffers and measures rates
+/// and reset times, which two of them side by side on the 2 shared cores distort (with
+/// `--test-threads 2` they missed their reset deadlines together).
+static STALLS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// 20 downloads from one client address stop reading while 4 other connections echo through the
 /// same agent; checks and prints the others' rates, the early resets beyond the client's share
 /// of stalls, and the resets at `stream_stall_timeout`. `admin` is the gateway's.
 async fn stall_scenario(socks5: SocketAddr, admin: SocketAddr, echo: &Echo, source: &Source) {
+    let _one_at_a_time = STALLS.lock().await;
     const STALLED: usize = 20;
     // connection_window / stream_window / 2 with the shipped defaults.
     const PER_CLIENT: usize = 16;
@@ -787,10 +678,8 @@ async fn agent_does_not_churn_sessions_while_a_relay_is_down() {
     let mut relays = Vec::new();
     for id in ["relay-1", "relay-2"] {
         let port = free_udp_port();
-        let text = relay_toml(&w, id, port, &etcd.url, NET, "5s");
-        let tuned = "lease_ttl = \"4s\"\n";
-        assert!(text.contains(tuned), "relay_toml changed its lease");
-        let config = w.write(&format!("{id}.toml"), &text.replace(tuned, ""));
+        let text = default_relay_role(&w, id, port, &etcd.url, NET).toml();
+        let config = w.write(&format!("{id}.toml"), &text);
         let (proc, line) =
             Proc::postern(id, "relay", &config, &[], &w.path(&format!("{id}.log"))).await;
         relays.push((proc, ready_addr(&line, "relay"), config));
@@ -800,7 +689,7 @@ async fn agent_does_not_churn_sessions_while_a_relay_is_down() {
         Proc::postern("gateway", "gateway", &config, &[], &w.path("gateway.log")).await;
     let socks5 = ready_addr(&line, "socks5");
     // The shipped reconnect backoff too (200 ms to 30 s).
-    let text = agent_toml_to(
+    let mut role = shipped_transport(
         &w,
         "agent-churn",
         &[relays[0].1, relays[1].1],
@@ -808,9 +697,8 @@ async fn agent_does_not_churn_sessions_while_a_relay_is_down() {
         &[echo.addr.port()],
         2,
     );
-    let tuned = "reconnect_min = \"100ms\"\nreconnect_max = \"500ms\"\n";
-    assert!(text.contains(tuned), "agent_toml changed its backoff");
-    let agent_config = w.write("agent.toml", &text.replace(tuned, ""));
+    (role.reconnect_min, role.reconnect_max) = (None, None);
+    let agent_config = w.write("agent.toml", &role.toml());
     let (_agent, _) =
         Proc::postern("agent", "agent", &agent_config, &[], &w.path("agent.log")).await;
     let both: BTreeSet<String> = ["relay-1".to_string(), "relay-2".to_string()].into();
@@ -915,7 +803,14 @@ async fn agent_does_not_churn_sessions_while_a_relay_is_down() {
     assert!(done.len() >= 40, "too few connections: {}", done.len());
 
     // relay-2 comes back: the agent gets its second tunnel, on relay-2.
-    let _relay2 = restart_on_its_port("relay-2", &relays[1].2, &w.path("relay-2b.log")).await;
+    let _relay2 = restart_on_its_port(
+        "relay-2",
+        "relay",
+        &relays[1].2,
+        &w.path("relay-2b.log"),
+        &[("POSTERN_TEST_TOKEN", TOKEN)],
+    )
+    .await;
     let restarted = Instant::now();
     wait_for(QUICK, "the agent's routes on both relays again", || async {
         (etcd.routes().await.get(&IpAddr::V4(ip)) == Some(&both)).then_some(())
@@ -926,39 +821,4 @@ async fn agent_does_not_churn_sessions_while_a_relay_is_down() {
         restarted.elapsed()
     );
     watching.abort();
-}
-
-/// Starts a relay again on the fixed UDP port it had. Until it is back, other processes' dial
-/// sockets bind ephemeral ports from the same range, and one may hold that port for a moment; a
-/// start that fails to bind is retried, a bounded number of times.
-async fn restart_on_its_port(name: &str, config: &std::path::Path, log: &std::path::Path) -> Proc {
-    use tokio::io::AsyncBufReadExt as _;
-    let config = config.to_str().unwrap();
-    for _ in 0..10 {
-        let mut proc = Proc::spawn(
-            name,
-            BIN,
-            &["relay", "--config", config],
-            &[("POSTERN_TEST_TOKEN", TOKEN)],
-            log,
-        );
-        let stdout = proc.child.stdout.take().expect("stdout piped");
-        let mut lines = tokio::io::BufReader::new(stdout).lines();
-        if let Ok(Ok(Some(line))) = tokio::time::timeout(QUICK, lines.next_line()).await {
-            if line.starts_with("ready ") {
-                // Keep draining stdout so the child never blocks on a full pipe.
-                tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-                return proc;
-            }
-        }
-        let _ = proc.child.wait().await;
-        assert!(
-            std::fs::read_to_string(log)
-                .unwrap_or_default()
-                .contains("Address already in use"),
-            "{name} did not start, and not for a taken port"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-    panic!("{name}: its port stayed taken");
 }

@@ -9,7 +9,7 @@ mod harness;
 #[path = "process/mod.rs"]
 mod process;
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,6 +20,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use harness::{tally, wait_for, Load, Outcome, LEASE_TTL, TOKEN};
+use process::roles::{
+    transport, AgentRole, Credential, GatewayRole, Pki, Registry, Relay, RelayRole,
+};
 use process::{free_udp_port, ready_addr, Echo, Etcd, EtcdTls, Proc, BIN};
 
 /// A TCP forwarder from a loopback port to `target`. [`Forwarder::reset_all`] resets every
@@ -204,45 +207,25 @@ impl Setup {
         self.dir.path().join(name)
     }
 
-    /// Writes relay `id`'s config (listening on a fresh UDP port) and returns its path and port.
-    fn relay_config(&self, name: &str, id: &str, etcd_url: &str, extra: &str) -> (PathBuf, u16) {
+    /// Writes relay `id`'s config (listening on a fresh UDP port, registered through `registry`)
+    /// and returns its path and port.
+    fn relay_config(&self, name: &str, id: &str, registry: Registry) -> (PathBuf, u16) {
         let (port, peer_port) = (free_udp_port(), free_udp_port());
         let config = self.path(&format!("{name}.toml"));
-        let b = &self.bundle;
-        std::fs::write(
-            &config,
-            format!(
-                r#"
-[relay]
-id = "{id}"
-listen = "127.0.0.1:{port}"
-cert = "{cert}"
-key = "{key}"
-peer_listen = "127.0.0.1:{peer_port}"
-drain_grace = "2s"
-[[relay.agents]]
-name = "test"
-token_sha256 = "{hash}"
-allow = ["127.{net}.0.0/16"]
-[peer]
-ca = "{ca}"
-[registry]
-kind = "etcd"
-endpoints = ["{etcd_url}"]
-lease_ttl = "{ttl}s"
-{extra}
-[admin]
-listen = "127.0.0.1:0"
-"#,
-                cert = p(&b.relay_cert),
-                key = p(&b.relay_key),
-                hash = postern::config::token_hash(TOKEN),
-                net = self.net,
-                ca = p(&b.ca),
-                ttl = LEASE_TTL.as_secs(),
-            ),
-        )
-        .unwrap();
+        let pki = Pki::from(&self.bundle);
+        let allow = format!("127.{}.0.0/16", self.net);
+        let mut relay = Relay::new(
+            id,
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            &pki,
+            vec![Credential::new("test", TOKEN, &[&allow])],
+        );
+        relay.peer_listen = Some(SocketAddr::from(([127, 0, 0, 1], peer_port)));
+        relay.drain_grace = Some(Duration::from_secs(2));
+        let mut role = RelayRole::new(relay, &pki, registry);
+        role.registry.as_mut().unwrap().lease_ttl = Some(LEASE_TTL);
+        role.admin = Some("127.0.0.1:0".into());
+        std::fs::write(&config, role.toml()).unwrap();
         (config, port)
     }
 
@@ -260,8 +243,8 @@ listen = "127.0.0.1:0"
     }
 
     /// Starts a gateway and returns it with its SOCKS5 address.
-    async fn gateway(&self, name: &str, etcd_url: &str, extra: &str) -> (Proc, SocketAddr) {
-        let ((proc, _), socks) = self.gateway_with_admin(name, etcd_url, extra).await;
+    async fn gateway(&self, name: &str, registry: Registry) -> (Proc, SocketAddr) {
+        let ((proc, _), socks) = self.gateway_with_admin(name, registry).await;
         (proc, socks)
     }
 
@@ -269,34 +252,15 @@ listen = "127.0.0.1:0"
     async fn gateway_with_admin(
         &self,
         name: &str,
-        etcd_url: &str,
-        extra: &str,
+        registry: Registry,
     ) -> ((Proc, SocketAddr), SocketAddr) {
         let config = self.path(&format!("{name}.toml"));
-        let b = &self.bundle;
-        std::fs::write(
-            &config,
-            format!(
-                r#"
-[gateway]
-socks5 = "127.0.0.1:0"
-[peer]
-ca = "{ca}"
-cert = "{cert}"
-key = "{key}"
-[registry]
-kind = "etcd"
-endpoints = ["{etcd_url}"]
-{extra}
-[admin]
-listen = "127.0.0.1:0"
-"#,
-                ca = p(&b.ca),
-                cert = p(&b.peer_cert),
-                key = p(&b.peer_key),
-            ),
-        )
-        .unwrap();
+        let role = GatewayRole::new(
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            &Pki::from(&self.bundle),
+            registry,
+        );
+        std::fs::write(&config, role.toml()).unwrap();
         let mut proc = Proc::spawn(
             name,
             BIN,
@@ -314,38 +278,28 @@ listen = "127.0.0.1:0"
         let id = format!("agent-{i}");
         let ip = Ipv4Addr::new(127, self.net, 0, i + 1);
         let echo = Echo::start(ip).await;
-        let relays: Vec<String> = relay_ports
+        let relays: Vec<SocketAddr> = relay_ports
             .iter()
-            .map(|port| format!("\"127.0.0.1:{port}\""))
+            .map(|port| SocketAddr::from(([127, 0, 0, 1], *port)))
             .collect();
         let config = self.path(&format!("{id}.toml"));
-        std::fs::write(
-            &config,
-            format!(
-                r#"
-id = "{id}"
-relays = [{relays}]
-server_name = "postern-relay"
-ca = "{ca}"
-token = "env:POSTERN_TEST_TOKEN"
-ips = ["{ip}"]
-ports = ["{port}"]
-redundancy = {redundancy}
-reconnect_min = "100ms"
-reconnect_max = "1s"
-[transport]
-idle_timeout = "3s"
-keep_alive = "500ms"
-[admin]
-listen = "127.0.0.1:0"
-"#,
-                relays = relays.join(", "),
-                ca = p(&self.bundle.ca),
-                port = echo.addr.port(),
-                redundancy = relay_ports.len(),
-            ),
-        )
-        .unwrap();
+        let mut role = AgentRole::new(
+            &id,
+            &relays,
+            &Pki::from(&self.bundle),
+            "POSTERN_TEST_TOKEN",
+            IpAddr::V4(ip),
+            &[echo.addr.port()],
+        );
+        role.redundancy = Some(relay_ports.len() as u32);
+        role.reconnect_min = Some(Duration::from_millis(100));
+        role.reconnect_max = Some(Duration::from_secs(1));
+        role.admin = Some("127.0.0.1:0".into());
+        role.extra = transport(&[
+            ("idle_timeout", Duration::from_secs(3)),
+            ("keep_alive", Duration::from_millis(500)),
+        ]);
+        std::fs::write(&config, role.toml()).unwrap();
         let proc = Proc::spawn(
             &id,
             BIN,
@@ -396,9 +350,9 @@ async fn relay_keeps_its_lease_through_etcd_connection_resets() {
     let etcd_addr: SocketAddr = etcd.url.trim_start_matches("http://").parse().unwrap();
     let forwarder = Forwarder::start(etcd_addr).await;
 
-    let (config, port) = setup.relay_config("relay-0", "relay-0", &forwarder.url(), "");
+    let (config, port) = setup.relay_config("relay-0", "relay-0", Registry::etcd(&forwarder.url()));
     let _relay = setup.relay("relay-0", &config).await;
-    let (_gateway, socks) = setup.gateway("gateway-0", &etcd.url, "").await;
+    let (_gateway, socks) = setup.gateway("gateway-0", Registry::etcd(&etcd.url)).await;
     let mut agents = Vec::new();
     for i in 0..3 {
         agents.push(setup.agent(i, &[port]).await);
@@ -489,7 +443,7 @@ async fn relay_keeps_its_lease_through_etcd_connection_resets() {
 async fn second_relay_with_a_live_id_is_refused() {
     let setup = Setup::new(92);
     let etcd = Etcd::started(setup.dir.path()).await;
-    let (config, port) = setup.relay_config("relay-a", "relay-dup", &etcd.url, "");
+    let (config, port) = setup.relay_config("relay-a", "relay-dup", Registry::etcd(&etcd.url));
     let mut first = setup.relay("relay-a", &config).await;
     let mut agents = Vec::new();
     for i in 0..2 {
@@ -502,7 +456,7 @@ async fn second_relay_with_a_live_id_is_refused() {
     let routes_before = routes_of(&etcd, "relay-dup").await;
     let deletes = DeleteWatch::start(&etcd, "/postern/").await;
 
-    let (config_b, _) = setup.relay_config("relay-b", "relay-dup", &etcd.url, "");
+    let (config_b, _) = setup.relay_config("relay-b", "relay-dup", Registry::etcd(&etcd.url));
     let mut second = setup.relay("relay-b", &config_b).await;
     let started = Instant::now();
     let limit = LEASE_TTL + Duration::from_secs(15);
@@ -711,7 +665,7 @@ async fn partitioned_member_makes_the_gateway_stale_and_the_relay_refuse() {
     let setup = Setup::new(93);
     let mut etcd = EtcdCluster::start(setup.dir.path()).await;
     let m0 = etcd.urls[0].clone();
-    let (config, port) = setup.relay_config("relay-0", "relay-0", &m0, "");
+    let (config, port) = setup.relay_config("relay-0", "relay-0", Registry::etcd(&m0));
     let mut relay = Proc::spawn(
         "relay-0",
         BIN,
@@ -720,8 +674,11 @@ async fn partitioned_member_makes_the_gateway_stale_and_the_relay_refuse() {
         &setup.path("relay-0.log"),
     );
     let relay_admin = ready_addr(&relay.ready_line().await, "admin");
-    let extra = format!("max_staleness = \"{}s\"", MAX_STALENESS.as_secs());
-    let (mut gateway, socks) = setup.gateway_with_admin("gateway-0", &m0, &extra).await;
+    let stale = Registry {
+        max_staleness: Some(MAX_STALENESS),
+        ..Registry::etcd(&m0)
+    };
+    let (mut gateway, socks) = setup.gateway_with_admin("gateway-0", stale).await;
     let gateway_admin = gateway.1;
     let (_agent0, echo0) = setup.agent(0, &[port]).await;
     wait_readyz(
@@ -969,15 +926,14 @@ async fn cluster_through_etcd_with_client_certificates() {
         "etcd answered without TLS"
     );
 
-    let tls = format!(
-        "ca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"",
-        p(&pki.ca),
-        p(&pki.client.0),
-        p(&pki.client.1)
-    );
-    let (config, port) = setup.relay_config("relay-0", "relay-0", &url, &tls);
+    let tls = Registry {
+        ca: Some(pki.ca.clone()),
+        client: Some(pki.client.clone()),
+        ..Registry::etcd(&url)
+    };
+    let (config, port) = setup.relay_config("relay-0", "relay-0", tls.clone());
     let _relay = setup.relay("relay-0", &config).await;
-    let (_gateway, socks) = setup.gateway("gateway-0", &url, &tls).await;
+    let (_gateway, socks) = setup.gateway("gateway-0", tls).await;
     let (_agent, echo) = setup.agent(0, &[port]).await;
     let routed = |relay: &'static str| {
         let pki = &pki;
@@ -1014,8 +970,11 @@ async fn cluster_through_etcd_with_client_certificates() {
 
     // Without a client certificate etcd refuses the relay; the relay says why and stays
     // unregistered (not ready, no record).
-    let ca_only = format!("ca = \"{}\"", p(&pki.ca));
-    let (config, _) = setup.relay_config("relay-nocert", "relay-nocert", &url, &ca_only);
+    let ca_only = Registry {
+        ca: Some(pki.ca.clone()),
+        ..Registry::etcd(&url)
+    };
+    let (config, _) = setup.relay_config("relay-nocert", "relay-nocert", ca_only);
     let mut nocert = Proc::spawn(
         "relay-nocert",
         BIN,
@@ -1064,8 +1023,11 @@ async fn cluster_through_etcd_with_a_user_and_password() {
     // Without a user, etcd refuses now.
     assert!(admin.get("/postern/", None).await.is_err());
 
-    let auth = "username = \"root\"\npassword = \"env:POSTERN_ETCD_PASSWORD\"";
-    let (config, port) = setup.relay_config("relay-0", "relay-0", &etcd.url, auth);
+    let auth = Registry {
+        user: Some(("root".into(), "env:POSTERN_ETCD_PASSWORD".into())),
+        ..Registry::etcd(&etcd.url)
+    };
+    let (config, port) = setup.relay_config("relay-0", "relay-0", auth.clone());
     let mut relay = Proc::spawn(
         "relay-0",
         BIN,
@@ -1077,11 +1039,11 @@ async fn cluster_through_etcd_with_a_user_and_password() {
     // The gateway reads the same password from a file.
     let password_file = setup.path("etcd-password");
     std::fs::write(&password_file, format!("{PASSWORD}\n")).unwrap();
-    let file_auth = format!(
-        "username = \"root\"\npassword = \"file:{}\"",
-        p(&password_file)
-    );
-    let (_gateway, socks) = setup.gateway("gateway-0", &etcd.url, &file_auth).await;
+    let file_auth = Registry {
+        user: Some(("root".into(), format!("file:{}", p(&password_file)))),
+        ..Registry::etcd(&etcd.url)
+    };
+    let (_gateway, socks) = setup.gateway("gateway-0", file_auth).await;
     let (_agent, echo) = setup.agent(0, &[port]).await;
     let mut outcome = Outcome::Failed("not tried".into());
     for i in 0..200 {
@@ -1093,7 +1055,7 @@ async fn cluster_through_etcd_with_a_user_and_password() {
     }
     assert_eq!(outcome, Outcome::Ok, "transfer through an etcd with users");
 
-    let (config, _) = setup.relay_config("relay-bad", "relay-bad", &etcd.url, auth);
+    let (config, _) = setup.relay_config("relay-bad", "relay-bad", auth);
     let mut bad = Proc::spawn(
         "relay-bad",
         BIN,

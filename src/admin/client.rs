@@ -209,6 +209,73 @@ pub async fn status(admin: &str, raw: bool, timeout: Duration) -> anyhow::Result
     Ok(out)
 }
 
+/// Agents (by `namespace/id`) holding tunnels on fewer live relays than they should: on `want`
+/// distinct relays that are registered and not draining, or on every live relay when there are
+/// fewer. A draining relay's tunnels do not count: the agent is leaving it.
+pub fn lacking_redundancy(relays: &[RelayInfo], agents: &[AgentView], want: usize) -> Vec<String> {
+    let live: Vec<&str> = relays
+        .iter()
+        .filter(|r| !r.draining)
+        .map(|r| r.id.as_str())
+        .collect();
+    let need = want.min(live.len()).max(1);
+    agents
+        .iter()
+        .filter(|a| {
+            let on = a
+                .relays
+                .iter()
+                .filter(|r| live.contains(&r.as_str()))
+                .count();
+            on < need
+        })
+        .map(|a| {
+            format!(
+                "{}/{} (on {})",
+                a.namespace,
+                a.id,
+                if a.relays.is_empty() {
+                    "no relay".to_string()
+                } else {
+                    a.relays.join(",")
+                }
+            )
+        })
+        .collect()
+}
+
+/// Waits until every agent the admin listener at `admin` knows holds tunnels on `want` distinct
+/// live relays (see [`lacking_redundancy`]), polling every 200 ms, for up to `timeout`. A rolling
+/// restart runs this before stopping the next relay: an agent left on one tunnel loses its last
+/// one when that relay goes.
+pub async fn wait_redundant(admin: &str, want: usize, timeout: Duration) -> anyhow::Result<String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let client = AdminClient::new(admin, left.min(Duration::from_secs(5)));
+        let relays: Vec<RelayInfo> = serde_json::from_slice(&client.get("/api/relays").await?)?;
+        let agents: Vec<AgentView> = serde_json::from_slice(&client.get("/api/agents").await?)?;
+        let lacking = lacking_redundancy(&relays, &agents, want);
+        if lacking.is_empty() {
+            let live = relays.iter().filter(|r| !r.draining).count();
+            return Ok(format!(
+                "all {} agents hold tunnels on {} live relays\n",
+                agents.len(),
+                want.min(live).max(1)
+            ));
+        }
+        if tokio::time::Instant::now() + Duration::from_millis(200) >= deadline {
+            bail!(
+                "after {}: {} agents hold tunnels on fewer than {want} live relays: {}",
+                humantime::format_duration(timeout),
+                lacking.len(),
+                lacking.join("; ")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Which relays and sessions own `ip` in `namespace`.
 pub async fn lookup(
     admin: &str,
@@ -240,4 +307,54 @@ pub async fn lookup(
         )?;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn relay(id: &str, draining: bool) -> RelayInfo {
+        RelayInfo {
+            id: id.into(),
+            peer_addr: None,
+            version: "test".into(),
+            started_at: 0,
+            draining,
+        }
+    }
+
+    fn agent(id: &str, relays: &[&str]) -> AgentView {
+        AgentView {
+            id: id.into(),
+            namespace: "default".into(),
+            ips: Vec::new(),
+            relays: relays.iter().map(|r| r.to_string()).collect(),
+            tunnels: relays.len(),
+            connected_since: 0,
+            draining: false,
+            sessions: Vec::new(),
+            credential: None,
+        }
+    }
+
+    #[test]
+    fn redundancy_counts_only_live_relays() {
+        let relays = [relay("r1", false), relay("r2", true), relay("r3", false)];
+        let agents = [
+            agent("both-live", &["r1", "r3"]),
+            agent("one-draining", &["r1", "r2"]),
+            agent("alone", &["r3"]),
+        ];
+        assert_eq!(
+            lacking_redundancy(&relays, &agents, 2),
+            ["default/one-draining (on r1,r2)", "default/alone (on r3)"]
+        );
+        // Fewer live relays than wanted: every live relay is enough.
+        let relays = [relay("r1", false), relay("r2", true)];
+        assert!(lacking_redundancy(&relays, &[agent("a", &["r1", "r2"])], 2).is_empty());
+        assert_eq!(
+            lacking_redundancy(&relays, &[agent("a", &["r2"])], 2),
+            ["default/a (on r2)"]
+        );
+    }
 }

@@ -24,6 +24,10 @@ use crate::protocol::{self, close, Hello, Message, Welcome};
 const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
 /// Pongs a tunnel may miss before the agent gives up on it and redials.
 const MAX_MISSED_PONGS: u32 = 3;
+/// How long a draining relay's tunnel keeps taking new streams once a replacement tunnel is up:
+/// the replacement's routes reach the draining relay and the gateways through the registry in
+/// about this time, and until they do, the draining relay is the only owner they know of.
+const DRAIN_LINGER: Duration = Duration::from_secs(1);
 
 /// What the agent shares between its tunnel slots.
 struct Shared {
@@ -183,6 +187,10 @@ impl Shared {
     async fn run_slot(self: Arc<Self>, slot: usize, shutdown: CancellationToken) {
         let mut backoff = Backoff::new(self.config.reconnect_min, self.config.reconnect_max);
         let mut live = self.live_relays.subscribe();
+        // The address of the relay this slot's last tunnel was lost to (not drained): dialled
+        // last, so a dead or unreachable relay does not cost the slot a whole dial timeout
+        // before a live one is tried.
+        let mut lost: Option<SocketAddr> = None;
         // Slots start staggered so the first tunnel's Welcome can tell the others the cluster size.
         if slot > 0 {
             tokio::select! {
@@ -206,7 +214,7 @@ impl Shared {
             // signal must not wait for it: dropping the dial drops its endpoint and socket.
             let dialled = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                dialled = self.dial(slot) => dialled,
+                dialled = self.dial(slot, lost) => dialled,
             };
             match dialled {
                 Ok(tunnel) => {
@@ -240,8 +248,10 @@ impl Shared {
                         self.tunnels_up.send_modify(|n| *n += 1);
                         crate::metrics::metrics().agent_tunnels.inc();
                         let relay_id = tunnel.welcome.relay_id.clone();
+                        let remote = tunnel.connection.remote_address();
                         tracing::info!(%relay_id, session_id = %tunnel.welcome.session_id, "tunnel up");
                         let result = self.serve(tunnel, &shutdown).await;
+                        lost = result.is_err().then_some(remote);
                         self.tunnels_up.send_modify(|n| *n -= 1);
                         crate::metrics::metrics().agent_tunnels.dec();
                         self.lock_held().remove(&slot);
@@ -267,7 +277,7 @@ impl Shared {
     /// Addresses other slots' tunnels go to are left out when any other address is left: with
     /// a list of relay addresses they only lead to a relay already held. Behind one load-balanced
     /// address (every address held) all are dialled.
-    async fn dial(&self, slot: usize) -> anyhow::Result<Tunnel> {
+    async fn dial(&self, slot: usize, lost: Option<SocketAddr>) -> anyhow::Result<Tunnel> {
         let mut addrs = self.resolve_relays().await?;
         let held: Vec<SocketAddr> = self
             .lock_held()
@@ -278,6 +288,9 @@ impl Shared {
         if addrs.iter().any(|a| !held.contains(a)) {
             addrs.retain(|a| !held.contains(a));
         }
+        // The address the slot's tunnel was just lost to goes last (a stable sort keeps the
+        // shuffle among the others).
+        addrs.sort_by_key(|a| Some(*a) == lost);
         let mut last_err = None;
         for addr in addrs {
             let started = std::time::Instant::now();
@@ -357,7 +370,11 @@ impl Shared {
     /// Serves relay-opened streams and pings the relay until the tunnel ends, the relay drains, or
     /// `shutdown`. A draining relay's tunnel is wound down in the background (its in-flight streams
     /// finish) while the slot dials a replacement at once.
-    async fn serve(&self, tunnel: Tunnel, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    async fn serve(
+        self: &Arc<Self>,
+        tunnel: Tunnel,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
         let Tunnel {
             endpoint,
             connection,
@@ -450,25 +467,114 @@ impl Shared {
             // The tunnel is gone: its streams are gone with it.
             _ => Duration::ZERO,
         };
-        let wind_down = async move {
-            let _ = tokio::time::timeout(grace, streams.wait()).await;
-            connection.close(close::SHUTDOWN.into(), b"agent closing tunnel");
-            let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        if let Ok(Some(grace)) = result {
+            // A draining relay that is this agent's only owner keeps opening streams on this
+            // tunnel until the replacement is up: serve them in the background while the slot
+            // dials the replacement. The control stream stays open until then, so the relay
+            // keeps the session (and its routes, marked draining).
+            let policy = stream::Policy {
+                ips: self.ips.clone(),
+                ports: self.config.ports.clone(),
+                session_id: welcome.session_id,
+                connect_timeout: self.config.connect_timeout,
+            };
+            let draining = Draining {
+                endpoint,
+                connection,
+                control: (send, recv),
+                streams,
+                policy,
+            };
+            self.winding_down
+                .spawn(self.clone().drain_tunnel(draining, grace));
+            return Ok(());
+        }
+        drop((send, recv));
+        let _ = tokio::time::timeout(grace, streams.wait()).await;
+        connection.close(close::SHUTDOWN.into(), b"agent closing tunnel");
+        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        result.map(|_| ())
+    }
+}
+
+/// A draining relay's tunnel being wound down.
+struct Draining {
+    endpoint: quinn::Endpoint,
+    connection: quinn::Connection,
+    control: (quinn::SendStream, quinn::RecvStream),
+    streams: TaskTracker,
+    policy: stream::Policy,
+}
+
+impl Shared {
+    /// Whether the agent holds as many tunnels as it wants, none of them on a draining relay
+    /// (a draining relay's slot no longer counts as held).
+    fn replaced(&self) -> bool {
+        let held = self.lock_held().len();
+        held > 0 && held >= self.wanted()
+    }
+
+    /// Winds down a draining relay's tunnel: keeps serving the streams the relay opens (it opens
+    /// new ones only while it is the agent's only owner) until a replacement tunnel has been up
+    /// for [`DRAIN_LINGER`] and no stream is in flight, or until `grace` runs out or the relay
+    /// closes the tunnel; then closes it.
+    async fn drain_tunnel(self: Arc<Self>, tunnel: Draining, grace: Duration) {
+        let Draining {
+            endpoint,
+            connection,
+            control: (mut send, recv),
+            streams,
+            policy,
+        } = tunnel;
+        let deadline = tokio::time::Instant::now() + grace;
+        let serve = |send, recv| {
+            let policy = stream::Policy {
+                ips: policy.ips.clone(),
+                ports: policy.ports.clone(),
+                session_id: policy.session_id,
+                connect_timeout: policy.connect_timeout,
+            };
+            streams.spawn(stream::serve(send, recv, policy));
         };
-        match result {
-            Ok(Some(_)) => {
-                self.winding_down.spawn(wind_down);
-                Ok(())
+        let mut replaced_at: Option<tokio::time::Instant> = None;
+        loop {
+            let now = tokio::time::Instant::now();
+            if !self.replaced() {
+                replaced_at = None;
+            } else if replaced_at.is_none() {
+                replaced_at = Some(now);
             }
-            Ok(None) => {
-                wind_down.await;
-                Ok(())
+            if streams.is_empty() && replaced_at.is_some_and(|at| now >= at + DRAIN_LINGER) {
+                break;
             }
-            Err(err) => {
-                wind_down.await;
-                Err(err)
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => break,
+                accepted = connection.accept_bi() => match accepted {
+                    Ok((send, recv)) => serve(send, recv),
+                    // The relay closed the tunnel (its drain ended): nothing more will come.
+                    Err(_) => break,
+                },
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
         }
+        // Ending the control stream ends the session at the relay (its routes go); a stream the
+        // relay opened in that instant is still served.
+        let _ = send.finish();
+        drop(recv);
+        let settle = tokio::time::Instant::now() + Duration::from_millis(500);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(settle.min(deadline)) => break,
+                accepted = connection.accept_bi() => match accepted {
+                    Ok((send, recv)) => serve(send, recv),
+                    Err(_) => break,
+                },
+            }
+        }
+        streams.close();
+        let _ = tokio::time::timeout_at(deadline, streams.wait()).await;
+        connection.close(close::SHUTDOWN.into(), b"agent closing tunnel");
+        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     }
 }
 

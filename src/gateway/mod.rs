@@ -200,7 +200,17 @@ async fn accept_loop(
 ) {
     loop {
         let (tcp, client) = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => {
+                // Connections the kernel completed before the drain began wait in the backlog;
+                // closing the listener would reset them. They are clients like any other: serve
+                // them (a zero timeout polls `accept` once).
+                while let Ok(Ok((tcp, client))) =
+                    tokio::time::timeout(Duration::ZERO, listener.accept()).await
+                {
+                    serve_client(&gateway, front, tcp, client, &shutdown, &tasks);
+                }
+                return;
+            }
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(err) => {
@@ -211,32 +221,44 @@ async fn accept_loop(
                 }
             },
         };
-        let slot = match gateway.access.admit(client.ip()) {
-            Ok(slot) => slot,
-            Err(why) => {
-                tracing::info!(%client, front = front.as_str(), why, "client refused");
-                crate::splice::abort(tcp);
-                continue;
-            }
-        };
-        let Ok(permit) = gateway.connections.clone().try_acquire_owned() else {
-            tracing::warn!(%client, limit = gateway.config.max_connections, "connection limit reached; refusing client");
-            crate::splice::abort(tcp);
-            continue;
-        };
-        let gateway = gateway.clone();
-        let shutdown = shutdown.clone();
-        tasks.spawn(async move {
-            let active = &crate::metrics::metrics().active_client_connections;
-            active.inc();
-            match front {
-                Front::Socks5 => socks::serve(gateway, tcp, client).await,
-                Front::Http => http::serve(gateway, tcp, client, shutdown).await,
-            }
-            active.dec();
-            drop((slot, permit));
-        });
+        serve_client(&gateway, front, tcp, client, &shutdown, &tasks);
     }
+}
+
+/// Admits one accepted client (allowlist, global and per-client limits) and serves it in a task.
+fn serve_client(
+    gateway: &Arc<Gateway>,
+    front: Front,
+    tcp: tokio::net::TcpStream,
+    client: std::net::SocketAddr,
+    shutdown: &CancellationToken,
+    tasks: &TaskTracker,
+) {
+    let slot = match gateway.access.admit(client.ip()) {
+        Ok(slot) => slot,
+        Err(why) => {
+            tracing::info!(%client, front = front.as_str(), why, "client refused");
+            crate::splice::abort(tcp);
+            return;
+        }
+    };
+    let Ok(permit) = gateway.connections.clone().try_acquire_owned() else {
+        tracing::warn!(%client, limit = gateway.config.max_connections, "connection limit reached; refusing client");
+        crate::splice::abort(tcp);
+        return;
+    };
+    let gateway = gateway.clone();
+    let shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        let active = &crate::metrics::metrics().active_client_connections;
+        active.inc();
+        match front {
+            Front::Socks5 => socks::serve(gateway, tcp, client).await,
+            Front::Http => http::serve(gateway, tcp, client, shutdown).await,
+        }
+        active.dec();
+        drop((slot, permit));
+    });
 }
 
 /// The access log: one line per proxied connection. `transferred` is what moved before the end,

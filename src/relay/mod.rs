@@ -3,7 +3,9 @@
 //! process directly, for other gateways and relays through its peer endpoint ([`peer`]).
 //!
 //! Drain (SIGTERM): the relay marks itself and its routes draining, tells every agent (which opens a
-//! replacement tunnel elsewhere first), refuses new streams and tunnels, lets in-flight streams finish
+//! replacement tunnel elsewhere first), refuses new tunnels, keeps serving new streams on the tunnels
+//! agents still hold on it (each agent ends its tunnel once its replacement is up and known, so an
+//! agent this relay is the only owner of stays reachable meanwhile), lets in-flight streams finish
 //! within the grace period, then revokes its lease and closes.
 
 pub mod admission;
@@ -403,10 +405,12 @@ impl Relay {
         let grace = self.config.drain_grace;
         tracing::info!(relay_id = %self.config.id, tunnels = sessions.len(), in_flight = self.in_flight(),
             grace_ms = grace.as_millis() as u64, "draining");
-        // Agents close their tunnel here once their in-flight streams are done (after opening a
-        // replacement elsewhere); wait for that, or for the grace period.
+        // Agents end their tunnel here once a replacement elsewhere is up and their in-flight
+        // streams are done (until then this relay keeps serving them); wait for that, or for the
+        // grace period. With no other live relay there is nowhere to move: only the streams in
+        // flight are waited for.
         let deadline = tokio::time::Instant::now() + grace;
-        let busy = || self.in_flight() > 0 || !self.sessions.is_empty();
+        let busy = || self.in_flight() > 0 || (!self.sessions.is_empty() && self.live_elsewhere());
         while busy() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -843,9 +847,10 @@ impl Relay {
         target: SocketAddr,
         session_id: Option<u64>,
     ) -> Result<Tunnelled, Code> {
-        if self.is_draining() {
-            return Err(Code::Draining);
-        }
+        // A draining relay keeps serving the tunnels agents still hold on it: an agent ends its
+        // tunnel once its replacement elsewhere is up and known (see `agent::DRAIN_LINGER`), and
+        // gateways try a draining owner only when they know no other. Refusing earlier failed
+        // the connections of an agent whose only owner this relay was.
         let guard = InFlight::new(&self.in_flight);
         let candidates = match session_id {
             Some(id) => match self.sessions.get(id) {
@@ -863,6 +868,15 @@ impl Relay {
             }
         }
         Err(last)
+    }
+
+    /// Whether a relay other than this one is registered and not draining: somewhere agents
+    /// can move their tunnels to.
+    fn live_elsewhere(&self) -> bool {
+        self.cache
+            .relays()
+            .iter()
+            .any(|r| !r.draining && r.id != self.config.id)
     }
 
     /// Whether this relay has a session for `(namespace, ip)`.

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+pub use crate::process::roles::*;
 pub use crate::process::*;
 
 pub const TOKEN: &str = "cluster-test-token-0123456789";
@@ -150,42 +151,21 @@ impl Cluster {
         let id = format!("relay-{i}");
         let (port, peer_port) = (free_udp_port(), free_udp_port());
         let config = self.path(&format!("{id}.toml"));
-        let b = &self.bundle;
-        std::fs::write(
-            &config,
-            format!(
-                r#"
-[relay]
-id = "{id}"
-listen = "127.0.0.1:{port}"
-cert = "{cert}"
-key = "{key}"
-peer_listen = "127.0.0.1:{peer_port}"
-drain_grace = "5s"
-[[relay.agents]]
-name = "test"
-token_sha256 = "{hash}"
-allow = ["127.{net}.0.0/16"]
-[peer]
-ca = "{ca}"
-[registry]
-kind = "etcd"
-endpoints = ["{etcd}"]
-lease_ttl = "{ttl}s"
-{etcd_tls}[admin]
-listen = "127.0.0.1:0"
-"#,
-                cert = Self::p(&b.relay_cert),
-                key = Self::p(&b.relay_key),
-                hash = postern::config::token_hash(TOKEN),
-                net = self.net,
-                ca = Self::p(&b.ca),
-                etcd = self.etcd.url,
-                etcd_tls = self.etcd.registry_toml(),
-                ttl = LEASE_TTL.as_secs(),
-            ),
-        )
-        .unwrap();
+        let pki = Pki::from(&self.bundle);
+        let allow = format!("127.{}.0.0/16", self.net);
+        let mut relay = Relay::new(
+            &id,
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            &pki,
+            vec![Credential::new("test", TOKEN, &[&allow])],
+        );
+        relay.peer_listen = Some(SocketAddr::from(([127, 0, 0, 1], peer_port)));
+        relay.drain_grace = Some(Duration::from_secs(5));
+        let mut registry = self.etcd.registry();
+        registry.lease_ttl = Some(LEASE_TTL);
+        let mut role = RelayRole::new(relay, &pki, registry);
+        role.admin = Some("127.0.0.1:0".into());
+        std::fs::write(&config, role.toml()).unwrap();
         self.relays.push(RelaySlot {
             id,
             port,
@@ -212,31 +192,9 @@ listen = "127.0.0.1:0"
 
     async fn add_gateway(&mut self, i: usize) {
         let config = self.path(&format!("gateway-{i}.toml"));
-        let b = &self.bundle;
-        std::fs::write(
-            &config,
-            format!(
-                r#"
-[gateway]
-socks5 = "127.0.0.1:0"
-[peer]
-ca = "{ca}"
-cert = "{cert}"
-key = "{key}"
-[registry]
-kind = "etcd"
-endpoints = ["{etcd}"]
-{etcd_tls}[admin]
-listen = "127.0.0.1:0"
-"#,
-                ca = Self::p(&b.ca),
-                cert = Self::p(&b.peer_cert),
-                key = Self::p(&b.peer_key),
-                etcd = self.etcd.url,
-                etcd_tls = self.etcd.registry_toml(),
-            ),
-        )
-        .unwrap();
+        let pki = Pki::from(&self.bundle);
+        let role = GatewayRole::new(IpAddr::V4(Ipv4Addr::LOCALHOST), &pki, self.etcd.registry());
+        std::fs::write(&config, role.toml()).unwrap();
         let log = self.path(&format!("gateway-{i}.log"));
         let mut proc = Proc::spawn(
             &format!("gateway-{i}"),
@@ -254,39 +212,31 @@ listen = "127.0.0.1:0"
         let id = format!("agent-{i}");
         let ip = Ipv4Addr::new(127, self.net, 0, (i + 1) as u8);
         let echo = Echo::start(ip).await;
-        let relays: Vec<String> = self
+        let relays: Vec<SocketAddr> = self
             .relays
             .iter()
-            .map(|r| format!("\"127.0.0.1:{}\"", r.port))
+            .map(|r| SocketAddr::from(([127, 0, 0, 1], r.port)))
             .collect();
         let config = self.path(&format!("{id}.toml"));
-        std::fs::write(
-            &config,
-            format!(
-                r#"
-id = "{id}"
-relays = [{relays}]
-server_name = "postern-relay"
-ca = "{ca}"
-token = "env:POSTERN_TEST_TOKEN"
-ips = ["{ip}"]
-ports = ["{port}"]
-redundancy = 2
-reconnect_min = "100ms"
-reconnect_max = "1s"
-drain_grace = "3s"
-[transport]
-idle_timeout = "3s"
-keep_alive = "500ms"
-[admin]
-listen = "127.0.0.1:0"
-"#,
-                relays = relays.join(", "),
-                ca = Self::p(&self.bundle.ca),
-                port = echo.addr.port(),
-            ),
-        )
-        .unwrap();
+        let mut role = AgentRole::new(
+            &id,
+            &relays,
+            &Pki::from(&self.bundle),
+            "POSTERN_TEST_TOKEN",
+            IpAddr::V4(ip),
+            &[echo.addr.port()],
+        );
+        // Tuned for quick failover (see LEASE_TTL): the chaos suite measures the shipped ones.
+        role.redundancy = Some(2);
+        role.reconnect_min = Some(Duration::from_millis(100));
+        role.reconnect_max = Some(Duration::from_secs(1));
+        role.drain_grace = Some(Duration::from_secs(3));
+        role.admin = Some("127.0.0.1:0".into());
+        role.extra = transport(&[
+            ("idle_timeout", Duration::from_secs(3)),
+            ("keep_alive", Duration::from_millis(500)),
+        ]);
+        std::fs::write(&config, role.toml()).unwrap();
         self.agents.push(AgentSlot {
             id,
             ip,

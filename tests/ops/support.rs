@@ -5,7 +5,7 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+pub use crate::process::roles::*;
 pub use crate::process::*;
 
 pub const TOKEN: &str = "ops-test-agent-token-0123456789";
@@ -52,20 +53,7 @@ impl Workdir {
 
     /// Prints the tail of every `*.log` (call before a failing assertion).
     pub fn dump_logs(&self) {
-        let Ok(entries) = std::fs::read_dir(self.dir.path()) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.extension().is_some_and(|e| e == "log") {
-                let text = std::fs::read_to_string(&path).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(30).collect();
-                eprintln!("==== {} (last {} lines)", path.display(), tail.len());
-                for line in tail.iter().rev() {
-                    eprintln!("{line}");
-                }
-            }
-        }
+        dump_logs(self.dir.path(), 30);
     }
 }
 
@@ -302,39 +290,45 @@ listen = "127.0.0.1:0"
     text
 }
 
-/// A relay alone (etcd registry) on fixed ports so that agents can be pointed at it first.
+fn pki(w: &Workdir) -> Pki {
+    Pki::from(&w.pki)
+}
+
+fn drain_grace(drain: &str) -> Option<Duration> {
+    Some(humantime::parse_duration(drain).expect("a drain grace like \"5s\""))
+}
+
+/// The relay table these suites use: on `127.0.0.1:port` (0: any), the ops token allowed in
+/// `127.net.0.0/16`, a peer endpoint on any port.
+fn ops_relay(w: &Workdir, id: &str, port: u16, net: u8, drain: &str) -> Relay {
+    let allow = format!("127.{net}.0.0/16");
+    let mut relay = Relay::new(
+        id,
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        &pki(w),
+        vec![Credential::new("ops", TOKEN, &[&allow])],
+    );
+    relay.peer_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    relay.drain_grace = drain_grace(drain);
+    relay
+}
+
+/// A relay alone (etcd registry) on fixed ports so that agents can be pointed at it first, with a
+/// lease TTL of 4 s (set `registry.lease_ttl = None` for the shipped one).
+pub fn relay_role(w: &Workdir, id: &str, port: u16, etcd: &str, net: u8, drain: &str) -> RelayRole {
+    let mut registry = Registry::etcd(etcd);
+    registry.lease_ttl = Some(Duration::from_secs(4));
+    let mut role = RelayRole::new(ops_relay(w, id, port, net, drain), &pki(w), registry);
+    role.admin = Some("127.0.0.1:0".into());
+    role
+}
+
 pub fn relay_toml(w: &Workdir, id: &str, port: u16, etcd: &str, net: u8, drain: &str) -> String {
-    format!(
-        r#"
-[relay]
-id = "{id}"
-listen = "127.0.0.1:{port}"
-cert = "{cert}"
-key = "{key}"
-peer_listen = "127.0.0.1:0"
-drain_grace = "{drain}"
-[[relay.agents]]
-name = "ops"
-token_sha256 = "{hash}"
-allow = ["127.{net}.0.0/16"]
-[peer]
-ca = "{ca}"
-[registry]
-kind = "etcd"
-endpoints = ["{etcd}"]
-lease_ttl = "4s"
-[admin]
-listen = "127.0.0.1:0"
-"#,
-        cert = p(&w.pki.relay_cert),
-        key = p(&w.pki.relay_key),
-        hash = postern::config::token_hash(TOKEN),
-        ca = p(&w.pki.ca),
-    )
+    relay_role(w, id, port, etcd, net, drain).toml()
 }
 
 /// A `postern server` (relay + gateway) registered in etcd, its relay on `port` (0: any), agents
-/// allowed in `127.net.0.0/16`.
+/// allowed in `127.net.0.0/16`, lease TTL 4 s.
 pub fn server_etcd_toml(
     w: &Workdir,
     id: &str,
@@ -343,62 +337,54 @@ pub fn server_etcd_toml(
     net: u8,
     drain: &str,
 ) -> String {
-    format!(
-        r#"
-[relay]
-id = "{id}"
-listen = "127.0.0.1:{port}"
-cert = "{cert}"
-key = "{key}"
-peer_listen = "127.0.0.1:0"
-drain_grace = "{drain}"
-[[relay.agents]]
-name = "ops"
-token_sha256 = "{hash}"
-allow = ["127.{net}.0.0/16"]
-[gateway]
-socks5 = "127.0.0.1:0"
-drain_grace = "{drain}"
-[peer]
-ca = "{ca}"
-cert = "{peer_cert}"
-key = "{peer_key}"
-[registry]
-kind = "etcd"
-endpoints = ["{etcd}"]
-lease_ttl = "4s"
-[admin]
-listen = "127.0.0.1:0"
-"#,
-        cert = p(&w.pki.relay_cert),
-        key = p(&w.pki.relay_key),
-        hash = postern::config::token_hash(TOKEN),
-        ca = p(&w.pki.ca),
-        peer_cert = p(&w.pki.peer_cert),
-        peer_key = p(&w.pki.peer_key),
-    )
+    let mut registry = Registry::etcd(etcd);
+    registry.lease_ttl = Some(Duration::from_secs(4));
+    let mut role = ServerRole::clustered(ops_relay(w, id, port, net, drain), &pki(w), registry);
+    role.gateway.drain_grace = drain_grace(drain);
+    role.admin = Some("127.0.0.1:0".into());
+    role.toml()
 }
 
 pub fn gateway_toml(w: &Workdir, etcd: &str, drain: &str) -> String {
-    format!(
-        r#"
-[gateway]
-socks5 = "127.0.0.1:0"
-drain_grace = "{drain}"
-[peer]
-ca = "{ca}"
-cert = "{cert}"
-key = "{key}"
-[registry]
-kind = "etcd"
-endpoints = ["{etcd}"]
-[admin]
-listen = "127.0.0.1:0"
-"#,
-        ca = p(&w.pki.ca),
-        cert = p(&w.pki.peer_cert),
-        key = p(&w.pki.peer_key),
-    )
+    let mut role = GatewayRole::new(
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        &pki(w),
+        Registry::etcd(etcd),
+    );
+    role.gateway.drain_grace = drain_grace(drain);
+    role.admin = Some("127.0.0.1:0".into());
+    role.toml()
+}
+
+/// An agent with quick reconnects (100–500 ms) and a quick transport (idle 3 s, keep-alive
+/// 500 ms); set them to `None` / clear `extra` for the shipped ones.
+pub fn agent_role(
+    w: &Workdir,
+    id: &str,
+    relays: &[SocketAddr],
+    ip: Ipv4Addr,
+    ports: &[u16],
+    redundancy: u32,
+    drain: &str,
+) -> AgentRole {
+    let mut role = AgentRole::new(
+        id,
+        relays,
+        &pki(w),
+        "POSTERN_TEST_TOKEN",
+        IpAddr::V4(ip),
+        ports,
+    );
+    role.redundancy = Some(redundancy);
+    role.reconnect_min = Some(Duration::from_millis(100));
+    role.reconnect_max = Some(Duration::from_millis(500));
+    role.drain_grace = drain_grace(drain);
+    role.admin = Some("127.0.0.1:0".into());
+    role.extra = transport(&[
+        ("idle_timeout", Duration::from_secs(3)),
+        ("keep_alive", Duration::from_millis(500)),
+    ]);
+    role
 }
 
 pub fn agent_toml(
@@ -410,31 +396,7 @@ pub fn agent_toml(
     redundancy: u32,
     drain: &str,
 ) -> String {
-    let relays: Vec<String> = relays.iter().map(|r| format!("\"{r}\"")).collect();
-    let ports: Vec<String> = ports.iter().map(|p| format!("\"{p}\"")).collect();
-    format!(
-        r#"
-id = "{id}"
-relays = [{relays}]
-server_name = "postern-relay"
-ca = "{ca}"
-token = "env:POSTERN_TEST_TOKEN"
-ips = ["{ip}"]
-ports = [{ports}]
-redundancy = {redundancy}
-reconnect_min = "100ms"
-reconnect_max = "500ms"
-drain_grace = "{drain}"
-[transport]
-idle_timeout = "3s"
-keep_alive = "500ms"
-[admin]
-listen = "127.0.0.1:0"
-"#,
-        relays = relays.join(", "),
-        ca = p(&w.pki.ca),
-        ports = ports.join(", "),
-    )
+    agent_role(w, id, relays, ip, ports, redundancy, drain).toml()
 }
 
 /// A server (memory registry) with one agent and its echo service at `127.net.0.1`: the usual

@@ -16,6 +16,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
 
+pub mod faults;
+pub mod roles;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_postern");
 /// How long a process may take to print its first line, or etcd to answer.
 pub const STARTUP: Duration = Duration::from_secs(20);
@@ -41,6 +44,24 @@ where
 
 pub fn free_udp_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A UDP port free on `ip` at the time of asking.
+pub fn free_udp_port_on(ip: Ipv4Addr) -> u16 {
+    std::net::UdpSocket::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A TCP port free on `ip` at the time of asking.
+pub fn free_tcp_port_on(ip: Ipv4Addr) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
         .unwrap()
         .local_addr()
         .unwrap()
@@ -143,6 +164,24 @@ impl Proc {
     }
 }
 
+/// Prints the last `lines` lines of every `*.log` in `dir` (call before a failing assertion).
+pub fn dump_logs(dir: &Path, lines: usize) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "log") {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(lines).collect();
+            eprintln!("==== {} (last {} lines)", path.display(), tail.len());
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
 /// The address a `ready relay=… peer=… socks5=… http=… admin=…` line gives for `key`.
 pub fn ready_addr(line: &str, key: &str) -> SocketAddr {
     line.split_whitespace()
@@ -156,6 +195,7 @@ pub fn ready_addr(line: &str, key: &str) -> SocketAddr {
 /// stopped and started again on the same ports and data.
 pub struct Etcd {
     pub url: String,
+    host: Ipv4Addr,
     dir: PathBuf,
     client_port: u16,
     peer_port: u16,
@@ -217,12 +257,18 @@ impl EtcdTls {
 impl Etcd {
     /// Chooses the ports; nothing listens on them until [`Etcd::start`].
     pub fn planned(dir: &Path) -> Etcd {
-        let client_port = free_tcp_port();
+        Etcd::planned_on(dir, Ipv4Addr::LOCALHOST)
+    }
+
+    /// [`Etcd::planned`] on loopback address `ip`.
+    pub fn planned_on(dir: &Path, ip: Ipv4Addr) -> Etcd {
+        let client_port = free_tcp_port_on(ip);
         Etcd {
-            url: format!("http://127.0.0.1:{client_port}"),
+            url: format!("http://{ip}:{client_port}"),
+            host: ip,
             dir: dir.join("etcd-data"),
             client_port,
-            peer_port: free_tcp_port(),
+            peer_port: free_tcp_port_on(ip),
             proc: None,
             log: dir.join("etcd.log"),
             tls: None,
@@ -231,6 +277,13 @@ impl Etcd {
 
     pub async fn started(dir: &Path) -> Etcd {
         let mut etcd = Etcd::planned(dir);
+        etcd.start().await;
+        etcd
+    }
+
+    /// [`Etcd::started`] on loopback address `ip`.
+    pub async fn started_on(dir: &Path, ip: Ipv4Addr) -> Etcd {
+        let mut etcd = Etcd::planned_on(dir, ip);
         etcd.start().await;
         etcd
     }
@@ -256,6 +309,16 @@ impl Etcd {
                 tls.client.1.display()
             ),
         }
+    }
+
+    /// The `[registry]` of a postern config that reaches this etcd (its TLS files included).
+    pub fn registry(&self) -> roles::Registry {
+        let mut r = roles::Registry::etcd(&self.url);
+        if let Some(tls) = &self.tls {
+            r.ca = Some(tls.ca.clone());
+            r.client = Some(tls.client.clone());
+        }
+        r
     }
 
     /// What postern's own etcd registry needs to reach this etcd.
@@ -286,7 +349,7 @@ impl Etcd {
             "the `etcd` binary is missing: install Debian's etcd-server (scripts/deps does)"
         );
         let client = self.url.clone();
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let peer = format!("http://{}:{}", self.host, self.peer_port);
         let initial = format!("test={peer}");
         let mut args = vec![
             "--name",
@@ -421,7 +484,25 @@ pub async fn socks_connect(
     login: Option<(&str, &str)>,
     target: SocketAddr,
 ) -> Result<TcpStream, u8> {
-    let mut tcp = TcpStream::connect(proxy).await.map_err(|_| 0xff)?;
+    socks_connect_from(None, proxy, login, target).await
+}
+
+/// [`socks_connect`] from the local address `from` (a client of its own to the gateway's
+/// per-client limits), or any when `None`.
+pub async fn socks_connect_from(
+    from: Option<IpAddr>,
+    proxy: SocketAddr,
+    login: Option<(&str, &str)>,
+    target: SocketAddr,
+) -> Result<TcpStream, u8> {
+    let mut tcp = match from {
+        None => TcpStream::connect(proxy).await.map_err(|_| 0xff)?,
+        Some(ip) => {
+            let socket = tokio::net::TcpSocket::new_v4().map_err(|_| 0xff)?;
+            socket.bind(SocketAddr::new(ip, 0)).map_err(|_| 0xff)?;
+            socket.connect(proxy).await.map_err(|_| 0xff)?
+        }
+    };
     let method = if login.is_some() { 2 } else { 0 };
     tcp.write_all(&[5, 1, method]).await.map_err(|_| 0xff)?;
     let mut choice = [0u8; 2];

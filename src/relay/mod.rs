@@ -40,6 +40,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// claims held at other relays cannot be checked; past it (a registry outage) only this relay's
 /// own tunnels are checked. Well inside the agent's 3 s dial deadline, which covers the hello.
 const ROUTES_WAIT: Duration = Duration::from_secs(1);
+/// How often a tunnel's control loop checks whether more relays are live than its agent last
+/// heard, and tells it with an unasked pong (agents take a pong at any time; `nonce` 0).
+const ANNOUNCE_INTERVAL: Duration = Duration::from_millis(500);
 
 /// What admitted a hello: the credential, as sessions and routes record it.
 struct Admission {
@@ -614,11 +617,27 @@ impl Relay {
         let mut drain_sent = false;
         // Raced against drain and close below: the reader must not lose a half-read frame.
         let mut frames = protocol::FrameReader::default();
+        // The live-relay count the agent last heard (in its welcome or a pong). When another relay
+        // comes up, an unasked pong tells the agent at once, so a slot idling for want of a second
+        // relay dials within a tick instead of waiting for its next ping.
+        let mut announced = self.live_relays();
+        let mut announce = tokio::time::interval(ANNOUNCE_INTERVAL);
+        announce.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        announce.tick().await;
         loop {
             let msg = tokio::select! {
                 _ = closed.cancelled() => {
                     conn.close(close::DRAINED.into(), b"relay shut down");
                     return Ok(());
+                }
+                _ = announce.tick() => {
+                    let live = self.live_relays();
+                    if live > announced {
+                        let pong = Message::Pong { nonce: 0, live_relays: live };
+                        protocol::write_message(send, &pong).await?;
+                    }
+                    announced = live;
+                    continue;
                 }
                 _ = session.drain.cancelled(), if !drain_sent => {
                     drain_sent = true;
@@ -638,11 +657,12 @@ impl Relay {
             };
             match msg {
                 Ok(Message::Ping { nonce }) => {
+                    announced = self.live_relays();
                     protocol::write_message(
                         send,
                         &Message::Pong {
                             nonce,
-                            live_relays: self.live_relays(),
+                            live_relays: announced,
                         },
                     )
                     .await?

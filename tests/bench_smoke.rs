@@ -24,7 +24,13 @@ impl Drop for Guard {
 /// Starts `postern bench KIND --listen 127.0.0.1:0` and returns it with the address its
 /// `ready KIND=ADDR` line gives.
 fn start(kind: &str) -> (Guard, String) {
+    start_with(&[], kind)
+}
+
+/// [`start`] with global options (`--worker-threads N`) before `bench`.
+fn start_with(options: &[&str], kind: &str) -> (Guard, String) {
     let mut child = Command::new(BIN)
+        .args(options)
         .args(["bench", kind, "--listen", "127.0.0.1:0"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -193,4 +199,22 @@ fn plain_socks5_baseline_proxies_and_refuses() {
     let refused = with(&["connect"], &format!("127.0.0.1:{port}"));
     assert_eq!(refused["ok"], 0);
     positive(&refused, &["errors", "kinds", "socks5: reply 0x05"]);
+}
+
+/// A process with one worker runs its runtime on the main thread alone (no second thread to hand
+/// every wake-up to; docs/performance.md), and still serves: the agent's default.
+#[test]
+fn one_worker_runs_on_the_main_thread_alone() {
+    let (_serve, target) = serve();
+    let (proxy, addr) = start_with(&["--worker-threads", "1"], "socks5");
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", proxy.0.id()))
+        .expect("/proc/PID/task")
+        .count();
+    assert_eq!(tasks, 1, "threads of a one-worker process");
+    let via = format!("socks5://{addr}");
+    let mut args = vec!["connect", "--via", &via, "--target", &target];
+    args.extend(TINY);
+    let connect = bench(&args);
+    positive(&connect, &["ok"]);
+    no_errors(&connect);
 }

@@ -87,6 +87,12 @@ pub enum Command {
         /// JSON lines: {"path": …, "test": …, "result": {…}}.
         results: PathBuf,
     },
+    /// Renders the same results as the table against the peers (rathole, microsocks): a row per
+    /// path, and postern's ratio to each peer.
+    Peers {
+        /// JSON lines: {"path": …, "test": …, "result": {…}}.
+        results: PathBuf,
+    },
 }
 
 /// Runs one bench command until it is done or `shutdown`.
@@ -122,6 +128,12 @@ pub async fn run(command: Command, shutdown: CancellationToken) -> anyhow::Resul
             let text = std::fs::read_to_string(&results)
                 .map_err(|e| anyhow::anyhow!("reading {}: {e}", results.display()))?;
             print!("{}", report::table(&text)?);
+            Ok(())
+        }
+        Command::Peers { results } => {
+            let text = std::fs::read_to_string(&results)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", results.display()))?;
+            print!("{}", report::peers_table(&text)?);
             Ok(())
         }
     }

@@ -302,10 +302,8 @@ fn median(runs: &[Value], value: fn(&Value) -> Option<f64>) -> Option<f64> {
     })
 }
 
-/// Renders the JSON-lines results of `scripts/bench` (`{"path", "test", "result"}` per line) as one
-/// markdown table: a row per metric, a column per path, the ratios, and the issue's target. A test
-/// recorded several times (repeated runs) shows the median of its runs; errors are summed.
-pub fn table(results: &str) -> anyhow::Result<String> {
+/// The JSON-lines results of `scripts/bench` by (path, test), every run of each in order.
+fn parse_results(results: &str) -> anyhow::Result<BTreeMap<(String, String), Vec<Value>>> {
     let mut found: BTreeMap<(String, String), Vec<Value>> = BTreeMap::new();
     for (i, line) in results.lines().enumerate() {
         if line.trim().is_empty() {
@@ -321,6 +319,233 @@ pub fn table(results: &str) -> anyhow::Result<String> {
             .or_default()
             .push(record["result"].clone());
     }
+    Ok(found)
+}
+
+/// A column of the table against the peers.
+struct PeerColumn {
+    label: &'static str,
+    test: &'static str,
+    value: fn(&Value) -> Option<f64>,
+    better: Better,
+    decimals: usize,
+}
+
+const PEER_COLUMNS: &[PeerColumn] = &[
+    PeerColumn {
+        label: "1 conn Gbit/s",
+        test: "tput1",
+        value: |v| num(v, &["gbit_per_s"]),
+        better: Better::Higher,
+        decimals: 2,
+    },
+    PeerColumn {
+        label: "8 conn Gbit/s",
+        test: "tput8",
+        value: |v| num(v, &["gbit_per_s"]),
+        better: Better::Higher,
+        decimals: 2,
+    },
+    PeerColumn {
+        label: "conn/s sequential",
+        test: "connect1",
+        value: |v| num(v, &["connections_per_s"]),
+        better: Better::Higher,
+        decimals: 0,
+    },
+    PeerColumn {
+        label: "conn/s, 8 workers",
+        test: "connect8",
+        value: |v| num(v, &["connections_per_s"]),
+        better: Better::Higher,
+        decimals: 0,
+    },
+    PeerColumn {
+        label: "round trip p50 µs",
+        test: "rtt",
+        value: |v| num(v, &["latency", "p50_us"]),
+        better: Better::Lower,
+        decimals: 1,
+    },
+    PeerColumn {
+        label: "round trip p99 µs",
+        test: "rtt",
+        value: |v| num(v, &["latency", "p99_us"]),
+        better: Better::Lower,
+        decimals: 1,
+    },
+];
+
+/// The rows of the table against the peers: (path in the results, label). The first three are
+/// the machine itself and postern; the rest are the peers postern is compared with.
+const PEER_ROWS: &[(&str, &str)] = &[
+    ("direct", "direct TCP (no proxy)"),
+    ("colocated", "**postern** server + agent"),
+    ("twohop", "**postern** gateway → relay → agent"),
+    ("rathole-tcp", "rathole, TCP transport (no encryption)"),
+    ("rathole-noise", "rathole, Noise transport"),
+    ("rathole-tls", "rathole, TLS transport"),
+    ("microsocks", "microsocks (SOCKS5, no tunnel)"),
+];
+
+/// postern's figure against a peer's: the ratio, and whether postern leads or trails there.
+fn versus(ours: Option<f64>, theirs: Option<f64>, better: Better) -> String {
+    match (ours, theirs) {
+        (Some(a), Some(b)) if b > 0.0 && a.is_finite() => {
+            let ratio = a / b;
+            let ahead = match better {
+                Better::Lower => a < b,
+                _ => a > b,
+            };
+            let word = if a == b {
+                "even"
+            } else if ahead {
+                "leads"
+            } else {
+                "trails"
+            };
+            format!("{ratio:.2}× {word}")
+        }
+        _ => "—".into(),
+    }
+}
+
+/// Renders the results of `scripts/bench` against the peers (rathole over TCP, Noise and TLS,
+/// microsocks): a row per path with the medians of its runs, a line per peer with postern's
+/// co-located figure divided by the peer's, and issue 15's targets with what was measured. A peer
+/// with no runs shows dashes: nothing is made up for it.
+pub fn peers_table(results: &str) -> anyhow::Result<String> {
+    let found = parse_results(results)?;
+    let figure = |path: &str, column: &PeerColumn| -> Option<f64> {
+        let runs = found.get(&(path.to_string(), column.test.to_string()))?;
+        median(runs, column.value)
+    };
+    let errors = |path: &str| -> Option<f64> {
+        let mut total = None;
+        for ((p, _), runs) in &found {
+            if p == path {
+                for n in runs.iter().filter_map(|v| num(v, &["errors", "total"])) {
+                    *total.get_or_insert(0.0) += n;
+                }
+            }
+        }
+        total
+    };
+    let mut out = String::from("| path |");
+    for column in PEER_COLUMNS {
+        out.push_str(&format!(" {} |", column.label));
+    }
+    out.push_str(" errors |\n|---|");
+    out.push_str(&"---:|".repeat(PEER_COLUMNS.len() + 1));
+    out.push('\n');
+    for (path, label) in PEER_ROWS {
+        out.push_str(&format!("| {label} |"));
+        for column in PEER_COLUMNS {
+            out.push_str(&format!(
+                " {} |",
+                fmt_value(figure(path, column), column.decimals)
+            ));
+        }
+        out.push_str(&format!(" {} |\n", fmt_value(errors(path), 0)));
+    }
+    for (path, label) in &PEER_ROWS[3..] {
+        let name = label.split(" (").next().unwrap_or(label);
+        out.push_str(&format!("| postern server + agent ÷ {name} |"));
+        for column in PEER_COLUMNS {
+            let ratio = versus(
+                figure("colocated", column),
+                figure(path, column),
+                column.better,
+            );
+            out.push_str(&format!(" {ratio} |"));
+        }
+        out.push_str(" |\n");
+    }
+
+    // Issue 15's targets, each with what this run measured.
+    let get = |path: &str, test: &str| {
+        let column = PEER_COLUMNS.iter().find(|c| c.test == test)?;
+        figure(path, column)
+    };
+    let rtt = |path: &str| {
+        let runs = found.get(&(path.to_string(), "rtt".to_string()))?;
+        median(runs, |v| num(v, &["latency", "p50_us"]))
+    };
+    let check = |met: Option<bool>| match met {
+        Some(true) => "met",
+        Some(false) => "**not met**",
+        None => "not measured",
+    };
+    let both = |a: Option<f64>, b: Option<f64>| Some((a?, b?));
+    let mut targets: Vec<(String, String, Option<bool>)> = Vec::new();
+    let pair = both(rtt("colocated"), rtt("rathole-tcp"));
+    targets.push((
+        "round trip p50 ≤ rathole TCP's".into(),
+        pair.map_or("—".into(), |(a, b)| format!("{a:.1} µs vs {b:.1} µs")),
+        pair.map(|(a, b)| a <= b),
+    ));
+    let pair = both(get("colocated", "connect8"), get("rathole-tcp", "connect8"));
+    targets.push((
+        "conn/s with 8 workers ≥ rathole TCP's".into(),
+        pair.map_or("—".into(), |(a, b)| format!("{a:.0} vs {b:.0}")),
+        pair.map(|(a, b)| a >= b),
+    ));
+    let ours = get("colocated", "connect1");
+    let noise = get("rathole-noise", "connect1");
+    let tcp = get("rathole-tcp", "connect1");
+    targets.push((
+        "conn/s sequential ≥ rathole Noise's and ≥ 0.8× rathole TCP's".into(),
+        match (ours, noise, tcp) {
+            (Some(a), Some(n), Some(t)) => {
+                format!("{a:.0} vs {n:.0} (Noise) and {:.2}× TCP's {t:.0}", a / t)
+            }
+            _ => "—".into(),
+        },
+        match (ours, noise, tcp) {
+            (Some(a), Some(n), Some(t)) => Some(a >= n && a >= 0.8 * t),
+            _ => None,
+        },
+    ));
+    let pair = both(get("colocated", "tput8"), get("colocated", "tput1"));
+    targets.push((
+        "8-connection throughput ≥ 1.3× 1-connection".into(),
+        pair.map_or("—".into(), |(a, b)| format!("{:.2}×", a / b)),
+        pair.map(|(a, b)| a >= 1.3 * b),
+    ));
+    let pair = both(get("twohop", "tput1"), get("colocated", "tput1"));
+    targets.push((
+        "two-hop throughput ≥ 70% of co-located".into(),
+        pair.map_or("—".into(), |(a, b)| format!("{:.0}%", 100.0 * a / b)),
+        pair.map(|(a, b)| a >= 0.7 * b),
+    ));
+    let ours = get("colocated", "tput1");
+    let encrypted: Vec<f64> = ["rathole-noise", "rathole-tls"]
+        .iter()
+        .filter_map(|p| get(p, "tput1"))
+        .collect();
+    targets.push((
+        "1-connection throughput ≥ every encrypted peer's".into(),
+        match (ours, encrypted.iter().copied().reduce(f64::max)) {
+            (Some(a), Some(best)) => format!("{a:.2} vs best {best:.2} Gbit/s"),
+            _ => "—".into(),
+        },
+        match (ours, encrypted.len()) {
+            (Some(a), 2) => Some(encrypted.iter().all(|&b| a >= b)),
+            _ => None,
+        },
+    ));
+    out.push_str("\n| target (issue 15) | measured | |\n|---|---|---|\n");
+    for (target, measured, met) in targets {
+        out.push_str(&format!("| {target} | {measured} | {} |\n", check(met)));
+    }
+    Ok(out)
+}
+
+/// Renders the JSON-lines results of `scripts/bench` (`{"path", "test", "result"}` per line) as one
+/// markdown table: a row per metric, a column per path, the ratios, and the issue's target. A test
+/// recorded several times (repeated runs) shows the median of its runs; errors are summed.
+pub fn table(results: &str) -> anyhow::Result<String> {
+    let found = parse_results(results)?;
     let runs = |path: &str, test: &str| -> &[Value] {
         found
             .get(&(path.to_string(), test.to_string()))
@@ -532,5 +757,38 @@ mod tests {
             "{t}"
         );
         assert!(table("not json").is_err());
+    }
+
+    #[test]
+    fn peers_table_compares_postern_with_each_peer_and_fakes_no_missing_one() {
+        let lines = [
+            r#"{"path":"colocated","test":"rtt","result":{"latency":{"p50_us":90.0}}}"#,
+            r#"{"path":"rathole-tcp","test":"rtt","result":{"latency":{"p50_us":100.0}}}"#,
+            r#"{"path":"colocated","test":"connect1","result":{"connections_per_s":1000.0,"errors":{"total":0}}}"#,
+            r#"{"path":"rathole-tcp","test":"connect1","result":{"connections_per_s":2000.0}}"#,
+            r#"{"path":"rathole-tcp","test":"connect1","result":{"connections_per_s":1000.0}}"#,
+            r#"{"path":"rathole-tcp","test":"connect1","result":{"connections_per_s":3000.0}}"#,
+            r#"{"path":"rathole-noise","test":"connect1","result":{"connections_per_s":800.0}}"#,
+        ]
+        .join("\n");
+        let t = peers_table(&lines).unwrap();
+        let row = |prefix: &str| {
+            t.lines()
+                .find(|l| l.starts_with(prefix))
+                .unwrap_or_else(|| panic!("no row {prefix} in\n{t}"))
+                .to_string()
+        };
+        // Medians of the runs; a path with no runs is all dashes.
+        assert!(row("| rathole, TCP transport").contains("| — | — | 2000 | — | 100.0 |"));
+        assert!(row("| microsocks")
+            .starts_with("| microsocks (SOCKS5, no tunnel) | — | — | — | — | — | — | — |"));
+        // More is better for rates, less for the round trip.
+        let vs_tcp = row("| postern server + agent ÷ rathole, TCP transport |");
+        assert!(vs_tcp.contains("| 0.50× trails |"), "{vs_tcp}");
+        assert!(vs_tcp.contains("| 0.90× leads |"), "{vs_tcp}");
+        assert!(row("| postern server + agent ÷ rathole, Noise").contains("| 1.25× leads |"));
+        assert!(row("| round trip p50 ≤ rathole TCP's").contains("| 90.0 µs vs 100.0 µs | met |"));
+        assert!(row("| conn/s sequential ≥").contains("| **not met** |"));
+        assert!(row("| conn/s with 8 workers").contains("| not measured |"));
     }
 }

@@ -16,14 +16,19 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use crate::backoff::Backoff;
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, TunnelMode};
 use crate::protocol::{self, close, Hello, Message, Welcome};
+use crate::tcp_tunnel::Kind;
 
 /// Deadline for dialling one relay address (QUIC handshake + hello/welcome). Short, because the next
 /// address may be alive: a restarting relay's port just stays silent.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
 /// Pongs a tunnel may miss before the agent gives up on it and redials.
 const MAX_MISSED_PONGS: u32 = 3;
+/// With `tunnel = "auto"`, a QUIC tunnel that received no packet for this many keep-alive
+/// intervals (a relay answers every interval) gets a TCP tunnel brought up beside it, and is left
+/// when that one is up: UDP that stopped passing costs seconds, not the idle timeout plus a dial.
+const SILENT_KEEP_ALIVES: u32 = 2;
 
 /// What the agent shares between its tunnel slots.
 struct Shared {
@@ -31,6 +36,8 @@ struct Shared {
     ips: Vec<IpAddr>,
     /// slot → (relay id, relay address) it currently holds.
     held: Mutex<HashMap<usize, (String, SocketAddr)>>,
+    /// slot → transport of the tunnel it holds.
+    transports: Mutex<HashMap<usize, Kind>>,
     /// Live relays as last reported by a relay (Welcome, then every Pong); slots beyond it idle.
     /// A watch, so that an idle slot wakes as soon as a relay joins.
     live_relays: watch::Sender<u32>,
@@ -103,6 +110,7 @@ impl Agent {
                 config,
                 ips,
                 held: Mutex::new(HashMap::new()),
+                transports: Mutex::new(HashMap::new()),
                 live_relays: watch::channel(live).0,
                 tunnels_up: watch::channel(0).0,
                 winding_down: TaskTracker::new(),
@@ -210,47 +218,10 @@ impl Shared {
             };
             match dialled {
                 Ok(tunnel) => {
-                    self.set_live_relays(tunnel.welcome.live_relays);
-                    let duplicate = {
-                        let mut held = self.lock_held();
-                        let dup = held
-                            .iter()
-                            .any(|(s, (r, _))| *s != slot && *r == tunnel.welcome.relay_id);
-                        if !dup {
-                            held.insert(
-                                slot,
-                                (
-                                    tunnel.welcome.relay_id.clone(),
-                                    tunnel.connection.remote_address(),
-                                ),
-                            );
-                        }
-                        dup
-                    };
-                    if duplicate {
-                        // Backed off like a failed dial: behind a load balancer the next dial
-                        // (a fresh UDP port, a new 5-tuple) may reach another relay, but while
-                        // the only other relay is down every landing is a duplicate.
-                        tracing::debug!(relay_id = %tunnel.welcome.relay_id, "tunnel landed on a relay already held");
-                        tunnel
-                            .connection
-                            .close(close::DUPLICATE.into(), b"duplicate relay");
-                    } else {
-                        backoff.reset();
-                        self.tunnels_up.send_modify(|n| *n += 1);
-                        crate::metrics::metrics().agent_tunnels.inc();
-                        let relay_id = tunnel.welcome.relay_id.clone();
-                        tracing::info!(%relay_id, session_id = %tunnel.welcome.session_id, "tunnel up");
-                        let result = self.serve(tunnel, &shutdown).await;
-                        self.tunnels_up.send_modify(|n| *n -= 1);
-                        crate::metrics::metrics().agent_tunnels.dec();
-                        self.lock_held().remove(&slot);
-                        match result {
-                            Ok(()) => tracing::info!(%relay_id, "tunnel closed"),
-                            Err(err) => {
-                                tracing::warn!(%relay_id, err = format!("{err:#}"), "tunnel lost")
-                            }
-                        }
+                    // A tunnel that moved to the other transport hands over its replacement.
+                    let mut next = Some(tunnel);
+                    while let Some(tunnel) = next.take() {
+                        next = self.hold(slot, tunnel, &mut backoff, &shutdown).await;
                     }
                 }
                 Err(err) => tracing::warn!(err = format!("{err:#}"), "dial failed"),
@@ -263,11 +234,102 @@ impl Shared {
         }
     }
 
+    /// Holds one dialled tunnel in `slot` until it ends; returns the tunnel that replaced it when
+    /// it moved to the other transport (`tunnel = "auto"`).
+    async fn hold(
+        &self,
+        slot: usize,
+        tunnel: Tunnel,
+        backoff: &mut Backoff,
+        shutdown: &CancellationToken,
+    ) -> Option<Tunnel> {
+        self.set_live_relays(tunnel.welcome.live_relays);
+        let duplicate = {
+            let mut held = self.lock_held();
+            let dup = held
+                .iter()
+                .any(|(s, (r, _))| *s != slot && *r == tunnel.welcome.relay_id);
+            if !dup {
+                held.insert(
+                    slot,
+                    (
+                        tunnel.welcome.relay_id.clone(),
+                        tunnel.connection.remote_address(),
+                    ),
+                );
+            }
+            dup
+        };
+        if duplicate {
+            // Backed off like a failed dial: behind a load balancer the next dial
+            // (a fresh UDP port, a new 5-tuple) may reach another relay, but while
+            // the only other relay is down every landing is a duplicate.
+            tracing::debug!(relay_id = %tunnel.welcome.relay_id, "tunnel landed on a relay already held");
+            tunnel
+                .connection
+                .close(close::DUPLICATE.into(), b"duplicate relay");
+            return None;
+        }
+        backoff.reset();
+        let transport = tunnel.transport;
+        self.tunnels_up.send_modify(|n| *n += 1);
+        crate::metrics::metrics().agent_tunnels.inc();
+        crate::metrics::metrics()
+            .agent_tunnels_by_transport(transport.as_str())
+            .inc();
+        self.lock_transports().insert(slot, transport);
+        let relay_id = tunnel.welcome.relay_id.clone();
+        tracing::info!(%relay_id, session_id = %tunnel.welcome.session_id, %transport, "tunnel up");
+        let result = self.serve(slot, tunnel, shutdown).await;
+        self.tunnels_up.send_modify(|n| *n -= 1);
+        crate::metrics::metrics().agent_tunnels.dec();
+        crate::metrics::metrics()
+            .agent_tunnels_by_transport(transport.as_str())
+            .dec();
+        self.lock_transports().remove(&slot);
+        self.lock_held().remove(&slot);
+        match result {
+            Ok(Some(next)) => {
+                tracing::info!(%relay_id, from = %transport, to = %next.transport, "tunnel moved");
+                Some(next)
+            }
+            Ok(None) => {
+                tracing::info!(%relay_id, "tunnel closed");
+                None
+            }
+            Err(err) => {
+                tracing::warn!(%relay_id, err = format!("{err:#}"), "tunnel lost");
+                None
+            }
+        }
+    }
+
+    /// Dials a tunnel the way `agent.tunnel` says: over QUIC, over TCP, or (`auto`) over QUIC and,
+    /// when no relay answers over QUIC within the dial deadline, over TCP.
+    async fn dial(&self, slot: usize) -> anyhow::Result<Tunnel> {
+        match self.config.tunnel {
+            TunnelMode::Quic => self.dial_over(slot, Kind::Quic).await,
+            TunnelMode::Tcp => self.dial_over(slot, Kind::Tcp).await,
+            TunnelMode::Auto => match self.dial_over(slot, Kind::Quic).await {
+                Ok(tunnel) => Ok(tunnel),
+                Err(quic) => {
+                    tracing::info!(
+                        err = format!("{quic:#}"),
+                        "no tunnel over QUIC; dialling over TCP"
+                    );
+                    self.dial_over(slot, Kind::Tcp)
+                        .await
+                        .map_err(|tcp| tcp.context(format!("over QUIC: {quic:#}; over TCP")))
+                }
+            },
+        }
+    }
+
     /// Dials one relay endpoint from a fresh UDP port and completes the hello.
     /// Addresses other slots' tunnels go to are left out when any other address is left: with
     /// a list of relay addresses they only lead to a relay already held. Behind one load-balanced
     /// address (every address held) all are dialled.
-    async fn dial(&self, slot: usize) -> anyhow::Result<Tunnel> {
+    async fn dial_over(&self, slot: usize, transport: Kind) -> anyhow::Result<Tunnel> {
         let mut addrs = self.resolve_relays().await?;
         let held: Vec<SocketAddr> = self
             .lock_held()
@@ -281,15 +343,19 @@ impl Shared {
         let mut last_err = None;
         for addr in addrs {
             let started = std::time::Instant::now();
-            match tokio::time::timeout(DIAL_TIMEOUT, self.dial_addr(addr)).await {
+            match tokio::time::timeout(DIAL_TIMEOUT, self.dial_addr(addr, transport)).await {
                 Ok(Ok(tunnel)) => {
                     crate::metrics::metrics()
                         .handshake_seconds
                         .observe(started.elapsed().as_secs_f64());
                     return Ok(tunnel);
                 }
-                Ok(Err(err)) => last_err = Some(err.context(format!("relay {addr}"))),
-                Err(_) => last_err = Some(anyhow::anyhow!("relay {addr}: timed out")),
+                Ok(Err(err)) => {
+                    last_err = Some(err.context(format!("relay {addr} over {transport}")))
+                }
+                Err(_) => {
+                    last_err = Some(anyhow::anyhow!("relay {addr} over {transport}: timed out"))
+                }
             }
         }
         Err(last_err.unwrap_or_else(|| anyhow::anyhow!("no relay endpoint resolved")))
@@ -309,15 +375,32 @@ impl Shared {
         Ok(addrs)
     }
 
-    async fn dial_addr(&self, addr: SocketAddr) -> anyhow::Result<Tunnel> {
+    async fn dial_addr(&self, addr: SocketAddr, kind: Kind) -> anyhow::Result<Tunnel> {
         let c = &self.config;
-        let bind: SocketAddr = if addr.is_ipv4() {
-            ([0, 0, 0, 0], 0).into()
-        } else {
-            ([0u16; 8], 0).into()
+        let (mut endpoint, transport, gone) = match kind {
+            Kind::Quic => {
+                let bind: SocketAddr = if addr.is_ipv4() {
+                    ([0, 0, 0, 0], 0).into()
+                } else {
+                    ([0u16; 8], 0).into()
+                };
+                let endpoint = crate::tls::bind_endpoint(bind, None, c.transport.udp_buffer)?;
+                (endpoint, c.transport.quinn(c.max_streams), None)
+            }
+            Kind::Tcp => {
+                let (socket, gone) = crate::tcp_tunnel::connect(
+                    addr,
+                    &c.server_name,
+                    &c.trust,
+                    c.transport.idle_timeout,
+                )
+                .await?;
+                let endpoint = crate::tcp_tunnel::endpoint(socket, None)?;
+                let transport = crate::tcp_tunnel::transport(c.transport.quinn(c.max_streams));
+                (endpoint, transport, Some(gone))
+            }
         };
-        let mut endpoint = crate::tls::bind_endpoint(bind, None, c.transport.udp_buffer)?;
-        let transport = Arc::new(c.transport.quinn(c.max_streams));
+        let transport = Arc::new(transport);
         endpoint.set_default_client_config(crate::tls::client_config(
             &c.trust,
             protocol::ALPN_AGENT,
@@ -327,7 +410,7 @@ impl Shared {
         let connection = endpoint
             .connect(addr, &c.server_name)?
             .await
-            .context("QUIC handshake")?;
+            .with_context(|| format!("QUIC handshake over {kind}"))?;
         let (mut send, mut recv) = connection.open_bi().await?;
         let _ = send.set_priority(protocol::priority::CONTROL);
         let hello = Hello {
@@ -341,6 +424,8 @@ impl Shared {
         match protocol::read_message_timeout(&mut recv, protocol::HELLO_TIMEOUT).await? {
             Message::Welcome(welcome) => Ok(Tunnel {
                 endpoint,
+                transport: kind,
+                gone,
                 connection,
                 control: (send, recv),
                 welcome,
@@ -357,9 +442,16 @@ impl Shared {
     /// Serves relay-opened streams and pings the relay until the tunnel ends, the relay drains, or
     /// `shutdown`. A draining relay's tunnel is wound down in the background (its in-flight streams
     /// finish) while the slot dials a replacement at once.
-    async fn serve(&self, tunnel: Tunnel, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    async fn serve(
+        &self,
+        slot: usize,
+        tunnel: Tunnel,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Option<Tunnel>> {
         let Tunnel {
             endpoint,
+            transport,
+            gone,
             connection,
             control: (mut send, mut recv),
             welcome,
@@ -434,13 +526,30 @@ impl Shared {
             #[allow(unreachable_code)]
             Ok::<Option<Duration>, anyhow::Error>(None)
         };
+        let tcp_gone = async {
+            match &gone {
+                Some(gone) => gone.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
+        let mut moved = None;
         let result = tokio::select! {
             _ = shutdown.cancelled() => Ok(None),
             r = ping => r,
             r = accept => r,
+            _ = tcp_gone => Err(anyhow::anyhow!("the TCP connection closed")),
+            next = self.other_transport(slot, transport, &connection) => {
+                moved = Some(next);
+                Ok(Some(self.config.drain_grace))
+            }
         };
         streams.close();
         let grace = match result {
+            Ok(Some(grace)) if moved.is_some() => {
+                tracing::info!(relay_id = %welcome.relay_id, in_flight = streams.len(),
+                    "tunnel replaced over the other transport; winding this one down");
+                grace
+            }
             Ok(Some(grace)) => {
                 tracing::info!(relay_id = %welcome.relay_id, grace_ms = grace.as_millis() as u64,
                     in_flight = streams.len(), "relay is draining; opening a replacement tunnel");
@@ -458,11 +567,11 @@ impl Shared {
         match result {
             Ok(Some(_)) => {
                 self.winding_down.spawn(wind_down);
-                Ok(())
+                Ok(moved)
             }
             Ok(None) => {
                 wind_down.await;
-                Ok(())
+                Ok(None)
             }
             Err(err) => {
                 wind_down.await;
@@ -470,10 +579,106 @@ impl Shared {
             }
         }
     }
+
+    /// With `tunnel = "auto"`, returns a tunnel over the other transport once this slot should
+    /// move: a TCP tunnel probes QUIC every `quic_probe_interval` (with jitter) and returns the
+    /// QUIC tunnel that answered; a QUIC tunnel that heard nothing from its relay for
+    /// [`SILENT_KEEP_ALIVES`] keep-alive intervals (UDP stopped passing) returns a TCP tunnel.
+    /// The caller winds the old tunnel down (its streams finish) while the new one serves.
+    /// Never returns otherwise.
+    async fn other_transport(
+        &self,
+        slot: usize,
+        transport: Kind,
+        connection: &quinn::Connection,
+    ) -> Tunnel {
+        if self.config.tunnel != TunnelMode::Auto {
+            return std::future::pending().await;
+        }
+        let (to, wait) = match transport {
+            Kind::Tcp => (Kind::Quic, None),
+            Kind::Quic => (
+                Kind::Tcp,
+                Some(self.config.transport.keep_alive * SILENT_KEEP_ALIVES),
+            ),
+        };
+        loop {
+            match wait {
+                None => {
+                    let interval = self.config.quic_probe_interval;
+                    let jitter = rand::random_range(0.75..1.25);
+                    tokio::time::sleep(interval.mul_f64(jitter)).await;
+                }
+                Some(silence) => silent_for(connection, silence).await,
+            }
+            match self.dial_over(slot, to).await {
+                Ok(next) if !self.held_elsewhere(slot, &next.welcome.relay_id) => {
+                    if to == Kind::Quic {
+                        tracing::info!(relay_id = %next.welcome.relay_id, "QUIC answers again; moving the tunnel back to QUIC");
+                    } else {
+                        tracing::warn!(relay_id = %next.welcome.relay_id, "no packet from the relay over QUIC; moved the tunnel to TCP");
+                    }
+                    return next;
+                }
+                Ok(next) => next
+                    .connection
+                    .close(close::DUPLICATE.into(), b"duplicate relay"),
+                Err(err) => {
+                    tracing::debug!(err = format!("{err:#}"), %to, "no tunnel over the other transport")
+                }
+            }
+            if let Some(_silence) = wait {
+                // Tried once per silence: wait for the relay to be heard again first.
+                heard(connection).await;
+            }
+        }
+    }
+
+    /// Whether a slot other than `slot` holds a tunnel to `relay_id`.
+    fn held_elsewhere(&self, slot: usize, relay_id: &str) -> bool {
+        self.lock_held()
+            .iter()
+            .any(|(s, (r, _))| *s != slot && r == relay_id)
+    }
+
+    fn lock_transports(&self) -> std::sync::MutexGuard<'_, HashMap<usize, Kind>> {
+        // Plain values; a poisoned lock still holds a coherent map.
+        self.transports.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// How often a QUIC tunnel's received packets are sampled for silence.
+const SILENCE_SAMPLE: Duration = Duration::from_millis(250);
+
+/// Returns once `connection` has received no packet for `silence`.
+async fn silent_for(connection: &quinn::Connection, silence: Duration) {
+    let mut last = connection.stats().udp_rx.datagrams;
+    let mut heard_at = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(SILENCE_SAMPLE).await;
+        let now = connection.stats().udp_rx.datagrams;
+        if now != last {
+            last = now;
+            heard_at = tokio::time::Instant::now();
+        } else if heard_at.elapsed() >= silence {
+            return;
+        }
+    }
+}
+
+/// Returns once `connection` receives a packet.
+async fn heard(connection: &quinn::Connection) {
+    let last = connection.stats().udp_rx.datagrams;
+    while connection.stats().udp_rx.datagrams == last {
+        tokio::time::sleep(SILENCE_SAMPLE).await;
+    }
 }
 
 struct Tunnel {
     endpoint: quinn::Endpoint,
+    transport: Kind,
+    /// TCP tunnels: cancelled when the TCP connection is gone.
+    gone: Option<CancellationToken>,
     connection: quinn::Connection,
     control: (quinn::SendStream, quinn::RecvStream),
     welcome: Welcome,

@@ -84,6 +84,12 @@ impl Drop for InFlight {
 pub struct Relay {
     config: RelayConfig,
     endpoint: quinn::Endpoint,
+    /// The TCP tunnel listener ([`crate::tcp_tunnel`]); taken by [`Relay::run`].
+    tcp: std::sync::Mutex<Option<std::net::TcpListener>>,
+    tcp_addr: Option<SocketAddr>,
+    /// Outer TLS and inner QUIC server configurations of TCP tunnels.
+    tcp_tls: Arc<rustls::ServerConfig>,
+    tcp_server: quinn::ServerConfig,
     peer_endpoint: Option<quinn::Endpoint>,
     sessions: Arc<SessionTable>,
     registry: Arc<dyn Registry>,
@@ -125,9 +131,60 @@ impl Relay {
             transport,
         )
         .context("relay TLS config")?;
-        let endpoint =
-            crate::tls::bind_endpoint(config.listen, Some(server), config.transport.udp_buffer)
-                .with_context(|| format!("binding relay endpoint on {}", config.listen))?;
+        // The TCP listener takes the QUIC endpoint's port by default. With port 0 (any), the port
+        // the UDP socket got may be taken for TCP (by an outgoing connection's ephemeral port):
+        // then both are bound again, a bounded number of times.
+        let mut attempts = 0;
+        let (endpoint, tcp) = loop {
+            attempts += 1;
+            let endpoint = crate::tls::bind_endpoint(
+                config.listen,
+                Some(server.clone()),
+                config.transport.udp_buffer,
+            )
+            .with_context(|| format!("binding relay endpoint on {}", config.listen))?;
+            let tcp_addr = match config.tcp_listen {
+                crate::config::TcpListen::Off => None,
+                crate::config::TcpListen::SameAsQuic => Some(endpoint.local_addr()?),
+                crate::config::TcpListen::At(addr) => Some(addr),
+            };
+            let Some(addr) = tcp_addr else {
+                break (endpoint, None);
+            };
+            match std::net::TcpListener::bind(addr) {
+                Ok(listener) => {
+                    listener.set_nonblocking(true)?;
+                    break (endpoint, Some(listener));
+                }
+                Err(err)
+                    if err.kind() == std::io::ErrorKind::AddrInUse
+                        && config.listen.port() == 0
+                        && config.tcp_listen == crate::config::TcpListen::SameAsQuic
+                        && attempts < 20 =>
+                {
+                    continue
+                }
+                Err(err) => {
+                    return Err(err).with_context(|| {
+                        format!("binding relay TCP tunnel listener on {addr} (relay.tcp_listen)")
+                    })
+                }
+            }
+        };
+        let tcp_addr = tcp.as_ref().map(|l| l.local_addr()).transpose()?;
+        let tcp_tls = Arc::new(
+            crate::tls::tcp_server_config(config.identity.clone())
+                .context("relay TCP tunnel TLS config")?,
+        );
+        let tcp_server = crate::tls::server_config_with(
+            config.identity.clone(),
+            &[protocol::ALPN_AGENT],
+            client_auth,
+            Arc::new(crate::tcp_tunnel::transport(
+                config.transport.quinn(AGENT_MAX_STREAMS),
+            )),
+        )
+        .context("relay TLS config")?;
         let (peer_endpoint, peer_addr) = match (&config.peer, peer) {
             (Some(listen), Some(peer)) => {
                 let transport = Arc::new(peer.transport.quinn(peer.max_streams));
@@ -173,6 +230,10 @@ impl Relay {
             limit_warned_at: std::sync::atomic::AtomicU64::new(0),
             config,
             endpoint,
+            tcp: std::sync::Mutex::new(tcp),
+            tcp_addr,
+            tcp_tls,
+            tcp_server,
             peer_endpoint,
             sessions,
             registry,
@@ -211,6 +272,11 @@ impl Relay {
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.endpoint.local_addr()
+    }
+
+    /// The TCP tunnel listener's address, unless `relay.tcp_listen = "off"`.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp_addr
     }
 
     /// The peer endpoint's bound address, when the relay has one.
@@ -281,7 +347,19 @@ impl Relay {
         // Connections stay open through the drain; `closed` ends them afterwards.
         let closed = CancellationToken::new();
         tracing::info!(relay_id = %self.config.id, addr = %self.endpoint.local_addr()?,
-            peer_addr = ?self.peer_addr(), "relay listening");
+            tcp_addr = ?self.tcp_addr, peer_addr = ?self.peer_addr(), "relay listening");
+        let tcp = self.tcp.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let tcp_task = match tcp {
+            Some(listener) => {
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                Some(tokio::spawn(self.clone().accept_tcp(
+                    listener,
+                    closed.clone(),
+                    tasks.clone(),
+                )))
+            }
+            None => None,
+        };
         if let Some(peer_endpoint) = self.peer_endpoint.clone() {
             tasks.spawn(peer::accept_loop(
                 self.clone(),
@@ -328,6 +406,9 @@ impl Relay {
         if let Some(result) = refused {
             closed.cancel();
             let _ = accept_task.await;
+            if let Some(t) = tcp_task {
+                let _ = t.await;
+            }
             self.endpoint
                 .close(close::REJECTED.into(), b"relay refused to start");
             if let Some(ep) = &self.peer_endpoint {
@@ -346,6 +427,9 @@ impl Relay {
         self.drain().await;
         closed.cancel();
         let _ = accept_task.await;
+        if let Some(t) = tcp_task {
+            let _ = t.await;
+        }
         self.endpoint
             .close(close::DRAINED.into(), b"relay shut down");
         if let Some(ep) = &self.peer_endpoint {
@@ -406,6 +490,82 @@ impl Relay {
         }
     }
 
+    /// Accepts TCP tunnels: TCP, the outer TLS handshake, then the QUIC connection it carries,
+    /// served exactly as one over UDP ([`Relay::serve_connection`]).
+    async fn accept_tcp(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        closed: CancellationToken,
+        tasks: TaskTracker,
+    ) {
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.tcp_tls.clone());
+        loop {
+            let (tcp, remote) = tokio::select! {
+                _ = closed.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        // Out of descriptors and the like: pause rather than spin.
+                        tracing::warn!(%err, "accepting a TCP tunnel failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            if self.is_draining() || self.tunnel_slots.available_permits() == 0 {
+                if !self.is_draining() {
+                    self.tunnel_refused(remote);
+                }
+                continue;
+            }
+            let relay = self.clone();
+            let acceptor = acceptor.clone();
+            let closed = closed.clone();
+            tasks.spawn(async move {
+                if let Err(err) = relay.serve_tcp(tcp, remote, acceptor, closed).await {
+                    tracing::debug!(%remote, transport = "tcp", err = format!("{err:#}"), "tunnel ended");
+                }
+            });
+        }
+    }
+
+    async fn serve_tcp(
+        self: Arc<Self>,
+        tcp: tokio::net::TcpStream,
+        remote: SocketAddr,
+        acceptor: tokio_rustls::TlsAcceptor,
+        closed: CancellationToken,
+    ) -> anyhow::Result<()> {
+        crate::tcp_tunnel::tune(&tcp, self.config.transport.idle_timeout);
+        let local = tcp.local_addr()?;
+        let handshake = async {
+            let tls = acceptor.accept(tcp).await.context("TLS handshake failed")?;
+            let (socket, gone) = crate::tcp_tunnel::socket(tls, local, remote);
+            let endpoint = crate::tcp_tunnel::endpoint(socket, Some(self.tcp_server.clone()))?;
+            let incoming = endpoint
+                .accept()
+                .await
+                .context("the TCP connection closed before QUIC")?;
+            let conn = incoming.await.context("QUIC handshake failed")?;
+            anyhow::Ok((conn, gone))
+        };
+        let (conn, gone) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+            .await
+            .context("TCP tunnel handshake timed out")??;
+        // The TCP connection's end is the tunnel's end: no need to wait for the idle timeout.
+        {
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = gone.cancelled() => conn.close(close::SHUTDOWN.into(), b"TCP connection closed"),
+                    _ = conn.closed() => {}
+                }
+            });
+        }
+        self.serve_connection(conn, crate::tcp_tunnel::Kind::Tcp, closed)
+            .await
+    }
+
     async fn serve_incoming(
         self: Arc<Self>,
         incoming: quinn::Incoming,
@@ -415,6 +575,17 @@ impl Relay {
             .await
             .context("QUIC handshake timed out")?
             .context("QUIC handshake failed")?;
+        self.serve_connection(conn, crate::tcp_tunnel::Kind::Quic, closed)
+            .await
+    }
+
+    /// Serves one agent connection (over UDP or TCP): hello, admission, session, control loop.
+    async fn serve_connection(
+        self: Arc<Self>,
+        conn: Connection,
+        transport: crate::tcp_tunnel::Kind,
+        closed: CancellationToken,
+    ) -> anyhow::Result<()> {
         let (mut send, mut recv) =
             match tokio::time::timeout(protocol::HELLO_TIMEOUT, conn.accept_bi()).await {
                 Ok(Ok(streams)) => streams,
@@ -439,7 +610,7 @@ impl Relay {
                 return Err(err).context("reading hello");
             }
         };
-        let span = tracing::info_span!("session", agent_id = %hello.agent_id, remote = %conn.remote_address());
+        let span = tracing::info_span!("session", agent_id = %hello.agent_id, remote = %conn.remote_address(), %transport);
         async move {
             let admitted = if self.is_draining() {
                 Err(Reject {
@@ -509,6 +680,7 @@ impl Relay {
                 ips: hello.ips.clone(),
                 ports: hello.ports.clone(),
                 connection: conn.clone(),
+                transport,
                 connected_at: unix_now(),
                 token_sha256: admission.token_sha256,
                 credential: admission.credential,
@@ -552,6 +724,9 @@ impl Relay {
                 return Ok(());
             }
             crate::metrics::metrics().relay_tunnels.inc();
+            crate::metrics::metrics()
+                .tunnels_by_transport(transport.as_str())
+                .inc();
             let _ = self
                 .changes
                 .send(Change::Put(session.routes(&self.config.id)));
@@ -565,6 +740,9 @@ impl Relay {
             .await;
             self.sessions.remove(session.id);
             crate::metrics::metrics().relay_tunnels.dec();
+            crate::metrics::metrics()
+                .tunnels_by_transport(transport.as_str())
+                .dec();
             let keys = session
                 .routes(&self.config.id)
                 .into_iter()

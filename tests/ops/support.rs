@@ -412,8 +412,13 @@ pub fn agent_toml(
 ) -> String {
     let relays: Vec<String> = relays.iter().map(|r| format!("\"{r}\"")).collect();
     let ports: Vec<String> = ports.iter().map(|p| format!("\"{p}\"")).collect();
+    // POSTERN_TEST_TUNNEL=tcp (or quic, auto) runs a suite's agents on that tunnel transport.
+    let tunnel = match std::env::var("POSTERN_TEST_TUNNEL") {
+        Ok(mode) => format!("tunnel = \"{mode}\"\n"),
+        Err(_) => String::new(),
+    };
     format!(
-        r#"
+        r#"{tunnel}
 id = "{id}"
 relays = [{relays}]
 server_name = "postern-relay"

@@ -596,3 +596,46 @@ async fn without_udp_an_auto_agent_tunnels_over_tcp() {
     );
     drop(net);
 }
+
+/// With UDP passing, an `auto` agent tunnels over QUIC; when UDP stops passing at run time its
+/// tunnels move to TCP, and back to QUIC once UDP passes again. Clients keep fetching through
+/// both doors throughout: none started more than a second after the cut fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_auto_agent_moves_to_tcp_and_back_with_udp() {
+    let t = Topology::new();
+    let net = Net::start(&t, "tcp-move", "quic_probe_interval = \"3s\"").await;
+    net.wait_tunnels(&t, (2, 0), "two QUIC tunnels").await;
+    let doors = net.doors(&t);
+    assert!(curl(&doors, "socks", "small", None).await);
+
+    let t0 = Instant::now();
+    let load = Load::start(&doors, 4, t0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let cut = t0.elapsed();
+    t.drop_udp();
+    net.wait_tunnels(&t, (0, 2), "tunnels moved to TCP").await;
+    let on_tcp = t0.elapsed();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let restored = t0.elapsed();
+    t.allow_udp();
+    net.wait_tunnels(&t, (2, 0), "tunnels back on QUIC").await;
+    let back = t0.elapsed();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (failures, ok) = load.finish().await;
+    eprintln!(
+        "UDP cut at {cut:?}, both tunnels on TCP at {on_tcp:?}, UDP back at {restored:?}, \
+         both on QUIC at {back:?}; {ok} fetches succeeded, failures (start times) at {failures:?}"
+    );
+    assert!(ok > 20, "too few fetches ran: {ok}");
+    // Fetches in flight at the cut may fail (their tunnel's packets are dropped); any started
+    // more than a second after it must not: the agent notices within two keep-alive intervals,
+    // and until its TCP tunnels are up the gateway's hedge finds no better owner, so such fetches
+    // wait for the new routes rather than fail.
+    let allowed = cut + Duration::from_secs(1);
+    let late: Vec<_> = failures.iter().filter(|f| **f > allowed).collect();
+    assert!(
+        late.is_empty(),
+        "fetches started more than 1 s after the cut failed: {late:?} (all: {failures:?})"
+    );
+    drop(net);
+}

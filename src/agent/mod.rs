@@ -5,7 +5,7 @@ pub mod stream;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,9 +25,10 @@ use crate::tcp_tunnel::Kind;
 const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
 /// Pongs a tunnel may miss before the agent gives up on it and redials.
 const MAX_MISSED_PONGS: u32 = 3;
-/// With `tunnel = "auto"`, a QUIC tunnel that received no packet for this many keep-alive
-/// intervals (a relay answers every interval) gets a TCP tunnel brought up beside it, and is left
-/// when that one is up: UDP that stopped passing costs seconds, not the idle timeout plus a dial.
+/// With `tunnel = "auto"`, a QUIC tunnel whose relay showed no sign of hearing the agent (no pong
+/// to the pings sent every keep-alive interval, no flow-control credit) for this many intervals
+/// gets a TCP tunnel brought up beside it, and is left when that one is up: UDP that stopped
+/// passing costs seconds, not the idle timeout plus a dial.
 const SILENT_KEEP_ALIVES: u32 = 2;
 
 /// What the agent shares between its tunnel slots.
@@ -461,10 +462,27 @@ impl Shared {
         // against the ticker in a `select!` would drop a half-read frame and desynchronise the
         // control stream.
         let outstanding = AtomicU32::new(0);
+        // Pongs received: proof that the relay hears this agent (see `other_transport`).
+        let pongs_seen = AtomicU64::new(0);
+        // With `auto`, a QUIC tunnel pings every keep-alive interval so that a path that stopped
+        // passing UDP is noticed within seconds; missed pongs still end it after the same time.
+        let (every, max_missed) =
+            if self.config.tunnel == TunnelMode::Auto && transport == Kind::Quic {
+                let every = self
+                    .config
+                    .transport
+                    .keep_alive
+                    .min(protocol::PING_INTERVAL);
+                let per = (protocol::PING_INTERVAL.as_millis() / every.as_millis().max(1)) as u32;
+                (every, MAX_MISSED_PONGS * per.max(1))
+            } else {
+                (protocol::PING_INTERVAL, MAX_MISSED_PONGS)
+            };
         let pongs = async {
             loop {
                 match protocol::read_message(&mut recv).await? {
                     Message::Pong { live_relays, .. } => {
+                        pongs_seen.fetch_add(1, Ordering::Relaxed);
                         outstanding.store(0, Ordering::Relaxed);
                         self.set_live_relays(live_relays);
                     }
@@ -477,7 +495,7 @@ impl Shared {
         };
         let pings = async {
             let mut nonce = 0u64;
-            let mut interval = tokio::time::interval(protocol::PING_INTERVAL);
+            let mut interval = tokio::time::interval(every);
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             // Pings and pongs share connection flow control with the proxied streams, so on a
             // saturated tunnel they queue behind bulk data for many seconds. A relay whose
@@ -496,7 +514,7 @@ impl Shared {
                     outstanding.store(0, Ordering::Relaxed);
                 }
                 let missed = outstanding.load(Ordering::Relaxed);
-                if missed >= MAX_MISSED_PONGS {
+                if missed >= max_missed {
                     bail!("relay missed {missed} pongs");
                 }
                 nonce += 1;
@@ -538,7 +556,7 @@ impl Shared {
             r = ping => r,
             r = accept => r,
             _ = tcp_gone => Err(anyhow::anyhow!("the TCP connection closed")),
-            next = self.other_transport(slot, transport, &connection) => {
+            next = self.other_transport(slot, transport, &connection, &pongs_seen) => {
                 moved = Some(next);
                 Ok(Some(self.config.drain_grace))
             }
@@ -591,6 +609,7 @@ impl Shared {
         slot: usize,
         transport: Kind,
         connection: &quinn::Connection,
+        pongs: &AtomicU64,
     ) -> Tunnel {
         if self.config.tunnel != TunnelMode::Auto {
             return std::future::pending().await;
@@ -609,7 +628,7 @@ impl Shared {
                     let jitter = rand::random_range(0.75..1.25);
                     tokio::time::sleep(interval.mul_f64(jitter)).await;
                 }
-                Some(silence) => silent_for(connection, silence).await,
+                Some(silence) => silent_for(connection, pongs, silence).await,
             }
             match self.dial_over(slot, to).await {
                 Ok(next) if !self.held_elsewhere(slot, &next.welcome.relay_id) => {
@@ -629,7 +648,7 @@ impl Shared {
             }
             if let Some(_silence) = wait {
                 // Tried once per silence: wait for the relay to be heard again first.
-                heard(connection).await;
+                heard(connection, pongs).await;
             }
         }
     }
@@ -650,13 +669,24 @@ impl Shared {
 /// How often a QUIC tunnel's received packets are sampled for silence.
 const SILENCE_SAMPLE: Duration = Duration::from_millis(250);
 
-/// Returns once `connection` has received no packet for `silence`.
-async fn silent_for(connection: &quinn::Connection, silence: Duration) {
-    let mut last = connection.stats().udp_rx.datagrams;
+/// What proves the relay hears this agent: pongs to its pings, and flow-control credit (granted
+/// only as the relay reads the agent's data). Packets from the relay alone do not: UDP may be
+/// dropped one way only, and then the relay's keep-alives (carrying its old acknowledgements
+/// again) still arrive while nothing of the agent's reaches it.
+fn hears_us(connection: &quinn::Connection, pongs: &AtomicU64) -> u64 {
+    let frames = connection.stats().frame_rx;
+    pongs.load(Ordering::Relaxed) + frames.max_data + frames.max_stream_data
+}
+
+/// Returns once the relay has shown no sign of hearing this agent for `silence` (it answers a
+/// ping every keep-alive interval while it does).
+async fn silent_for(connection: &quinn::Connection, pongs: &AtomicU64, silence: Duration) {
+    let acks = |c: &quinn::Connection| hears_us(c, pongs);
+    let mut last = acks(connection);
     let mut heard_at = tokio::time::Instant::now();
     loop {
         tokio::time::sleep(SILENCE_SAMPLE).await;
-        let now = connection.stats().udp_rx.datagrams;
+        let now = acks(connection);
         if now != last {
             last = now;
             heard_at = tokio::time::Instant::now();
@@ -666,10 +696,11 @@ async fn silent_for(connection: &quinn::Connection, silence: Duration) {
     }
 }
 
-/// Returns once `connection` receives a packet.
-async fn heard(connection: &quinn::Connection) {
-    let last = connection.stats().udp_rx.datagrams;
-    while connection.stats().udp_rx.datagrams == last {
+/// Returns once the relay shows it hears this agent again.
+async fn heard(connection: &quinn::Connection, pongs: &AtomicU64) {
+    let acks = |c: &quinn::Connection| hears_us(c, pongs);
+    let last = acks(connection);
+    while acks(connection) == last {
         tokio::time::sleep(SILENCE_SAMPLE).await;
     }
 }

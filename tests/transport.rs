@@ -158,13 +158,13 @@ impl Topology {
 /// Everything running in the topology.
 struct Net {
     w: Workdir,
-    etcd: Proc,
+    _etcd: Proc,
     relays: Vec<Option<Proc>>,
-    relay_addrs: Vec<String>,
     _gateway: Proc,
+    gateway_admin: String,
     socks5: String,
     http: String,
-    agent: Proc,
+    _agent: Proc,
     agent_admin: String,
     _service: Proc,
     big: PathBuf,
@@ -334,6 +334,7 @@ listen = "127.0.0.1:0"
         )
         .await;
         let socks5 = ready_value(&line, "socks5");
+        let gateway_admin = ready_value(&line, "admin");
         let http = ready_value(&line, "http");
         // The service: a small file and a 200 MB one, served from the agent's namespace.
         let www = dir.join("www");
@@ -397,13 +398,13 @@ listen = "127.0.0.1:0"
         let agent_admin = ready_value(&line, "admin");
         Net {
             w,
-            etcd,
+            _etcd: etcd,
             relays,
-            relay_addrs,
             _gateway: gateway,
+            gateway_admin,
             socks5,
             http,
-            agent,
+            _agent: agent,
             agent_admin,
             _service: service,
             big,
@@ -428,6 +429,21 @@ listen = "127.0.0.1:0"
                 .unwrap_or(0)
         };
         (count("quic"), count("tcp"))
+    }
+
+    /// `postern status` (from the gateway) and `postern status` of the agent itself.
+    fn status(&self, t: &Topology) -> (String, String) {
+        let show = |ns: &Netns, admin: &str| {
+            let mut argv = vec!["ip"];
+            argv.extend(ns.exec(&[BIN, "status", "--admin", admin]));
+            let out = run(&argv);
+            assert!(out.status.success(), "postern status: {out:?}");
+            String::from_utf8_lossy(&out.stdout).to_string()
+        };
+        (
+            show(&t.central, &self.gateway_admin),
+            show(&t.agent, &self.agent_admin),
+        )
     }
 
     async fn wait_tunnels(&self, t: &Topology, want: (u64, u64), what: &str) {
@@ -554,6 +570,16 @@ async fn without_udp_an_auto_agent_tunnels_over_tcp() {
     let mut net = Net::start(&t, "tcp-only", "").await;
     net.wait_tunnels(&t, (0, 2), "two TCP tunnels").await;
     let doors = net.doors(&t);
+    // Status shows the transport: the cluster view (routes published by the relays) and the
+    // agent's own.
+    process::wait_for(QUICK, "status to show both tunnels on TCP", || async {
+        let (cluster, agent) = net.status(&t);
+        (cluster.contains("relay-1(tcp)")
+            && cluster.contains("relay-2(tcp)")
+            && agent.contains("2 tunnels up (tcp 2)"))
+        .then_some(())
+    })
+    .await;
 
     for door in ["socks", "http"] {
         let out = net.w.dir.path().join(format!("small-{door}"));
@@ -606,6 +632,14 @@ async fn an_auto_agent_moves_to_tcp_and_back_with_udp() {
     let net = Net::start(&t, "tcp-move", "quic_probe_interval = \"3s\"").await;
     net.wait_tunnels(&t, (2, 0), "two QUIC tunnels").await;
     let doors = net.doors(&t);
+    process::wait_for(QUICK, "status to show both tunnels on QUIC", || async {
+        let (cluster, agent) = net.status(&t);
+        (cluster.contains("relay-1(quic)")
+            && cluster.contains("relay-2(quic)")
+            && agent.contains("2 tunnels up (quic 2)"))
+        .then_some(())
+    })
+    .await;
     assert!(curl(&doors, "socks", "small", None).await);
 
     let t0 = Instant::now();

@@ -169,7 +169,15 @@ pub async fn status(admin: &str, raw: bool, timeout: Duration) -> anyhow::Result
         )?;
     }
     if let Some(t) = s["agent_tunnels"].as_u64() {
-        writeln!(out, "  agent: {t} tunnels up")?;
+        let by: Vec<String> = s["agent_transports"]
+            .as_object()
+            .map(|m| m.iter().map(|(k, v)| format!("{k} {v}")).collect())
+            .unwrap_or_default();
+        if by.is_empty() {
+            writeln!(out, "  agent: {t} tunnels up")?;
+        } else {
+            writeln!(out, "  agent: {t} tunnels up ({})", by.join(", "))?;
+        }
         return Ok(out);
     }
     let relays: Vec<RelayInfo> = serde_json::from_slice(&client.get("/api/relays").await?)?;
@@ -196,13 +204,31 @@ pub async fn status(admin: &str, raw: bool, timeout: Duration) -> anyhow::Result
         } else {
             ""
         };
+        // Each relay with the transport of its tunnel, when the relays publish it.
+        let relays: Vec<String> = a
+            .relays
+            .iter()
+            .map(|r| {
+                let transports: Vec<&str> = a
+                    .sessions
+                    .iter()
+                    .filter(|s| s.relay_id == *r)
+                    .filter_map(|s| s.transport.as_deref())
+                    .collect();
+                if transports.is_empty() {
+                    r.clone()
+                } else {
+                    format!("{r}({})", transports.join("+"))
+                }
+            })
+            .collect();
         writeln!(
             out,
             "  {:<20} {:<10} {:<18} relays {} since {}{warn}",
             a.id,
             a.namespace,
             ips.join(","),
-            a.relays.join(","),
+            relays.join(","),
             when(a.connected_since)
         )?;
     }

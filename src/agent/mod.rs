@@ -37,8 +37,8 @@ struct Shared {
     ips: Vec<IpAddr>,
     /// slot → (relay id, relay address) it currently holds.
     held: Mutex<HashMap<usize, (String, SocketAddr)>>,
-    /// slot → transport of the tunnel it holds.
-    transports: Mutex<HashMap<usize, Kind>>,
+    /// slot → transport of the tunnel it holds (shared with [`AgentHandle`]).
+    transports: Arc<Mutex<HashMap<usize, Kind>>>,
     /// Live relays as last reported by a relay (Welcome, then every Pong); slots beyond it idle.
     /// A watch, so that an idle slot wakes as soon as a relay joins.
     live_relays: watch::Sender<u32>,
@@ -52,6 +52,7 @@ struct Shared {
 #[derive(Clone)]
 pub struct AgentHandle {
     tunnels: watch::Receiver<usize>,
+    transports: Arc<Mutex<HashMap<usize, Kind>>>,
     ips: Vec<IpAddr>,
 }
 
@@ -59,6 +60,21 @@ impl AgentHandle {
     /// Number of tunnels currently up.
     pub fn tunnels(&self) -> usize {
         *self.tunnels.borrow()
+    }
+
+    /// Tunnels up by transport (`quic`, `tcp`).
+    pub fn transports(&self) -> std::collections::BTreeMap<String, usize> {
+        let mut by = std::collections::BTreeMap::new();
+        // Plain values; a poisoned lock still holds a coherent map.
+        for kind in self
+            .transports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            *by.entry(kind.as_str().to_string()).or_insert(0) += 1;
+        }
+        by
     }
 
     /// Waits until at least `n` tunnels are up.
@@ -111,7 +127,7 @@ impl Agent {
                 config,
                 ips,
                 held: Mutex::new(HashMap::new()),
-                transports: Mutex::new(HashMap::new()),
+                transports: Arc::new(Mutex::new(HashMap::new())),
                 live_relays: watch::channel(live).0,
                 tunnels_up: watch::channel(0).0,
                 winding_down: TaskTracker::new(),
@@ -122,6 +138,7 @@ impl Agent {
     pub fn handle(&self) -> AgentHandle {
         AgentHandle {
             tunnels: self.shared.tunnels_up.subscribe(),
+            transports: self.shared.transports.clone(),
             ips: self.shared.ips.clone(),
         }
     }

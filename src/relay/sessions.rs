@@ -50,6 +50,7 @@ impl Session {
                 route.value.connected_at = self.connected_at;
                 route.value.draining = self.draining.load(Ordering::Relaxed);
                 route.value.credential = Some(self.credential.clone());
+                route.value.transport = Some(self.transport.as_str().to_string());
                 route
             })
             .collect()

@@ -999,12 +999,17 @@ impl RelayConfig {
             tcp_listen: match f.tcp_listen.as_deref() {
                 None => TcpListen::SameAsQuic,
                 Some("off") => TcpListen::Off,
-                Some(addr) => TcpListen::At(addr.parse().map_err(|_| {
-                    invalid(
-                        "relay.tcp_listen",
-                        &format!("{addr:?} is neither an address (ip:port) nor \"off\""),
-                    )
-                })?),
+                Some(addr) => match addr.parse() {
+                    // `listen`'s own address: the same as leaving the key out.
+                    Ok(addr) if addr == f.listen => TcpListen::SameAsQuic,
+                    Ok(addr) => TcpListen::At(addr),
+                    Err(_) => {
+                        return Err(invalid(
+                            "relay.tcp_listen",
+                            format!("{addr:?} is neither an address (ip:port) nor \"off\""),
+                        ))
+                    }
+                },
             },
             transport: Transport::from_file(f.transport, "relay.transport")?,
         })

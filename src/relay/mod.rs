@@ -151,7 +151,7 @@ impl Relay {
             let Some(addr) = tcp_addr else {
                 break (endpoint, None);
             };
-            match std::net::TcpListener::bind(addr) {
+            match tcp_listener(addr) {
                 Ok(listener) => {
                     listener.set_nonblocking(true)?;
                     break (endpoint, Some(listener));
@@ -1027,6 +1027,17 @@ impl Relay {
     pub fn serves(&self, namespace: &str, ip: IpAddr) -> bool {
         !self.sessions.candidates(namespace, ip).is_empty()
     }
+}
+
+/// A TCP listener for agents' TCP tunnels. SO_REUSEADDR, as servers have it: a relay restarted on
+/// its port must not wait for the TIME_WAIT connections its predecessor left.
+fn tcp_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
 }
 
 /// Opens one stream on `session`'s tunnel and waits for the agent's verdict.

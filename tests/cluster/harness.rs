@@ -260,10 +260,14 @@ listen = "127.0.0.1:0"
             .map(|r| format!("\"127.0.0.1:{}\"", r.port))
             .collect();
         let config = self.path(&format!("{id}.toml"));
+        // POSTERN_TEST_TUNNEL=tcp (or quic, auto) runs the agents on that tunnel transport.
+        let tunnel = std::env::var("POSTERN_TEST_TUNNEL")
+            .map(|mode| format!("tunnel = \"{mode}\"\n"))
+            .unwrap_or_default();
         std::fs::write(
             &config,
             format!(
-                r#"
+                r#"{tunnel}
 id = "{id}"
 relays = [{relays}]
 server_name = "postern-relay"

@@ -665,7 +665,8 @@ mod tests {
             own(&agent),
             [
                 "postern_agent_handshake_duration_seconds",
-                "postern_agent_tunnels"
+                "postern_agent_tunnels",
+                "postern_agent_tunnels_by_transport",
             ]
         );
         assert_eq!(
@@ -675,6 +676,7 @@ mod tests {
                 "postern_relay_active_streams",
                 "postern_relay_lease_held",
                 "postern_relay_tunnels",
+                "postern_relay_tunnels_by_transport",
                 "postern_relay_tunnels_refused_total",
             ]
         );

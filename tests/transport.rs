@@ -574,8 +574,7 @@ async fn without_udp_an_auto_agent_tunnels_over_tcp() {
     // agent's own.
     process::wait_for(QUICK, "status to show both tunnels on TCP", || async {
         let (cluster, agent) = net.status(&t);
-        (cluster.contains("relay-1(tcp)")
-            && cluster.contains("relay-2(tcp)")
+        (cluster.contains("relays relay-1,relay-2 (tcp,tcp)")
             && agent.contains("2 tunnels up (tcp 2)"))
         .then_some(())
     })
@@ -634,8 +633,7 @@ async fn an_auto_agent_moves_to_tcp_and_back_with_udp() {
     let doors = net.doors(&t);
     process::wait_for(QUICK, "status to show both tunnels on QUIC", || async {
         let (cluster, agent) = net.status(&t);
-        (cluster.contains("relay-1(quic)")
-            && cluster.contains("relay-2(quic)")
+        (cluster.contains("relays relay-1,relay-2 (quic,quic)")
             && agent.contains("2 tunnels up (quic 2)"))
         .then_some(())
     })

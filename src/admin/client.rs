@@ -204,31 +204,36 @@ pub async fn status(admin: &str, raw: bool, timeout: Duration) -> anyhow::Result
         } else {
             ""
         };
-        // Each relay with the transport of its tunnel, when the relays publish it.
-        let relays: Vec<String> = a
+        // The transport of each relay's tunnel, in the order of the relays, when they publish it.
+        let transports: Vec<String> = a
             .relays
             .iter()
             .map(|r| {
-                let transports: Vec<&str> = a
+                let kinds: Vec<&str> = a
                     .sessions
                     .iter()
                     .filter(|s| s.relay_id == *r)
                     .filter_map(|s| s.transport.as_deref())
                     .collect();
-                if transports.is_empty() {
-                    r.clone()
+                if kinds.is_empty() {
+                    "?".to_string()
                 } else {
-                    format!("{r}({})", transports.join("+"))
+                    kinds.join("+")
                 }
             })
             .collect();
+        let over = if transports.iter().all(|t| t == "?") {
+            String::new()
+        } else {
+            format!(" ({})", transports.join(","))
+        };
         writeln!(
             out,
-            "  {:<20} {:<10} {:<18} relays {} since {}{warn}",
+            "  {:<20} {:<10} {:<18} relays {}{over} since {}{warn}",
             a.id,
             a.namespace,
             ips.join(","),
-            relays.join(","),
+            a.relays.join(","),
             when(a.connected_since)
         )?;
     }

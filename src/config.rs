@@ -517,10 +517,43 @@ pub struct AgentFile {
     pub connect_timeout: Option<HumanDuration>,
     pub max_streams: Option<u32>,
     pub drain_grace: Option<HumanDuration>,
+    /// Which transport tunnels use: `auto` (QUIC, falling back to TCP), `quic` or `tcp`.
+    pub tunnel: Option<String>,
+    /// With `tunnel = "auto"`: how often a tunnel on TCP tries QUIC again.
+    pub quic_probe_interval: Option<HumanDuration>,
     #[serde(default)]
     pub transport: TransportFile,
     #[serde(default)]
     pub admin: AdminFile,
+}
+
+/// Default `agent.quic_probe_interval`.
+pub const DEFAULT_QUIC_PROBE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Which transport an agent's tunnels use (`agent.tunnel`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TunnelMode {
+    /// QUIC; when no relay answers over QUIC, TCP + TLS, and back to QUIC when it answers again.
+    #[default]
+    Auto,
+    /// QUIC over UDP only.
+    Quic,
+    /// QUIC carried over TCP + TLS only.
+    Tcp,
+}
+
+impl std::str::FromStr for TunnelMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(TunnelMode::Auto),
+            "quic" => Ok(TunnelMode::Quic),
+            "tcp" => Ok(TunnelMode::Tcp),
+            other => Err(format!(
+                "{other:?} is not a tunnel transport; use \"auto\", \"quic\" or \"tcp\""
+            )),
+        }
+    }
 }
 
 /// A running agent's settings.
@@ -551,6 +584,10 @@ pub struct AgentConfig {
     pub max_streams: u32,
     /// How long in-flight connections may finish when the agent stops.
     pub drain_grace: Duration,
+    /// Which transport tunnels use.
+    pub tunnel: TunnelMode,
+    /// With [`TunnelMode::Auto`]: how often a tunnel on TCP tries QUIC again (±25 % jitter).
+    pub quic_probe_interval: Duration,
     pub transport: Transport,
     /// Admin listener (health, readiness, metrics); `None`: off.
     pub admin: Option<SocketAddr>,
@@ -583,6 +620,8 @@ impl AgentConfig {
             connect_timeout: crate::protocol::CONNECT_TIMEOUT,
             max_streams: 1024,
             drain_grace: Duration::from_secs(30),
+            tunnel: TunnelMode::Auto,
+            quic_probe_interval: DEFAULT_QUIC_PROBE_INTERVAL,
             transport: Transport::default(),
             admin: None,
         }
@@ -688,6 +727,17 @@ impl AgentConfig {
                 .map_or(crate::protocol::CONNECT_TIMEOUT, |d| d.0),
             max_streams,
             drain_grace: f.drain_grace.map_or(Duration::from_secs(30), |d| d.0),
+            tunnel: match f.tunnel {
+                Some(t) => t.parse().map_err(|m: String| invalid("tunnel", &m))?,
+                None => TunnelMode::Auto,
+            },
+            quic_probe_interval: match f.quic_probe_interval {
+                Some(d) if d.0 < Duration::from_secs(1) => {
+                    return Err(invalid("quic_probe_interval", "must be at least 1s"))
+                }
+                Some(d) => d.0,
+                None => DEFAULT_QUIC_PROBE_INTERVAL,
+            },
             transport: Transport::from_file(f.transport, "transport")?,
             admin: admin(f.admin, AGENT_ADMIN_DEFAULT)?,
         })
@@ -728,6 +778,8 @@ pub struct RelayFile {
     pub max_pending: Option<u32>,
     /// Connections in their handshake or not yet admitted, held at most per source address.
     pub max_pending_per_source: Option<u32>,
+    /// TCP address of the TCP tunnel listener: an address, or `"off"`; default: `listen`'s.
+    pub tcp_listen: Option<String>,
     #[serde(default)]
     pub transport: TransportFile,
 }
@@ -845,6 +897,8 @@ pub struct RelayConfig {
     pub max_pending: u32,
     /// The same, per source (an IPv4 address or an IPv6 /64).
     pub max_pending_per_source: u32,
+    /// Where agents' TCP tunnels are accepted.
+    pub tcp_listen: TcpListen,
     pub transport: Transport,
 }
 
@@ -852,6 +906,16 @@ pub struct RelayConfig {
 pub const DEFAULT_MAX_PENDING: u32 = 512;
 /// Default `relay.max_pending_per_source`.
 pub const DEFAULT_MAX_PENDING_PER_SOURCE: u32 = 32;
+
+/// Where a relay accepts TCP tunnels (`relay.tcp_listen`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TcpListen {
+    /// The address and port the QUIC endpoint is bound to (one VIP entry serves both).
+    #[default]
+    SameAsQuic,
+    At(SocketAddr),
+    Off,
+}
 
 /// Default `relay.max_tunnels`: ~35 KiB per idle tunnel (docs/performance.md) makes this ~1.7 GiB.
 pub const DEFAULT_MAX_TUNNELS: u32 = 50_000;
@@ -884,6 +948,7 @@ impl RelayConfig {
             max_tunnels: DEFAULT_MAX_TUNNELS,
             max_pending: DEFAULT_MAX_PENDING,
             max_pending_per_source: DEFAULT_MAX_PENDING_PER_SOURCE,
+            tcp_listen: TcpListen::SameAsQuic,
             transport: Transport::default(),
         }
     }
@@ -961,6 +1026,21 @@ impl RelayConfig {
                 }
                 Some(n) => n,
                 None => DEFAULT_MAX_PENDING_PER_SOURCE,
+            },
+            tcp_listen: match f.tcp_listen.as_deref() {
+                None => TcpListen::SameAsQuic,
+                Some("off") => TcpListen::Off,
+                Some(addr) => match addr.parse() {
+                    // `listen`'s own address: the same as leaving the key out.
+                    Ok(addr) if addr == f.listen => TcpListen::SameAsQuic,
+                    Ok(addr) => TcpListen::At(addr),
+                    Err(_) => {
+                        return Err(invalid(
+                            "relay.tcp_listen",
+                            format!("{addr:?} is neither an address (ip:port) nor \"off\""),
+                        ))
+                    }
+                },
             },
             transport: Transport::from_file(f.transport, "relay.transport")?,
         })

@@ -32,4 +32,5 @@ pub mod registry;
 pub mod relay;
 pub mod server;
 pub mod splice;
+pub mod tcp_tunnel;
 pub mod tls;

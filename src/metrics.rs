@@ -20,6 +20,22 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+/// The transport label of tunnel gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransportLabel {
+    /// `quic` or `tcp`.
+    pub transport: &'static str,
+}
+
+/// A tunnel gauge family with both transports' series present from the start.
+fn by_transport() -> Family<TransportLabel, Gauge> {
+    let family = Family::<TransportLabel, Gauge>::default();
+    for transport in ["quic", "tcp"] {
+        let _ = family.get_or_create(&TransportLabel { transport });
+    }
+    family
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FrontResult {
     /// `socks5` or `http`.
@@ -115,6 +131,9 @@ pub struct Metrics {
     /// (`per_source` or `total`).
     pub relay_handshakes_refused: Family<Reason, Counter>,
     pub agent_tunnels: Gauge,
+    /// Tunnels held, by what carries them (`quic` or `tcp`): the relay's, or the agent's.
+    pub relay_tunnels_by_transport: Family<TransportLabel, Gauge>,
+    pub agent_tunnels_by_transport: Family<TransportLabel, Gauge>,
     pub routes_cached: Gauge,
     /// Seconds since the registry last confirmed the gateway's route view.
     pub registry_view_age: Gauge<f64, AtomicU64>,
@@ -161,6 +180,8 @@ impl Metrics {
             relay_tunnels: Gauge::default(),
             relay_tunnels_refused: Counter::default(),
             agent_tunnels: Gauge::default(),
+            relay_tunnels_by_transport: by_transport(),
+            agent_tunnels_by_transport: by_transport(),
             routes_cached: Gauge::default(),
             registry_view_age: Gauge::default(),
             open_attempts: Family::default(),
@@ -174,6 +195,20 @@ impl Metrics {
             config_reload_success_timestamp: Gauge::default(),
             build_info,
         }
+    }
+
+    /// The relay's tunnel gauge for `transport` (`quic` or `tcp`).
+    pub fn tunnels_by_transport(&self, transport: &'static str) -> Gauge {
+        self.relay_tunnels_by_transport
+            .get_or_create(&TransportLabel { transport })
+            .clone()
+    }
+
+    /// The agent's tunnel gauge for `transport` (`quic` or `tcp`).
+    pub fn agent_tunnels_by_transport(&self, transport: &'static str) -> Gauge {
+        self.agent_tunnels_by_transport
+            .get_or_create(&TransportLabel { transport })
+            .clone()
     }
 
     /// Records the outcome of loading the configuration (at start, or on SIGHUP), as Prometheus
@@ -215,6 +250,11 @@ impl Metrics {
             self.agent_tunnels.clone(),
         );
         r.register(
+            "agent_tunnels_by_transport",
+            "Tunnels the agent holds, by transport (quic, or tcp: QUIC carried over TCP + TLS)",
+            self.agent_tunnels_by_transport.clone(),
+        );
+        r.register(
             "agent_handshake_duration_seconds",
             "Time for an agent to dial a relay and be welcomed",
             self.handshake_seconds.clone(),
@@ -231,6 +271,11 @@ impl Metrics {
             "relay_tunnels",
             "Agent tunnels the relay holds",
             self.relay_tunnels.clone(),
+        );
+        r.register(
+            "relay_tunnels_by_transport",
+            "Agent tunnels the relay holds, by transport (quic, or tcp: QUIC carried over TCP + TLS)",
+            self.relay_tunnels_by_transport.clone(),
         );
         r.register(
             "relay_tunnels_refused",
@@ -647,7 +692,8 @@ mod tests {
             own(&agent),
             [
                 "postern_agent_handshake_duration_seconds",
-                "postern_agent_tunnels"
+                "postern_agent_tunnels",
+                "postern_agent_tunnels_by_transport",
             ]
         );
         assert_eq!(
@@ -658,6 +704,7 @@ mod tests {
                 "postern_relay_handshakes_refused_total",
                 "postern_relay_lease_held",
                 "postern_relay_tunnels",
+                "postern_relay_tunnels_by_transport",
                 "postern_relay_tunnels_refused_total",
             ]
         );

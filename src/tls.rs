@@ -22,6 +22,8 @@ use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureSc
 pub const ALPN_AGENT: &[u8] = b"postern/1";
 /// ALPN a gateway or another relay speaks when it dials a relay as a peer.
 pub const ALPN_PEER: &[u8] = b"postern-peer/1";
+/// ALPN of the outer TLS layer of an agent's TCP tunnel (the QUIC inside speaks [`ALPN_AGENT`]).
+pub const ALPN_TCP: &[u8] = b"postern-tcp/1";
 
 /// What can go wrong while loading TLS material or assembling a TLS configuration.
 ///
@@ -314,6 +316,36 @@ pub fn client_config(
     identity: Option<Identity>,
     transport: Arc<quinn::TransportConfig>,
 ) -> Result<quinn::ClientConfig, Error> {
+    let tls = rustls_client(trust, alpn, identity)?;
+    let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
+    config.transport_config(transport);
+    Ok(config)
+}
+
+/// The TLS client side of the outer TLS layer of a TCP tunnel ([`crate::tcp_tunnel`]): the relay's
+/// certificate is checked exactly as for QUIC; no client certificate (the agent proves who it is
+/// in the QUIC handshake the tunnel carries).
+pub fn tcp_client_config(trust: &Trust) -> Result<rustls::ClientConfig, Error> {
+    rustls_client(trust, ALPN_TCP, None)
+}
+
+/// The TLS server side of the outer TLS layer of a TCP tunnel: the relay's own certificate, TLS
+/// 1.3 only, ALPN [`ALPN_TCP`].
+pub fn tcp_server_config(identity: Identity) -> Result<rustls::ServerConfig, Error> {
+    let provider = Arc::new(ring_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(identity.chain, identity.key)?;
+    tls.alpn_protocols = vec![ALPN_TCP.to_vec()];
+    Ok(tls)
+}
+
+fn rustls_client(
+    trust: &Trust,
+    alpn: &[u8],
+    identity: Option<Identity>,
+) -> Result<rustls::ClientConfig, Error> {
     let provider = Arc::new(ring_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?;
@@ -338,10 +370,7 @@ pub fn client_config(
         None => builder.with_no_client_auth(),
     };
     tls.alpn_protocols = vec![alpn.to_vec()];
-
-    let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
-    config.transport_config(transport);
-    Ok(config)
+    Ok(tls)
 }
 
 fn root_store(roots: &[CertificateDer<'static>]) -> Result<RootCertStore, Error> {

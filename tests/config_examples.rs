@@ -748,6 +748,27 @@ fn check_binary_names_semantic_errors() {
         &["relay.transport.keep_alive"],
     );
 
+    // The tunnel transport keys: `postern check` names them.
+    let mut server = example_table(&fixture, "server.toml");
+    section(&mut server, "relay").insert("tcp_listen".into(), "nowhere".into());
+    assert_rejected(
+        &fixture,
+        "tcp-listen.toml",
+        &server,
+        &["relay.tcp_listen", "nowhere"],
+    );
+    let mut agent = example_table(&fixture, "agent.toml");
+    agent.insert("tunnel".into(), "udp".into());
+    assert_rejected(&fixture, "tunnel.toml", &agent, &["tunnel", "\"udp\""]);
+    let mut agent = example_table(&fixture, "agent.toml");
+    agent.insert("quic_probe_interval".into(), "100ms".into());
+    assert_rejected(
+        &fixture,
+        "probe.toml",
+        &agent,
+        &["quic_probe_interval", "at least 1s"],
+    );
+
     let mut server = example_table(&fixture, "server.toml");
     section(&mut server, "registry").insert("kind".into(), "etcd".into());
     section(&mut server, "relay").remove("peer_listen");

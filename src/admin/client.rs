@@ -169,7 +169,15 @@ pub async fn status(admin: &str, raw: bool, timeout: Duration) -> anyhow::Result
         )?;
     }
     if let Some(t) = s["agent_tunnels"].as_u64() {
-        writeln!(out, "  agent: {t} tunnels up")?;
+        let by: Vec<String> = s["agent_transports"]
+            .as_object()
+            .map(|m| m.iter().map(|(k, v)| format!("{k} {v}")).collect())
+            .unwrap_or_default();
+        if by.is_empty() {
+            writeln!(out, "  agent: {t} tunnels up")?;
+        } else {
+            writeln!(out, "  agent: {t} tunnels up ({})", by.join(", "))?;
+        }
         return Ok(out);
     }
     let relays: Vec<RelayInfo> = serde_json::from_slice(&client.get("/api/relays").await?)?;
@@ -196,9 +204,32 @@ pub async fn status(admin: &str, raw: bool, timeout: Duration) -> anyhow::Result
         } else {
             ""
         };
+        // The transport of each relay's tunnel, in the order of the relays, when they publish it.
+        let transports: Vec<String> = a
+            .relays
+            .iter()
+            .map(|r| {
+                let kinds: Vec<&str> = a
+                    .sessions
+                    .iter()
+                    .filter(|s| s.relay_id == *r)
+                    .filter_map(|s| s.transport.as_deref())
+                    .collect();
+                if kinds.is_empty() {
+                    "?".to_string()
+                } else {
+                    kinds.join("+")
+                }
+            })
+            .collect();
+        let over = if transports.iter().all(|t| t == "?") {
+            String::new()
+        } else {
+            format!(" ({})", transports.join(","))
+        };
         writeln!(
             out,
-            "  {:<20} {:<10} {:<18} relays {} since {}{warn}",
+            "  {:<20} {:<10} {:<18} relays {}{over} since {}{warn}",
             a.id,
             a.namespace,
             ips.join(","),

@@ -55,6 +55,9 @@ pub struct Status {
     pub relays: Option<usize>,
     pub agents: Option<usize>,
     pub agent_tunnels: Option<usize>,
+    /// An agent's tunnels by transport (`quic`, `tcp`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_transports: Option<std::collections::BTreeMap<String, usize>>,
     /// Unix time of this answer in milliseconds (the status page's rates use its own clock; this
     /// lets a reader see the process's).
     pub now_ms: u64,
@@ -205,6 +208,7 @@ impl AdminState {
             relays: cache.map(|c| c.relays().len()),
             agents: cache.map(|c| c.agents().len()),
             agent_tunnels: self.agent.as_ref().map(AgentHandle::tunnels),
+            agent_transports: self.agent.as_ref().map(AgentHandle::transports),
             now_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
@@ -595,6 +599,7 @@ fn route(state: &AdminState, req: &Request<hyper::body::Incoming>) -> Response<F
                     agent_id: o.agent_id.to_string(),
                     draining: o.draining,
                     connected_at: o.connected_at,
+                    transport: o.transport.as_deref().map(str::to_string),
                 })
                 .collect();
             json(&owners)
@@ -615,6 +620,9 @@ pub struct RouteView {
     pub agent_id: String,
     pub draining: bool,
     pub connected_at: u64,
+    /// What carries the tunnel: `quic` or `tcp` (absent from older relays).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
 }
 
 /// Binds the admin listener (address `addr`).

@@ -5,7 +5,7 @@ pub mod stream;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,14 +16,20 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use crate::backoff::Backoff;
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, TunnelMode};
 use crate::protocol::{self, close, Hello, Message, Welcome};
+use crate::tcp_tunnel::Kind;
 
 /// Deadline for dialling one relay address (QUIC handshake + hello/welcome). Short, because the next
 /// address may be alive: a restarting relay's port just stays silent.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
 /// Pongs a tunnel may miss before the agent gives up on it and redials.
 const MAX_MISSED_PONGS: u32 = 3;
+/// With `tunnel = "auto"`, a QUIC tunnel whose relay showed no sign of hearing the agent (no pong
+/// to the pings sent every keep-alive interval, no flow-control credit) for this many intervals
+/// gets a TCP tunnel brought up beside it, and is left when that one is up: UDP that stopped
+/// passing costs seconds, not the idle timeout plus a dial.
+const SILENT_KEEP_ALIVES: u32 = 2;
 /// How long a draining relay's tunnel keeps taking new streams once a replacement tunnel is up:
 /// the replacement's routes reach the draining relay and the gateways through the registry in
 /// about this time, and until they do, the draining relay is the only owner they know of.
@@ -35,6 +41,8 @@ struct Shared {
     ips: Vec<IpAddr>,
     /// slot → (relay id, relay address) it currently holds.
     held: Mutex<HashMap<usize, (String, SocketAddr)>>,
+    /// slot → transport of the tunnel it holds (shared with [`AgentHandle`]).
+    transports: Arc<Mutex<HashMap<usize, Kind>>>,
     /// Live relays as last reported by a relay (Welcome, then every Pong); slots beyond it idle.
     /// A watch, so that an idle slot wakes as soon as a relay joins.
     live_relays: watch::Sender<u32>,
@@ -48,6 +56,7 @@ struct Shared {
 #[derive(Clone)]
 pub struct AgentHandle {
     tunnels: watch::Receiver<usize>,
+    transports: Arc<Mutex<HashMap<usize, Kind>>>,
     ips: Vec<IpAddr>,
 }
 
@@ -55,6 +64,21 @@ impl AgentHandle {
     /// Number of tunnels currently up.
     pub fn tunnels(&self) -> usize {
         *self.tunnels.borrow()
+    }
+
+    /// Tunnels up by transport (`quic`, `tcp`).
+    pub fn transports(&self) -> std::collections::BTreeMap<String, usize> {
+        let mut by = std::collections::BTreeMap::new();
+        // Plain values; a poisoned lock still holds a coherent map.
+        for kind in self
+            .transports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            *by.entry(kind.as_str().to_string()).or_insert(0) += 1;
+        }
+        by
     }
 
     /// Waits until at least `n` tunnels are up.
@@ -107,6 +131,7 @@ impl Agent {
                 config,
                 ips,
                 held: Mutex::new(HashMap::new()),
+                transports: Arc::new(Mutex::new(HashMap::new())),
                 live_relays: watch::channel(live).0,
                 tunnels_up: watch::channel(0).0,
                 winding_down: TaskTracker::new(),
@@ -117,6 +142,7 @@ impl Agent {
     pub fn handle(&self) -> AgentHandle {
         AgentHandle {
             tunnels: self.shared.tunnels_up.subscribe(),
+            transports: self.shared.transports.clone(),
             ips: self.shared.ips.clone(),
         }
     }
@@ -218,49 +244,12 @@ impl Shared {
             };
             match dialled {
                 Ok(tunnel) => {
-                    self.set_live_relays(tunnel.welcome.live_relays);
-                    let duplicate = {
-                        let mut held = self.lock_held();
-                        let dup = held
-                            .iter()
-                            .any(|(s, (r, _))| *s != slot && *r == tunnel.welcome.relay_id);
-                        if !dup {
-                            held.insert(
-                                slot,
-                                (
-                                    tunnel.welcome.relay_id.clone(),
-                                    tunnel.connection.remote_address(),
-                                ),
-                            );
-                        }
-                        dup
-                    };
-                    if duplicate {
-                        // Backed off like a failed dial: behind a load balancer the next dial
-                        // (a fresh UDP port, a new 5-tuple) may reach another relay, but while
-                        // the only other relay is down every landing is a duplicate.
-                        tracing::debug!(relay_id = %tunnel.welcome.relay_id, "tunnel landed on a relay already held");
-                        tunnel
-                            .connection
-                            .close(close::DUPLICATE.into(), b"duplicate relay");
-                    } else {
-                        backoff.reset();
-                        self.tunnels_up.send_modify(|n| *n += 1);
-                        crate::metrics::metrics().agent_tunnels.inc();
-                        let relay_id = tunnel.welcome.relay_id.clone();
-                        let remote = tunnel.connection.remote_address();
-                        tracing::info!(%relay_id, session_id = %tunnel.welcome.session_id, "tunnel up");
-                        let result = self.serve(tunnel, &shutdown).await;
-                        lost = result.is_err().then_some(remote);
-                        self.tunnels_up.send_modify(|n| *n -= 1);
-                        crate::metrics::metrics().agent_tunnels.dec();
-                        self.lock_held().remove(&slot);
-                        match result {
-                            Ok(()) => tracing::info!(%relay_id, "tunnel closed"),
-                            Err(err) => {
-                                tracing::warn!(%relay_id, err = format!("{err:#}"), "tunnel lost")
-                            }
-                        }
+                    // A tunnel that moved to the other transport hands over its replacement.
+                    let mut next = Some(tunnel);
+                    while let Some(tunnel) = next.take() {
+                        next = self
+                            .hold(slot, tunnel, &mut backoff, &mut lost, &shutdown)
+                            .await;
                     }
                 }
                 Err(err) => tracing::warn!(err = format!("{err:#}"), "dial failed"),
@@ -273,11 +262,111 @@ impl Shared {
         }
     }
 
+    /// Holds one dialled tunnel in `slot` until it ends; returns the tunnel that replaced it when
+    /// it moved to the other transport (`tunnel = "auto"`). `lost` becomes the relay address when
+    /// the tunnel was lost (not drained or moved).
+    async fn hold(
+        self: &Arc<Self>,
+        slot: usize,
+        tunnel: Tunnel,
+        backoff: &mut Backoff,
+        lost: &mut Option<SocketAddr>,
+        shutdown: &CancellationToken,
+    ) -> Option<Tunnel> {
+        self.set_live_relays(tunnel.welcome.live_relays);
+        let duplicate = {
+            let mut held = self.lock_held();
+            let dup = held
+                .iter()
+                .any(|(s, (r, _))| *s != slot && *r == tunnel.welcome.relay_id);
+            if !dup {
+                held.insert(
+                    slot,
+                    (
+                        tunnel.welcome.relay_id.clone(),
+                        tunnel.connection.remote_address(),
+                    ),
+                );
+            }
+            dup
+        };
+        if duplicate {
+            // Backed off like a failed dial: behind a load balancer the next dial
+            // (a fresh UDP port, a new 5-tuple) may reach another relay, but while
+            // the only other relay is down every landing is a duplicate.
+            tracing::debug!(relay_id = %tunnel.welcome.relay_id, "tunnel landed on a relay already held");
+            tunnel
+                .connection
+                .close(close::DUPLICATE.into(), b"duplicate relay");
+            return None;
+        }
+        backoff.reset();
+        let transport = tunnel.transport;
+        self.tunnels_up.send_modify(|n| *n += 1);
+        crate::metrics::metrics().agent_tunnels.inc();
+        crate::metrics::metrics()
+            .agent_tunnels_by_transport(transport.as_str())
+            .inc();
+        self.lock_transports().insert(slot, transport);
+        let relay_id = tunnel.welcome.relay_id.clone();
+        let remote = tunnel.connection.remote_address();
+        tracing::info!(%relay_id, session_id = %tunnel.welcome.session_id, %transport, "tunnel up");
+        let result = self.serve(slot, tunnel, shutdown).await;
+        *lost = result.is_err().then_some(remote);
+        self.tunnels_up.send_modify(|n| *n -= 1);
+        crate::metrics::metrics().agent_tunnels.dec();
+        crate::metrics::metrics()
+            .agent_tunnels_by_transport(transport.as_str())
+            .dec();
+        self.lock_transports().remove(&slot);
+        self.lock_held().remove(&slot);
+        match result {
+            Ok(Some(next)) => {
+                tracing::info!(%relay_id, from = %transport, to = %next.transport, "tunnel moved");
+                Some(next)
+            }
+            Ok(None) => {
+                tracing::info!(%relay_id, "tunnel closed");
+                None
+            }
+            Err(err) => {
+                tracing::warn!(%relay_id, err = format!("{err:#}"), "tunnel lost");
+                None
+            }
+        }
+    }
+
+    /// Dials a tunnel the way `agent.tunnel` says: over QUIC, over TCP, or (`auto`) over QUIC and,
+    /// when no relay answers over QUIC within the dial deadline, over TCP.
+    async fn dial(&self, slot: usize, lost: Option<SocketAddr>) -> anyhow::Result<Tunnel> {
+        match self.config.tunnel {
+            TunnelMode::Quic => self.dial_over(slot, Kind::Quic, lost).await,
+            TunnelMode::Tcp => self.dial_over(slot, Kind::Tcp, lost).await,
+            TunnelMode::Auto => match self.dial_over(slot, Kind::Quic, lost).await {
+                Ok(tunnel) => Ok(tunnel),
+                Err(quic) => {
+                    tracing::info!(
+                        err = format!("{quic:#}"),
+                        "no tunnel over QUIC; dialling over TCP"
+                    );
+                    self.dial_over(slot, Kind::Tcp, lost)
+                        .await
+                        .map_err(|tcp| tcp.context(format!("over QUIC: {quic:#}; over TCP")))
+                }
+            },
+        }
+    }
+
     /// Dials one relay endpoint from a fresh UDP port and completes the hello.
     /// Addresses other slots' tunnels go to are left out when any other address is left: with
     /// a list of relay addresses they only lead to a relay already held. Behind one load-balanced
     /// address (every address held) all are dialled.
-    async fn dial(&self, slot: usize, lost: Option<SocketAddr>) -> anyhow::Result<Tunnel> {
+    async fn dial_over(
+        &self,
+        slot: usize,
+        transport: Kind,
+        lost: Option<SocketAddr>,
+    ) -> anyhow::Result<Tunnel> {
         let mut addrs = self.resolve_relays().await?;
         let held: Vec<SocketAddr> = self
             .lock_held()
@@ -294,15 +383,19 @@ impl Shared {
         let mut last_err = None;
         for addr in addrs {
             let started = std::time::Instant::now();
-            match tokio::time::timeout(DIAL_TIMEOUT, self.dial_addr(addr)).await {
+            match tokio::time::timeout(DIAL_TIMEOUT, self.dial_addr(addr, transport)).await {
                 Ok(Ok(tunnel)) => {
                     crate::metrics::metrics()
                         .handshake_seconds
                         .observe(started.elapsed().as_secs_f64());
                     return Ok(tunnel);
                 }
-                Ok(Err(err)) => last_err = Some(err.context(format!("relay {addr}"))),
-                Err(_) => last_err = Some(anyhow::anyhow!("relay {addr}: timed out")),
+                Ok(Err(err)) => {
+                    last_err = Some(err.context(format!("relay {addr} over {transport}")))
+                }
+                Err(_) => {
+                    last_err = Some(anyhow::anyhow!("relay {addr} over {transport}: timed out"))
+                }
             }
         }
         Err(last_err.unwrap_or_else(|| anyhow::anyhow!("no relay endpoint resolved")))
@@ -322,15 +415,32 @@ impl Shared {
         Ok(addrs)
     }
 
-    async fn dial_addr(&self, addr: SocketAddr) -> anyhow::Result<Tunnel> {
+    async fn dial_addr(&self, addr: SocketAddr, kind: Kind) -> anyhow::Result<Tunnel> {
         let c = &self.config;
-        let bind: SocketAddr = if addr.is_ipv4() {
-            ([0, 0, 0, 0], 0).into()
-        } else {
-            ([0u16; 8], 0).into()
+        let (mut endpoint, transport, gone) = match kind {
+            Kind::Quic => {
+                let bind: SocketAddr = if addr.is_ipv4() {
+                    ([0, 0, 0, 0], 0).into()
+                } else {
+                    ([0u16; 8], 0).into()
+                };
+                let endpoint = crate::tls::bind_endpoint(bind, None, c.transport.udp_buffer)?;
+                (endpoint, c.transport.quinn(c.max_streams), None)
+            }
+            Kind::Tcp => {
+                let (socket, gone) = crate::tcp_tunnel::connect(
+                    addr,
+                    &c.server_name,
+                    &c.trust,
+                    c.transport.idle_timeout,
+                )
+                .await?;
+                let endpoint = crate::tcp_tunnel::endpoint(socket, None)?;
+                let transport = crate::tcp_tunnel::transport(c.transport.quinn(c.max_streams));
+                (endpoint, transport, Some(gone))
+            }
         };
-        let mut endpoint = crate::tls::bind_endpoint(bind, None, c.transport.udp_buffer)?;
-        let transport = Arc::new(c.transport.quinn(c.max_streams));
+        let transport = Arc::new(transport);
         endpoint.set_default_client_config(crate::tls::client_config(
             &c.trust,
             protocol::ALPN_AGENT,
@@ -340,7 +450,7 @@ impl Shared {
         let connection = endpoint
             .connect(addr, &c.server_name)?
             .await
-            .context("QUIC handshake")?;
+            .with_context(|| format!("QUIC handshake over {kind}"))?;
         let (mut send, mut recv) = connection.open_bi().await?;
         let _ = send.set_priority(protocol::priority::CONTROL);
         let hello = Hello {
@@ -354,6 +464,8 @@ impl Shared {
         match protocol::read_message_timeout(&mut recv, protocol::HELLO_TIMEOUT).await? {
             Message::Welcome(welcome) => Ok(Tunnel {
                 endpoint,
+                transport: kind,
+                gone,
                 connection,
                 control: (send, recv),
                 welcome,
@@ -372,11 +484,14 @@ impl Shared {
     /// finish) while the slot dials a replacement at once.
     async fn serve(
         self: &Arc<Self>,
+        slot: usize,
         tunnel: Tunnel,
         shutdown: &CancellationToken,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Option<Tunnel>> {
         let Tunnel {
             endpoint,
+            transport,
+            gone,
             connection,
             control: (mut send, mut recv),
             welcome,
@@ -386,10 +501,27 @@ impl Shared {
         // against the ticker in a `select!` would drop a half-read frame and desynchronise the
         // control stream.
         let outstanding = AtomicU32::new(0);
+        // Pongs received: proof that the relay hears this agent (see `other_transport`).
+        let pongs_seen = AtomicU64::new(0);
+        // With `auto`, a QUIC tunnel pings every keep-alive interval so that a path that stopped
+        // passing UDP is noticed within seconds; missed pongs still end it after the same time.
+        let (every, max_missed) =
+            if self.config.tunnel == TunnelMode::Auto && transport == Kind::Quic {
+                let every = self
+                    .config
+                    .transport
+                    .keep_alive
+                    .min(protocol::PING_INTERVAL);
+                let per = (protocol::PING_INTERVAL.as_millis() / every.as_millis().max(1)) as u32;
+                (every, MAX_MISSED_PONGS * per.max(1))
+            } else {
+                (protocol::PING_INTERVAL, MAX_MISSED_PONGS)
+            };
         let pongs = async {
             loop {
                 match protocol::read_message(&mut recv).await? {
                     Message::Pong { live_relays, .. } => {
+                        pongs_seen.fetch_add(1, Ordering::Relaxed);
                         outstanding.store(0, Ordering::Relaxed);
                         self.set_live_relays(live_relays);
                     }
@@ -402,7 +534,7 @@ impl Shared {
         };
         let pings = async {
             let mut nonce = 0u64;
-            let mut interval = tokio::time::interval(protocol::PING_INTERVAL);
+            let mut interval = tokio::time::interval(every);
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             // Pings and pongs share connection flow control with the proxied streams, so on a
             // saturated tunnel they queue behind bulk data for many seconds. A relay whose
@@ -421,7 +553,7 @@ impl Shared {
                     outstanding.store(0, Ordering::Relaxed);
                 }
                 let missed = outstanding.load(Ordering::Relaxed);
-                if missed >= MAX_MISSED_PONGS {
+                if missed >= max_missed {
                     bail!("relay missed {missed} pongs");
                 }
                 nonce += 1;
@@ -451,13 +583,30 @@ impl Shared {
             #[allow(unreachable_code)]
             Ok::<Option<Duration>, anyhow::Error>(None)
         };
+        let tcp_gone = async {
+            match &gone {
+                Some(gone) => gone.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
+        let mut moved = None;
         let result = tokio::select! {
             _ = shutdown.cancelled() => Ok(None),
             r = ping => r,
             r = accept => r,
+            _ = tcp_gone => Err(anyhow::anyhow!("the TCP connection closed")),
+            next = self.other_transport(slot, transport, &connection, &pongs_seen) => {
+                moved = Some(next);
+                Ok(Some(self.config.drain_grace))
+            }
         };
         streams.close();
         let grace = match result {
+            Ok(Some(grace)) if moved.is_some() => {
+                tracing::info!(relay_id = %welcome.relay_id, in_flight = streams.len(),
+                    "tunnel replaced over the other transport; winding this one down");
+                grace
+            }
             Ok(Some(grace)) => {
                 tracing::info!(relay_id = %welcome.relay_id, grace_ms = grace.as_millis() as u64,
                     in_flight = streams.len(), "relay is draining; opening a replacement tunnel");
@@ -467,39 +616,126 @@ impl Shared {
             // The tunnel is gone: its streams are gone with it.
             _ => Duration::ZERO,
         };
-        if let Ok(Some(grace)) = result {
-            // A draining relay that is this agent's only owner keeps opening streams on this
-            // tunnel until the replacement is up: serve them in the background while the slot
-            // dials the replacement. The control stream stays open until then, so the relay
-            // keeps the session (and its routes, marked draining).
-            let policy = stream::Policy {
-                ips: self.ips.clone(),
-                ports: self.config.ports.clone(),
-                session_id: welcome.session_id,
-                connect_timeout: self.config.connect_timeout,
-            };
-            let draining = Draining {
-                endpoint,
-                connection,
-                control: (send, recv),
-                streams,
-                policy,
-            };
-            self.winding_down
-                .spawn(self.clone().drain_tunnel(draining, grace));
-            return Ok(());
+        if moved.is_none() {
+            if let Ok(Some(grace)) = result {
+                // A draining relay that is this agent's only owner keeps opening streams on this
+                // tunnel until the replacement is up: serve them in the background while the slot
+                // dials the replacement. The control stream stays open until then, so the relay
+                // keeps the session (and its routes, marked draining).
+                let policy = stream::Policy {
+                    ips: self.ips.clone(),
+                    ports: self.config.ports.clone(),
+                    session_id: welcome.session_id,
+                    connect_timeout: self.config.connect_timeout,
+                };
+                let draining = Draining {
+                    endpoint,
+                    gone,
+                    connection,
+                    control: (send, recv),
+                    streams,
+                    policy,
+                };
+                self.winding_down
+                    .spawn(self.clone().drain_tunnel(draining, grace));
+                return Ok(None);
+            }
         }
         drop((send, recv));
-        let _ = tokio::time::timeout(grace, streams.wait()).await;
-        connection.close(close::SHUTDOWN.into(), b"agent closing tunnel");
-        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
-        result.map(|_| ())
+        let wind_down = async move {
+            let _ = tokio::time::timeout(grace, streams.wait()).await;
+            connection.close(close::SHUTDOWN.into(), b"agent closing tunnel");
+            let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        };
+        match result {
+            Ok(Some(_)) => {
+                self.winding_down.spawn(wind_down);
+                Ok(moved)
+            }
+            Ok(None) => {
+                wind_down.await;
+                Ok(None)
+            }
+            Err(err) => {
+                wind_down.await;
+                Err(err)
+            }
+        }
+    }
+
+    /// With `tunnel = "auto"`, returns a tunnel over the other transport once this slot should
+    /// move: a TCP tunnel probes QUIC every `quic_probe_interval` (with jitter) and returns the
+    /// QUIC tunnel that answered; a QUIC tunnel that heard nothing from its relay for
+    /// [`SILENT_KEEP_ALIVES`] keep-alive intervals (UDP stopped passing) returns a TCP tunnel.
+    /// The caller winds the old tunnel down (its streams finish) while the new one serves.
+    /// Never returns otherwise.
+    async fn other_transport(
+        &self,
+        slot: usize,
+        transport: Kind,
+        connection: &quinn::Connection,
+        pongs: &AtomicU64,
+    ) -> Tunnel {
+        if self.config.tunnel != TunnelMode::Auto {
+            return std::future::pending().await;
+        }
+        let (to, wait) = match transport {
+            Kind::Tcp => (Kind::Quic, None),
+            Kind::Quic => (
+                Kind::Tcp,
+                Some(self.config.transport.keep_alive * SILENT_KEEP_ALIVES),
+            ),
+        };
+        loop {
+            match wait {
+                None => {
+                    let interval = self.config.quic_probe_interval;
+                    let jitter = rand::random_range(0.75..1.25);
+                    tokio::time::sleep(interval.mul_f64(jitter)).await;
+                }
+                Some(silence) => silent_for(connection, pongs, silence).await,
+            }
+            match self.dial_over(slot, to, None).await {
+                Ok(next) if !self.held_elsewhere(slot, &next.welcome.relay_id) => {
+                    if to == Kind::Quic {
+                        tracing::info!(relay_id = %next.welcome.relay_id, "QUIC answers again; moving the tunnel back to QUIC");
+                    } else {
+                        tracing::warn!(relay_id = %next.welcome.relay_id, "no packet from the relay over QUIC; moved the tunnel to TCP");
+                    }
+                    return next;
+                }
+                Ok(next) => next
+                    .connection
+                    .close(close::DUPLICATE.into(), b"duplicate relay"),
+                Err(err) => {
+                    tracing::debug!(err = format!("{err:#}"), %to, "no tunnel over the other transport")
+                }
+            }
+            if let Some(_silence) = wait {
+                // Tried once per silence: wait for the relay to be heard again first.
+                heard(connection, pongs).await;
+            }
+        }
+    }
+
+    /// Whether a slot other than `slot` holds a tunnel to `relay_id`.
+    fn held_elsewhere(&self, slot: usize, relay_id: &str) -> bool {
+        self.lock_held()
+            .iter()
+            .any(|(s, (r, _))| *s != slot && r == relay_id)
+    }
+
+    fn lock_transports(&self) -> std::sync::MutexGuard<'_, HashMap<usize, Kind>> {
+        // Plain values; a poisoned lock still holds a coherent map.
+        self.transports.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 /// A draining relay's tunnel being wound down.
 struct Draining {
     endpoint: quinn::Endpoint,
+    /// TCP tunnels: cancelled when the TCP connection is gone.
+    gone: Option<CancellationToken>,
     connection: quinn::Connection,
     control: (quinn::SendStream, quinn::RecvStream),
     streams: TaskTracker,
@@ -521,12 +757,19 @@ impl Shared {
     async fn drain_tunnel(self: Arc<Self>, tunnel: Draining, grace: Duration) {
         let Draining {
             endpoint,
+            gone,
             connection,
             control: (mut send, recv),
             streams,
             policy,
         } = tunnel;
         let deadline = tokio::time::Instant::now() + grace;
+        let tcp_gone = || async {
+            match &gone {
+                Some(gone) => gone.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
         let serve = |send, recv| {
             let policy = stream::Policy {
                 ips: policy.ips.clone(),
@@ -549,6 +792,7 @@ impl Shared {
             }
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => break,
+                _ = tcp_gone() => break,
                 accepted = connection.accept_bi() => match accepted {
                     Ok((send, recv)) => serve(send, recv),
                     // The relay closed the tunnel (its drain ended): nothing more will come.
@@ -565,6 +809,7 @@ impl Shared {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(settle.min(deadline)) => break,
+                _ = tcp_gone() => break,
                 accepted = connection.accept_bi() => match accepted {
                     Ok((send, recv)) => serve(send, recv),
                     Err(_) => break,
@@ -578,8 +823,50 @@ impl Shared {
     }
 }
 
+/// How often a QUIC tunnel's received packets are sampled for silence.
+const SILENCE_SAMPLE: Duration = Duration::from_millis(250);
+
+/// What proves the relay hears this agent: pongs to its pings, and flow-control credit (granted
+/// only as the relay reads the agent's data). Packets from the relay alone do not: UDP may be
+/// dropped one way only, and then the relay's keep-alives (carrying its old acknowledgements
+/// again) still arrive while nothing of the agent's reaches it.
+fn hears_us(connection: &quinn::Connection, pongs: &AtomicU64) -> u64 {
+    let frames = connection.stats().frame_rx;
+    pongs.load(Ordering::Relaxed) + frames.max_data + frames.max_stream_data
+}
+
+/// Returns once the relay has shown no sign of hearing this agent for `silence` (it answers a
+/// ping every keep-alive interval while it does).
+async fn silent_for(connection: &quinn::Connection, pongs: &AtomicU64, silence: Duration) {
+    let acks = |c: &quinn::Connection| hears_us(c, pongs);
+    let mut last = acks(connection);
+    let mut heard_at = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(SILENCE_SAMPLE).await;
+        let now = acks(connection);
+        if now != last {
+            last = now;
+            heard_at = tokio::time::Instant::now();
+        } else if heard_at.elapsed() >= silence {
+            return;
+        }
+    }
+}
+
+/// Returns once the relay shows it hears this agent again.
+async fn heard(connection: &quinn::Connection, pongs: &AtomicU64) {
+    let acks = |c: &quinn::Connection| hears_us(c, pongs);
+    let last = acks(connection);
+    while acks(connection) == last {
+        tokio::time::sleep(SILENCE_SAMPLE).await;
+    }
+}
+
 struct Tunnel {
     endpoint: quinn::Endpoint,
+    transport: Kind,
+    /// TCP tunnels: cancelled when the TCP connection is gone.
+    gone: Option<CancellationToken>,
     connection: quinn::Connection,
     control: (quinn::SendStream, quinn::RecvStream),
     welcome: Welcome,

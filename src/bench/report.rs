@@ -681,7 +681,35 @@ pub fn table(results: &str) -> anyhow::Result<String> {
         0,
         "0",
     ));
+    out.push_str(&transport_rows(&runs));
     Ok(out)
+}
+
+/// The co-located path over the TCP tunnel transport (`colocated-tcp`: the agent dials with
+/// `tunnel = "tcp"`) beside the same path over QUIC, when the results have it: one row per path
+/// metric, both transports in the co-located column's place.
+fn transport_rows<'a>(runs: &impl Fn(&str, &str) -> &'a [Value]) -> String {
+    let mut out = String::new();
+    for row in PATH_ROWS.iter().filter(|r| r.test != "*errors") {
+        let tcp = median(runs("colocated-tcp", row.test), row.value);
+        if tcp.is_none() {
+            continue;
+        }
+        let quic = median(runs("colocated", row.test), row.value);
+        let target = match row.test {
+            "tput1" => "≥ co-located over QUIC",
+            "tput8" => "> its 1-connection figure",
+            _ => "",
+        };
+        out.push_str(&format!(
+            "| TCP tunnel transport: {} | — | {} | — | {} of co-located over QUIC ({}) | — | — | {target} |\n",
+            row.label,
+            fmt_value(tcp, row.decimals),
+            fmt_ratio(tcp, quic, row.better),
+            fmt_value(quic, row.decimals),
+        ));
+    }
+    out
 }
 
 #[cfg(test)]

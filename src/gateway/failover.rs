@@ -458,6 +458,7 @@ mod tests {
             draining: false,
             connected_at: 0,
             credential: None,
+            transport: None,
         }
     }
 

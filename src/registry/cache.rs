@@ -22,6 +22,8 @@ pub struct Owner {
     pub connected_at: u64,
     /// Fingerprint of the credential that admitted the tunnel; `None` from older relays.
     pub credential: Option<Arc<str>>,
+    /// `quic` or `tcp`; `None` from older relays.
+    pub transport: Option<Arc<str>>,
 }
 
 impl Owner {
@@ -63,6 +65,9 @@ pub struct SessionView {
     /// A string in JSON (see [`super::session_id_json`]).
     #[serde(with = "super::session_id_json")]
     pub session_id: u64,
+    /// What carries the tunnel: `quic` or `tcp` (absent from older relays).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
 }
 
 #[derive(Default)]
@@ -86,6 +91,7 @@ impl State {
             draining: route.value.draining,
             connected_at: route.value.connected_at,
             credential: route.value.credential.as_deref().map(Arc::from),
+            transport: route.value.transport.as_deref().map(Arc::from),
         };
         let replaced = match owners
             .iter_mut()
@@ -321,7 +327,8 @@ impl RouteCache {
         let state = self.read();
         type Key = (String, String, Option<String>);
         let mut agents: BTreeMap<Key, AgentView> = BTreeMap::new();
-        let mut sessions: BTreeMap<Key, BTreeSet<(Arc<str>, u64)>> = BTreeMap::new();
+        type Tunnel = (Arc<str>, u64, Option<Arc<str>>);
+        let mut sessions: BTreeMap<Key, BTreeSet<Tunnel>> = BTreeMap::new();
         for ((namespace, ip), owners) in &state.routes {
             for o in owners {
                 let credential = o.credential.as_deref().map(str::to_string);
@@ -349,10 +356,11 @@ impl RouteCache {
                 }
                 view.connected_since = view.connected_since.min(o.connected_at);
                 view.draining &= o.draining;
-                sessions
-                    .entry(key)
-                    .or_default()
-                    .insert((o.relay_id.clone(), o.session_id));
+                sessions.entry(key).or_default().insert((
+                    o.relay_id.clone(),
+                    o.session_id,
+                    o.transport.clone(),
+                ));
             }
         }
         agents
@@ -365,9 +373,10 @@ impl RouteCache {
                 view.sessions = tunnels
                     .into_iter()
                     .flatten()
-                    .map(|(relay_id, session_id)| SessionView {
+                    .map(|(relay_id, session_id, transport)| SessionView {
                         relay_id: relay_id.to_string(),
                         session_id: *session_id,
+                        transport: transport.as_deref().map(str::to_string),
                     })
                     .collect();
                 view

@@ -138,6 +138,10 @@ pub struct RouteValue {
     /// relays refuse an agent id to a second credential. Absent in routes of older relays.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential: Option<String>,
+    /// What carries the tunnel: `quic`, or `tcp` (QUIC over TCP + TLS). Absent in routes of
+    /// older relays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
 }
 
 impl Route {
@@ -150,6 +154,7 @@ impl Route {
                 connected_at: unix_now(),
                 draining: false,
                 credential: None,
+                transport: None,
             },
         }
     }

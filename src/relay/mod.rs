@@ -89,6 +89,12 @@ impl Drop for InFlight {
 pub struct Relay {
     config: RelayConfig,
     endpoint: quinn::Endpoint,
+    /// The TCP tunnel listener ([`crate::tcp_tunnel`]); taken by [`Relay::run`].
+    tcp: std::sync::Mutex<Option<std::net::TcpListener>>,
+    tcp_addr: Option<SocketAddr>,
+    /// Outer TLS and inner QUIC server configurations of TCP tunnels.
+    tcp_tls: Arc<rustls::ServerConfig>,
+    tcp_server: quinn::ServerConfig,
     peer_endpoint: Option<quinn::Endpoint>,
     sessions: Arc<SessionTable>,
     registry: Arc<dyn Registry>,
@@ -132,9 +138,60 @@ impl Relay {
             transport,
         )
         .context("relay TLS config")?;
-        let endpoint =
-            crate::tls::bind_endpoint(config.listen, Some(server), config.transport.udp_buffer)
-                .with_context(|| format!("binding relay endpoint on {}", config.listen))?;
+        // The TCP listener takes the QUIC endpoint's port by default. With port 0 (any), the port
+        // the UDP socket got may be taken for TCP (by an outgoing connection's ephemeral port):
+        // then both are bound again, a bounded number of times.
+        let mut attempts = 0;
+        let (endpoint, tcp) = loop {
+            attempts += 1;
+            let endpoint = crate::tls::bind_endpoint(
+                config.listen,
+                Some(server.clone()),
+                config.transport.udp_buffer,
+            )
+            .with_context(|| format!("binding relay endpoint on {}", config.listen))?;
+            let tcp_addr = match config.tcp_listen {
+                crate::config::TcpListen::Off => None,
+                crate::config::TcpListen::SameAsQuic => Some(endpoint.local_addr()?),
+                crate::config::TcpListen::At(addr) => Some(addr),
+            };
+            let Some(addr) = tcp_addr else {
+                break (endpoint, None);
+            };
+            match tcp_listener(addr) {
+                Ok(listener) => {
+                    listener.set_nonblocking(true)?;
+                    break (endpoint, Some(listener));
+                }
+                Err(err)
+                    if err.kind() == std::io::ErrorKind::AddrInUse
+                        && config.listen.port() == 0
+                        && config.tcp_listen == crate::config::TcpListen::SameAsQuic
+                        && attempts < 20 =>
+                {
+                    continue
+                }
+                Err(err) => {
+                    return Err(err).with_context(|| {
+                        format!("binding relay TCP tunnel listener on {addr} (relay.tcp_listen)")
+                    })
+                }
+            }
+        };
+        let tcp_addr = tcp.as_ref().map(|l| l.local_addr()).transpose()?;
+        let tcp_tls = Arc::new(
+            crate::tls::tcp_server_config(config.identity.clone())
+                .context("relay TCP tunnel TLS config")?,
+        );
+        let tcp_server = crate::tls::server_config_with(
+            config.identity.clone(),
+            &[protocol::ALPN_AGENT],
+            client_auth,
+            Arc::new(crate::tcp_tunnel::transport(
+                config.transport.quinn(AGENT_MAX_STREAMS),
+            )),
+        )
+        .context("relay TLS config")?;
         let (peer_endpoint, peer_addr) = match (&config.peer, peer) {
             (Some(listen), Some(peer)) => {
                 let transport = Arc::new(peer.transport.quinn(peer.max_streams));
@@ -181,6 +238,10 @@ impl Relay {
             pending: admission::Pending::new(config.max_pending_per_source, config.max_pending),
             config,
             endpoint,
+            tcp: std::sync::Mutex::new(tcp),
+            tcp_addr,
+            tcp_tls,
+            tcp_server,
             peer_endpoint,
             sessions,
             registry,
@@ -219,6 +280,11 @@ impl Relay {
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.endpoint.local_addr()
+    }
+
+    /// The TCP tunnel listener's address, unless `relay.tcp_listen = "off"`.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp_addr
     }
 
     /// The peer endpoint's bound address, when the relay has one.
@@ -294,7 +360,19 @@ impl Relay {
         // Connections stay open through the drain; `closed` ends them afterwards.
         let closed = CancellationToken::new();
         tracing::info!(relay_id = %self.config.id, addr = %self.endpoint.local_addr()?,
-            peer_addr = ?self.peer_addr(), "relay listening");
+            tcp_addr = ?self.tcp_addr, peer_addr = ?self.peer_addr(), "relay listening");
+        let tcp = self.tcp.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let tcp_task = match tcp {
+            Some(listener) => {
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                Some(tokio::spawn(self.clone().accept_tcp(
+                    listener,
+                    closed.clone(),
+                    tasks.clone(),
+                )))
+            }
+            None => None,
+        };
         if let Some(peer_endpoint) = self.peer_endpoint.clone() {
             tasks.spawn(peer::accept_loop(
                 self.clone(),
@@ -346,6 +424,9 @@ impl Relay {
         if let Some(result) = refused {
             closed.cancel();
             let _ = accept_task.await;
+            if let Some(t) = tcp_task {
+                let _ = t.await;
+            }
             self.endpoint
                 .close(close::REJECTED.into(), b"relay refused to start");
             if let Some(ep) = &self.peer_endpoint {
@@ -364,6 +445,9 @@ impl Relay {
         self.drain().await;
         closed.cancel();
         let _ = accept_task.await;
+        if let Some(t) = tcp_task {
+            let _ = t.await;
+        }
         self.endpoint
             .close(close::DRAINED.into(), b"relay shut down");
         if let Some(ep) = &self.peer_endpoint {
@@ -426,6 +510,92 @@ impl Relay {
         }
     }
 
+    /// Accepts TCP tunnels: TCP, the outer TLS handshake, then the QUIC connection it carries,
+    /// served exactly as one over UDP ([`Relay::serve_connection`]).
+    async fn accept_tcp(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        closed: CancellationToken,
+        tasks: TaskTracker,
+    ) {
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.tcp_tls.clone());
+        loop {
+            let (tcp, remote) = tokio::select! {
+                _ = closed.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        // Out of descriptors and the like: pause rather than spin.
+                        tracing::warn!(%err, "accepting a TCP tunnel failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            if self.is_draining() || self.tunnel_slots.available_permits() == 0 {
+                if !self.is_draining() {
+                    self.tunnel_refused(remote);
+                }
+                continue;
+            }
+            // The same bound on connections not yet admitted as over QUIC (a TCP peer's address
+            // is proven by its handshake, so no Retry is needed).
+            let pending = match self.pending.enter(remote.ip()) {
+                Ok(slot) => slot,
+                Err(limit) => {
+                    self.pending.refused(remote, limit);
+                    continue;
+                }
+            };
+            let relay = self.clone();
+            let acceptor = acceptor.clone();
+            let closed = closed.clone();
+            tasks.spawn(async move {
+                if let Err(err) = relay.serve_tcp(tcp, remote, acceptor, pending, closed).await {
+                    tracing::debug!(%remote, transport = "tcp", err = format!("{err:#}"), "tunnel ended");
+                }
+            });
+        }
+    }
+
+    async fn serve_tcp(
+        self: Arc<Self>,
+        tcp: tokio::net::TcpStream,
+        remote: SocketAddr,
+        acceptor: tokio_rustls::TlsAcceptor,
+        pending: admission::Slot,
+        closed: CancellationToken,
+    ) -> anyhow::Result<()> {
+        crate::tcp_tunnel::tune(&tcp, self.config.transport.idle_timeout);
+        let local = tcp.local_addr()?;
+        let handshake = async {
+            let tls = acceptor.accept(tcp).await.context("TLS handshake failed")?;
+            let (socket, gone) = crate::tcp_tunnel::socket(tls, local, remote);
+            let endpoint = crate::tcp_tunnel::endpoint(socket, Some(self.tcp_server.clone()))?;
+            let incoming = endpoint
+                .accept()
+                .await
+                .context("the TCP connection closed before QUIC")?;
+            let conn = incoming.await.context("QUIC handshake failed")?;
+            anyhow::Ok((conn, gone))
+        };
+        let (conn, gone) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+            .await
+            .context("TCP tunnel handshake timed out")??;
+        // The TCP connection's end is the tunnel's end: no need to wait for the idle timeout.
+        {
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = gone.cancelled() => conn.close(close::SHUTDOWN.into(), b"TCP connection closed"),
+                    _ = conn.closed() => {}
+                }
+            });
+        }
+        self.serve_connection(conn, crate::tcp_tunnel::Kind::Tcp, pending, closed)
+            .await
+    }
+
     async fn serve_incoming(
         self: Arc<Self>,
         incoming: quinn::Incoming,
@@ -436,6 +606,19 @@ impl Relay {
             .await
             .context("QUIC handshake timed out")?
             .context("QUIC handshake failed")?;
+        self.serve_connection(conn, crate::tcp_tunnel::Kind::Quic, pending, closed)
+            .await
+    }
+
+    /// Serves one agent connection (over UDP or TCP): hello, admission, session, control loop.
+    /// `pending` holds its place among the connections not yet admitted until the hello is.
+    async fn serve_connection(
+        self: Arc<Self>,
+        conn: Connection,
+        transport: crate::tcp_tunnel::Kind,
+        pending: admission::Slot,
+        closed: CancellationToken,
+    ) -> anyhow::Result<()> {
         // One deadline from the handshake to the hello, however the peer splits its silence
         // between opening the control stream and writing on it.
         let hello_deadline = tokio::time::Instant::now() + protocol::HELLO_TIMEOUT;
@@ -464,7 +647,7 @@ impl Relay {
                 return Err(err).context("reading hello");
             }
         };
-        let span = tracing::info_span!("session", agent_id = %hello.agent_id, remote = %conn.remote_address());
+        let span = tracing::info_span!("session", agent_id = %hello.agent_id, remote = %conn.remote_address(), %transport);
         async move {
             let admitted = if self.is_draining() {
                 Err(Reject {
@@ -534,6 +717,7 @@ impl Relay {
                 ips: hello.ips.clone(),
                 ports: hello.ports.clone(),
                 connection: conn.clone(),
+                transport,
                 connected_at: unix_now(),
                 token_sha256: admission.token_sha256,
                 credential: admission.credential,
@@ -577,6 +761,9 @@ impl Relay {
                 return Ok(());
             }
             crate::metrics::metrics().relay_tunnels.inc();
+            crate::metrics::metrics()
+                .tunnels_by_transport(transport.as_str())
+                .inc();
             // Admitted: no longer counts as pending.
             drop(pending);
             let _ = self
@@ -592,6 +779,9 @@ impl Relay {
             .await;
             self.sessions.remove(session.id);
             crate::metrics::metrics().relay_tunnels.dec();
+            crate::metrics::metrics()
+                .tunnels_by_transport(transport.as_str())
+                .dec();
             let keys = session
                 .routes(&self.config.id)
                 .into_iter()
@@ -903,6 +1093,17 @@ impl Relay {
     pub fn serves(&self, namespace: &str, ip: IpAddr) -> bool {
         !self.sessions.candidates(namespace, ip).is_empty()
     }
+}
+
+/// A TCP listener for agents' TCP tunnels. SO_REUSEADDR, as servers have it: a relay restarted on
+/// its port must not wait for the TIME_WAIT connections its predecessor left.
+fn tcp_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
 }
 
 /// Opens one stream on `session`'s tunnel and waits for the agent's verdict.

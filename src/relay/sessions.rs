@@ -18,6 +18,8 @@ pub struct Session {
     pub ips: Vec<IpAddr>,
     pub ports: Vec<PortRange>,
     pub connection: quinn::Connection,
+    /// What carries the tunnel: QUIC over UDP, or over TCP + TLS.
+    pub transport: crate::tcp_tunnel::Kind,
     pub connected_at: u64,
     /// SHA-256 of the token that admitted the agent; `None` when a certificate did.
     pub token_sha256: Option<[u8; 32]>,
@@ -48,6 +50,7 @@ impl Session {
                 route.value.connected_at = self.connected_at;
                 route.value.draining = self.draining.load(Ordering::Relaxed);
                 route.value.credential = Some(self.credential.clone());
+                route.value.transport = Some(self.transport.as_str().to_string());
                 route
             })
             .collect()

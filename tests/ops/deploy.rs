@@ -708,6 +708,22 @@ impl PosternConfig {
                 "relay".into(),
                 listen("relay.listen", relay.get("listen"), "UDP"),
             );
+            // TCP tunnels: on `listen`'s port unless `tcp_listen` moves or disables them.
+            match relay.get("tcp_listen").and_then(|v| v.as_str()) {
+                Some("off") => {}
+                Some(_) => {
+                    ports.insert(
+                        "relay-tcp".into(),
+                        listen("relay.tcp_listen", relay.get("tcp_listen"), "TCP"),
+                    );
+                }
+                None => {
+                    ports.insert(
+                        "relay-tcp".into(),
+                        listen("relay.listen", relay.get("listen"), "TCP"),
+                    );
+                }
+            }
             if relay.get("peer_listen").is_some() {
                 ports.insert(
                     "peer".into(),

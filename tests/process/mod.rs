@@ -42,12 +42,17 @@ where
     }
 }
 
+/// A UDP port free now, and free over TCP too: a relay listens for TCP tunnels on the port of its
+/// QUIC endpoint by default (`relay.tcp_listen`).
 pub fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    for _ in 0..100 {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = udp.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no port free over both UDP and TCP in 100 tries");
 }
 
 /// A UDP port free on `ip` at the time of asking.

@@ -482,6 +482,11 @@ impl AgentRole {
         t.insert("token".into(), s(format!("env:{}", self.token_env)));
         t.insert("ips".into(), strings(&self.ips));
         t.insert("ports".into(), strings(&self.ports));
+        // POSTERN_TEST_TUNNEL=tcp (or quic, auto) runs every suite's agents on that tunnel
+        // transport (the default, unset, is the shipped `auto`).
+        if let Ok(mode) = std::env::var("POSTERN_TEST_TUNNEL") {
+            t.insert("tunnel".into(), s(mode));
+        }
         set(
             &mut t,
             "redundancy",

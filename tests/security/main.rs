@@ -320,7 +320,9 @@ async fn open_proxy_matrix_is_refused_through_both_doors_and_nothing_is_dialled(
             resolve_names: true,
             ..GatewayConfig::default()
         },
-        |_| {},
+        // The relay's TCP tunnel listener is off, so that the listener below can take the relay's
+        // port number over TCP and show the gateway never dials it.
+        |relay| relay.tcp_listen = postern::config::TcpListen::Off,
     )
     .await;
     let agent_ip = ip(net, 0, 10);

@@ -255,9 +255,14 @@ impl Shared {
                 Err(err) => tracing::warn!(err = format!("{err:#}"), "dial failed"),
             }
             let delay = backoff.next_delay();
+            // A relay coming up (the live count growing, told by a pong) ends the backoff: the
+            // dial that failed may have met that relay while it restarted, and after a few such
+            // failures the backoff would outlast its restart by seconds.
+            let before = *live.borrow_and_update();
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}
+                _ = live.wait_for(|n| *n > before) => {}
             }
         }
     }

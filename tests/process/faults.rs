@@ -1,5 +1,5 @@
-//! Faults a test injects for real, and the services it needs to see them: a UDP forwarder that
-//! can drop everything between two processes (a blackholed path), a service that writes without
+//! Faults a test injects for real, and the services it needs to see them: a UDP and TCP forwarder
+//! that can stop everything between two processes (a blackholed path), a service that writes without
 //! end (for clients that stop reading), and a restart of a relay on the UDP port it had.
 #![allow(dead_code)]
 
@@ -41,8 +41,8 @@ impl Source {
     }
 }
 
-/// A UDP forwarder between an agent and one relay that the test can tell to drop everything, both
-/// ways: a cut agent↔relay path while both processes stay up. Each agent source address gets an
+/// A UDP (and TCP, on the same port) forwarder between an agent and one relay that the test can
+/// tell to drop everything, both ways: a cut agent↔relay path while both processes stay up. Each agent source address gets an
 /// upstream socket of its own, so the relay sees one 5-tuple per agent socket.
 pub struct Cuttable {
     pub addr: SocketAddr,
@@ -56,9 +56,25 @@ pub type Initials = Arc<std::sync::Mutex<Vec<(Instant, Vec<u8>)>>>;
 
 impl Cuttable {
     pub async fn start(upstream: SocketAddr) -> Cuttable {
-        let front = Arc::new(UdpSocket::bind((upstream.ip(), 0)).await.unwrap());
+        // The same port over TCP forwards to the relay's TCP tunnel listener (by default on the
+        // relay's UDP address and port), so agents on `tunnel = "tcp"` go through it too.
+        let (front, tcp_front) = {
+            let mut tries = 0;
+            loop {
+                let front = UdpSocket::bind((upstream.ip(), 0)).await.unwrap();
+                let port = front.local_addr().unwrap().port();
+                match TcpListener::bind((upstream.ip(), port)).await {
+                    Ok(tcp) => break (Arc::new(front), tcp),
+                    Err(err) => {
+                        tries += 1;
+                        assert!(tries < 20, "no port free over both UDP and TCP: {err}");
+                    }
+                }
+            }
+        };
         let addr = front.local_addr().unwrap();
         let cut = Arc::new(AtomicBool::new(false));
+        tokio::spawn(forward_tcp(tcp_front, upstream, cut.clone()));
         let drop_all = cut.clone();
         let initials: Initials = Arc::default();
         let seen = initials.clone();
@@ -117,6 +133,47 @@ impl Cuttable {
             .filter(|(at, id)| *at >= since && ids.insert(id.clone()))
             .map(|(at, _)| *at - since)
             .collect()
+    }
+}
+
+/// Forwards TCP connections from `front` to `upstream`; while `cut`, neither direction moves a
+/// byte (data waits in the socket buffers, as behind a blackhole), and it moves on once healed.
+async fn forward_tcp(front: TcpListener, upstream: SocketAddr, cut: Arc<AtomicBool>) {
+    use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite};
+    async fn pipe(
+        mut from: impl AsyncRead + Unpin,
+        mut to: impl AsyncWrite + Unpin,
+        cut: Arc<AtomicBool>,
+    ) {
+        let healed = || async {
+            while cut.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            healed().await;
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            healed().await;
+            if to.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown().await;
+    }
+    while let Ok((client, _)) = front.accept().await {
+        let cut = cut.clone();
+        tokio::spawn(async move {
+            let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                return;
+            };
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            tokio::join!(pipe(cr, sw, cut.clone()), pipe(sr, cw, cut));
+        });
     }
 }
 

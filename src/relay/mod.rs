@@ -40,8 +40,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// claims held at other relays cannot be checked; past it (a registry outage) only this relay's
 /// own tunnels are checked. Well inside the agent's 3 s dial deadline, which covers the hello.
 const ROUTES_WAIT: Duration = Duration::from_secs(1);
-/// How often a tunnel's control loop checks whether more relays are live than its agent last
-/// heard, and tells it with an unasked pong (agents take a pong at any time; `nonce` 0).
+/// How often the relay samples the live-relay count; when it grew past what a tunnel's agent last
+/// heard, the tunnel's control loop tells it with an unasked pong (agents take a pong at any time;
+/// `nonce` 0).
 const ANNOUNCE_INTERVAL: Duration = Duration::from_millis(500);
 
 /// What admitted a hello: the credential, as sessions and routes record it.
@@ -88,6 +89,9 @@ impl Drop for InFlight {
 /// A bound relay, ready to [`Relay::run`].
 pub struct Relay {
     config: RelayConfig,
+    /// The live-relay count agents are told, sampled every [`ANNOUNCE_INTERVAL`] by one task of
+    /// [`Relay::run`]; every tunnel's control loop watches it (no timer per tunnel).
+    live: tokio::sync::watch::Sender<u32>,
     endpoint: quinn::Endpoint,
     /// The TCP tunnel listener ([`crate::tcp_tunnel`]); taken by [`Relay::run`].
     tcp: std::sync::Mutex<Option<std::net::TcpListener>>,
@@ -236,6 +240,7 @@ impl Relay {
             tunnel_slots: Arc::new(tokio::sync::Semaphore::new(config.max_tunnels as usize)),
             limit_warned_at: std::sync::atomic::AtomicU64::new(0),
             pending: admission::Pending::new(config.max_pending_per_source, config.max_pending),
+            live: tokio::sync::watch::channel(1).0,
             config,
             endpoint,
             tcp: std::sync::Mutex::new(tcp),
@@ -357,6 +362,24 @@ impl Relay {
             .context("relay is already running")?;
         let publisher_stop = CancellationToken::new();
         let publisher_task = tokio::spawn(publisher.run(publisher_stop.clone()));
+        {
+            let relay = self.clone();
+            let stop = publisher_stop.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(ANNOUNCE_INTERVAL);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tick.tick() => {}
+                    }
+                    let live = relay.live_relays();
+                    relay
+                        .live
+                        .send_if_modified(|n| std::mem::replace(n, live) != live);
+                }
+            });
+        }
         // Connections stay open through the drain; `closed` ends them afterwards.
         let closed = CancellationToken::new();
         tracing::info!(relay_id = %self.config.id, addr = %self.endpoint.local_addr()?,
@@ -811,22 +834,20 @@ impl Relay {
         // comes up, an unasked pong tells the agent at once, so a slot idling for want of a second
         // relay dials within a tick instead of waiting for its next ping.
         let mut announced = self.live_relays();
-        let mut announce = tokio::time::interval(ANNOUNCE_INTERVAL);
-        announce.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        announce.tick().await;
+        let mut live = self.live.subscribe();
         loop {
             let msg = tokio::select! {
                 _ = closed.cancelled() => {
                     conn.close(close::DRAINED.into(), b"relay shut down");
                     return Ok(());
                 }
-                _ = announce.tick() => {
-                    let live = self.live_relays();
-                    if live > announced {
-                        let pong = Message::Pong { nonce: 0, live_relays: live };
+                Ok(()) = live.changed() => {
+                    let now = *live.borrow_and_update();
+                    if now > announced {
+                        let pong = Message::Pong { nonce: 0, live_relays: now };
                         protocol::write_message(send, &pong).await?;
                     }
-                    announced = live;
+                    announced = now;
                     continue;
                 }
                 _ = session.drain.cancelled(), if !drain_sent => {

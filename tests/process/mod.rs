@@ -267,13 +267,22 @@ impl Etcd {
 
     /// [`Etcd::planned`] on loopback address `ip`.
     pub fn planned_on(dir: &Path, ip: Ipv4Addr) -> Etcd {
-        let client_port = free_tcp_port_on(ip);
+        // Both listeners are held while their ports are read, so the two ports differ (two
+        // separate picks may return the same port, and etcd then fails to start).
+        let (client_port, peer_port) = {
+            let a = std::net::TcpListener::bind((ip, 0)).unwrap();
+            let b = std::net::TcpListener::bind((ip, 0)).unwrap();
+            (
+                a.local_addr().unwrap().port(),
+                b.local_addr().unwrap().port(),
+            )
+        };
         Etcd {
             url: format!("http://{ip}:{client_port}"),
             host: ip,
             dir: dir.join("etcd-data"),
             client_port,
-            peer_port: free_tcp_port_on(ip),
+            peer_port,
             proc: None,
             log: dir.join("etcd.log"),
             tls: None,

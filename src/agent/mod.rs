@@ -193,6 +193,16 @@ impl Shared {
     /// live relays (or `redundancy`). Counted, not by slot index: the slot that lost its tunnel
     /// may be slot 0 while slot 1 holds the only live relay, and then slot 0 is the one beyond
     /// the live relays. Dialling anyway can only land on a relay already held.
+    /// What a stream of the tunnel `session_id` may reach.
+    fn policy(&self, session_id: u64) -> stream::Policy {
+        stream::Policy {
+            ips: self.ips.clone(),
+            ports: self.config.ports.clone(),
+            session_id,
+            connect_timeout: self.config.connect_timeout,
+        }
+    }
+
     fn should_idle(&self, slot: usize) -> bool {
         let others = self.lock_held().keys().filter(|s| **s != slot).count();
         others >= self.wanted()
@@ -577,13 +587,7 @@ impl Shared {
         let accept = async {
             loop {
                 let (send, recv) = connection.accept_bi().await?;
-                let policy = stream::Policy {
-                    ips: self.ips.clone(),
-                    ports: self.config.ports.clone(),
-                    session_id: welcome.session_id,
-                    connect_timeout: self.config.connect_timeout,
-                };
-                streams.spawn(stream::serve(send, recv, policy));
+                streams.spawn(stream::serve(send, recv, self.policy(welcome.session_id)));
             }
             #[allow(unreachable_code)]
             Ok::<Option<Duration>, anyhow::Error>(None)
@@ -627,12 +631,7 @@ impl Shared {
                 // tunnel until the replacement is up: serve them in the background while the slot
                 // dials the replacement. The control stream stays open until then, so the relay
                 // keeps the session (and its routes, marked draining).
-                let policy = stream::Policy {
-                    ips: self.ips.clone(),
-                    ports: self.config.ports.clone(),
-                    session_id: welcome.session_id,
-                    connect_timeout: self.config.connect_timeout,
-                };
+                let policy = self.policy(welcome.session_id);
                 let draining = Draining {
                     endpoint,
                     gone,
@@ -776,13 +775,7 @@ impl Shared {
             }
         };
         let serve = |send, recv| {
-            let policy = stream::Policy {
-                ips: policy.ips.clone(),
-                ports: policy.ports.clone(),
-                session_id: policy.session_id,
-                connect_timeout: policy.connect_timeout,
-            };
-            streams.spawn(stream::serve(send, recv, policy));
+            streams.spawn(stream::serve(send, recv, policy.clone()));
         };
         let mut replaced_at: Option<tokio::time::Instant> = None;
         loop {

@@ -9,6 +9,7 @@ use tokio::net::TcpStream;
 use crate::protocol::{self, Code, Message, Open, OpenResult, PortRange};
 
 /// What this agent will serve.
+#[derive(Clone)]
 pub struct Policy {
     pub ips: Vec<IpAddr>,
     pub ports: Vec<PortRange>,

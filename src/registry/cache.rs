@@ -253,25 +253,7 @@ impl RouteCache {
     /// id (relays refuse that, but two relays may admit both in the same instant), only the
     /// agent whose tunnel came up first answers to the name: two agents are never merged.
     pub fn agent_ips(&self, namespace: &str, agent_id: &str) -> Vec<IpAddr> {
-        let state = self.read();
-        let mut owners: Vec<(IpAddr, Owner)> = Vec::new();
-        for ip in state
-            .agents
-            .get(&(namespace.to_string(), agent_id.to_string()))
-            .into_iter()
-            .flatten()
-        {
-            for owner in state
-                .routes
-                .get(&(namespace.to_string(), *ip))
-                .into_iter()
-                .flatten()
-            {
-                if *owner.agent_id == *agent_id {
-                    owners.push((*ip, owner.clone()));
-                }
-            }
-        }
+        let owners = self.owners_by_ip(namespace, agent_id);
         let Some(first) = owners
             .iter()
             .map(|(_, o)| o)
@@ -295,6 +277,14 @@ impl RouteCache {
 
     /// Every tunnel (as an owner) the routes give `agent_id` in `namespace`.
     pub fn agent_owners(&self, namespace: &str, agent_id: &str) -> Vec<Owner> {
+        self.owners_by_ip(namespace, agent_id)
+            .into_iter()
+            .map(|(_, owner)| owner)
+            .collect()
+    }
+
+    /// Each IP routed to `agent_id` in `namespace` with each owner of its route that names that id.
+    fn owners_by_ip(&self, namespace: &str, agent_id: &str) -> Vec<(IpAddr, Owner)> {
         let state = self.read();
         let mut found = Vec::new();
         for ip in state
@@ -310,7 +300,7 @@ impl RouteCache {
                 .flatten()
             {
                 if *owner.agent_id == *agent_id {
-                    found.push(owner.clone());
+                    found.push((*ip, owner.clone()));
                 }
             }
         }

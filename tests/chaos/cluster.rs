@@ -156,7 +156,8 @@ impl Cluster {
             let id = format!("relay-{i}");
             // Ports held until the relay starts, so that the forwarders' own sockets cannot
             // take them meanwhile.
-            let reserve = || std::net::UdpSocket::bind((host, 0)).unwrap();
+            let reserve =
+                || std::net::UdpSocket::bind((host, crate::process::free_port_on(host))).unwrap();
             let (listen_held, peer_held) = (reserve(), reserve());
             let listen = listen_held.local_addr().unwrap();
             let mut relay = Relay::new(&id, listen, &pki, vec![credential.clone()]);

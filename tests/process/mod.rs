@@ -42,43 +42,65 @@ where
     }
 }
 
-/// A UDP port free now, and free over TCP too: a relay listens for TCP tunnels on the port of its
-/// QUIC endpoint by default (`relay.tcp_listen`).
-pub fn free_udp_port() -> u16 {
-    for _ in 0..100 {
-        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let port = udp.local_addr().unwrap().port();
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+/// Picks a port on `ip` for which `free` holds, from below the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`): a test keeps such a port for a process that binds it later,
+/// or binds it again after a kill, and no other socket's `connect` can take it as its local port
+/// in between (a port from the ephemeral range was taken that way and held for the rest of a test).
+/// Each call in a test process moves on to the next port; the start depends on the process id, so
+/// test binaries running side by side start apart.
+fn port_below_ephemeral(free: impl Fn(u16) -> bool) -> u16 {
+    static NEXT: AtomicUsize = AtomicUsize::new(usize::MAX);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    const LOW: u16 = 10_000;
+    assert!(
+        ephemeral_low > LOW + 1_000,
+        "the ephemeral port range starts at {ephemeral_low}: too low to keep test ports below it"
+    );
+    let span = usize::from(ephemeral_low - LOW);
+    let _ = NEXT.compare_exchange(
+        usize::MAX,
+        (std::process::id() as usize * 7_919) % span,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..span {
+        let port = LOW + (NEXT.fetch_add(1, Ordering::SeqCst) % span) as u16;
+        if free(port) {
             return port;
         }
     }
-    panic!("no port free over both UDP and TCP in 100 tries");
+    panic!("no free port in {LOW}..{ephemeral_low}");
 }
 
-/// A UDP port free on `ip` at the time of asking.
+/// A port on `ip` free now over both UDP and TCP: a relay listens for TCP tunnels on the port of
+/// its QUIC endpoint by default (`relay.tcp_listen`).
+pub fn free_port_on(ip: Ipv4Addr) -> u16 {
+    port_below_ephemeral(|port| {
+        std::net::UdpSocket::bind((ip, port)).is_ok()
+            && std::net::TcpListener::bind((ip, port)).is_ok()
+    })
+}
+
+/// A port on 127.0.0.1 free over both UDP and TCP (see [`free_port_on`]).
+pub fn free_udp_port() -> u16 {
+    free_port_on(Ipv4Addr::LOCALHOST)
+}
+
+/// A UDP port free on `ip` at the time of asking (and over TCP, see [`free_port_on`]).
 pub fn free_udp_port_on(ip: Ipv4Addr) -> u16 {
-    std::net::UdpSocket::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_port_on(ip)
 }
 
-/// A TCP port free on `ip` at the time of asking.
+/// A TCP port free on `ip` at the time of asking (and over UDP, see [`free_port_on`]).
 pub fn free_tcp_port_on(ip: Ipv4Addr) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_port_on(ip)
 }
 
 pub fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_port_on(Ipv4Addr::LOCALHOST)
 }
 
 /// A child process that dies with its guard.
@@ -267,16 +289,9 @@ impl Etcd {
 
     /// [`Etcd::planned`] on loopback address `ip`.
     pub fn planned_on(dir: &Path, ip: Ipv4Addr) -> Etcd {
-        // Both listeners are held while their ports are read, so the two ports differ (two
-        // separate picks may return the same port, and etcd then fails to start).
-        let (client_port, peer_port) = {
-            let a = std::net::TcpListener::bind((ip, 0)).unwrap();
-            let b = std::net::TcpListener::bind((ip, 0)).unwrap();
-            (
-                a.local_addr().unwrap().port(),
-                b.local_addr().unwrap().port(),
-            )
-        };
+        // Two picks never return the same port (the picker moves on each call), and etcd may be
+        // restarted on them: both come from below the ephemeral range.
+        let (client_port, peer_port) = (free_port_on(ip), free_port_on(ip));
         Etcd {
             url: format!("http://{ip}:{client_port}"),
             host: ip,

@@ -234,9 +234,12 @@ impl Failover {
         let mut started = 0;
         let mut pending = vec![false; count];
         let mut last: Option<(Cause, usize)> = None;
-        // The first attempt starts at once; each later one when the hedge delay runs out or the
-        // attempts before it failed.
-        let hedge = tokio::time::sleep(Duration::ZERO);
+        // Every pass through the loop follows an event that calls for the next owner: the start
+        // (the first attempt starts at once), an owner's failure, or the hedge delay running out.
+        // Not a zero-length timer for "at once": the runtime's timer rounds every deadline up to
+        // its next millisecond tick, so a `sleep(ZERO)` held each open for up to a millisecond
+        // (half of a new connection's time through the tunnel).
+        let hedge = tokio::time::sleep(self.policy.hedge_delay);
         tokio::pin!(hedge);
         let budget = tokio::time::sleep(self.policy.open_timeout);
         tokio::pin!(budget);
@@ -256,6 +259,17 @@ impl Failover {
             attempts: started,
         };
         loop {
+            if started < count {
+                let index = started;
+                started += 1;
+                pending[index] = true;
+                let owner = owners[index].clone();
+                let attempt = start(owner.clone(), index + 1 == count);
+                self.spawn_attempt(owner, index, attempt, tx.clone(), discard);
+                hedge
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + self.policy.hedge_delay);
+            }
             let running = pending.iter().any(|p| *p);
             if !running && started == count {
                 let (cause, index) = last.unwrap_or((Cause::NoRoute, 0));
@@ -279,7 +293,6 @@ impl Failover {
                             tracing::debug!(relay_id = %owner.relay_id, session_id = %owner.session_id,
                                 cause = cause.label(), "owner failed; trying next");
                             last = Some((cause, index));
-                            hedge.as_mut().reset(tokio::time::Instant::now());
                         }
                         Err(cause) => {
                             finish(&mut rx);
@@ -293,15 +306,7 @@ impl Failover {
                     let silent = pending.iter().position(|p| *p);
                     return Err(failed(Cause::Timeout, silent.or(last.map(|(_, i)| i)), started));
                 }
-                _ = &mut hedge, if started < count => {
-                    let index = started;
-                    started += 1;
-                    pending[index] = true;
-                    let owner = owners[index].clone();
-                    let attempt = start(owner.clone(), index + 1 == count);
-                    self.spawn_attempt(owner, index, attempt, tx.clone(), discard);
-                    hedge.as_mut().reset(tokio::time::Instant::now() + self.policy.hedge_delay);
-                }
+                _ = &mut hedge, if started < count => {}
             }
         }
     }

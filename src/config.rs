@@ -403,9 +403,10 @@ pub struct Transport {
 impl Default for Transport {
     fn default() -> Self {
         Transport {
-            // Liveness both ways: each end sends a QUIC keep-alive every second of silence, and
-            // whichever stops hearing the other for 4 s closes the tunnel (a stopped agent or
-            // relay, a cut path), so its routes go within seconds, not at a 30 s timeout.
+            // Liveness both ways: the agent sends a QUIC keep-alive every second of silence and the
+            // relay acknowledges it (relay::agent_side), and whichever stops hearing the other for
+            // 4 s closes the tunnel (a stopped agent or relay, a cut path), so its routes go within
+            // seconds, not at a 30 s timeout.
             idle_timeout: Duration::from_secs(4),
             keep_alive: Duration::from_secs(1),
             // 32 streams' worth: one client's stalled downloads (each pins at most a stream

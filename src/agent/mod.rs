@@ -625,46 +625,32 @@ impl Shared {
             // The tunnel is gone: its streams are gone with it.
             _ => Duration::ZERO,
         };
-        if moved.is_none() {
-            if let Ok(Some(grace)) = result {
-                // A draining relay that is this agent's only owner keeps opening streams on this
-                // tunnel until the replacement is up: serve them in the background while the slot
-                // dials the replacement. The control stream stays open until then, so the relay
-                // keeps the session (and its routes, marked draining).
-                let policy = self.policy(welcome.session_id);
-                let draining = Draining {
-                    endpoint,
-                    gone,
-                    connection,
-                    control: (send, recv),
-                    streams,
-                    policy,
-                };
-                self.winding_down
-                    .spawn(self.clone().drain_tunnel(draining, grace));
-                return Ok(None);
-            }
+        if let Ok(Some(grace)) = result {
+            // A draining relay that is this agent's only owner keeps opening streams on this
+            // tunnel until the replacement is up, and gateways keep opening streams on a tunnel
+            // replaced over the other transport until the replacement's route reaches them: serve
+            // them in the background (while the slot dials the replacement, or runs the one it
+            // moved to) until the replacement has been up for DRAIN_LINGER. The control stream
+            // stays open until then, so the relay keeps the session and its routes. (Closing a
+            // moved tunnel at once failed the opens gateways sent in that instant.)
+            let policy = self.policy(welcome.session_id);
+            let draining = Draining {
+                endpoint,
+                gone,
+                connection,
+                control: (send, recv),
+                streams,
+                policy,
+            };
+            self.winding_down
+                .spawn(self.clone().drain_tunnel(draining, grace));
+            return Ok(moved);
         }
         drop((send, recv));
-        let wind_down = async move {
-            let _ = tokio::time::timeout(grace, streams.wait()).await;
-            connection.close(close::SHUTDOWN.into(), b"agent closing tunnel");
-            let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
-        };
-        match result {
-            Ok(Some(_)) => {
-                self.winding_down.spawn(wind_down);
-                Ok(moved)
-            }
-            Ok(None) => {
-                wind_down.await;
-                Ok(None)
-            }
-            Err(err) => {
-                wind_down.await;
-                Err(err)
-            }
-        }
+        let _ = tokio::time::timeout(grace, streams.wait()).await;
+        connection.close(close::SHUTDOWN.into(), b"agent closing tunnel");
+        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        result.map(|_| None)
     }
 
     /// With `tunnel = "auto"`, returns a tunnel over the other transport once this slot should

@@ -812,8 +812,8 @@ const SILENCE_SAMPLE: Duration = Duration::from_millis(250);
 
 /// What proves the relay hears this agent: pongs to its pings, and flow-control credit (granted
 /// only as the relay reads the agent's data). Packets from the relay alone do not: UDP may be
-/// dropped one way only, and then the relay's keep-alives (carrying its old acknowledgements
-/// again) still arrive while nothing of the agent's reaches it.
+/// dropped one way only, and then the relay's packets (its pings on the control stream, stream
+/// data, old acknowledgements again) still arrive while nothing of the agent's reaches it.
 fn hears_us(connection: &quinn::Connection, pongs: &AtomicU64) -> u64 {
     let frames = connection.stats().frame_rx;
     pongs.load(Ordering::Relaxed) + frames.max_data + frames.max_stream_data

@@ -3,7 +3,7 @@
 //! reject a broken file naming the key that is wrong. The four reference examples (agent, server,
 //! relay, gateway) must show every key of every table, their commented-out values must be the real
 //! defaults, and `docs/configuration.md` must document every key in its table's section. The
-//! tables and keys are read from `config.rs` itself (through `deny_unknown_fields`), so a new key
+//! tables and keys are read from `src/config/` itself (through `deny_unknown_fields`), so a new key
 //! fails here until the examples and the reference show it.
 //!
 //! The examples point at `/etc/postern/...` certificates and read secrets from `env:` variables,
@@ -346,7 +346,7 @@ const UNKNOWN_KEY: &str = "zz_not_a_key";
 
 /// The keys the table opened by `header` (`""` for the top level, `"[relay]"`, `"[[relay.agents]]"`)
 /// accepts, read from the error `deny_unknown_fields` gives for an unknown one — so this follows
-/// `config.rs` without being copied from it. `None` when `header` does not open a table of `T`
+/// `src/config/` without being copied from it. `None` when `header` does not open a table of `T`
 /// (the key holds a plain value, a list of values or an enum).
 fn table_keys<T: serde::de::DeserializeOwned + std::fmt::Debug>(
     header: &str,
@@ -382,7 +382,7 @@ struct Table {
 }
 
 /// Every table a file of type `T` accepts, found by probing each key of each table for a nested
-/// table (`[a.b]`) or array of tables (`[[a.b]]`) — so a table added to `config.rs` is covered
+/// table (`[a.b]`) or array of tables (`[[a.b]]`) — so a table added to `src/config/` is covered
 /// without touching this test.
 fn tables_of<T: serde::de::DeserializeOwned + std::fmt::Debug>() -> Vec<Table> {
     let top = table_keys::<T>("").expect("the top level is a table");

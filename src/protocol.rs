@@ -490,13 +490,15 @@ impl FrameReader {
                 self.buf.drain(..used);
                 return Ok(msg);
             }
-            let mut chunk = [0u8; 2048];
-            // `read` is cancel-safe: either it returns bytes, which are kept, or it consumed none.
-            let n = r.read(&mut chunk).await?;
+            // Straight into the buffer's spare room (at least 64 bytes; a control frame is a few
+            // dozen): a chunk array here would be part of every waiting future, i.e. of every
+            // idle tunnel. `read_buf` is cancel-safe: either it returns bytes, which are kept, or
+            // it consumed none.
+            self.buf.reserve(64);
+            let n = r.read_buf(&mut self.buf).await?;
             if n == 0 {
                 return Err(Error::Truncated);
             }
-            self.buf.extend_from_slice(&chunk[..n]);
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The gateway's route cache: a full list, then a watch from the next revision; re-listed whenever the
 //! watch breaks or resets. Lookups are in-memory reads — no registry round trip on a connection's path.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -72,33 +72,77 @@ pub struct SessionView {
 
 #[derive(Default)]
 struct State {
-    /// `(namespace, ip)` → its owners.
-    routes: HashMap<(String, IpAddr), Vec<Owner>>,
-    /// `(namespace, agent_id)` → the IPs routes give it, for `<agent-id>.<suffix>` names.
-    agents: HashMap<(String, String), BTreeSet<IpAddr>>,
+    /// namespace → IP → its owners.
+    routes: HashMap<Arc<str>, HashMap<IpAddr, Vec<Owner>>>,
+    /// namespace → agent id → the IPs routes give it (sorted), for `<agent-id>.<suffix>` names.
+    agents: HashMap<Arc<str>, HashMap<Arc<str>, Vec<IpAddr>>>,
     relays: HashMap<String, RelayInfo>,
     route_count: usize,
+    /// One copy of each string routes repeat: namespaces, relay ids, agent ids, credentials and
+    /// transports are shared by many routes (every route of a relay names the relay), so a route
+    /// costs its owner entry and no string of its own.
+    strings: Interner,
+}
+
+/// Shared copies of strings. A string no route holds any more is dropped by the next sweep, which
+/// runs when the set has doubled since the last one (so it costs O(1) per new string).
+#[derive(Default)]
+struct Interner {
+    set: HashSet<Arc<str>>,
+    swept_at: usize,
+}
+
+impl Interner {
+    fn get(&mut self, s: &str) -> Arc<str> {
+        if let Some(shared) = self.set.get(s) {
+            return shared.clone();
+        }
+        if self.set.len() >= 2 * self.swept_at.max(64) {
+            self.set.retain(|s| Arc::strong_count(s) > 1);
+            self.swept_at = self.set.len();
+        }
+        let shared: Arc<str> = Arc::from(s);
+        self.set.insert(shared.clone());
+        shared
+    }
 }
 
 impl State {
     fn put(&mut self, route: &Route) {
         let k = &route.key;
-        let owners = self.routes.entry((k.namespace.clone(), k.ip)).or_default();
+        let namespace = self.strings.get(&k.namespace);
         let owner = Owner {
-            relay_id: k.relay_id.as_str().into(),
+            relay_id: self.strings.get(&k.relay_id),
             session_id: k.session_id,
-            agent_id: route.value.agent_id.as_str().into(),
+            agent_id: self.strings.get(&route.value.agent_id),
             draining: route.value.draining,
             connected_at: route.value.connected_at,
-            credential: route.value.credential.as_deref().map(Arc::from),
-            transport: route.value.transport.as_deref().map(Arc::from),
+            credential: route
+                .value
+                .credential
+                .as_deref()
+                .map(|c| self.strings.get(c)),
+            transport: route
+                .value
+                .transport
+                .as_deref()
+                .map(|t| self.strings.get(t)),
         };
+        let agent_id = owner.agent_id.clone();
+        let owners = self
+            .routes
+            .entry(namespace.clone())
+            .or_default()
+            .entry(k.ip)
+            .or_default();
         let replaced = match owners
             .iter_mut()
             .find(|o| *o.relay_id == *k.relay_id && o.session_id == k.session_id)
         {
             Some(existing) => Some(std::mem::replace(existing, owner)),
             None => {
+                // An IP has one owner per tunnel (two, typically): grow by one, not to four.
+                owners.reserve_exact(1);
                 owners.push(owner);
                 self.route_count += 1;
                 None
@@ -107,15 +151,23 @@ impl State {
         if let Some(old) = replaced.filter(|old| *old.agent_id != *route.value.agent_id) {
             self.forget_agent_ip(&k.namespace, &old.agent_id, k.ip);
         }
-        self.agents
-            .entry((k.namespace.clone(), route.value.agent_id.clone()))
+        let ips = self
+            .agents
+            .entry(namespace)
             .or_default()
-            .insert(k.ip);
+            .entry(agent_id)
+            .or_default();
+        if let Err(at) = ips.binary_search(&k.ip) {
+            ips.reserve_exact(1);
+            ips.insert(at, k.ip);
+        }
     }
 
     fn delete(&mut self, k: &RouteKey) {
-        let slot = (k.namespace.clone(), k.ip);
-        let Some(owners) = self.routes.get_mut(&slot) else {
+        let Some(by_ip) = self.routes.get_mut(k.namespace.as_str()) else {
+            return;
+        };
+        let Some(owners) = by_ip.get_mut(&k.ip) else {
             return;
         };
         let Some(pos) = owners
@@ -128,7 +180,10 @@ impl State {
         self.route_count -= 1;
         let agent_still_owns = owners.iter().any(|o| o.agent_id == removed.agent_id);
         if owners.is_empty() {
-            self.routes.remove(&slot);
+            by_ip.remove(&k.ip);
+            if by_ip.is_empty() {
+                self.routes.remove(k.namespace.as_str());
+            }
         }
         if !agent_still_owns {
             self.forget_agent_ip(&k.namespace, &removed.agent_id, k.ip);
@@ -136,12 +191,19 @@ impl State {
     }
 
     fn forget_agent_ip(&mut self, namespace: &str, agent_id: &str, ip: IpAddr) {
-        let key = (namespace.to_string(), agent_id.to_string());
-        if let Some(ips) = self.agents.get_mut(&key) {
-            ips.remove(&ip);
-            if ips.is_empty() {
-                self.agents.remove(&key);
+        let Some(by_agent) = self.agents.get_mut(namespace) else {
+            return;
+        };
+        if let Some(ips) = by_agent.get_mut(agent_id) {
+            if let Ok(at) = ips.binary_search(&ip) {
+                ips.remove(at);
             }
+            if ips.is_empty() {
+                by_agent.remove(agent_id);
+            }
+        }
+        if by_agent.is_empty() {
+            self.agents.remove(namespace);
         }
     }
 
@@ -242,7 +304,8 @@ impl RouteCache {
         let state = self.read();
         let mut owners = state
             .routes
-            .get(&(namespace.to_string(), ip))
+            .get(namespace)
+            .and_then(|by_ip| by_ip.get(&ip))
             .cloned()
             .unwrap_or_default();
         owners.sort_by_key(|o| o.draining);
@@ -287,18 +350,15 @@ impl RouteCache {
     fn owners_by_ip(&self, namespace: &str, agent_id: &str) -> Vec<(IpAddr, Owner)> {
         let state = self.read();
         let mut found = Vec::new();
+        let by_ip = state.routes.get(namespace);
         for ip in state
             .agents
-            .get(&(namespace.to_string(), agent_id.to_string()))
+            .get(namespace)
+            .and_then(|by_agent| by_agent.get(agent_id))
             .into_iter()
             .flatten()
         {
-            for owner in state
-                .routes
-                .get(&(namespace.to_string(), *ip))
-                .into_iter()
-                .flatten()
-            {
+            for owner in by_ip.and_then(|m| m.get(ip)).into_iter().flatten() {
                 if *owner.agent_id == *agent_id {
                     found.push((*ip, owner.clone()));
                 }
@@ -319,17 +379,21 @@ impl RouteCache {
         let mut agents: BTreeMap<Key, AgentView> = BTreeMap::new();
         type Tunnel = (Arc<str>, u64, Option<Arc<str>>);
         let mut sessions: BTreeMap<Key, BTreeSet<Tunnel>> = BTreeMap::new();
-        for ((namespace, ip), owners) in &state.routes {
+        let routes = state
+            .routes
+            .iter()
+            .flat_map(|(ns, by_ip)| by_ip.iter().map(move |(ip, owners)| (ns, ip, owners)));
+        for (namespace, ip, owners) in routes {
             for o in owners {
                 let credential = o.credential.as_deref().map(str::to_string);
                 let key = (
-                    namespace.clone(),
+                    namespace.to_string(),
                     o.agent_id.to_string(),
                     credential.clone(),
                 );
                 let view = agents.entry(key.clone()).or_insert_with(|| AgentView {
                     id: o.agent_id.to_string(),
-                    namespace: namespace.clone(),
+                    namespace: namespace.to_string(),
                     ips: Vec::new(),
                     relays: Vec::new(),
                     tunnels: 0,
@@ -552,5 +616,65 @@ mod tests {
             .unwrap();
         assert_eq!((real.ips.clone(), real.tunnels), (vec![first], 2));
         assert_eq!(cache.agent_owners("default", "web").len(), 3);
+    }
+
+    #[test]
+    fn routes_share_their_strings_and_churn_leaves_none_behind() {
+        let mut state = State::default();
+        // Two tunnels per agent, on two relays, over many generations of agents.
+        for generation in 0..50u64 {
+            for n in 0..20u64 {
+                let ip = format!("10.0.{generation}.{n}");
+                let agent = format!("agent-{generation}-{n}");
+                state.put(&route(&ip, "r1", 2 * n, &agent, "token:aa", 1));
+                state.put(&route(&ip, "r2", 2 * n + 1, &agent, "token:aa", 1));
+            }
+            if generation == 0 {
+                let owners = &state.routes["default"][&"10.0.0.0".parse::<IpAddr>().unwrap()];
+                // One copy of each relay id, however many routes name it.
+                assert!(Arc::ptr_eq(&owners[0].relay_id, &state.strings.get("r1")));
+                assert!(Arc::ptr_eq(&owners[0].agent_id, &owners[1].agent_id));
+            }
+            if generation > 0 {
+                for n in 0..20u64 {
+                    let ip: IpAddr = format!("10.0.{}.{n}", generation - 1).parse().unwrap();
+                    for (relay, session) in [("r1", 2 * n), ("r2", 2 * n + 1)] {
+                        state.delete(&RouteKey {
+                            namespace: "default".into(),
+                            ip,
+                            relay_id: relay.into(),
+                            session_id: session,
+                        });
+                    }
+                }
+            }
+        }
+        assert_eq!(state.route_count, 40);
+        assert_eq!(state.routes["default"].len(), 20);
+        assert_eq!(state.agents["default"].len(), 20);
+        assert_eq!(
+            state.agents["default"]["agent-49-3"],
+            vec!["10.0.49.3".parse::<IpAddr>().unwrap()]
+        );
+        // 1,000 agent ids came and went: the strings of those gone are swept, not kept.
+        let live = 20 + 4; // agent ids, the namespace, two relay ids, one credential
+        assert!(
+            state.strings.set.len() <= 2 * (live + 64),
+            "{} strings kept",
+            state.strings.set.len()
+        );
+        // Deleting the rest empties every map.
+        for n in 0..20u64 {
+            for (relay, session) in [("r1", 2 * n), ("r2", 2 * n + 1)] {
+                state.delete(&RouteKey {
+                    namespace: "default".into(),
+                    ip: format!("10.0.49.{n}").parse().unwrap(),
+                    relay_id: relay.into(),
+                    session_id: session,
+                });
+            }
+        }
+        assert_eq!(state.route_count, 0);
+        assert!(state.routes.is_empty() && state.agents.is_empty());
     }
 }

@@ -53,6 +53,16 @@ struct Admission {
     credential: String,
 }
 
+/// An admitted agent connection, handed from the admission to the session's run.
+struct Admitted {
+    session: Arc<Session>,
+    send: SendStream,
+    recv: RecvStream,
+    welcome: Welcome,
+    /// Its place among the relay's `max_tunnels`, held for the session's life.
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
 /// A verified agent certificate: what it may claim and under which name.
 struct AgentCertificate {
     ips: Vec<IpAddr>,
@@ -424,15 +434,13 @@ impl Relay {
                     let Some((incoming, pending)) = relay.pending.screen(incoming) else {
                         continue;
                     };
-                    let relay = relay.clone();
-                    let conn_closed = closed.clone();
-                    tasks.spawn(async move {
-                        let remote = incoming.remote_address();
-                        if let Err(err) = relay.serve_incoming(incoming, pending, conn_closed).await
-                        {
-                            tracing::debug!(%remote, err = format!("{err:#}"), "tunnel ended");
-                        }
-                    });
+                    // Boxed: the task keeps its arguments for life, and an `Incoming` is 384
+                    // bytes that are dead once the handshake starts.
+                    tasks.spawn(relay.clone().serve_incoming(
+                        Box::new(incoming),
+                        pending,
+                        closed.clone(),
+                    ));
                 }
             }
         };
@@ -602,7 +610,7 @@ impl Relay {
             let conn = incoming.await.context("QUIC handshake failed")?;
             anyhow::Ok((conn, gone))
         };
-        let (conn, gone) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+        let (conn, gone) = Box::pin(tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake))
             .await
             .context("TCP tunnel handshake timed out")??;
         // The TCP connection's end is the tunnel's end: no need to wait for the idle timeout.
@@ -619,22 +627,34 @@ impl Relay {
             .await
     }
 
+    /// One agent connection over QUIC, from its first packet to its end (a task of its own).
     async fn serve_incoming(
         self: Arc<Self>,
-        incoming: quinn::Incoming,
+        incoming: Box<quinn::Incoming>,
         pending: admission::Slot,
         closed: CancellationToken,
-    ) -> anyhow::Result<()> {
-        let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming)
-            .await
-            .context("QUIC handshake timed out")?
-            .context("QUIC handshake failed")?;
-        self.serve_connection(conn, crate::tcp_tunnel::Kind::Quic, pending, closed)
-            .await
+    ) {
+        let remote = incoming.remote_address();
+        let served = async {
+            let conn = Box::pin(tokio::time::timeout(HANDSHAKE_TIMEOUT, *incoming))
+                .await
+                .context("QUIC handshake timed out")?
+                .context("QUIC handshake failed")?;
+            self.serve_connection(conn, crate::tcp_tunnel::Kind::Quic, pending, closed)
+                .await
+        };
+        if let Err(err) = served.await {
+            tracing::debug!(%remote, err = format!("{err:#}"), "tunnel ended");
+        }
     }
 
     /// Serves one agent connection (over UDP or TCP): hello, admission, session, control loop.
     /// `pending` holds its place among the connections not yet admitted until the hello is.
+    ///
+    /// The hello and the admission run boxed, so their state (the hello, the registry check,
+    /// deadlines) is freed once the session is up: an idle tunnel's task then holds only what
+    /// [`Relay::run_session`] needs, which is most of the relay's memory per tunnel that is
+    /// postern's own (the rest is quinn's and rustls's).
     async fn serve_connection(
         self: Arc<Self>,
         conn: Connection,
@@ -642,6 +662,23 @@ impl Relay {
         pending: admission::Slot,
         closed: CancellationToken,
     ) -> anyhow::Result<()> {
+        let Some(admitted) = Box::pin(self.admit_connection(conn, transport, pending)).await?
+        else {
+            return Ok(());
+        };
+        self.run_session(admitted, &closed).await
+    }
+
+    /// Reads the hello and admits the agent, or refuses it (then `None`); an admitted session is
+    /// in the session table. Runs under a `session` span (agent id, remote address, transport)
+    /// that ends with the admission: held for a tunnel's life, a span costs every idle tunnel
+    /// ~0.5 KiB in the log registry, so the session's own lines name those fields themselves.
+    async fn admit_connection(
+        self: &Arc<Self>,
+        conn: Connection,
+        transport: crate::tcp_tunnel::Kind,
+        pending: admission::Slot,
+    ) -> anyhow::Result<Option<Admitted>> {
         // One deadline from the handshake to the hello, however the peer splits its silence
         // between opening the control stream and writing on it.
         let hello_deadline = tokio::time::Instant::now() + protocol::HELLO_TIMEOUT;
@@ -709,7 +746,7 @@ impl Relay {
                 Ok(admission) => admission,
                 Err(reject) => {
                     refuse(&conn, &mut send, reject).await;
-                    return Ok(());
+                    return Ok(None);
                 }
             };
             // Claims held at other relays, as this process's registry view shows them.
@@ -718,9 +755,9 @@ impl Relay {
                 .await
             {
                 refuse(&conn, &mut send, reject).await;
-                return Ok(());
+                return Ok(None);
             }
-            // Held until this function returns, i.e. until the session has ended.
+            // Held by the session until it ends (see `Admitted`).
             let Ok(_slot) = self.tunnel_slots.clone().try_acquire_owned() else {
                 self.tunnel_refused(conn.remote_address());
                 let reject = Reject {
@@ -731,7 +768,7 @@ impl Relay {
                     ),
                 };
                 refuse(&conn, &mut send, reject).await;
-                return Ok(());
+                return Ok(None);
             };
             let session = Arc::new(Session {
                 id: rand::random(),
@@ -768,7 +805,7 @@ impl Relay {
                     },
                 };
                 refuse(&conn, &mut send, reject).await;
-                return Ok(());
+                return Ok(None);
             }
             // A reload between the admission above and this insert did not see this session.
             if let Err(reject) = self.still_admitted(&session) {
@@ -781,41 +818,67 @@ impl Relay {
                     .collect();
                 let _ = self.changes.send(Change::Delete(keys));
                 refuse(&conn, &mut send, reject).await;
-                return Ok(());
+                return Ok(None);
             }
-            crate::metrics::metrics().relay_tunnels.inc();
-            crate::metrics::metrics()
-                .tunnels_by_transport(transport.as_str())
-                .inc();
             // Admitted: no longer counts as pending.
             drop(pending);
-            let _ = self
-                .changes
-                .send(Change::Put(session.routes(&self.config.id)));
-            tracing::info!(session_id = %session.id, ips = ?session.ips, "tunnel up");
-            let result = async {
-                let _ = send.set_priority(protocol::priority::CONTROL);
-                protocol::write_message(&mut send, &Message::Welcome(welcome)).await?;
-                self.control_loop(&session, &mut send, &mut recv, &closed)
-                    .await
-            }
-            .await;
-            self.sessions.remove(session.id);
-            crate::metrics::metrics().relay_tunnels.dec();
-            crate::metrics::metrics()
-                .tunnels_by_transport(transport.as_str())
-                .dec();
-            let keys = session
-                .routes(&self.config.id)
-                .into_iter()
-                .map(|r| r.key)
-                .collect();
-            let _ = self.changes.send(Change::Delete(keys));
-            tracing::info!(session_id = %session.id, "tunnel down");
-            result
+            let admitted = Admitted {
+                session,
+                send,
+                recv,
+                welcome,
+                _slot,
+            };
+            Ok(Some(admitted))
         }
         .instrument(span)
         .await
+    }
+
+    /// An admitted session, from its `Welcome` to its end: routes up, the control loop, routes
+    /// down.
+    async fn run_session(
+        &self,
+        admitted: Admitted,
+        closed: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let Admitted {
+            session,
+            mut send,
+            mut recv,
+            welcome,
+            _slot,
+        } = admitted;
+        let transport = session.transport;
+        crate::metrics::metrics().relay_tunnels.inc();
+        crate::metrics::metrics()
+            .tunnels_by_transport(transport.as_str())
+            .inc();
+        let _ = self
+            .changes
+            .send(Change::Put(session.routes(&self.config.id)));
+        let remote = session.connection.remote_address();
+        tracing::info!(agent_id = %session.agent_id, %remote, %transport, session_id = %session.id, ips = ?session.ips, "tunnel up");
+        let result = async {
+            let _ = send.set_priority(protocol::priority::CONTROL);
+            protocol::write_message(&mut send, &Message::Welcome(welcome)).await?;
+            self.control_loop(&session, &mut send, &mut recv, closed)
+                .await
+        }
+        .await;
+        self.sessions.remove(session.id);
+        crate::metrics::metrics().relay_tunnels.dec();
+        crate::metrics::metrics()
+            .tunnels_by_transport(transport.as_str())
+            .dec();
+        let keys = session
+            .routes(&self.config.id)
+            .into_iter()
+            .map(|r| r.key)
+            .collect();
+        let _ = self.changes.send(Change::Delete(keys));
+        tracing::info!(agent_id = %session.agent_id, %remote, %transport, session_id = %session.id, "tunnel down");
+        result
     }
 
     /// Answers pings, and announces a drain, until the tunnel closes or the relay closes.

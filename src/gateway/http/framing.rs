@@ -1,467 +1,17 @@
-//! The HTTP proxy front door (hyper 1): `CONNECT host:port` tunnels, and absolute-form `http://`
-//! requests forwarded through a tunnel stream rewritten to origin-form. Keep-alive to the client,
-//! each request authenticated, authorised and routed by its own target.
-//!
-//! Request smuggling is refused before any byte is forwarded, for every request on a connection:
-//! the client's bytes reach hyper only through a [`Framer`] that delimits heads and bodies by
-//! itself and checks each head in the strict grammar (CRLF line endings only, no obs-fold, no
-//! `Content-Length` together with `Transfer-Encoding`, no differing `Content-Length`s, no transfer
-//! coding but a lone `chunked`). hyper parses only heads the framer has checked, so requests that
-//! arrive together in one read (pipelined) get the same checks as the first; a refused head is
-//! answered 400 and closes the connection.
-//!
-//! URL userinfo (`http://user:pw@host/`) is never forwarded (RFC 9110 §4.2.4): it is dropped from
-//! an absolute-form request (the service sees `Host: host[:port]` and an origin-form target), and
-//! a CONNECT authority with userinfo is refused with 400.
+//! Request framing for the HTTP proxy: the client's bytes reach hyper only through a [`Strict`]
+//! reader whose [`Framer`] delimits heads and bodies by itself and checks each head in the strict
+//! grammar (see the parent module), so no request is smuggled past the checks, pipelined or not.
 
 use std::collections::VecDeque;
-use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
-use std::time::Instant;
 
-use base64::Engine as _;
-use bytes::{Bytes, BytesMut};
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt as _, Full};
-use hyper::body::{Body as _, Frame, Incoming, SizeHint};
-use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode, Uri};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-
-use super::access::Client;
-use super::forward::{Opened, Requested};
-use super::socks::ClientStream;
-use super::{Front, Gateway};
-use crate::protocol::Code;
-
-type Body = BoxBody<Bytes, hyper::Error>;
-
-/// Serves one HTTP proxy client connection (possibly many requests).
-pub async fn serve<S: ClientStream>(
-    gateway: Arc<Gateway>,
-    stream: S,
-    addr: SocketAddr,
-    shutdown: CancellationToken,
-) {
-    stream.set_low_latency();
-    let framer = Arc::new(Mutex::new(Framer::new(gateway.config.max_header_bytes)));
-    // CONNECT tunnels outlive the HTTP connection they were upgraded from; tracking them here keeps
-    // the client's connection slots held, and the gateway's drain waiting, until they end.
-    let tunnels = TaskTracker::new();
-    let abort = Abort::new(stream.duplicate());
-    let io = TokioIo::new(Strict {
-        inner: stream,
-        framer: framer.clone(),
-    });
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(gateway.config.handshake_timeout)
-        .max_buf_size(gateway.config.max_header_bytes);
-    let service = {
-        let gateway = gateway.clone();
-        let tunnels = tunnels.clone();
-        hyper::service::service_fn(move |req| {
-            let gateway = gateway.clone();
-            let framer = framer.clone();
-            let tunnels = tunnels.clone();
-            let abort = abort.clone();
-            async move {
-                Ok::<_, Infallible>(handle::<S>(gateway, req, addr, &framer, tunnels, abort).await)
-            }
-        })
-    };
-    let conn = builder.serve_connection(io, service).with_upgrades();
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = shutdown.cancelled() => {
-            // Finish the request in progress, then close; upgraded tunnels live on in their tasks.
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
-    if let Err(err) = result {
-        tracing::debug!(client = %addr, %err, "http connection ended");
-    }
-    tunnels.close();
-    tunnels.wait().await;
-}
-
-/// Handles one request.
-async fn handle<S: ClientStream>(
-    gateway: Arc<Gateway>,
-    req: Request<Incoming>,
-    addr: SocketAddr,
-    framer: &Mutex<Framer>,
-    tunnels: TaskTracker,
-    abort: Abort,
-) -> Response<Body> {
-    let verdict = lock(framer).take_verdict();
-    if let Err(reason) = verdict {
-        tracing::debug!(client = %addr, reason, "request head refused");
-        return closing(text(
-            StatusCode::BAD_REQUEST,
-            &format!("bad request: {reason}"),
-        ));
-    }
-    let has_body = !req.body().is_end_stream();
-    let is_connect = req.method() == Method::CONNECT;
-    let body_read = Arc::new(AtomicBool::new(false));
-    let resp = match credentials(&gateway, &req, addr) {
-        Err(resp) => resp,
-        Ok(client) if is_connect => connect::<S>(gateway, req, client, &tunnels).await,
-        Ok(client) => forward(gateway, req, client, body_read.clone(), &tunnels, abort).await,
-    };
-    if is_connect {
-        // Before hyper writes the answer: a tunnel's first bytes may follow the head at once.
-        lock(framer).connect_outcome(resp.status().is_success());
-    }
-    // A body left unread (a refusal) would have to be drained to reach the next request; closing
-    // is simpler and keeps the client from streaming it for nothing.
-    if has_body && !body_read.load(Ordering::Acquire) {
-        return closing(resp);
-    }
-    resp
-}
-
-/// `Proxy-Authorization: Basic` → the client's identity, or the 407 to send.
-fn credentials(
-    gateway: &Gateway,
-    req: &Request<Incoming>,
-    addr: SocketAddr,
-) -> Result<Client, Response<Body>> {
-    let challenge = || {
-        let mut resp = text(
-            StatusCode::PROXY_AUTHENTICATION_REQUIRED,
-            "proxy authentication required",
-        );
-        resp.headers_mut().insert(
-            header::PROXY_AUTHENTICATE,
-            HeaderValue::from_static("Basic realm=\"postern\""),
-        );
-        resp
-    };
-    let refused = |user: Option<&str>, code: Code| {
-        super::log_login_refused(Front::Http, addr, user, code);
-    };
-    let Some(value) = req.headers().get(header::PROXY_AUTHORIZATION) else {
-        return gateway.access.anonymous(addr).map_err(|code| {
-            refused(None, code);
-            challenge()
-        });
-    };
-    let decoded = value
-        .to_str()
-        .ok()
-        .and_then(|v| {
-            v.strip_prefix("Basic ")
-                .or_else(|| v.strip_prefix("basic "))
-        })
-        .and_then(|b64| {
-            base64::engine::general_purpose::STANDARD
-                .decode(b64.trim())
-                .ok()
-        })
-        .and_then(|raw| String::from_utf8(raw).ok());
-    let Some((login, password)) = decoded.as_deref().and_then(|s| s.split_once(':')) else {
-        refused(None, Code::Unauthorized);
-        return Err(challenge());
-    };
-    gateway
-        .access
-        .authenticate(addr, login, password)
-        .map_err(|code| {
-            refused(Some(login), code);
-            match code {
-                Code::Unauthorized => challenge(),
-                other => refusal(other, &Requested::Name(login.to_string(), 0)),
-            }
-        })
-}
-
-/// `CONNECT host:port`: open the tunnel stream first, then answer 200 and splice.
-async fn connect<S: ClientStream>(
-    gateway: Arc<Gateway>,
-    req: Request<Incoming>,
-    client: Client,
-    tunnels: &TaskTracker,
-) -> Response<Body> {
-    // Userinfo in a CONNECT authority is refused rather than dropped: nothing in a tunnel could
-    // carry it on, so a client sending it is confused about where its credentials go.
-    if req.uri().authority().is_some_and(has_userinfo) {
-        return text(
-            StatusCode::BAD_REQUEST,
-            "bad request: userinfo (user:password@) is not allowed in a CONNECT authority",
-        );
-    }
-    let Some(requested) = req
-        .uri()
-        .authority()
-        .and_then(|a| requested(a.host(), a.port_u16()))
-    else {
-        return text(
-            StatusCode::BAD_REQUEST,
-            "bad request: CONNECT needs host:port",
-        );
-    };
-    let (target, opened) = match gateway.connect(&client, &requested).await {
-        Ok(ok) => ok,
-        Err(err) => {
-            super::log_refused(Front::Http, &client, &requested, &err);
-            return refusal(err.code(), &requested);
-        }
-    };
-    tunnels.spawn(async move {
-        let upgraded = match hyper::upgrade::on(req).await {
-            Ok(upgraded) => upgraded,
-            Err(err) => {
-                tracing::debug!(client = %client.addr, %err, "CONNECT upgrade failed");
-                return;
-            }
-        };
-        // The tunnel takes the client's own stream back from hyper, so that a broken transfer
-        // ends the way it does on the SOCKS5 door: with a reset, never a clean FIN.
-        match upgraded.downcast::<TokioIo<Strict<S>>>() {
-            Ok(parts) => {
-                let strict = parts.io.into_inner();
-                // Bytes the client sent right behind its CONNECT head go first: what hyper had
-                // read, then what the framer still holds (handed over, then not yet classified).
-                let mut early = BytesMut::from(&parts.read_buf[..]);
-                {
-                    let mut framer = lock(&strict.framer);
-                    let output = framer.output.split();
-                    let input = framer.input.split();
-                    early.extend_from_slice(&output);
-                    early.extend_from_slice(&input);
-                }
-                let stream = strict.inner;
-                let mut opened = opened;
-                if !early.is_empty() && opened.send.write_all(&early).await.is_err() {
-                    tracing::debug!(client = %client.addr, "tunnel stream closed before the client's first bytes");
-                    return;
-                }
-                stream.carry(Front::Http, client, target, opened).await;
-            }
-            Err(upgraded) => {
-                super::carry_io(Front::Http, &client, TokioIo::new(upgraded), target, opened)
-                    .await;
-            }
-        }
-    });
-    Response::new(empty())
-}
-
-/// An absolute-form `http://` request: checked, rewritten to origin-form, sent through a tunnel.
-async fn forward(
-    gateway: Arc<Gateway>,
-    req: Request<Incoming>,
-    client: Client,
-    body_read: Arc<AtomicBool>,
-    tunnels: &TaskTracker,
-    abort: Abort,
-) -> Response<Body> {
-    let uri = req.uri().clone();
-    let Some(authority) = uri.authority().cloned() else {
-        return text(
-            StatusCode::BAD_REQUEST,
-            "bad request: this is a proxy; send an absolute http:// URI or CONNECT",
-        );
-    };
-    if uri.scheme_str() != Some("http") {
-        return text(
-            StatusCode::BAD_REQUEST,
-            "bad request: only http:// URIs are forwarded; use CONNECT for TLS",
-        );
-    }
-    let Some(requested) = requested(authority.host(), Some(authority.port_u16().unwrap_or(80)))
-    else {
-        return text(StatusCode::BAD_REQUEST, "bad request: invalid host");
-    };
-    let (target, opened) = match gateway.connect(&client, &requested).await {
-        Ok(ok) => ok,
-        Err(err) => {
-            super::log_refused(Front::Http, &client, &requested, &err);
-            return refusal(err.code(), &requested);
-        }
-    };
-    let (mut parts, body) = req.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    // `host[:port]` of the target, never its userinfo (RFC 9110 §4.2.4, §7.2).
-    let host = match authority.port() {
-        Some(port) => format!("{}:{}", authority.host(), port.as_str()),
-        None => authority.host().to_string(),
-    };
-    parts.headers.insert(
-        header::HOST,
-        HeaderValue::from_str(&host).unwrap_or_else(|_| HeaderValue::from_static("")),
-    );
-    parts.uri = Uri::builder()
-        .path_and_query(uri.path_and_query().map_or("/", |p| p.as_str()))
-        .build()
-        .unwrap_or_else(|_| Uri::from_static("/"));
-    parts.version = hyper::Version::HTTP_11;
-    let body = NotifyEnd {
-        read: body_read,
-        inner: body,
-    };
-    let upstream_req = Request::from_parts(parts, body);
-
-    let Opened {
-        send,
-        recv,
-        guard,
-        relay_id,
-        agent_id,
-    } = opened;
-    let counted = Counted::new(tokio::io::join(recv, send));
-    let tracked = super::load::relay_load().track(&relay_id, &counted.meter);
-    let exchange = Arc::new(Exchange {
-        _tracked: tracked,
-        client,
-        target,
-        relay_id,
-        agent_id,
-        started: Instant::now(),
-        meter: counted.meter.clone(),
-        error: std::sync::Mutex::new(None),
-    });
-    let (mut sender, conn) =
-        match hyper::client::conn::http1::handshake(TokioIo::new(counted)).await {
-            Ok(pair) => pair,
-            Err(err) => {
-                tracing::debug!(%err, "upstream handshake failed");
-                exchange.fail(err.to_string());
-                return refusal(Code::Internal, &requested);
-            }
-        };
-    let upstream = exchange.clone();
-    tunnels.spawn(async move {
-        if let Err(err) = conn.await {
-            upstream.fail(err.to_string());
-        }
-        drop(guard);
-    });
-    match sender.send_request(upstream_req).await {
-        Ok(resp) => {
-            let (mut parts, body) = resp.into_parts();
-            strip_hop_by_hop(&mut parts.headers);
-            let body = Breakable {
-                inner: body,
-                exchange,
-                abort,
-            };
-            Response::from_parts(parts, body.boxed())
-        }
-        Err(err) => {
-            tracing::debug!(%err, "upstream request failed");
-            exchange.fail(err.to_string());
-            text(
-                StatusCode::BAD_GATEWAY,
-                "bad gateway: the service behind the agent closed the connection",
-            )
-        }
-    }
-}
-
-/// A host and port from a request → what to route.
-fn requested(host: &str, port: Option<u16>) -> Option<Requested> {
-    let port = port?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() {
-        return None;
-    }
-    Some(match host.parse() {
-        Ok(ip) => Requested::Ip(SocketAddr::new(ip, port)),
-        Err(_) => Requested::Name(host.to_string(), port),
-    })
-}
-
-/// Whether an authority carries userinfo (`user:password@host`).
-fn has_userinfo(authority: &hyper::http::uri::Authority) -> bool {
-    authority.as_str().contains('@')
-}
-
-/// Removes hop-by-hop headers (RFC 9110 §7.6.1): `Connection` and every header it names, and the
-/// classic list. Framing is re-done by hyper on the next hop.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in [
-        "connection",
-        "proxy-connection",
-        "keep-alive",
-        "proxy-authorization",
-        "proxy-authenticate",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    ] {
-        headers.remove(name);
-    }
-}
-
-fn empty() -> Body {
-    Full::new(Bytes::new())
-        .map_err(|never| match never {})
-        .boxed()
-}
-
-fn text(status: StatusCode, message: &str) -> Response<Body> {
-    let body = Full::new(Bytes::from(format!("{message}\n")))
-        .map_err(|never| match never {})
-        .boxed();
-    let mut resp = Response::new(body);
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
-}
-
-fn closing(mut resp: Response<Body>) -> Response<Body> {
-    resp.headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    resp
-}
-
-/// The status and a short sentence for a refused target.
-fn refusal(code: Code, requested: &Requested) -> Response<Body> {
-    let status = StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::BAD_GATEWAY);
-    let message = match code {
-        Code::NoRoute => format!("no route to {requested}: no agent announces this address"),
-        Code::NotAllowed => {
-            format!("{requested}: port not exposed, or not allowed for this client")
-        }
-        Code::Timeout => format!("{requested}: timed out"),
-        Code::ConnectionRefused => format!("{requested}: connection refused by the service"),
-        Code::Internal | Code::Draining | Code::NoSuchSession | Code::NotMine => {
-            format!("{requested}: relay unavailable")
-        }
-        other => format!("{requested}: {}", other.describe()),
-    };
-    text(status, &message)
-}
 
 /// What the [`Framer`] concluded about one request head, in connection order.
-type Verdict = Result<(), &'static str>;
+pub(super) type Verdict = Result<(), &'static str>;
 
 /// How the bytes after a valid head are delimited.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -544,7 +94,7 @@ const MAX_CHUNK_EXTENSION: usize = 4096;
 /// A head is accepted only in the strict grammar (CRLF line endings, token names, no obs-fold,
 /// unambiguous framing), on which every HTTP/1.1 parser agrees where it and its body end; anything
 /// else is refused, and after a refused head nothing more is handed over.
-struct Framer {
+pub(super) struct Framer {
     stage: Stage,
     /// Bytes read from the client and not yet classified.
     input: BytesMut,
@@ -561,7 +111,7 @@ struct Framer {
 }
 
 impl Framer {
-    fn new(max_head: usize) -> Self {
+    pub(super) fn new(max_head: usize) -> Self {
         Framer {
             stage: Stage::Head {
                 scanned: 0,
@@ -767,16 +317,24 @@ impl Framer {
         }
     }
 
-    /// [`handle`] takes the verdict of the head hyper just parsed.
-    fn take_verdict(&mut self) -> Verdict {
+    /// [`super::handle`] takes the verdict of the head hyper just parsed.
+    pub(super) fn take_verdict(&mut self) -> Verdict {
         // hyper parses only heads handed over here, each with its verdict queued first.
         self.verdicts
             .pop_front()
             .unwrap_or(Err("request head not checked"))
     }
 
+    /// What the framer holds when a CONNECT turns the connection into a tunnel: the bytes handed
+    /// over but not yet read, then those not yet classified, in the client's order.
+    pub(super) fn take_unread(&mut self) -> BytesMut {
+        let mut unread = self.output.split();
+        unread.extend_from_slice(&self.input.split());
+        unread
+    }
+
     /// A CONNECT's outcome: a tunnel (its bytes pass unexamined) or the next head.
-    fn connect_outcome(&mut self, tunnel: bool) {
+    pub(super) fn connect_outcome(&mut self, tunnel: bool) {
         if self.stage == Stage::Connect {
             self.stage = if tunnel {
                 Stage::Tunnel
@@ -883,12 +441,12 @@ fn is_token(b: u8) -> bool {
 }
 
 /// The client connection as hyper sees it: only what the [`Framer`] handed over.
-struct Strict<S> {
-    inner: S,
-    framer: Arc<Mutex<Framer>>,
+pub(super) struct Strict<S> {
+    pub(super) inner: S,
+    pub(super) framer: Arc<Mutex<Framer>>,
 }
 
-fn lock(framer: &Mutex<Framer>) -> std::sync::MutexGuard<'_, Framer> {
+pub(super) fn lock(framer: &Mutex<Framer>) -> std::sync::MutexGuard<'_, Framer> {
     // The framer's state is consistent after every step: a poisoned lock still holds it.
     framer.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -959,196 +517,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Strict<S> {
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
-
-/// A request body that records when it has been read to the end.
-struct NotifyEnd {
-    inner: Incoming,
-    read: Arc<AtomicBool>,
-}
-
-impl hyper::body::Body for NotifyEnd {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let poll = Pin::new(&mut this.inner).poll_frame(cx);
-        if matches!(poll, Poll::Ready(None)) || this.inner.is_end_stream() {
-            this.read.store(true, Ordering::Release);
-        }
-        poll
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// Counts bytes each way through the upstream stream as they move, for the access log and
-/// `postern_gateway_bytes_total`.
-struct Counted<S> {
-    inner: S,
-    meter: Arc<crate::splice::Progress>,
-}
-
-impl<S> Counted<S> {
-    fn new(inner: S) -> Self {
-        Counted {
-            inner,
-            meter: Arc::new(super::client_meter()),
-        }
-    }
-}
-
-/// One absolute-form request carried through a tunnel, logged once both its upstream connection
-/// and the response body handed to the client are done (whichever ends last drops the last
-/// reference): the upstream side may look finished while the client's body broke off, and the
-/// client's verdict is what the access log must say.
-struct Exchange {
-    /// Counts the exchange in the per-relay load until it is logged.
-    _tracked: super::load::Tracked,
-    client: Client,
-    target: super::forward::Target,
-    relay_id: Arc<str>,
-    agent_id: Arc<str>,
-    started: Instant,
-    meter: Arc<crate::splice::Progress>,
-    /// The first failure seen on either side.
-    error: std::sync::Mutex<Option<String>>,
-}
-
-impl Exchange {
-    fn fail(&self, why: String) {
-        let mut error = self.error.lock().unwrap_or_else(|e| e.into_inner());
-        error.get_or_insert(why);
-    }
-}
-
-impl Drop for Exchange {
-    fn drop(&mut self) {
-        let error = self
-            .error
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        let result = match error {
-            None => Ok(()),
-            Some(why) => Err(std::io::Error::other(why)),
-        };
-        super::log_connection(
-            Front::Http,
-            &self.client,
-            &self.target,
-            &self.relay_id,
-            &self.agent_id,
-            self.started,
-            self.meter.transferred(),
-            &result,
-        );
-    }
-}
-
-/// A response body from a tunnel that marks the exchange broken when it fails mid-way, and then
-/// has the client connection reset ([`Abort`]): a body cut short must never look complete.
-struct Breakable<B> {
-    inner: B,
-    exchange: Arc<Exchange>,
-    abort: Abort,
-}
-
-impl<B> hyper::body::Body for Breakable<B>
-where
-    B: hyper::body::Body<Data = Bytes, Error = hyper::Error> + Unpin,
-{
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let poll = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Err(err))) = &poll {
-            this.exchange
-                .fail(format!("the response body broke off: {err}"));
-            this.abort.request();
-        }
-        poll
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// Resets a client connection when asked to, once hyper lets go of it. Holds a duplicate of the
-/// client's socket (TCP clients only): when asked, it sets SO_LINGER to zero, so the socket's last
-/// close sends a RST instead of a FIN.
-#[derive(Clone, Default)]
-pub(super) struct Abort {
-    socket: Option<Arc<socket2::Socket>>,
-}
-
-impl Abort {
-    pub(super) fn new(socket: Option<socket2::Socket>) -> Self {
-        Abort {
-            socket: socket.map(Arc::new),
-        }
-    }
-
-    fn request(&self) {
-        if let Some(socket) = &self.socket {
-            let _ = socket.set_linger(Some(std::time::Duration::ZERO));
-        }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
-        this.meter.add_down((buf.filled().len() - before) as u64);
-        poll
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        let poll = Pin::new(&mut this.inner).poll_write(cx, data);
-        if let Poll::Ready(Ok(n)) = &poll {
-            this.meter.add_up(*n as u64);
-        }
-        poll
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_flush(cx)
@@ -1298,33 +666,5 @@ mod tests {
         f.classify();
         assert_eq!(f.verdicts.len(), 1);
         assert!(f.verdicts[0].is_err());
-    }
-
-    #[test]
-    fn userinfo_is_recognised() {
-        let uri: Uri = "http://user:secret@a:8080/x".parse().unwrap();
-        assert!(has_userinfo(uri.authority().unwrap()));
-        assert_eq!(uri.authority().unwrap().host(), "a");
-        let uri: Uri = "http://a:8080/x".parse().unwrap();
-        assert!(!has_userinfo(uri.authority().unwrap()));
-    }
-
-    #[test]
-    fn hop_by_hop_headers_go() {
-        let mut h = HeaderMap::new();
-        h.append(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-secret"),
-        );
-        h.append("x-secret", HeaderValue::from_static("1"));
-        h.append("proxy-connection", HeaderValue::from_static("keep-alive"));
-        h.append(
-            header::PROXY_AUTHORIZATION,
-            HeaderValue::from_static("Basic eA=="),
-        );
-        h.append("x-kept", HeaderValue::from_static("1"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1);
-        assert!(h.contains_key("x-kept"));
     }
 }

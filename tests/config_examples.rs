@@ -13,9 +13,9 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use postern::config::{
     self, AgentConfig, AgentFile, GatewayRoleConfig, GatewayRoleFile, RegistryConfig,
@@ -553,18 +553,6 @@ fn configuration_reference_names_every_key() {
 // ---------------------------------------------------------------------------------------------
 // The real binary.
 
-/// Kills the child on drop, so a failing or hanging test leaves nothing running.
-struct ChildGuard(Option<Child>);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Some(child) = self.0.as_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 /// Runs `postern check --config <path>` with `extra_env` set and `unset` removed; waits at most 60s.
 fn run_check(path: &Path, unset: &[&str]) -> Output {
     let mut command = Command::new(env!("CARGO_BIN_EXE_postern"));
@@ -578,19 +566,22 @@ fn run_check(path: &Path, unset: &[&str]) -> Output {
     for var in unset {
         command.env_remove(var);
     }
-    let mut guard = ChildGuard(Some(command.spawn().expect("spawn postern")));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let child = guard.0.as_mut().unwrap();
-        if child.try_wait().unwrap().is_some() {
-            return guard.0.take().unwrap().wait_with_output().unwrap();
+    let child = command.spawn().expect("spawn postern");
+    let pid = child.id();
+    // A thread waits for the exit (reading both pipes meanwhile); this one waits for it.
+    let (done, exited) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(child.wait_with_output());
+    });
+    match exited.recv_timeout(Duration::from_secs(60)) {
+        Ok(output) => output.expect("wait for postern check"),
+        Err(_) => {
+            // Hung: kill it (the waiting thread then returns) so the test leaves nothing running.
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("postern check {} did not exit within 60s", path.display());
         }
-        assert!(
-            Instant::now() < deadline,
-            "postern check {} did not exit within 60s",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

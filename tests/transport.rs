@@ -446,21 +446,23 @@ listen = "127.0.0.1:0"
         )
     }
 
+    /// Waits until the gateway's `postern status` shows `line` (its view of the agent's routes).
+    async fn wait_cluster(&self, t: &Topology, line: &str, what: &str) {
+        process::wait_for(Duration::from_secs(40), what, || async {
+            self.status(t).0.contains(line).then_some(())
+        })
+        .await;
+    }
+
     async fn wait_tunnels(&self, t: &Topology, want: (u64, u64), what: &str) {
-        let limit = Duration::from_secs(40);
-        let started = Instant::now();
-        loop {
-            let got = self.tunnels(t);
-            if got == want {
-                return;
-            }
-            assert!(
-                started.elapsed() < limit,
-                "{what}: tunnels (quic, tcp) = {got:?}, want {want:?} within {limit:?}; logs in {}",
-                self.w.dir.path().display()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        let what = format!(
+            "{what}: tunnels (quic, tcp) = {want:?} (logs in {})",
+            self.w.dir.path().display()
+        );
+        process::wait_for(Duration::from_secs(40), &what, || async {
+            (self.tunnels(t) == want).then_some(())
+        })
+        .await;
     }
 }
 
@@ -516,7 +518,8 @@ async fn curl(d: &Doors, door: &str, path: &str, out: Option<&Path>) -> bool {
 /// the start times (since `t0`) of the fetches that failed, and how many succeeded.
 struct Load {
     failures: Arc<Mutex<Vec<Duration>>>,
-    ok: Arc<AtomicUsize>,
+    /// Fetches that succeeded so far; tests wait on it for the load to have run in a state.
+    ok: Arc<tokio::sync::watch::Sender<usize>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -524,7 +527,7 @@ struct Load {
 impl Load {
     fn start(doors: &Doors, workers: usize, t0: Instant) -> Load {
         let failures = Arc::new(Mutex::new(Vec::new()));
-        let ok = Arc::new(AtomicUsize::new(0));
+        let ok = Arc::new(tokio::sync::watch::Sender::new(0));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let tasks = (0..workers)
             .map(|i| {
@@ -535,7 +538,7 @@ impl Load {
                     while !stop.load(Ordering::Relaxed) {
                         let at = t0.elapsed();
                         if curl(&d, door, "small", None).await {
-                            ok.fetch_add(1, Ordering::Relaxed);
+                            ok.send_modify(|n| *n += 1);
                         } else {
                             failures.lock().unwrap().push(at);
                         }
@@ -551,13 +554,27 @@ impl Load {
         }
     }
 
+    /// Waits until `n` more fetches have succeeded than had when called.
+    async fn succeeds(&self, n: usize, what: &str) {
+        let target = *self.ok.borrow() + n;
+        let mut ok = self.ok.subscribe();
+        let limit = Duration::from_secs(40);
+        let reached = tokio::time::timeout(limit, ok.wait_for(|got| *got >= target)).await;
+        assert!(
+            matches!(reached, Ok(Ok(_))),
+            "{what}: fewer than {n} fetches succeeded within {limit:?} (failures at {:?})",
+            self.failures.lock().unwrap()
+        );
+    }
+
     async fn finish(self) -> (Vec<Duration>, usize) {
         self.stop.store(true, Ordering::Relaxed);
         for task in self.tasks {
             task.await.unwrap();
         }
         let failures = self.failures.lock().unwrap().clone();
-        (failures, self.ok.load(Ordering::Relaxed))
+        let ok = *self.ok.borrow();
+        (failures, ok)
     }
 }
 
@@ -606,12 +623,20 @@ async fn without_udp_an_auto_agent_tunnels_over_tcp() {
     // Kill one relay (SIGKILL: no drain) under concurrent clients of both doors.
     let t0 = Instant::now();
     let load = Load::start(&doors, 4, t0);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    load.succeeds(8, "fetches before the kill").await;
     let killed = t0.elapsed();
     let mut relay = net.relays[0].take().unwrap();
     relay.child.start_kill().unwrap();
     let _ = relay.child.wait().await;
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    // Through the whole change: until the dead relay's lease has expired and its routes are gone
+    // from the gateway's view, then some fetches more on what is left.
+    net.wait_cluster(
+        &t,
+        "relays relay-2 (tcp) since",
+        "the killed relay's routes to expire",
+    )
+    .await;
+    load.succeeds(8, "fetches after the routes moved").await;
     let (failures, ok) = load.finish().await;
     eprintln!("relay-1 killed at {killed:?}; {ok} fetches succeeded, failures at {failures:?}");
     assert!(ok > 20, "too few fetches ran: {ok}");
@@ -645,17 +670,27 @@ async fn an_auto_agent_moves_to_tcp_and_back_with_udp() {
 
     let t0 = Instant::now();
     let load = Load::start(&doors, 4, t0);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    load.succeeds(8, "fetches over QUIC").await;
     let cut = t0.elapsed();
     t.drop_udp();
     net.wait_tunnels(&t, (0, 2), "tunnels moved to TCP").await;
     let on_tcp = t0.elapsed();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Until the QUIC tunnels' routes are gone (they wind down like drained ones), then some
+    // fetches more over TCP alone.
+    net.wait_cluster(&t, "relays relay-1,relay-2 (tcp,tcp)", "only TCP routes")
+        .await;
+    load.succeeds(8, "fetches over TCP").await;
     let restored = t0.elapsed();
     t.allow_udp();
     net.wait_tunnels(&t, (2, 0), "tunnels back on QUIC").await;
     let back = t0.elapsed();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    net.wait_cluster(
+        &t,
+        "relays relay-1,relay-2 (quic,quic)",
+        "only QUIC routes again",
+    )
+    .await;
+    load.succeeds(8, "fetches back on QUIC").await;
     let (failures, ok) = load.finish().await;
     eprintln!(
         "UDP cut at {cut:?}, both tunnels on TCP at {on_tcp:?}, UDP back at {restored:?}, \

@@ -79,6 +79,13 @@ impl Errors {
             _ => Err(Error::Several(self.0)),
         }
     }
+    /// The error to return when a part came out missing: what was collected (a part is missing
+    /// only because its error was).
+    fn failed(self) -> Error {
+        self.finish()
+            .err()
+            .unwrap_or_else(|| invalid("(config)", "invalid"))
+    }
 }
 
 /// The transport a listener uses; a TCP and a UDP socket may share an address and port.

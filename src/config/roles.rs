@@ -38,10 +38,7 @@ impl ServerConfig {
         let (Some(peer), Some(registry), Some(relay), Some(gateway), Some(admin)) =
             (peer, registry, relay, gateway, admin)
         else {
-            return Err(errors
-                .finish()
-                .err()
-                .unwrap_or_else(|| invalid("(config)", "invalid")));
+            return Err(errors.failed());
         };
         let config = ServerConfig {
             relay,
@@ -151,10 +148,7 @@ impl RelayRoleConfig {
         let admin = errors.take(admin(f.admin, ADMIN_DEFAULT));
         let (Some(peer), Some(registry), Some(relay), Some(admin)) = (peer, registry, relay, admin)
         else {
-            return Err(errors
-                .finish()
-                .err()
-                .unwrap_or_else(|| invalid("(config)", "invalid")));
+            return Err(errors.failed());
         };
         let config = RelayRoleConfig {
             relay,
@@ -227,10 +221,7 @@ impl GatewayRoleConfig {
         let (Some(peer), Some(registry), Some(gateway), Some(admin)) =
             (peer, registry, gateway, admin)
         else {
-            return Err(errors
-                .finish()
-                .err()
-                .unwrap_or_else(|| invalid("(config)", "invalid")));
+            return Err(errors.failed());
         };
         let config = GatewayRoleConfig {
             gateway,

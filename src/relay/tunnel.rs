@@ -322,14 +322,8 @@ impl Relay {
             }
             // A reload between the admission above and this insert did not see this session.
             if let Err(reject) = self.still_admitted(&session) {
-                self.sessions.remove(session.id);
                 // A drain in that instant may have published its routes (as draining).
-                let keys = session
-                    .routes(&self.config.id)
-                    .into_iter()
-                    .map(|r| r.key)
-                    .collect();
-                let _ = self.changes.send(Change::Delete(keys));
+                self.forget(&session);
                 refuse(&conn, &mut send, reject).await;
                 return Ok(None);
             }
@@ -379,19 +373,24 @@ impl Relay {
                 .await
         }
         .await;
-        self.sessions.remove(session.id);
+        self.forget(&session);
         crate::metrics::metrics().relay_tunnels.dec();
         crate::metrics::metrics()
             .tunnels_by_transport(transport.as_str())
             .dec();
+        tracing::info!(agent_id = %session.agent_id, %remote, %transport, session_id = %session.id, "tunnel down");
+        result
+    }
+
+    /// Takes `session` out of the session table and its routes out of the registry.
+    fn forget(&self, session: &Session) {
+        self.sessions.remove(session.id);
         let keys = session
             .routes(&self.config.id)
             .into_iter()
             .map(|r| r.key)
             .collect();
         let _ = self.changes.send(Change::Delete(keys));
-        tracing::info!(agent_id = %session.agent_id, %remote, %transport, session_id = %session.id, "tunnel down");
-        result
     }
 
     /// Answers pings, and announces a drain, until the tunnel closes or the relay closes.

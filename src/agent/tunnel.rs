@@ -259,7 +259,7 @@ impl Shared {
         let accept = async {
             loop {
                 let (send, recv) = connection.accept_bi().await?;
-                streams.spawn(stream::serve(send, recv, self.policy(welcome.session_id)));
+                streams.spawn(stream::serve_boxed(send, recv, self.policy(welcome.session_id)));
             }
             #[allow(unreachable_code)]
             Ok::<Option<Duration>, anyhow::Error>(None)
@@ -421,7 +421,7 @@ impl Shared {
             }
         };
         let serve = |send, recv| {
-            streams.spawn(stream::serve(send, recv, policy.clone()));
+            streams.spawn(stream::serve_boxed(send, recv, policy.clone()));
         };
         let mut replaced_at: Option<tokio::time::Instant> = None;
         loop {

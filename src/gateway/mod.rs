@@ -249,7 +249,9 @@ fn serve_client(
     };
     let gateway = gateway.clone();
     let shutdown = shutdown.clone();
-    tasks.spawn(async move {
+    // Boxed: the connection's future is ~12 KiB (the SOCKS5 or HTTP front, the failover, the
+    // splice), and a task spawned by value is copied whole at every layer of the spawn.
+    tasks.spawn(Box::pin(async move {
         let active = &crate::metrics::metrics().active_client_connections;
         active.inc();
         match front {
@@ -258,7 +260,7 @@ fn serve_client(
         }
         active.dec();
         drop((slot, permit));
-    });
+    }));
 }
 
 /// The access log: one line per proxied connection. `transferred` is what moved before the end,

@@ -63,7 +63,9 @@ pub async fn accept_loop(
                         }
                     },
                 };
-                streams.spawn(serve_forward(relay.clone(), send, recv));
+                // Boxed: a forwarded stream's future holds a splice; spawned by value it would
+                // be copied whole at every layer of the spawn.
+                streams.spawn(Box::pin(serve_forward(relay.clone(), send, recv)));
             }
         });
     }

@@ -296,6 +296,27 @@ pub fn endpoint(
     quinn::Endpoint::new_with_abstract_socket(config, server, socket, runtime)
 }
 
+/// `server` as the relay's end of one TCP connection needs it: at most one connection attempt
+/// waiting to be accepted, holding at most four packets besides its first (quinn's defaults, 65,536
+/// attempts of up to 10 MB each, are for an endpoint that accepts in a loop; this one accepts once).
+pub fn server(mut server: quinn::ServerConfig) -> quinn::ServerConfig {
+    let budget = 4 * u64::from(DATAGRAM);
+    server
+        .max_incoming(1)
+        .incoming_buffer_size(budget)
+        .incoming_buffer_size_total(budget);
+    server
+}
+
+/// Waits for the one connection a TCP tunnel carries, then takes the server config away from
+/// `endpoint`: a further Initial over the same TCP connection (a new connection ID) is answered
+/// statelessly instead of queueing an attempt nobody accepts for as long as the tunnel lives.
+pub async fn accept_one(endpoint: &quinn::Endpoint) -> Option<quinn::Incoming> {
+    let incoming = endpoint.accept().await?;
+    endpoint.set_server_config(None);
+    Some(incoming)
+}
+
 /// `transport` adjusted for a TCP path: packets of [`DATAGRAM`] bytes, no path-MTU discovery, and
 /// a first congestion window of ten such packets (the default, ~14.7 KB, is less than one).
 pub fn transport(mut transport: quinn::TransportConfig) -> quinn::TransportConfig {
@@ -345,6 +366,77 @@ pub async fn connect(
 mod tests {
     use super::*;
     use crate::tls::{self, Identity, Trust};
+
+    /// The relay's end of a TCP tunnel takes one QUIC connection: a second connection attempt over
+    /// the same TCP connection (a client with a new connection ID) is not queued, and the first
+    /// connection goes on carrying data.
+    #[tokio::test]
+    async fn a_tcp_connection_carries_one_quic_connection() {
+        tls::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = crate::cert::generate_bundle(dir.path(), "relay.test").unwrap();
+        let identity = || Identity {
+            chain: tls::load_certs(&bundle.relay_cert).unwrap(),
+            key: tls::load_key(&bundle.relay_key).unwrap(),
+        };
+        let trust = Trust::Ca(tls::load_certs(&bundle.ca).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.120.0.1:0")
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor =
+            tokio_rustls::TlsAcceptor::from(Arc::new(tls::tcp_server_config(identity()).unwrap()));
+        let transport = || Arc::new(transport(quinn::TransportConfig::default()));
+        let server =
+            server(tls::server_config(identity(), &[tls::ALPN_AGENT], None, transport()).unwrap());
+        let relay = tokio::spawn(async move {
+            let (tcp, remote) = listener.accept().await.unwrap();
+            let local = tcp.local_addr().unwrap();
+            let stream = acceptor.accept(tcp).await.unwrap();
+            let (socket, _gone) = super::socket(stream, local, remote);
+            let endpoint = endpoint(socket, Some(server)).unwrap();
+            let conn = accept_one(&endpoint).await.unwrap().await.unwrap();
+            let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+            let data = recv.read_to_end(1 << 20).await.unwrap();
+            send.write_all(&data).await.unwrap();
+            send.finish().unwrap();
+            // The client's second attempt went out before its data; quinn resends it until then.
+            let queued = tokio::time::timeout(Duration::from_secs(1), endpoint.accept()).await;
+            assert!(
+                queued.is_err(),
+                "a second connection attempt was queued on a TCP tunnel's endpoint"
+            );
+            let _ = conn.closed().await;
+        });
+        let (socket, _gone) = connect(addr, "relay.test", &trust, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let mut endpoint = endpoint(socket, None).unwrap();
+        endpoint.set_default_client_config(
+            tls::client_config(&trust, tls::ALPN_AGENT, None, transport()).unwrap(),
+        );
+        let conn = tokio::time::timeout(Duration::from_secs(5), async {
+            endpoint.connect(addr, "relay.test").unwrap().await
+        })
+        .await
+        .expect("handshake within 5 s")
+        .unwrap();
+        let second = endpoint.connect(addr, "relay.test").unwrap();
+        let second = tokio::spawn(tokio::time::timeout(Duration::from_millis(1500), second));
+        tokio::task::yield_now().await;
+        let data: Vec<u8> = (0..256 << 10).map(|i: u32| (i * 13 % 251) as u8).collect();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&data).await.unwrap();
+        send.finish().unwrap();
+        let echo = recv.read_to_end(1 << 20).await.unwrap();
+        assert!(echo == data, "echo differs");
+        assert!(
+            !matches!(second.await.unwrap(), Ok(Ok(_))),
+            "a second QUIC connection was established over one TCP tunnel"
+        );
+        conn.close(0u32.into(), b"done");
+        relay.await.unwrap();
+    }
 
     /// A QUIC connection over TCP + TLS on loopback carries a stream both ways, byte-exact, with
     /// packets larger than a UDP path's.

@@ -738,6 +738,17 @@ fn check_binary_names_semantic_errors() {
         &server,
         &["relay.transport.keep_alive"],
     );
+    // Zero would tick an agent's liveness checks at a zero period (a panic); it is refused.
+    let mut agent = example_table(&fixture, "agent.toml");
+    let mut zero = toml::Table::new();
+    zero.insert("keep_alive".into(), "0s".into());
+    agent.insert("transport".into(), zero.into());
+    assert_rejected(
+        &fixture,
+        "keep-alive-zero.toml",
+        &agent,
+        &["transport.keep_alive", "greater than 0"],
+    );
 
     // The tunnel transport keys: `postern check` names them.
     let mut server = example_table(&fixture, "server.toml");

@@ -154,20 +154,33 @@ impl Agent {
         let c = &self.shared.config;
         tracing::info!(agent_id = %c.id, namespace = %c.namespace, ips = ?self.shared.ips,
             ports = %c.ports.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(","), "agent starting");
-        let tasks = TaskTracker::new();
+        // A slot that ends by panicking stops the whole agent with an error (the others wind down
+        // first), so its supervisor restarts it: an agent quietly short of a tunnel, or one that
+        // exits 0 once every slot is gone, would never be restarted.
+        let stop = shutdown.child_token();
+        let mut slots = tokio::task::JoinSet::new();
         for slot in 0..c.redundancy as usize {
             let shared = self.shared.clone();
-            let shutdown = shutdown.clone();
-            tasks.spawn(
-                async move { shared.run_slot(slot, shutdown).await }
+            let stop = stop.clone();
+            slots.spawn(
+                async move { shared.run_slot(slot, stop).await }
                     .instrument(tracing::info_span!("tunnel", slot)),
             );
         }
-        tasks.close();
-        tasks.wait().await;
+        let mut failed = None;
+        while let Some(ended) = slots.join_next().await {
+            if let Err(err) = ended {
+                tracing::error!(%err, "a tunnel slot failed; the agent stops");
+                failed.get_or_insert(err);
+                stop.cancel();
+            }
+        }
         self.shared.winding_down.close();
         self.shared.winding_down.wait().await;
-        Ok(())
+        match failed {
+            Some(err) => Err(anyhow::anyhow!("a tunnel slot failed: {err}")),
+            None => Ok(()),
+        }
     }
 }
 

@@ -259,7 +259,11 @@ impl Shared {
         let accept = async {
             loop {
                 let (send, recv) = connection.accept_bi().await?;
-                streams.spawn(stream::serve_boxed(send, recv, self.policy(welcome.session_id)));
+                streams.spawn(stream::serve_boxed(
+                    send,
+                    recv,
+                    self.policy(welcome.session_id),
+                ));
             }
             #[allow(unreachable_code)]
             Ok::<Option<Duration>, anyhow::Error>(None)

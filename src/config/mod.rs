@@ -167,6 +167,19 @@ fn relay_listeners(relay: &RelayConfig, out: &mut Vec<Listener>) {
         protocol: Protocol::Udp,
         addr: relay.listen,
     });
+    let tcp = match relay.tcp_listen {
+        TcpListen::SameAsQuic => Some(relay.listen),
+        TcpListen::At(addr) => Some(addr),
+        TcpListen::Off => None,
+    };
+    if let Some(addr) = tcp {
+        out.push(Listener {
+            key: "relay.tcp_listen",
+            serves: "agent tunnels (TCP + TLS)",
+            protocol: Protocol::Tcp,
+            addr,
+        });
+    }
     if let Some(peer) = &relay.peer {
         out.push(Listener {
             key: "relay.peer_listen",
@@ -486,6 +499,13 @@ impl Transport {
             if value < Duration::from_secs(1) {
                 return Err(invalid(&format!("{key}.{name}"), "must be at least 1s"));
             }
+        }
+        // Zero is no way to turn keep-alives off: an agent's liveness checks tick at this period.
+        if t.keep_alive.is_zero() {
+            return Err(invalid(
+                &format!("{key}.keep_alive"),
+                "must be greater than 0",
+            ));
         }
         if t.keep_alive >= t.idle_timeout {
             return Err(invalid(

@@ -168,15 +168,17 @@ impl Relay {
             crate::tls::tcp_server_config(config.identity.clone())
                 .context("relay TCP tunnel TLS config")?,
         );
-        let tcp_server = crate::tls::server_config_with(
-            config.identity.clone(),
-            &[protocol::ALPN_AGENT],
-            client_auth,
-            Arc::new(crate::tcp_tunnel::transport(agent_side(
-                config.transport.quinn(AGENT_MAX_STREAMS),
-            ))),
-        )
-        .context("relay TLS config")?;
+        let tcp_server = crate::tcp_tunnel::server(
+            crate::tls::server_config_with(
+                config.identity.clone(),
+                &[protocol::ALPN_AGENT],
+                client_auth,
+                Arc::new(crate::tcp_tunnel::transport(agent_side(
+                    config.transport.quinn(AGENT_MAX_STREAMS),
+                ))),
+            )
+            .context("relay TLS config")?,
+        );
         let (peer_endpoint, peer_addr) = match (&config.peer, peer) {
             (Some(listen), Some(peer)) => {
                 let transport = Arc::new(peer.transport.quinn(peer.max_streams));

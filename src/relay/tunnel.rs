@@ -116,8 +116,7 @@ impl Relay {
             let tls = acceptor.accept(tcp).await.context("TLS handshake failed")?;
             let (socket, gone) = crate::tcp_tunnel::socket(tls, local, remote);
             let endpoint = crate::tcp_tunnel::endpoint(socket, Some(self.tcp_server.clone()))?;
-            let incoming = endpoint
-                .accept()
+            let incoming = crate::tcp_tunnel::accept_one(&endpoint)
                 .await
                 .context("the TCP connection closed before QUIC")?;
             let conn = incoming.await.context("QUIC handshake failed")?;

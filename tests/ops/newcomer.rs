@@ -134,8 +134,9 @@ fn check(config: &Path) -> (bool, String, String) {
 }
 
 /// Issue 10.4: clashing listeners are refused by `postern check` (and so at start), naming both
-/// keys: admin == gateway.http (TCP), relay.peer_listen == relay.listen (UDP), and a wildcard
-/// address against a specific one. A TCP and a UDP listener on one port do not clash.
+/// keys: admin == gateway.http (TCP), relay.peer_listen == relay.listen (UDP), admin == the relay's
+/// TCP tunnel listener (by default on `relay.listen`'s port), and a wildcard address against a
+/// specific one. A TCP and a UDP listener on one port do not clash.
 #[test]
 fn check_refuses_clashing_listeners_and_lists_the_ones_it_will_open() {
     let w = crate::support::Workdir::new("check");
@@ -150,21 +151,22 @@ fn check_refuses_clashing_listeners_and_lists_the_ones_it_will_open() {
         )
         .replace(
             "[admin]\nlisten = \"127.0.0.1:0\"",
-            "[admin]\nlisten = \"127.0.0.1:4433\"",
+            "[admin]\nlisten = \"127.0.0.1:4434\"",
         )
         + &format!("[peer]\nca = \"{}\"\n", w.pki.ca.display());
     let config = w.write("good.toml", &good);
     let (ok, stdout, stderr) = check(&config);
     assert!(
         ok,
-        "a config without clashes (admin TCP 4433 beside relay UDP 4433): {stderr}"
+        "a config without clashes (admin TCP 4434 beside relay.peer_listen UDP 4434): {stderr}"
     );
     for listener in [
         "relay.listen       UDP 127.0.0.1:4433",
+        "relay.tcp_listen   TCP 127.0.0.1:4433",
         "relay.peer_listen  UDP 127.0.0.1:4434",
         "gateway.socks5     TCP 127.0.0.1:1080",
         "gateway.http       TCP 127.0.0.1:8080",
-        "admin.listen       TCP 127.0.0.1:4433",
+        "admin.listen       TCP 127.0.0.1:4434",
     ] {
         assert!(
             stdout.contains(listener),
@@ -175,7 +177,7 @@ fn check_refuses_clashing_listeners_and_lists_the_ones_it_will_open() {
     for (name, from, to, message) in [
         (
             "admin-http",
-            "[admin]\nlisten = \"127.0.0.1:4433\"",
+            "[admin]\nlisten = \"127.0.0.1:4434\"",
             "[admin]\nlisten = \"127.0.0.1:8080\"",
             "admin.listen: 127.0.0.1:8080 clashes with gateway.http (127.0.0.1:8080)",
         ),
@@ -184,6 +186,12 @@ fn check_refuses_clashing_listeners_and_lists_the_ones_it_will_open() {
             "peer_listen = \"127.0.0.1:4434\"",
             "peer_listen = \"127.0.0.1:4433\"",
             "relay.peer_listen: 127.0.0.1:4433 clashes with relay.listen (127.0.0.1:4433)",
+        ),
+        (
+            "admin-tcp-tunnels",
+            "[admin]\nlisten = \"127.0.0.1:4434\"",
+            "[admin]\nlisten = \"127.0.0.1:4433\"",
+            "admin.listen: 127.0.0.1:4433 clashes with relay.tcp_listen (127.0.0.1:4433)",
         ),
         (
             "wildcard",

@@ -20,6 +20,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 pub use crate::tls::{ALPN_AGENT, ALPN_PEER};
 
+/// The most addresses one agent may claim (one `Hello`): each is a route in the registry and in every
+/// gateway's cache, per tunnel, so a credential's holder must not be able to claim without bound.
+pub const MAX_AGENT_IPS: usize = 1024;
+
 /// Protocol version carried in every frame; a peer speaking another version is refused.
 pub const VERSION: u8 = 1;
 /// Largest accepted frame body. A `Hello` listing a few thousand addresses fits; anything larger is

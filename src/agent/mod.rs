@@ -19,7 +19,7 @@ use tracing::Instrument as _;
 
 use crate::backoff::Backoff;
 use crate::config::AgentConfig;
-use crate::protocol::close;
+use crate::protocol::{self, close};
 use crate::tcp_tunnel::Kind;
 
 /// Deadline for dialling one relay address (QUIC handshake + hello/welcome). Short, because the next
@@ -125,6 +125,14 @@ impl Agent {
         if ips.is_empty() {
             bail!(
                 "no IP to advertise: the host has no non-loopback address; set `ips` in the config"
+            );
+        }
+        if ips.len() > protocol::MAX_AGENT_IPS {
+            bail!(
+                "ips: the host has {} addresses, more than the {} an agent may claim; list the \
+                 ones to serve in `ips`",
+                ips.len(),
+                protocol::MAX_AGENT_IPS
             );
         }
         let live = config.redundancy;

@@ -213,6 +213,16 @@ impl AgentConfig {
         if reconnect_min.is_zero() || reconnect_min > reconnect_max {
             return Err(invalid("reconnect_min", "must be > 0 and <= reconnect_max"));
         }
+        if f.ips.len() > crate::protocol::MAX_AGENT_IPS {
+            return Err(invalid(
+                "ips",
+                format!(
+                    "lists {} addresses; an agent may claim at most {}",
+                    f.ips.len(),
+                    crate::protocol::MAX_AGENT_IPS
+                ),
+            ));
+        }
         let max_streams = f.max_streams.unwrap_or(1024);
         if max_streams == 0 {
             return Err(invalid("max_streams", "must be at least 1"));

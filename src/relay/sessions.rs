@@ -68,7 +68,15 @@ pub enum Conflict {
     Address { ip: IpAddr, holder: String },
     /// Another credential holds this agent id.
     AgentId,
+    /// The agent id already holds [`MAX_TUNNELS_PER_AGENT`] tunnels here.
+    TooManyTunnels,
 }
+
+/// Tunnels one agent id may hold on one relay. An agent keeps one per relay (`redundancy` ≤ 8, each
+/// on a different relay); a few more come and go while it moves a tunnel or redials before a lost
+/// one has timed out. Without a bound, one credential could open tunnels without end, each
+/// publishing a route for every claimed address.
+pub const MAX_TUNNELS_PER_AGENT: usize = 16;
 
 #[derive(Default)]
 struct Inner {
@@ -118,15 +126,16 @@ impl SessionTable {
             }
         }
         let agent = (session.namespace.clone(), session.agent_id.clone());
-        if inner
-            .by_agent
-            .get(&agent)
-            .into_iter()
-            .flatten()
+        let held = inner.by_agent.get(&agent).map_or(&[][..], |ids| &ids[..]);
+        if held
+            .iter()
             .filter_map(|id| inner.by_id.get(id))
             .any(|s| s.credential != session.credential)
         {
             return Err(Conflict::AgentId);
+        }
+        if held.len() >= MAX_TUNNELS_PER_AGENT {
+            return Err(Conflict::TooManyTunnels);
         }
         Self::insert_locked(&mut inner, session);
         Ok(())

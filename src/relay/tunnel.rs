@@ -314,6 +314,12 @@ impl Relay {
                             "agent id {} in namespace {} is held by another credential",
                             session.agent_id, session.namespace
                         ),
+                        sessions::Conflict::TooManyTunnels => format!(
+                            "agent id {} in namespace {} already holds {} tunnels on this relay",
+                            session.agent_id,
+                            session.namespace,
+                            sessions::MAX_TUNNELS_PER_AGENT
+                        ),
                     },
                 };
                 refuse(&conn, &mut send, reject).await;
@@ -492,6 +498,16 @@ impl Relay {
         let reject = |code, reason: String| Reject { code, reason };
         if hello.ips.is_empty() {
             return Err(reject(Code::BadRequest, "hello claims no IP".into()));
+        }
+        if hello.ips.len() > protocol::MAX_AGENT_IPS {
+            return Err(reject(
+                Code::BadRequest,
+                format!(
+                    "hello claims {} IPs; an agent may claim at most {}",
+                    hello.ips.len(),
+                    protocol::MAX_AGENT_IPS
+                ),
+            ));
         }
         if hello.ports.is_empty() {
             return Err(reject(Code::BadRequest, "hello exposes no port".into()));

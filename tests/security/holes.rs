@@ -700,3 +700,105 @@ async fn wait_for_log(relay: &RelayProcess, needles: &[&str]) -> String {
         tokio::time::sleep(POLL).await;
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// A credential's reach is bounded: an agent claims at most `MAX_AGENT_IPS` addresses in a hello,
+// and one agent id holds at most `MAX_TUNNELS_PER_AGENT` tunnels on a relay, so a token holder
+// cannot make a relay publish routes without end.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_holder_cannot_claim_addresses_or_tunnels_without_bound() {
+    init();
+    let pki = Pki::new();
+    let net = 144;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let token = format!("tok{}", postern::config::hex(&rand::random::<[u8; 12]>()));
+    let relay = RelayProcess::start(&pki, dir.path(), net, &token, "info").await;
+    let agent = client(&pki.trust(), protocol::ALPN_AGENT, None);
+
+    // One address past the bound: refused for the count, before any address is looked at.
+    let many: Vec<Ipv4Addr> = (0..=protocol::MAX_AGENT_IPS as u32)
+        .map(|i| Ipv4Addr::from(u32::from(ip(net, 0, 0)) + i))
+        .collect();
+    match exchange(
+        &agent,
+        relay.agents,
+        &[frame(&Message::Hello(hello(&token, &many)))],
+    )
+    .await
+    {
+        Ok(Message::Reject(reject)) => {
+            assert_eq!(reject.code, Code::BadRequest, "{reject:?}");
+            assert!(
+                reject.reason.contains("claims 1025 IPs") && reject.reason.contains("at most 1024"),
+                "{reject:?}"
+            );
+        }
+        other => panic!("a hello claiming 1025 addresses was not rejected: {other:?}"),
+    }
+    // Every address of the credential's /24 is within the bound: welcomed.
+    let all: Vec<Ipv4Addr> = (0..=255u8).map(|d| ip(net, 0, d)).collect();
+    match exchange(
+        &agent,
+        relay.agents,
+        &[frame(&Message::Hello(hello(&token, &all)))],
+    )
+    .await
+    {
+        Ok(Message::Welcome(_)) => {}
+        other => panic!("a hello claiming a whole /24 was refused: {other:?}"),
+    }
+
+    // Tunnels of one agent id, held open: the bound's worth are welcomed, one more is rejected.
+    let tunnel = || async {
+        let conn = agent.connect(relay.agents, "postern-relay")?.await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        send.write_all(&frame(&Message::Hello(hello(&token, &[ip(net, 0, 7)]))))
+            .await?;
+        let answer = protocol::read_message(&mut recv).await?;
+        anyhow::Ok((conn, send, recv, answer))
+    };
+    let bound = postern::relay::sessions::MAX_TUNNELS_PER_AGENT;
+    let mut held = Vec::new();
+    for i in 0..bound {
+        let (conn, send, recv, answer) = within(IO, "a tunnel", tunnel()).await.expect("tunnel");
+        assert!(
+            matches!(answer, Message::Welcome(_)),
+            "tunnel {i}: {answer:?}"
+        );
+        held.push((conn, send, recv));
+    }
+    let (_conn, _send, _recv, answer) = within(IO, "one more", tunnel()).await.expect("tunnel");
+    match answer {
+        Message::Reject(reject) => {
+            assert_eq!(reject.code, Code::NotAllowed, "{reject:?}");
+            assert!(
+                reject
+                    .reason
+                    .contains(&format!("already holds {bound} tunnels")),
+                "{reject:?}"
+            );
+        }
+        other => panic!(
+            "tunnel {} of one agent id was admitted: {other:?}",
+            bound + 1
+        ),
+    }
+    // A tunnel that ends gives its place back.
+    let (conn, _, _) = held.pop().expect("a held tunnel");
+    conn.close(0u32.into(), b"leaving");
+    let deadline = std::time::Instant::now() + IO;
+    loop {
+        let (conn, send, recv, answer) = within(IO, "a tunnel", tunnel()).await.expect("tunnel");
+        if matches!(answer, Message::Welcome(_)) {
+            held.push((conn, send, recv));
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the place of a closed tunnel did not come back: {answer:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    agent.close(0u32.into(), b"done");
+}

@@ -14,6 +14,9 @@
 //! - once half of either limit is in use, a client must first prove that it receives at its
 //!   address (a stateless QUIC Retry) before it is counted, so handshakes from spoofed addresses,
 //!   which never complete, cannot hold the slots of the address they name or fill the total.
+//!
+//! The peer endpoint is screened by a [`Pending`] of its own with the same limits; a peer
+//! connection counts until its handshake has completed with a peer certificate.
 
 use std::collections::HashMap;
 use std::net::IpAddr;

@@ -99,6 +99,9 @@ pub struct Relay {
     limit_warned_at: std::sync::atomic::AtomicU64,
     /// Connections in their handshake or not yet admitted (`relay.max_pending*`).
     pending: Arc<admission::Pending>,
+    /// The same bounds for the peer endpoint: connections in their handshake or not yet shown to
+    /// carry a peer certificate.
+    peer_pending: Arc<admission::Pending>,
 }
 
 impl Relay {
@@ -223,6 +226,10 @@ impl Relay {
             tunnel_slots: Arc::new(tokio::sync::Semaphore::new(config.max_tunnels as usize)),
             limit_warned_at: std::sync::atomic::AtomicU64::new(0),
             pending: admission::Pending::new(config.max_pending_per_source, config.max_pending),
+            peer_pending: admission::Pending::new(
+                config.max_pending_per_source,
+                config.max_pending,
+            ),
             live: tokio::sync::watch::channel(1).0,
             config,
             endpoint,
@@ -303,6 +310,12 @@ impl Relay {
     /// Connections in their handshake or waiting for admission.
     pub fn pending_connections(&self) -> usize {
         self.pending.len()
+    }
+
+    /// Connections to the peer endpoint in their handshake or not yet checked for a peer
+    /// certificate.
+    pub fn pending_peer_connections(&self) -> usize {
+        self.peer_pending.len()
     }
 
     /// Streams currently carried.

@@ -22,6 +22,11 @@ pub async fn accept_loop(
             _ = closed.cancelled() => return,
             i = endpoint.accept() => match i { Some(i) => i, None => return },
         };
+        // Bounded like the agent port (`relay.max_pending*`, a Retry first under pressure): a
+        // handshake costs the relay a signature, and anyone who reaches the port can start one.
+        let Some((incoming, pending)) = relay.peer_pending.screen(incoming) else {
+            continue;
+        };
         let relay = relay.clone();
         let closed = closed.clone();
         let streams = tasks.clone();
@@ -48,6 +53,7 @@ pub async fn accept_loop(
                 conn.close(close::REJECTED.into(), b"a peer certificate is required");
                 return;
             }
+            drop(pending);
             tracing::debug!(%remote, "peer connected");
             loop {
                 let (send, recv) = tokio::select! {

@@ -985,6 +985,128 @@ async fn a_gateway_without_a_peer_certificate_cannot_forward_through_a_relay() {
     assert_eq!(service.accepted(), 1);
 }
 
+/// The peer endpoint bounds handshakes like the agent port: once half of a source's
+/// `relay.max_pending_per_source` is taken by handshakes that never complete (a spoofed source:
+/// a UDP forwarder passes a peer's Initials to the relay from its own address and drops every
+/// answer), the relay answers new ones with a stateless Retry instead of a handshake, so such
+/// packets cannot make it hold state or spend a signature each; a real peer from that same address
+/// still connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_peer_endpoint_answers_a_handshake_flood_with_retries() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    init();
+    let pki = Pki::new();
+    let net = 145;
+    let per_source = 4;
+    let peer_config = PeerConfig {
+        ca: pki.ca(),
+        identity: None,
+        server_name: "postern-relay".into(),
+        connect_timeout: Duration::from_secs(2),
+        max_streams: 64,
+        transport: PeerConfig::default_transport(),
+    };
+    let relay_config = postern::config::RelayConfig {
+        max_pending_per_source: per_source,
+        peer: Some(postern::config::PeerListen {
+            listen: sa(ip(net, 0, 3), 0),
+            advertise: None,
+        }),
+        ..postern::config::RelayConfig::new(
+            "relay-peer-flood",
+            sa(ip(net, 0, 1), 0),
+            pki.relay_identity(),
+            Vec::new(),
+        )
+    };
+    let process = postern::server::Process::bind_relay(
+        postern::config::RelayRoleConfig {
+            relay: relay_config,
+            peer: Some(peer_config),
+            registry: postern::config::RegistryConfig::Memory,
+            admin: None,
+        },
+        Some(Arc::new(postern::registry::memory::MemoryRegistry::new())),
+    )
+    .await
+    .expect("relay binds");
+    let peer_addr = process.addresses().peer.expect("peer endpoint");
+    let relay = process.relay().expect("relay").clone();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let _relay_task = AbortOnDrop(tokio::spawn(process.run(shutdown.clone())));
+    let _stop = shutdown.clone().drop_guard();
+
+    let spoofed = ip(net, 77, 1);
+    let forwarder = tokio::net::UdpSocket::bind(sa(spoofed, 0))
+        .await
+        .expect("forwarder");
+    let forwarder_addr = forwarder.local_addr().unwrap();
+    let (forwarded, retries) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (counted, retried) = (forwarded.clone(), retries.clone());
+    let _forward = AbortOnDrop(tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, from)) = forwarder.recv_from(&mut buf).await {
+            if from == peer_addr {
+                // A QUIC v1 long-header packet of type Retry; every answer is dropped.
+                if buf[0] & 0xf0 == 0xf0 && buf[1..5] == [0, 0, 0, 1] {
+                    retried.fetch_add(1, Ordering::SeqCst);
+                }
+            } else {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let _ = forwarder.send_to(&buf[..n], peer_addr).await;
+            }
+        }
+    }));
+    let peer_client = |from: Ipv4Addr, to: SocketAddr| {
+        let mut endpoint =
+            postern::tls::bind_endpoint(sa(from, 0), None, 1 << 20).expect("endpoint");
+        endpoint.set_default_client_config(
+            postern::tls::client_config(
+                &postern::tls::Trust::Ca(pki.ca()),
+                protocol::ALPN_PEER,
+                Some(pki.peer_identity()),
+                Arc::new(PeerConfig::default_transport().quinn(0)),
+            )
+            .expect("client config"),
+        );
+        (endpoint, to)
+    };
+    let (blind, to) = peer_client(ip(net, 77, 2), forwarder_addr);
+    let mut attempts = Vec::new();
+    for _ in 0..20 {
+        let connecting = blind.connect(to, "postern-relay").expect("connect");
+        attempts.push(AbortOnDrop(tokio::spawn(async move {
+            let _ = connecting.await;
+        })));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_until(IO, "initial packets forwarded", || {
+        forwarded.load(Ordering::SeqCst) >= 20
+    })
+    .await;
+    wait_until(IO, "the relay answering with a Retry", || {
+        retries.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    let held = relay.pending_peer_connections();
+    assert!(
+        held <= (per_source / 2) as usize,
+        "{held} never-completing handshakes hold slots of the source (limit {per_source})"
+    );
+
+    // A real peer from the same address is validated by the Retry and connects.
+    let (real, to) = peer_client(spoofed, peer_addr);
+    let conn = within(
+        IO,
+        "a real peer's handshake",
+        real.connect(to, "postern-relay").expect("connect"),
+    )
+    .await
+    .expect("a peer from the flooded address is refused");
+    conn.close(0u32.into(), b"done");
+    drop(attempts);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 5. Namespaces.
 

@@ -181,7 +181,7 @@ enum Expired {
 
 /// What the watch of one splice sees: when bytes last moved and, per direction, since when a
 /// write has been waiting (0: none). Times are milliseconds since `start`, plus one.
-struct Watch {
+pub(crate) struct Watch {
     start: Instant,
     last_moved: AtomicU64,
     waiting: [AtomicU64; 2],
@@ -193,7 +193,7 @@ struct Watch {
 }
 
 impl Watch {
-    fn new(client: Option<IpAddr>) -> Self {
+    pub(crate) fn new(client: Option<IpAddr>) -> Self {
         Watch {
             start: Instant::now(),
             last_moved: AtomicU64::new(1),
@@ -213,7 +213,7 @@ impl Watch {
     }
 
     /// A write in direction `lane` starts waiting for its writer.
-    fn waiting(&self, lane: usize) {
+    pub(crate) fn waiting(&self, lane: usize) {
         self.waiting[lane].store(self.now(), Ordering::Relaxed);
     }
 
@@ -224,7 +224,7 @@ impl Watch {
     }
 
     /// The write in direction `lane` went through.
-    fn moved(&self, lane: usize) {
+    pub(crate) fn moved(&self, lane: usize) {
         self.waiting[lane].store(0, Ordering::Relaxed);
         self.last_moved.store(self.now(), Ordering::Relaxed);
         if self.holding[lane].swap(false, Ordering::Relaxed) {
@@ -259,6 +259,45 @@ impl Watch {
             *self.slot(lane) = None;
         }
         Ok(u64::MAX)
+    }
+
+    /// Resolves, once one of `limits` expires, with the error the splice ends with; the expiry is
+    /// counted in `postern_stream_resets_total{reason}`.
+    pub(crate) async fn expiry(&self, limits: Limits) -> io::Error {
+        let (reason, err) = match self.expired(limits).await {
+            Expired::Stalled => (
+                "stalled",
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "no progress for {:?} while data waited",
+                        limits.stall_timeout
+                    ),
+                ),
+            ),
+            Expired::OverStallLimit => (
+                "stall_limit",
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "stalled while the client already had {} stalled connections",
+                        limits.stalled_per_client
+                    ),
+                ),
+            ),
+            Expired::Idle => (
+                "idle",
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("idle for {:?}", limits.idle_timeout),
+                ),
+            ),
+        };
+        crate::metrics::metrics()
+            .stream_resets
+            .get_or_create(&crate::metrics::Reason { reason })
+            .inc();
+        err
     }
 
     /// Resolves when one of the limits expires.
@@ -300,8 +339,10 @@ impl Watch {
     }
 }
 
-const UP: usize = 0;
-const DOWN: usize = 1;
+/// The direction towards the service (the client's writes).
+pub(crate) const UP: usize = 0;
+/// The direction towards the client, whose reading frees the connection's credit.
+pub(crate) const DOWN: usize = 1;
 
 /// Runs the two directions of a splice under the limits; an expired limit is counted and becomes
 /// the splice's error.
@@ -311,40 +352,17 @@ where
 {
     tokio::select! {
         result = both => result.map(|(up, down)| Transferred { up, down }),
-        expired = watch.expired(limits) => {
-            let (reason, err) = match expired {
-                Expired::Stalled => ("stalled", io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("no progress for {:?} while data waited", limits.stall_timeout),
-                )),
-                Expired::OverStallLimit => ("stall_limit", io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "stalled while the client already had {} stalled connections",
-                        limits.stalled_per_client
-                    ),
-                )),
-                Expired::Idle => ("idle", io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("idle for {:?}", limits.idle_timeout),
-                )),
-            };
-            crate::metrics::metrics()
-                .stream_resets
-                .get_or_create(&crate::metrics::Reason { reason })
-                .inc();
-            Err(err)
-        }
+        err = watch.expiry(limits) => Err(err),
     }
 }
 
 /// Turns on TCP keep-alive, so a peer that vanished without a FIN or RST is noticed.
-fn keepalive(tcp: &TcpStream, idle: Duration) {
+pub(crate) fn keepalive(tcp: socket2::SockRef<'_>, idle: Duration) {
     let params = socket2::TcpKeepalive::new().with_time(idle);
     // Probes every sixth of the idle time; the system's probe count (9 on Linux) ends it.
     #[cfg(any(target_os = "linux", target_os = "macos", target_os = "freebsd"))]
     let params = params.with_interval((idle / 6).max(Duration::from_secs(1)));
-    let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&params);
+    let _ = tcp.set_tcp_keepalive(&params);
 }
 
 /// Splices `tcp` with the stream pair until both directions have ended.
@@ -362,7 +380,7 @@ pub async fn splice_metered(
     // Small writes (request/response protocols) must not wait for Nagle.
     let _ = tcp.set_nodelay(true);
     let limits = limits();
-    keepalive(&tcp, limits.tcp_keepalive);
+    keepalive(socket2::SockRef::from(&tcp), limits.tcp_keepalive);
     let watch = Watch::new(progress.client);
     let (mut tcp_read, mut tcp_write) = tcp.into_split();
     let up = to_quic(&mut tcp_read, &mut send, &watch, UP, |n| progress.add_up(n));

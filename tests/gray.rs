@@ -140,6 +140,57 @@ async fn stalled_readers_do_not_freeze_the_tunnel() {
     stall_scenario(socks5, admin, &echo, &source).await;
 }
 
+/// The same stall over the HTTP port: 20 plain `GET http://…` requests (absolute form, no CONNECT)
+/// whose client reads nothing of the endless response. Before, such an exchange ran outside the
+/// stream limits: its stream pinned a stream window of the tunnel's shared window until the agent's
+/// own deadline, and the client could pin the whole window again at once; now it draws on the
+/// client's stall budget and is reset like a SOCKS5 splice, the client's connection included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_http_readers_do_not_freeze_the_tunnel() {
+    const NET: u8 = 94;
+    let w = Workdir::new("stall-http");
+    let ip = Ipv4Addr::new(127, NET, 0, 1);
+    let echo = Echo::start(ip).await;
+    let source = Source::start_http(ip).await;
+    let text = server_toml(&w, NET, &[], "5s").replace(
+        "socks5 = \"127.0.0.1:0\"",
+        "socks5 = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"",
+    );
+    let config = w.write("server.toml", &text);
+    let (_server, line) =
+        Proc::postern("server", "server", &config, &[], &w.path("server.log")).await;
+    let (socks5, http, admin) = (
+        ready_addr(&line, "socks5"),
+        ready_addr(&line, "http"),
+        ready_addr(&line, "admin"),
+    );
+    let agent_config = w.write(
+        "agent.toml",
+        &default_agent_toml(
+            &w,
+            "agent-stall-http",
+            ready_addr(&line, "relay"),
+            ip,
+            &[echo.addr.port(), source.addr.port()],
+        ),
+    );
+    let (_agent, _) =
+        Proc::postern("agent", "agent", &agent_config, &[], &w.path("agent.log")).await;
+    wait_route(admin, ip).await;
+
+    let target = source.addr;
+    let stall = |_: usize| async move {
+        use tokio::io::AsyncWriteExt;
+        let mut tcp = TcpStream::connect(http)
+            .await
+            .expect("connect to the HTTP port");
+        let request = format!("GET http://{target}/endless HTTP/1.1\r\nhost: {target}\r\n\r\n");
+        tcp.write_all(request.as_bytes()).await.expect("request");
+        tcp
+    };
+    stall_scenario_with(socks5, admin, &echo, &source, stall).await;
+}
+
 /// The same stall through a split cluster (etcd, one relay, a gateway; shipped defaults): the
 /// stalled streams share the gateway↔relay peer connection with the others, which before the fix
 /// froze every agent behind that relay for this gateway.
@@ -546,6 +597,26 @@ static STALLS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// same agent; checks and prints the others' rates, the early resets beyond the client's share
 /// of stalls, and the resets at `stream_stall_timeout`. `admin` is the gateway's.
 async fn stall_scenario(socks5: SocketAddr, admin: SocketAddr, echo: &Echo, source: &Source) {
+    let target = source.addr;
+    let stall = |i: usize| async move {
+        socks_connect(socks5, None, target)
+            .await
+            .unwrap_or_else(|code| panic!("stalled client {i}: socks reply {code:#04x}"))
+    };
+    stall_scenario_with(socks5, admin, echo, source, stall).await;
+}
+
+/// [`stall_scenario`] with the stalled downloads opened by `stall(i)`.
+async fn stall_scenario_with<F, Fut>(
+    socks5: SocketAddr,
+    admin: SocketAddr,
+    echo: &Echo,
+    source: &Source,
+    stall: F,
+) where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = TcpStream>,
+{
     let _one_at_a_time = STALLS.lock().await;
     const STALLED: usize = 20;
     // connection_window / stream_window / 2 with the shipped defaults.
@@ -556,10 +627,7 @@ async fn stall_scenario(socks5: SocketAddr, admin: SocketAddr, echo: &Echo, sour
     // The stalled downloads: each reads the SOCKS5 reply, then nothing more.
     let mut stalled: Vec<TcpStream> = Vec::new();
     for i in 0..STALLED {
-        let tcp = socks_connect(socks5, None, source.addr)
-            .await
-            .unwrap_or_else(|code| panic!("stalled client {i}: socks reply {code:#04x}"));
-        stalled.push(tcp);
+        stalled.push(stall(i).await);
     }
     // Every buffer on the way fills: the source's writes stop for good.
     let mut last = (u64::MAX, Instant::now());

@@ -22,6 +22,16 @@ pub struct Source {
 
 impl Source {
     pub async fn start(ip: Ipv4Addr) -> Source {
+        Self::serve(ip, false).await
+    }
+
+    /// The same as an HTTP/1.1 server: each connection's request head is read, then answered with
+    /// a `200` whose body never ends.
+    pub async fn start_http(ip: Ipv4Addr) -> Source {
+        Self::serve(ip, true).await
+    }
+
+    async fn serve(ip: Ipv4Addr, http: bool) -> Source {
         let listener = TcpListener::bind((ip, 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let written = Arc::new(AtomicU64::new(0));
@@ -30,6 +40,21 @@ impl Source {
             while let Ok((mut tcp, _)) = listener.accept().await {
                 let count = count.clone();
                 tokio::spawn(async move {
+                    if http {
+                        use tokio::io::AsyncReadExt;
+                        let mut head = Vec::new();
+                        let mut buf = [0u8; 1024];
+                        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match tcp.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => head.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        let response = "HTTP/1.1 200 OK\r\ncontent-length: 1000000000000\r\n\r\n";
+                        if tcp.write_all(response.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
                     let block = payload(64 * 1024, 7);
                     while let Ok(n) = tcp.write(&block).await {
                         count.fetch_add(n as u64, Ordering::Relaxed);

@@ -59,6 +59,13 @@ pub async fn serve<S: ClientStream>(
     // the client's connection slots held, and the gateway's drain waiting, until they end.
     let tunnels = TaskTracker::new();
     let abort = Abort::new(stream.duplicate());
+    // A client that vanished without a FIN or RST is noticed, as on the SOCKS5 port's splices.
+    if let Some(socket) = &abort.socket {
+        crate::splice::keepalive(
+            socket2::SockRef::from(&**socket),
+            crate::splice::limits().tcp_keepalive,
+        );
+    }
     let io = TokioIo::new(Strict {
         inner: stream,
         framer: framer.clone(),
@@ -339,10 +346,24 @@ async fn forward(
                 return refusal(Code::Internal, &requested);
             }
         };
+    // The exchange runs under the limits of a splice: a response the client stops reading (its
+    // stream pins up to a stream window of the tunnel's or peer connection's shared window) draws
+    // on the client's stall budget and is reset past it or after `stream_stall_timeout`, and an
+    // exchange where nothing moves for `stream_idle_timeout` ends, response head or not.
+    let watch = Arc::new(crate::splice::Watch::new(Some(exchange.client.addr.ip())));
     let upstream = exchange.clone();
+    let (watching, cut) = (watch.clone(), abort.clone());
     tunnels.spawn(async move {
-        if let Err(err) = conn.await {
-            upstream.fail(err.to_string());
+        tokio::select! {
+            ended = conn => if let Err(err) = ended {
+                upstream.fail(err.to_string());
+            },
+            err = watching.expiry(crate::splice::limits()) => {
+                // Dropping the connection stops the stream, which frees the credit it held; the
+                // client, who read nothing, is reset.
+                upstream.fail(err.to_string());
+                cut.now();
+            }
         }
         drop(guard);
     });
@@ -354,6 +375,8 @@ async fn forward(
                 inner: body,
                 exchange,
                 abort,
+                watch,
+                handed: false,
             };
             Response::from_parts(parts, body.boxed())
         }
@@ -558,6 +581,10 @@ struct Breakable<B> {
     inner: B,
     exchange: Arc<Exchange>,
     abort: Abort,
+    /// The exchange's limits: a frame handed to hyper waits until hyper asks for the next one
+    /// (it asks once it has room, i.e. once the client has read enough).
+    watch: Arc<crate::splice::Watch>,
+    handed: bool,
 }
 
 impl<B> hyper::body::Body for Breakable<B>
@@ -572,11 +599,21 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
+        if std::mem::take(&mut this.handed) {
+            this.watch.moved(crate::splice::DOWN);
+        }
         let poll = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Err(err))) = &poll {
-            this.exchange
-                .fail(format!("the response body broke off: {err}"));
-            this.abort.request();
+        match &poll {
+            Poll::Ready(Some(Ok(_))) => {
+                this.watch.waiting(crate::splice::DOWN);
+                this.handed = true;
+            }
+            Poll::Ready(Some(Err(err))) => {
+                this.exchange
+                    .fail(format!("the response body broke off: {err}"));
+                this.abort.request();
+            }
+            Poll::Ready(None) | Poll::Pending => {}
         }
         poll
     }
@@ -608,6 +645,15 @@ impl Abort {
     fn request(&self) {
         if let Some(socket) = &self.socket {
             let _ = socket.set_linger(Some(std::time::Duration::ZERO));
+        }
+    }
+
+    /// Resets the client connection now, whatever hyper is doing with it: a write hyper is
+    /// waiting on fails, hyper lets go, and the last close sends the RST.
+    fn now(&self) {
+        self.request();
+        if let Some(socket) = &self.socket {
+            let _ = socket.shutdown(std::net::Shutdown::Both);
         }
     }
 }

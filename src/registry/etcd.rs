@@ -418,12 +418,19 @@ async fn keep_alive_stream(
     }
 }
 
+/// Whether a `LeaseTimeToLive` answer's TTL is a live lease. etcd 3.4 answers -1 for a lease it
+/// does not know (expired or revoked) and the whole seconds left otherwise, truncated: a live lease
+/// in its last second answers 0, and giving it up then would let it expire with every route under
+/// it while a keep-alive could still have saved it.
+fn lease_known(ttl: i64) -> bool {
+    ttl >= 0
+}
+
 /// Whether etcd still knows lease `id`: `Ok(Some(remaining))`, `Ok(None)` when it is gone, an
 /// error when etcd cannot say.
 async fn remaining_ttl(client: &mut Client, id: i64) -> Result<Option<i64>, Error> {
     match timed_for(Some(id), client.lease_time_to_live(id, None)).await {
-        // etcd 3.4 answers TTL -1 for a lease it does not know (expired or revoked).
-        Ok(resp) if resp.ttl() > 0 => Ok(Some(resp.ttl())),
+        Ok(resp) if lease_known(resp.ttl()) => Ok(Some(resp.ttl())),
         Ok(_) | Err(Error::LeaseNotFound { .. }) => Ok(None),
         Err(err) => Err(err),
     }
@@ -725,5 +732,19 @@ impl Registry for EtcdRegistry {
 
     fn lease_epoch(&self) -> watch::Receiver<u64> {
         self.epoch.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lease_known;
+
+    /// etcd 3.4's `LeaseTimeToLive` answers: -1 for a lease it does not know, the whole seconds left
+    /// (truncated) for a live one, so 0 in its last second.
+    #[test]
+    fn a_lease_in_its_last_second_is_still_known() {
+        assert!(!lease_known(-1));
+        assert!(lease_known(0));
+        assert!(lease_known(9));
     }
 }

@@ -774,6 +774,20 @@ async fn partitioned_member_makes_the_gateway_stale_and_the_relay_refuse() {
         Duration::from_secs(30),
     )
     .await;
+    // Its lease gauge says so too (the alert `PosternRelayNotRegistered`), although it wrote
+    // nothing that failed.
+    wait_for(
+        Duration::from_secs(3),
+        "postern_relay_lease_held 0 on the cut-off relay",
+        || async {
+            let (_, metrics) = admin_get(relay_admin, "/metrics").await;
+            metrics
+                .lines()
+                .any(|l| l == "postern_relay_lease_held 0")
+                .then_some(())
+        },
+    )
+    .await;
     let (mut agent1, echo1) = setup.agent(1, &[port]).await;
     let agent1_log = setup.path("agent-1.log");
     wait_for(
@@ -808,6 +822,18 @@ async fn partitioned_member_makes_the_gateway_stale_and_the_relay_refuse() {
         200,
         "the relay to be ready again",
         Duration::from_secs(30),
+    )
+    .await;
+    wait_for(
+        Duration::from_secs(3),
+        "postern_relay_lease_held 1 once the relay is back",
+        || async {
+            let (_, metrics) = admin_get(relay_admin, "/metrics").await;
+            metrics
+                .lines()
+                .any(|l| l == "postern_relay_lease_held 1")
+                .then_some(())
+        },
     )
     .await;
     wait_for(

@@ -94,6 +94,10 @@ impl Publisher {
         // When a start-up id conflict is given up as permanent.
         let mut conflict_deadline: Option<Instant> = None;
         let mut epoch = self.registry.lease_epoch();
+        // `postern_relay_lease_held` follows the registry's own view too: a quiet relay cut off from
+        // etcd writes nothing that could fail, and its lease expires all the same.
+        let mut liveness = tokio::time::interval(Duration::from_secs(1));
+        liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             if !synced {
                 match self.reconcile().await {
@@ -136,6 +140,11 @@ impl Publisher {
             let first = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 c = self.changes.recv() => match c { Some(c) => c, None => return Ok(()) },
+                _ = liveness.tick() => {
+                    let held = synced && !self.registry.cut_off();
+                    crate::metrics::metrics().lease_held.set(i64::from(held));
+                    continue;
+                }
                 changed = epoch.changed() => {
                     if changed.is_ok() {
                         self.in_sync.send_replace(false);

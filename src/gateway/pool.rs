@@ -39,6 +39,11 @@ struct State {
 }
 
 impl State {
+    /// Nothing held: no connection, no dial under way, no down mark in force.
+    fn is_idle(&self) -> bool {
+        self.conn.is_none() && self.dial.is_none() && !self.is_down()
+    }
+
     fn is_down(&self) -> bool {
         self.down_until.is_some_and(|t| Instant::now() < t)
     }
@@ -117,12 +122,14 @@ impl PeerPool {
     }
 
     fn slot(&self, relay_id: &str) -> Arc<Slot> {
-        self.slots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(relay_id.to_string())
-            .or_default()
-            .clone()
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = slots.get(relay_id) {
+            return slot.clone();
+        }
+        // A new relay id (in Kubernetes every rollout brings new ones): the slots of relays gone
+        // from the registry, with no connection, dial or down mark left, go first.
+        slots.retain(|id, slot| self.cache.relay(id).is_some() || !slot.lock().is_idle());
+        slots.entry(relay_id.to_string()).or_default().clone()
     }
 
     /// Whether `relay_id`'s peer connection failed a moment ago.
@@ -236,6 +243,10 @@ impl PeerPool {
                         .conn
                         .as_ref()
                         .is_some_and(|c| c.stable_id() == watched.stable_id());
+                    if current {
+                        // A closed connection is never handed out again; its state goes with it.
+                        state.conn = None;
+                    }
                     if drained || !current {
                         tracing::debug!(%relay_id, %reason, "peer connection closed");
                     } else {
@@ -304,6 +315,53 @@ mod tests {
         datagram.get(6..6 + len).map(<[u8]>::to_vec)
     }
 
+    /// A peer config with a throwaway self-signed identity and the shipped 2 s `connect_timeout`.
+    fn peer_config() -> PeerConfig {
+        let key = rcgen::generate_simple_self_signed(vec!["postern-peer".to_string()]).unwrap();
+        let der = key.cert.der().clone();
+        PeerConfig {
+            ca: vec![der.clone()],
+            identity: Some(crate::tls::Identity {
+                chain: vec![der],
+                key: rustls_pki_types::PrivatePkcs8KeyDer::from(key.key_pair.serialize_der())
+                    .into(),
+            }),
+            server_name: "postern-relay".into(),
+            connect_timeout: Duration::from_secs(2),
+            max_streams: 4096,
+            transport: PeerConfig::default_transport(),
+        }
+    }
+
+    fn relay(id: &str) -> RelayInfo {
+        RelayInfo {
+            id: id.into(),
+            peer_addr: Some("127.0.0.1:9".parse().unwrap()),
+            version: String::new(),
+            started_at: 0,
+            draining: false,
+        }
+    }
+
+    /// Relay ids come and go (every rollout in Kubernetes): the slot of a relay gone from the
+    /// registry is dropped when a new relay's slot is made, unless it still holds something (here
+    /// a down mark in force).
+    #[tokio::test]
+    async fn slots_of_relays_gone_from_the_registry_are_swept() {
+        let cache = Arc::new(RouteCache::new());
+        cache.replace(&[], &[relay("relay-1"), relay("relay-2")]);
+        let pool = PeerPool::new(&peer_config(), cache.clone()).unwrap();
+        pool.slot("relay-1");
+        pool.slot("relay-2")
+            .lock()
+            .mark_down(Duration::from_secs(60));
+        cache.replace(&[], &[relay("relay-3")]);
+        pool.slot("relay-3");
+        let mut held: Vec<String> = pool.slots.lock().unwrap().keys().cloned().collect();
+        held.sort();
+        assert_eq!(held, ["relay-2", "relay-3"]);
+    }
+
     /// A relay whose peer endpoint swallows every datagram (a real UDP socket on loopback that
     /// never answers), 16 callers at once, the shipped 2 s `connect_timeout`. Before, the callers
     /// queued on one lock and dialled in turn, the last one answered after 16 dials (32 s), and the
@@ -335,21 +393,7 @@ mod tests {
                 draining: false,
             }],
         );
-        let key = rcgen::generate_simple_self_signed(vec!["postern-peer".to_string()]).unwrap();
-        let der = key.cert.der().clone();
-        let config = PeerConfig {
-            ca: vec![der.clone()],
-            identity: Some(crate::tls::Identity {
-                chain: vec![der],
-                key: rustls_pki_types::PrivatePkcs8KeyDer::from(key.key_pair.serialize_der())
-                    .into(),
-            }),
-            server_name: "postern-relay".into(),
-            connect_timeout: Duration::from_secs(2),
-            max_streams: 4096,
-            transport: PeerConfig::default_transport(),
-        };
-        let pool = Arc::new(PeerPool::new(&config, cache).unwrap());
+        let pool = Arc::new(PeerPool::new(&peer_config(), cache).unwrap());
 
         let started = Instant::now();
         let callers: Vec<_> = (0..16)

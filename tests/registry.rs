@@ -1039,7 +1039,7 @@ async fn cluster_through_etcd_with_client_certificates() {
 async fn cluster_through_etcd_with_a_user_and_password() {
     const PASSWORD: &str = "etcd-test-secret-7d1c";
     let setup = Setup::new(95);
-    let etcd = Etcd::started(setup.dir.path()).await;
+    let mut etcd = Etcd::started(setup.dir.path()).await;
     let mut admin = etcd_client::Client::connect([etcd.url.clone()], None)
         .await
         .unwrap();
@@ -1081,6 +1081,7 @@ async fn cluster_through_etcd_with_a_user_and_password() {
     }
     assert_eq!(outcome, Outcome::Ok, "transfer through an etcd with users");
 
+    let auth_late = auth.clone();
     let (config, _) = setup.relay_config("relay-bad", "relay-bad", auth);
     let mut bad = Proc::spawn(
         "relay-bad",
@@ -1098,6 +1099,43 @@ async fn cluster_through_etcd_with_a_user_and_password() {
         "no clear refusal: {log}"
     );
     assert!(relay.alive());
+
+    // A relay (re)started while etcd is down starts anyway, not ready, and signs in once etcd
+    // answers: failing at start would leave it crash-looping (and backing off) through an outage.
+    etcd.stop().await;
+    let (config, _) = setup.relay_config("relay-late", "relay-late", auth_late);
+    let mut late = Proc::spawn(
+        "relay-late",
+        BIN,
+        &["relay", "--config", &p(&config)],
+        &[("POSTERN_ETCD_PASSWORD", PASSWORD)],
+        &setup.path("relay-late.log"),
+    );
+    let late_admin = ready_addr(&late.ready_line().await, "admin");
+    let late_log = setup.path("relay-late.log");
+    wait_for(
+        Duration::from_secs(20),
+        "the relay started without etcd to say it signs in later",
+        || async {
+            let log = std::fs::read_to_string(&late_log).unwrap_or_default();
+            log.contains("etcd unreachable; signing in once it answers")
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(late.alive(), "a relay started during an etcd outage exited");
+    assert_eq!(admin_get(late_admin, "/readyz").await.0, 503);
+    etcd.start().await;
+    wait_readyz(
+        late_admin,
+        200,
+        "the late relay registered once etcd is back",
+        Duration::from_secs(30),
+    )
+    .await;
+    let log = std::fs::read_to_string(&late_log).unwrap();
+    assert!(log.contains("signed in to etcd"), "{log}");
+    assert!(relay.alive() && late.alive());
     for entry in std::fs::read_dir(setup.dir.path()).unwrap().flatten() {
         if entry.path().extension().is_some_and(|e| e == "log") {
             let text = std::fs::read_to_string(entry.path()).unwrap();

@@ -12,6 +12,7 @@ use etcd_client::{
     KeyValue, PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use tokio::sync::{mpsc, watch, Mutex};
+use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::config::EtcdSecurity;
@@ -34,6 +35,8 @@ struct Lease {
 
 /// A [`Registry`] in etcd.
 pub struct EtcdRegistry {
+    /// Ends a sign-in still retrying (see `sign_in`) with the registry.
+    _signing_in: tokio_util::sync::DropGuard,
     client: Client,
     keys: Keys,
     lease_ttl: Duration,
@@ -153,13 +156,87 @@ fn secure(mut options: ConnectOptions, security: &EtcdSecurity) -> Result<Connec
         }
         options = options.with_tls(config);
     }
-    if let Some(auth) = &security.auth {
-        // etcd's simple tokens expire (5 min by default): sign in again when one has.
-        options = options
-            .with_user(auth.username.clone(), auth.password.expose())
-            .with_auto_token_refresh(true);
+    if security.auth.is_some() {
+        // etcd's simple tokens expire (5 min by default): sign in again when one has. The user is
+        // not given here, where the client would sign in before it could be built: see `sign_in`.
+        options = options.with_auto_token_refresh(true);
     }
     Ok(options)
+}
+
+/// Whether a failed call means etcd could not be reached (or answered nothing in time), rather
+/// than that it refused.
+fn unreachable(err: &etcd_client::Error) -> bool {
+    match err {
+        etcd_client::Error::GRpcStatus(status) => matches!(
+            status.code(),
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+        ),
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        _ => false,
+    }
+}
+
+/// Signs `client` in as `user`. A refusal (a wrong password, an unknown user) fails start-up at
+/// once, as a config error should; an etcd that cannot be reached does not: the process starts
+/// (not ready, as with an etcd that is down and no users) and signs in once etcd answers, retrying
+/// until then. The token is shared by every clone of the client.
+async fn sign_in(
+    client: &mut Client,
+    user: (String, String),
+    stop: &CancellationToken,
+) -> Result<(), Error> {
+    let refused = |err: &etcd_client::Error| {
+        Error::Unavailable(format!(
+            "signing in to etcd as {:?}: {}",
+            user.0,
+            with_causes(err)
+        ))
+    };
+    let attempt = {
+        let user = user.clone();
+        move |client: &mut Client| {
+            let mut client = client.clone();
+            let user = user.clone();
+            async move {
+                match tokio::time::timeout(REQUEST_TIMEOUT, client.update_user(Some(user))).await {
+                    Ok(result) => result.map_err(Some),
+                    Err(_) => Err(None),
+                }
+            }
+        }
+    };
+    match attempt(client).await {
+        Ok(()) => return Ok(()),
+        Err(Some(err)) if !unreachable(&err) => return Err(refused(&err)),
+        Err(err) => {
+            let why = err.map_or("no answer in time".to_string(), |e| with_causes(&e));
+            tracing::warn!(user = %user.0, %why, "etcd unreachable; signing in once it answers");
+        }
+    }
+    let mut client = client.clone();
+    let stop = stop.clone();
+    let name = user.0.clone();
+    tokio::spawn(async move {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+            }
+            match attempt(&mut client).await {
+                Ok(()) => {
+                    tracing::info!(user = %name, "signed in to etcd");
+                    return;
+                }
+                Err(Some(err)) if !unreachable(&err) => {
+                    tracing::error!(user = %name, err = %with_causes(&err), "etcd refused the sign-in; retrying");
+                }
+                Err(_) => {}
+            }
+        }
+    });
+    Ok(())
 }
 
 /// Key layout and parsing, shared by the registry and its watch tasks.
@@ -249,10 +326,16 @@ impl EtcdRegistry {
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
             .with_keep_alive_while_idle(true);
         let options = secure(options, security)?;
-        let client = Client::connect(endpoints, Some(options))
+        let mut client = Client::connect(endpoints, Some(options))
             .await
             .map_err(|e| Error::Unavailable(with_causes(&e)))?;
+        let signing_in = CancellationToken::new();
+        if let Some(auth) = &security.auth {
+            let user = (auth.username.clone(), auth.password.expose().to_string());
+            sign_in(&mut client, user, &signing_in).await?;
+        }
         Ok(EtcdRegistry {
+            _signing_in: signing_in.drop_guard(),
             client,
             keys: Keys {
                 prefix: prefix.trim_end_matches('/').to_string(),

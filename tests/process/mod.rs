@@ -412,7 +412,19 @@ impl Etcd {
         self.proc = Some(Proc::spawn("etcd", "etcd", &args, &[], &self.log));
         wait_for(STARTUP, "etcd to answer", || async {
             let mut c = self.client().await.ok()?;
-            c.get("probe", None).await.ok().map(|_| ())
+            match c.get("probe", None).await {
+                Ok(_) => Some(()),
+                // With users enabled (`auth enable`) an anonymous read is refused: etcd is up.
+                Err(etcd_client::Error::GRpcStatus(status))
+                    if !matches!(
+                        status.code(),
+                        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+                    ) =>
+                {
+                    Some(())
+                }
+                Err(_) => None,
+            }
         })
         .await;
     }

@@ -223,6 +223,28 @@ impl Watch {
         self.waiting(lane);
     }
 
+    /// Part of a waiting write in direction `lane` went through, if one is waiting.
+    pub(crate) fn progressed_if_waiting(&self, lane: usize) {
+        if self.waiting[lane].load(Ordering::Relaxed) != 0 {
+            self.progressed(lane);
+        }
+    }
+
+    /// Bytes moved, with no write waiting on them (for the idle deadline only).
+    pub(crate) fn touched(&self) {
+        self.last_moved.store(self.now(), Ordering::Relaxed);
+    }
+
+    /// Nothing watches any more: no write counts as waiting, and the stall slots go back.
+    pub(crate) fn finish(&self) {
+        for lane in [UP, DOWN] {
+            self.waiting[lane].store(0, Ordering::Relaxed);
+            if self.holding[lane].swap(false, Ordering::Relaxed) {
+                *self.slot(lane) = None;
+            }
+        }
+    }
+
     /// The write in direction `lane` went through.
     pub(crate) fn moved(&self, lane: usize) {
         self.waiting[lane].store(0, Ordering::Relaxed);

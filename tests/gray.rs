@@ -191,6 +191,104 @@ async fn stalled_http_readers_do_not_freeze_the_tunnel() {
     stall_scenario_with(socks5, admin, &echo, &source, stall).await;
 }
 
+/// Clients that read slowly but steadily through the HTTP port (4 plain `GET http://…` of an
+/// endless body, each reading 4 KiB every 40 ms, ~100 KB/s, for longer than
+/// `stream_stall_timeout`) are not reset. Progress is seen where the gateway writes to the client
+/// (every write counts, as in a SOCKS5 splice), so a reader counts as progressing as long as the
+/// kernel lets a write through within the deadline: on loopback, with the send and receive buffers
+/// autotuned to megabytes, a reader at 16 KB/s does not (measured: reset after 15 s, over SOCKS5
+/// alike), one at 100 KB/s does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_http_readers_are_not_reset() {
+    const NET: u8 = 98;
+    const READERS: usize = 4;
+    let w = Workdir::new("slow-http");
+    let ip = Ipv4Addr::new(127, NET, 0, 1);
+    let source = Source::start_http(ip).await;
+    let text = server_toml(&w, NET, &[], "5s").replace(
+        "socks5 = \"127.0.0.1:0\"",
+        "socks5 = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"",
+    );
+    let config = w.write("server.toml", &text);
+    let (_server, line) =
+        Proc::postern("server", "server", &config, &[], &w.path("server.log")).await;
+    let (http, admin) = (ready_addr(&line, "http"), ready_addr(&line, "admin"));
+    let agent_config = w.write(
+        "agent.toml",
+        &default_agent_toml(
+            &w,
+            "agent-slow-http",
+            ready_addr(&line, "relay"),
+            ip,
+            &[source.addr.port()],
+        ),
+    );
+    let (_agent, _) =
+        Proc::postern("agent", "agent", &agent_config, &[], &w.path("agent.log")).await;
+    wait_route(admin, ip).await;
+    let _one_at_a_time = STALLS.lock().await;
+
+    let target = source.addr;
+    let readers: Vec<_> = (0..READERS)
+        .map(|i| {
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let mut tcp = TcpStream::connect(http)
+                    .await
+                    .expect("connect to the HTTP port");
+                let request =
+                    format!("GET http://{target}/endless HTTP/1.1\r\nhost: {target}\r\n\r\n");
+                tcp.write_all(request.as_bytes()).await.expect("request");
+                let mut buf = vec![0u8; 4096];
+                let mut read = 0u64;
+                let until = Instant::now() + Duration::from_secs(20);
+                while Instant::now() < until {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) => return Err(format!("slow reader {i}: ended after {read} bytes")),
+                        Ok(n) => read += n as u64,
+                        Err(err) => {
+                            return Err(format!("slow reader {i}: {err} after {read} bytes"))
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(40)).await;
+                }
+                Ok(read)
+            })
+        })
+        .collect();
+    let mut total = 0;
+    let mut failed = Vec::new();
+    for reader in readers {
+        match reader.await.expect("slow reader") {
+            Ok(read) => total += read,
+            Err(why) => failed.push(why),
+        }
+    }
+    let (_, body) = http_get(admin, "/metrics").await.expect("metrics");
+    let samples = parse_samples(&body);
+    if !failed.is_empty() {
+        let log = |name: &str| std::fs::read_to_string(w.path(name)).unwrap_or_default();
+        panic!(
+            "{failed:?}\nresets: {:?}\nserver log:\n{}\nagent log:\n{}",
+            samples
+                .iter()
+                .filter(|(k, _)| k.contains("stream_resets"))
+                .collect::<Vec<_>>(),
+            log("server.log"),
+            log("agent.log")
+        );
+    }
+    for reason in ["stalled", "stall_limit"] {
+        let key = format!("postern_stream_resets_total{{reason=\"{reason}\"}}");
+        assert_eq!(
+            samples.get(&key).copied().unwrap_or(0.0),
+            0.0,
+            "slow readers were reset ({key})"
+        );
+    }
+    eprintln!("{READERS} slow HTTP readers read {total} bytes in 20 s, none reset");
+}
+
 /// The same stall through a split cluster (etcd, one relay, a gateway; shipped defaults): the
 /// stalled streams share the gateway↔relay peer connection with the others, which before the fix
 /// froze every agent behind that relay for this gateway.

@@ -128,7 +128,10 @@ impl PeerPool {
         }
         // A new relay id (in Kubernetes every rollout brings new ones): the slots of relays gone
         // from the registry, with no connection, dial or down mark left, go first.
-        slots.retain(|id, slot| self.cache.relay(id).is_some() || !slot.lock().is_idle());
+        // A slot a caller holds (it may be about to dial) stays too.
+        slots.retain(|id, slot| {
+            self.cache.relay(id).is_some() || Arc::strong_count(slot) > 1 || !slot.lock().is_idle()
+        });
         slots.entry(relay_id.to_string()).or_default().clone()
     }
 

@@ -630,8 +630,10 @@ impl Registry for EtcdRegistry {
                     return Err(Error::IdTaken {
                         id: relay.id.clone(),
                         lease: holder,
-                        ttl_secs,
-                    })
+                        // 0 is a lease in its last second, or one that expired under a second ago
+                        // (etcd truncates): give it that second.
+                        ttl_secs: ttl_secs.max(1),
+                    });
                 }
                 // Its lease just expired: etcd is deleting the record; try again.
                 None if holder != 0 => continue,

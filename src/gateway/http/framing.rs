@@ -444,6 +444,8 @@ fn is_token(b: u8) -> bool {
 pub(super) struct Strict<S> {
     pub(super) inner: S,
     pub(super) framer: Arc<Mutex<Framer>>,
+    /// The watch of the exchange being answered: every write to the client is progress.
+    pub(super) current: super::Current,
 }
 
 pub(super) fn lock(framer: &Mutex<Framer>) -> std::sync::MutexGuard<'_, Framer> {
@@ -516,7 +518,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Strict<S> {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_write(cx, data);
+        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
+            super::progressed(&this.current);
+        }
+        poll
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_flush(cx)

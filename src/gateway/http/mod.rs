@@ -59,6 +59,7 @@ pub async fn serve<S: ClientStream>(
     // the client's connection slots held, and the gateway's drain waiting, until they end.
     let tunnels = TaskTracker::new();
     let abort = Abort::new(stream.duplicate());
+    let reset = abort.reset.clone();
     // A client that vanished without a FIN or RST is noticed, as on the SOCKS5 port's splices.
     if let Some(socket) = &abort.socket {
         crate::splice::keepalive(
@@ -69,6 +70,7 @@ pub async fn serve<S: ClientStream>(
     let io = TokioIo::new(Strict {
         inner: stream,
         framer: framer.clone(),
+        current: abort.current.clone(),
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -78,6 +80,7 @@ pub async fn serve<S: ClientStream>(
     let service = {
         let gateway = gateway.clone();
         let tunnels = tunnels.clone();
+        let abort = abort.clone();
         hyper::service::service_fn(move |req| {
             let gateway = gateway.clone();
             let framer = framer.clone();
@@ -88,19 +91,26 @@ pub async fn serve<S: ClientStream>(
             }
         })
     };
-    let conn = builder.serve_connection(io, service).with_upgrades();
-    tokio::pin!(conn);
+    let mut conn = Box::pin(builder.serve_connection(io, service).with_upgrades());
     let result = tokio::select! {
         r = conn.as_mut() => r,
+        // An exchange reset the client (`Abort::now`): the connection is dropped below, and its
+        // last close sends the RST.
+        _ = reset.cancelled() => Ok(()),
         _ = shutdown.cancelled() => {
             // Finish the request in progress, then close; upgraded tunnels live on in their tasks.
             conn.as_mut().graceful_shutdown();
-            conn.await
+            tokio::select! {
+                r = conn.as_mut() => r,
+                _ = reset.cancelled() => Ok(()),
+            }
         }
     };
     if let Err(err) = result {
         tracing::debug!(client = %addr, %err, "http connection ended");
     }
+    drop(conn);
+    drop(abort);
     tunnels.close();
     tunnels.wait().await;
 }
@@ -325,7 +335,15 @@ async fn forward(
         relay_id,
         agent_id,
     } = opened;
-    let counted = Counted::new(tokio::io::join(recv, send));
+    // The exchange runs under the limits of a splice: a response the client stops reading (its
+    // stream pins up to a stream window of the tunnel's or peer connection's shared window) draws
+    // on the client's stall budget and is reset past it or after `stream_stall_timeout`, and an
+    // exchange where nothing moves for `stream_idle_timeout` ends, response head or not. Every
+    // write to the client is progress (`Strict`), every byte to or from the service activity.
+    let watch = Arc::new(crate::splice::Watch::new(Some(client.addr.ip())));
+    *lock_current(&abort.current) = Some(watch.clone());
+    let mut counted = Counted::new(tokio::io::join(recv, send));
+    counted.watch = Some(watch.clone());
     let tracked = super::load::relay_load().track(&relay_id, &counted.meter);
     let exchange = Arc::new(Exchange {
         _tracked: tracked,
@@ -346,11 +364,6 @@ async fn forward(
                 return refusal(Code::Internal, &requested);
             }
         };
-    // The exchange runs under the limits of a splice: a response the client stops reading (its
-    // stream pins up to a stream window of the tunnel's or peer connection's shared window) draws
-    // on the client's stall budget and is reset past it or after `stream_stall_timeout`, and an
-    // exchange where nothing moves for `stream_idle_timeout` ends, response head or not.
-    let watch = Arc::new(crate::splice::Watch::new(Some(exchange.client.addr.ip())));
     let upstream = exchange.clone();
     let (watching, cut) = (watch.clone(), abort.clone());
     tunnels.spawn(async move {
@@ -365,6 +378,8 @@ async fn forward(
                 cut.now();
             }
         }
+        // Whatever of the body is left is in this process: nothing to watch, no stall slot held.
+        watching.finish();
         drop(guard);
     });
     match sender.send_request(upstream_req).await {
@@ -516,6 +531,8 @@ impl hyper::body::Body for NotifyEnd {
 struct Counted<S> {
     inner: S,
     meter: Arc<crate::splice::Progress>,
+    /// The exchange's limits: bytes either way are activity (the idle deadline).
+    watch: Option<Arc<crate::splice::Watch>>,
 }
 
 impl<S> Counted<S> {
@@ -523,7 +540,30 @@ impl<S> Counted<S> {
         Counted {
             inner,
             meter: Arc::new(super::client_meter()),
+            watch: None,
         }
+    }
+
+    fn touched(&self, n: usize) {
+        if let (Some(watch), true) = (&self.watch, n > 0) {
+            watch.touched();
+        }
+    }
+}
+
+/// The watch of the exchange a client connection is answering (HTTP/1: one at a time), shared by
+/// the exchange and the connection's writer.
+pub(super) type Current = Arc<std::sync::Mutex<Option<Arc<crate::splice::Watch>>>>;
+
+fn lock_current(current: &Current) -> std::sync::MutexGuard<'_, Option<Arc<crate::splice::Watch>>> {
+    // A plain slot: a poisoned lock still holds a usable value.
+    current.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Bytes reached the client: progress of the exchange's response, if a frame of it waits.
+pub(super) fn progressed(current: &Current) {
+    if let Some(watch) = lock_current(current).as_ref() {
+        watch.progressed_if_waiting(crate::splice::DOWN);
     }
 }
 
@@ -633,12 +673,17 @@ where
 #[derive(Clone, Default)]
 pub(super) struct Abort {
     socket: Option<Arc<socket2::Socket>>,
+    /// Cancelled by [`Abort::now`]: the connection's task drops the connection.
+    reset: CancellationToken,
+    /// The watch of the exchange being answered.
+    current: Current,
 }
 
 impl Abort {
     pub(super) fn new(socket: Option<socket2::Socket>) -> Self {
         Abort {
             socket: socket.map(Arc::new),
+            ..Abort::default()
         }
     }
 
@@ -648,13 +693,12 @@ impl Abort {
         }
     }
 
-    /// Resets the client connection now, whatever hyper is doing with it: a write hyper is
-    /// waiting on fails, hyper lets go, and the last close sends the RST.
+    /// Resets the client connection now, whatever hyper is doing with it: the connection's task
+    /// drops it, and its last close sends the RST (never a FIN first, which a response delimited
+    /// by the connection's end would take for a complete one).
     fn now(&self) {
         self.request();
-        if let Some(socket) = &self.socket {
-            let _ = socket.shutdown(std::net::Shutdown::Both);
-        }
+        self.reset.cancel();
     }
 }
 
@@ -667,7 +711,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
-        this.meter.add_down((buf.filled().len() - before) as u64);
+        let n = buf.filled().len() - before;
+        this.meter.add_down(n as u64);
+        this.touched(n);
         poll
     }
 }
@@ -682,6 +728,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
         let poll = Pin::new(&mut this.inner).poll_write(cx, data);
         if let Poll::Ready(Ok(n)) = &poll {
             this.meter.add_up(*n as u64);
+            this.touched(*n);
         }
         poll
     }

@@ -15,7 +15,9 @@
 //!
 //! The words (agent, relay, gateway, tunnel, session, route, namespace, lease) are defined in
 //! `docs/architecture.md`.
-#![forbid(unsafe_code)]
+// No unsafe code, but for one measured need: the ioctl that reads a TCP socket's send queue
+// (`splice::send_queue`; no maintained crate wraps it), without which slow readers were reset.
+#![deny(unsafe_code)]
 
 pub mod admin;
 pub mod agent;

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::io::{self, IoSlice};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{LazyLock, Mutex, RwLock};
+use std::sync::{Arc, LazyLock, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
@@ -190,6 +190,13 @@ pub(crate) struct Watch {
     /// Per lane: whether it holds a stall slot (checked without the lock on every write).
     holding: [AtomicBool; 2],
     slots: [Mutex<Option<StallSlot>>; 2],
+    /// The TCP socket lane [`DOWN`] writes to, if any: its send queue shrinking means the reader
+    /// is reading, even while a write waits for room (see [`Watch::sink_drained`]).
+    sink: Option<std::os::fd::RawFd>,
+    /// Keeps `sink` open where the watch may outlive its splice (a duplicate of the socket).
+    _sink_owner: Option<Arc<socket2::Socket>>,
+    /// The sink's send queue at the last look (`u64::MAX`: not looked at yet).
+    sink_queued: AtomicU64,
 }
 
 impl Watch {
@@ -201,7 +208,45 @@ impl Watch {
             client,
             holding: [AtomicBool::new(false), AtomicBool::new(false)],
             slots: [Mutex::new(None), Mutex::new(None)],
+            sink: None,
+            _sink_owner: None,
+            sink_queued: AtomicU64::new(u64::MAX),
         }
+    }
+
+    /// [`Watch::new`] for a splice whose lane [`DOWN`] writes to `tcp`, which must stay open for
+    /// as long as the watch's [`Watch::expiry`] runs.
+    fn with_sink(client: Option<IpAddr>, tcp: &TcpStream) -> Self {
+        use std::os::fd::AsRawFd as _;
+        Watch {
+            sink: Some(tcp.as_raw_fd()),
+            ..Watch::new(client)
+        }
+    }
+
+    /// [`Watch::new`] whose lane [`DOWN`] writes to `socket` (a duplicate the watch keeps open).
+    pub(crate) fn with_owned_sink(client: Option<IpAddr>, socket: Arc<socket2::Socket>) -> Self {
+        use std::os::fd::AsRawFd as _;
+        Watch {
+            sink: Some(socket.as_raw_fd()),
+            _sink_owner: Some(socket),
+            ..Watch::new(client)
+        }
+    }
+
+    /// Whether the sink's send queue shrank since the last look: the reader took bytes (the
+    /// kernel lets a waiting write through only once a good share of megabytes of buffers has
+    /// drained, so a slow reader's writes can wait for many seconds while it reads all along).
+    /// The first look only takes the measure.
+    fn sink_drained(&self) -> bool {
+        let Some(fd) = self.sink else {
+            return false;
+        };
+        let Some(queued) = send_queue(fd) else {
+            return false;
+        };
+        let before = self.sink_queued.swap(queued, Ordering::Relaxed);
+        before != u64::MAX && queued < before
     }
 
     fn slot(&self, lane: usize) -> std::sync::MutexGuard<'_, Option<StallSlot>> {
@@ -327,6 +372,12 @@ impl Watch {
         let stall = limits.stall_timeout.as_millis() as u64;
         let idle = limits.idle_timeout.as_millis() as u64;
         loop {
+            // A waiting write towards a reader that is draining its socket is progress.
+            if self.waiting[DOWN].load(Ordering::Relaxed) != 0 && self.sink_drained() {
+                self.progressed(DOWN);
+            } else if self.waiting[DOWN].load(Ordering::Relaxed) == 0 {
+                self.sink_queued.store(u64::MAX, Ordering::Relaxed);
+            }
             let now = self.now();
             let Ok(claim_at) = self.claim_stall_slots(now, limits.stalled_per_client) else {
                 return Expired::OverStallLimit;
@@ -347,9 +398,10 @@ impl Watch {
             }
             // A client's lane that starts waiting after this check is looked at within a grace
             // period: it counts against the client's stalls between one and two graces in.
-            let look_again = match self.client {
-                Some(_) => STALL_GRACE.as_millis() as u64,
-                None => stall,
+            // With a sink, its send queue is looked at every grace period while a write waits.
+            let look_again = match (self.client, self.sink) {
+                (Some(_), _) | (None, Some(_)) => STALL_GRACE.as_millis() as u64,
+                (None, None) => stall,
             };
             let next = stall_at
                 .unwrap_or(u64::MAX)
@@ -378,6 +430,22 @@ where
     }
 }
 
+/// Bytes in a TCP socket's send queue, sent or not, that its peer has not acknowledged yet.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn send_queue(fd: std::os::fd::RawFd) -> Option<u64> {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ for a TCP socket) writes one int into `queued`; an fd that is not
+    // a socket fails with an error, which is only a missed look.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) };
+    (rc == 0).then_some(queued.max(0) as u64)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn send_queue(_fd: std::os::fd::RawFd) -> Option<u64> {
+    None
+}
+
 /// Turns on TCP keep-alive, so a peer that vanished without a FIN or RST is noticed.
 pub(crate) fn keepalive(tcp: socket2::SockRef<'_>, idle: Duration) {
     let params = socket2::TcpKeepalive::new().with_time(idle);
@@ -403,7 +471,7 @@ pub async fn splice_metered(
     let _ = tcp.set_nodelay(true);
     let limits = limits();
     keepalive(socket2::SockRef::from(&tcp), limits.tcp_keepalive);
-    let watch = Watch::new(progress.client);
+    let watch = Watch::with_sink(progress.client, &tcp);
     let (mut tcp_read, mut tcp_write) = tcp.into_split();
     let up = to_quic(&mut tcp_read, &mut send, &watch, UP, |n| progress.add_up(n));
     let down = from_quic(&mut recv, &mut tcp_write, &watch, DOWN, |n| {

@@ -340,7 +340,12 @@ async fn forward(
     // on the client's stall budget and is reset past it or after `stream_stall_timeout`, and an
     // exchange where nothing moves for `stream_idle_timeout` ends, response head or not. Every
     // write to the client is progress (`Strict`), every byte to or from the service activity.
-    let watch = Arc::new(crate::splice::Watch::new(Some(client.addr.ip())));
+    let watch = Arc::new(match &abort.socket {
+        Some(socket) => {
+            crate::splice::Watch::with_owned_sink(Some(client.addr.ip()), socket.clone())
+        }
+        None => crate::splice::Watch::new(Some(client.addr.ip())),
+    });
     *lock_current(&abort.current) = Some(watch.clone());
     let mut counted = Counted::new(tokio::io::join(recv, send));
     counted.watch = Some(watch.clone());

@@ -76,33 +76,26 @@ async fn echo_once(
         .map(|_| ())
 }
 
-/// `clients` loops of echo transfers for `window`; returns the bytes echoed per second. Every
-/// transfer must complete byte-exact within 5 s.
-async fn echo_rate(proxy: SocketAddr, target: SocketAddr, clients: usize, window: Duration) -> f64 {
+/// `clients` loops of `transfers` echo transfers of 256 KiB each; returns the bytes echoed per
+/// second. Every transfer must complete byte-exact within 5 s.
+async fn echo_rate(proxy: SocketAddr, target: SocketAddr, clients: usize, transfers: u64) -> f64 {
     const SIZE: usize = 256 * 1024;
-    let stop = Arc::new(AtomicBool::new(false));
-    let moved = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
-    let mut tasks = Vec::new();
-    for c in 0..clients {
-        let (stop, moved) = (stop.clone(), moved.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut seed = c as u64 * 1_000_000;
-            while !stop.load(Ordering::Relaxed) {
-                seed += 1;
-                echo_once(proxy, target, SIZE, seed, Duration::from_secs(5))
-                    .await
-                    .unwrap_or_else(|e| panic!("client {c}, transfer {seed}: {e}"));
-                moved.fetch_add(SIZE as u64, Ordering::Relaxed);
-            }
-        }));
-    }
-    tokio::time::sleep(window).await;
-    stop.store(true, Ordering::Relaxed);
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            tokio::spawn(async move {
+                for seed in (c as u64 * 1_000_000..).take(transfers as usize) {
+                    echo_once(proxy, target, SIZE, seed, Duration::from_secs(5))
+                        .await
+                        .unwrap_or_else(|e| panic!("client {c}, transfer {seed}: {e}"));
+                }
+            })
+        })
+        .collect();
     for task in tasks {
         task.await.unwrap();
     }
-    moved.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+    (clients as u64 * transfers * SIZE as u64) as f64 / started.elapsed().as_secs_f64()
 }
 
 /// 20 downloads from one client address stop reading a service behind the agent, while 4 other
@@ -114,30 +107,19 @@ async fn echo_rate(proxy: SocketAddr, target: SocketAddr, clients: usize, window
 /// second after they stall, the 16 after `stream_stall_timeout` (15 s), all counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_readers_do_not_freeze_the_tunnel() {
-    const NET: u8 = 93;
     let w = Workdir::new("stall");
-    let ip = Ipv4Addr::new(127, NET, 0, 1);
+    let ip = Ipv4Addr::new(127, 93, 0, 1);
     let echo = Echo::start(ip).await;
     let source = Source::start(ip).await;
-    let config = w.write("server.toml", &server_toml(&w, NET, &[], "5s"));
-    let (_server, line) =
-        Proc::postern("server", "server", &config, &[], &w.path("server.log")).await;
-    let (socks5, admin) = (ready_addr(&line, "socks5"), ready_addr(&line, "admin"));
-    let agent_config = w.write(
-        "agent.toml",
-        &default_agent_toml(
-            &w,
-            "agent-stall",
-            ready_addr(&line, "relay"),
-            ip,
-            &[echo.addr.port(), source.addr.port()],
-        ),
-    );
-    let (_agent, _) =
-        Proc::postern("agent", "agent", &agent_config, &[], &w.path("agent.log")).await;
-    wait_route(admin, ip).await;
+    let server = Colocated::start(
+        &w,
+        ip,
+        "agent-stall",
+        &[echo.addr.port(), source.addr.port()],
+    )
+    .await;
 
-    stall_scenario(socks5, admin, &echo, &source).await;
+    stall_scenario(server.socks5, server.admin, &echo, &source).await;
 }
 
 /// The same stall over the HTTP port: 20 plain `GET http://…` requests (absolute form, no CONNECT)
@@ -147,48 +129,16 @@ async fn stalled_readers_do_not_freeze_the_tunnel() {
 /// client's stall budget and is reset like a SOCKS5 splice, the client's connection included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_http_readers_do_not_freeze_the_tunnel() {
-    const NET: u8 = 94;
     let w = Workdir::new("stall-http");
-    let ip = Ipv4Addr::new(127, NET, 0, 1);
+    let ip = Ipv4Addr::new(127, 94, 0, 1);
     let echo = Echo::start(ip).await;
     let source = Source::start_http(ip).await;
-    let text = server_toml(&w, NET, &[], "5s").replace(
-        "socks5 = \"127.0.0.1:0\"",
-        "socks5 = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"",
-    );
-    let config = w.write("server.toml", &text);
-    let (_server, line) =
-        Proc::postern("server", "server", &config, &[], &w.path("server.log")).await;
-    let (socks5, http, admin) = (
-        ready_addr(&line, "socks5"),
-        ready_addr(&line, "http"),
-        ready_addr(&line, "admin"),
-    );
-    let agent_config = w.write(
-        "agent.toml",
-        &default_agent_toml(
-            &w,
-            "agent-stall-http",
-            ready_addr(&line, "relay"),
-            ip,
-            &[echo.addr.port(), source.addr.port()],
-        ),
-    );
-    let (_agent, _) =
-        Proc::postern("agent", "agent", &agent_config, &[], &w.path("agent.log")).await;
-    wait_route(admin, ip).await;
+    let ports = [echo.addr.port(), source.addr.port()];
+    let server = Colocated::start(&w, ip, "agent-stall-http", &ports).await;
 
-    let target = source.addr;
-    let stall = |_: usize| async move {
-        use tokio::io::AsyncWriteExt;
-        let mut tcp = TcpStream::connect(http)
-            .await
-            .expect("connect to the HTTP port");
-        let request = format!("GET http://{target}/endless HTTP/1.1\r\nhost: {target}\r\n\r\n");
-        tcp.write_all(request.as_bytes()).await.expect("request");
-        tcp
-    };
-    stall_scenario_with(socks5, admin, &echo, &source, stall).await;
+    let (http, target) = (server.http, source.addr);
+    let stall = |_: usize| endless_get(http, target);
+    stall_scenario_with(server.socks5, server.admin, &echo, &source, stall).await;
 }
 
 /// Clients that read slowly but steadily through the HTTP port (4 plain `GET http://…` of an
@@ -199,49 +149,26 @@ async fn stalled_http_readers_do_not_freeze_the_tunnel() {
 /// SOCKS5 alike).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_http_readers_are_not_reset() {
-    const NET: u8 = 98;
     const READERS: usize = 4;
     let w = Workdir::new("slow-http");
-    let ip = Ipv4Addr::new(127, NET, 0, 1);
+    let ip = Ipv4Addr::new(127, 98, 0, 1);
     let source = Source::start_http(ip).await;
-    let text = server_toml(&w, NET, &[], "5s").replace(
-        "socks5 = \"127.0.0.1:0\"",
-        "socks5 = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"",
-    );
-    let config = w.write("server.toml", &text);
-    let (_server, line) =
-        Proc::postern("server", "server", &config, &[], &w.path("server.log")).await;
-    let (http, admin) = (ready_addr(&line, "http"), ready_addr(&line, "admin"));
-    let agent_config = w.write(
-        "agent.toml",
-        &default_agent_toml(
-            &w,
-            "agent-slow-http",
-            ready_addr(&line, "relay"),
-            ip,
-            &[source.addr.port()],
-        ),
-    );
-    let (_agent, _) =
-        Proc::postern("agent", "agent", &agent_config, &[], &w.path("agent.log")).await;
-    wait_route(admin, ip).await;
+    let server = Colocated::start(&w, ip, "agent-slow-http", &[source.addr.port()]).await;
+    let (http, admin, target) = (server.http, server.admin, source.addr);
     let _one_at_a_time = STALLS.lock().await;
 
-    let target = source.addr;
     let readers: Vec<_> = (0..READERS)
         .map(|i| {
             tokio::spawn(async move {
-                use tokio::io::AsyncWriteExt;
-                let mut tcp = TcpStream::connect(http)
-                    .await
-                    .expect("connect to the HTTP port");
-                let request =
-                    format!("GET http://{target}/endless HTTP/1.1\r\nhost: {target}\r\n\r\n");
-                tcp.write_all(request.as_bytes()).await.expect("request");
+                let mut tcp = endless_get(http, target).await;
                 let mut buf = vec![0u8; 4096];
                 let mut read = 0u64;
+                // The reader's pace (4 KiB a tick) is what the test is about; it reads for longer
+                // than `stream_stall_timeout`.
+                let mut pace = tokio::time::interval(Duration::from_millis(250));
                 let until = Instant::now() + Duration::from_secs(20);
                 while Instant::now() < until {
+                    pace.tick().await;
                     match tcp.read(&mut buf).await {
                         Ok(0) => return Err(format!("slow reader {i}: ended after {read} bytes")),
                         Ok(n) => read += n as u64,
@@ -249,7 +176,6 @@ async fn slow_http_readers_are_not_reset() {
                             return Err(format!("slow reader {i}: {err} after {read} bytes"))
                         }
                     }
-                    tokio::time::sleep(Duration::from_millis(250)).await;
                 }
                 Ok(read)
             })
@@ -444,27 +370,52 @@ async fn cut_agent_path_costs_new_connections_at_most_a_hedge() {
 
     // (started, waited, error) per connection, from CLIENTS loops of new connections.
     let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
     let mut loops = Vec::new();
     for c in 0..CLIENTS {
-        let stop = stop.clone();
+        let (stop, done) = (stop.clone(), done.clone());
         loops.push(tokio::spawn(async move {
             let mut seen = Vec::new();
             let mut seed = c as u64 * 1_000_000;
+            // Each client opens a connection every 50 ms at most.
+            let mut pace = tokio::time::interval(Duration::from_millis(50));
             while !stop.load(Ordering::Relaxed) {
+                pace.tick().await;
                 seed += 1;
                 let started = Instant::now();
                 let result =
                     echo_once(socks5, echo.addr, 4096, seed, Duration::from_secs(15)).await;
                 seen.push((started, started.elapsed(), result.err()));
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                done.fetch_add(1, Ordering::Relaxed);
             }
             seen
         }));
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let completed = |at_least: u64| {
+        let done = done.clone();
+        move || {
+            let enough = done.load(Ordering::Relaxed) >= at_least;
+            async move { enough.then_some(()) }
+        }
+    };
+    // The load runs (every client has made a few connections) before the cut.
+    wait_for(
+        QUICK,
+        "connections before the cut",
+        completed(CLIENTS as u64 * 5),
+    )
+    .await;
     path.cut.store(true, Ordering::Relaxed);
     let cut_at = Instant::now();
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    // After it, as many connections as about 10 s of this load make: long enough for relay-1's
+    // session to outlive the cut and for every demotion to be tested.
+    let at_cut = done.load(Ordering::Relaxed);
+    wait_for(
+        Duration::from_secs(60),
+        "connections after the cut",
+        completed(at_cut + CLIENTS as u64 * 150),
+    )
+    .await;
     stop.store(true, Ordering::Relaxed);
     let mut seen = Vec::new();
     for l in loops {
@@ -685,6 +636,56 @@ async fn cut_peer_path_costs_one_dial_not_the_gateway() {
     );
 }
 
+/// A `postern server` with SOCKS5 and HTTP ports and one agent on `ip` exposing `ports`, shipped
+/// default timings, with the agent's route known to the server.
+struct Colocated {
+    socks5: SocketAddr,
+    http: SocketAddr,
+    admin: SocketAddr,
+    _server: Proc,
+    _agent: Proc,
+}
+
+impl Colocated {
+    async fn start(w: &Workdir, ip: Ipv4Addr, agent_id: &str, ports: &[u16]) -> Colocated {
+        let text = server_toml(w, ip.octets()[1], &[], "5s").replace(
+            "socks5 = \"127.0.0.1:0\"",
+            "socks5 = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"",
+        );
+        let config = w.write("server.toml", &text);
+        let (server, line) =
+            Proc::postern("server", "server", &config, &[], &w.path("server.log")).await;
+        let relay = ready_addr(&line, "relay");
+        let agent_config = w.write(
+            "agent.toml",
+            &default_agent_toml(w, agent_id, relay, ip, ports),
+        );
+        let (agent, _) =
+            Proc::postern("agent", "agent", &agent_config, &[], &w.path("agent.log")).await;
+        let admin = ready_addr(&line, "admin");
+        wait_route(admin, ip).await;
+        Colocated {
+            socks5: ready_addr(&line, "socks5"),
+            http: ready_addr(&line, "http"),
+            admin,
+            _server: server,
+            _agent: agent,
+        }
+    }
+}
+
+/// A plain `GET http://target/endless` (absolute form) sent to the HTTP port `http`; nothing of
+/// the answer is read.
+async fn endless_get(http: SocketAddr, target: SocketAddr) -> TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut tcp = TcpStream::connect(http)
+        .await
+        .expect("connect to the HTTP port");
+    let request = format!("GET http://{target}/endless HTTP/1.1\r\nhost: {target}\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.expect("request");
+    tcp
+}
+
 /// The stall scenarios run one at a time: each fills tens of MB of buffers and measures rates
 /// and reset times, which two of them side by side on the 2 shared cores distort (with
 /// `--test-threads 2` they missed their reset deadlines together).
@@ -718,8 +719,9 @@ async fn stall_scenario_with<F, Fut>(
     const STALLED: usize = 20;
     // connection_window / stream_window / 2 with the shipped defaults.
     const PER_CLIENT: usize = 16;
-    let window = Duration::from_secs(3);
-    let baseline = echo_rate(socks5, echo.addr, 4, window).await;
+    // About 3 s of echoing on this machine, each time.
+    const TRANSFERS: u64 = 40;
+    let baseline = echo_rate(socks5, echo.addr, 4, TRANSFERS).await;
 
     // The stalled downloads: each reads the SOCKS5 reply, then nothing more.
     let mut stalled: Vec<TcpStream> = Vec::new();
@@ -757,7 +759,7 @@ async fn stall_scenario_with<F, Fut>(
     .await;
     let early = filled_at.elapsed();
 
-    let during = echo_rate(socks5, echo.addr, 4, window).await;
+    let during = echo_rate(socks5, echo.addr, 4, TRANSFERS).await;
     eprintln!(
         "echo rate of 4 clients: {:.1} MB/s alone, {:.1} MB/s with {STALLED} stalled readers \
          ({:.1} MB held on the way)",
@@ -817,7 +819,7 @@ async fn stall_scenario_with<F, Fut>(
     echo_once(socks5, echo.addr, 1 << 20, 99, Duration::from_secs(5))
         .await
         .unwrap();
-    let after = echo_rate(socks5, echo.addr, 4, Duration::from_secs(3)).await;
+    let after = echo_rate(socks5, echo.addr, 4, TRANSFERS).await;
     eprintln!(
         "echo rate of 4 clients after the resets: {:.1} MB/s",
         after / 1e6

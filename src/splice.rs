@@ -218,18 +218,23 @@ impl Watch {
     /// as long as the watch's [`Watch::expiry`] runs.
     fn with_sink(client: Option<IpAddr>, tcp: &TcpStream) -> Self {
         use std::os::fd::AsRawFd as _;
-        Watch {
-            sink: Some(tcp.as_raw_fd()),
-            ..Watch::new(client)
-        }
+        Watch::sinking(client, tcp.as_raw_fd(), None)
     }
 
     /// [`Watch::new`] whose lane [`DOWN`] writes to `socket` (a duplicate the watch keeps open).
     pub(crate) fn with_owned_sink(client: Option<IpAddr>, socket: Arc<socket2::Socket>) -> Self {
         use std::os::fd::AsRawFd as _;
+        Watch::sinking(client, socket.as_raw_fd(), Some(socket))
+    }
+
+    fn sinking(
+        client: Option<IpAddr>,
+        fd: std::os::fd::RawFd,
+        owner: Option<Arc<socket2::Socket>>,
+    ) -> Self {
         Watch {
-            sink: Some(socket.as_raw_fd()),
-            _sink_owner: Some(socket),
+            sink: Some(fd),
+            _sink_owner: owner,
             ..Watch::new(client)
         }
     }

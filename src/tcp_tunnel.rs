@@ -367,34 +367,90 @@ mod tests {
     use super::*;
     use crate::tls::{self, Identity, Trust};
 
+    /// A relay's TCP + TLS listener on loopback and the QUIC server config behind it.
+    struct Relay {
+        _dir: tempfile::TempDir,
+        listener: tokio::net::TcpListener,
+        acceptor: tokio_rustls::TlsAcceptor,
+        server: quinn::ServerConfig,
+        trust: Trust,
+    }
+
+    fn test_transport() -> Arc<quinn::TransportConfig> {
+        Arc::new(transport(quinn::TransportConfig::default()))
+    }
+
+    impl Relay {
+        async fn listen() -> Relay {
+            tls::install_crypto_provider();
+            let dir = tempfile::tempdir().unwrap();
+            let bundle = crate::cert::generate_bundle(dir.path(), "relay.test").unwrap();
+            let identity = || Identity {
+                chain: tls::load_certs(&bundle.relay_cert).unwrap(),
+                key: tls::load_key(&bundle.relay_key).unwrap(),
+            };
+            let server =
+                tls::server_config(identity(), &[tls::ALPN_AGENT], None, test_transport()).unwrap();
+            Relay {
+                listener: tokio::net::TcpListener::bind("127.120.0.1:0")
+                    .await
+                    .unwrap(),
+                acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(
+                    tls::tcp_server_config(identity()).unwrap(),
+                )),
+                server,
+                trust: Trust::Ca(tls::load_certs(&bundle.ca).unwrap()),
+                _dir: dir,
+            }
+        }
+
+        /// Accepts one TCP + TLS connection: the relay's quinn endpoint over it.
+        async fn accept(
+            listener: tokio::net::TcpListener,
+            acceptor: tokio_rustls::TlsAcceptor,
+            server: quinn::ServerConfig,
+        ) -> quinn::Endpoint {
+            let (tcp, remote) = listener.accept().await.unwrap();
+            let local = tcp.local_addr().unwrap();
+            let stream = acceptor.accept(tcp).await.unwrap();
+            let (socket, _gone) = super::socket(stream, local, remote);
+            endpoint(socket, Some(server)).unwrap()
+        }
+    }
+
+    /// Dials `addr` over TCP + TLS: the client's endpoint and its first QUIC connection.
+    async fn dial(addr: SocketAddr, trust: &Trust) -> (quinn::Endpoint, quinn::Connection) {
+        let (socket, _gone) = connect(addr, "relay.test", trust, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let mut endpoint = endpoint(socket, None).unwrap();
+        endpoint.set_default_client_config(
+            tls::client_config(trust, tls::ALPN_AGENT, None, test_transport()).unwrap(),
+        );
+        let conn = tokio::time::timeout(Duration::from_secs(5), async {
+            endpoint.connect(addr, "relay.test").unwrap().await
+        })
+        .await
+        .expect("handshake within 5 s")
+        .unwrap();
+        (endpoint, conn)
+    }
+
     /// The relay's end of a TCP tunnel takes one QUIC connection: a second connection attempt over
     /// the same TCP connection (a client with a new connection ID) is not queued, and the first
     /// connection goes on carrying data.
     #[tokio::test]
     async fn a_tcp_connection_carries_one_quic_connection() {
-        tls::install_crypto_provider();
-        let dir = tempfile::tempdir().unwrap();
-        let bundle = crate::cert::generate_bundle(dir.path(), "relay.test").unwrap();
-        let identity = || Identity {
-            chain: tls::load_certs(&bundle.relay_cert).unwrap(),
-            key: tls::load_key(&bundle.relay_key).unwrap(),
-        };
-        let trust = Trust::Ca(tls::load_certs(&bundle.ca).unwrap());
-        let listener = tokio::net::TcpListener::bind("127.120.0.1:0")
-            .await
-            .unwrap();
+        let Relay {
+            _dir,
+            listener,
+            acceptor,
+            server,
+            trust,
+        } = Relay::listen().await;
         let addr = listener.local_addr().unwrap();
-        let acceptor =
-            tokio_rustls::TlsAcceptor::from(Arc::new(tls::tcp_server_config(identity()).unwrap()));
-        let transport = || Arc::new(transport(quinn::TransportConfig::default()));
-        let server =
-            server(tls::server_config(identity(), &[tls::ALPN_AGENT], None, transport()).unwrap());
         let relay = tokio::spawn(async move {
-            let (tcp, remote) = listener.accept().await.unwrap();
-            let local = tcp.local_addr().unwrap();
-            let stream = acceptor.accept(tcp).await.unwrap();
-            let (socket, _gone) = super::socket(stream, local, remote);
-            let endpoint = endpoint(socket, Some(server)).unwrap();
+            let endpoint = Relay::accept(listener, acceptor, super::server(server)).await;
             let conn = accept_one(&endpoint).await.unwrap().await.unwrap();
             let (mut send, mut recv) = conn.accept_bi().await.unwrap();
             let data = recv.read_to_end(1 << 20).await.unwrap();
@@ -408,19 +464,7 @@ mod tests {
             );
             let _ = conn.closed().await;
         });
-        let (socket, _gone) = connect(addr, "relay.test", &trust, Duration::from_secs(5))
-            .await
-            .unwrap();
-        let mut endpoint = endpoint(socket, None).unwrap();
-        endpoint.set_default_client_config(
-            tls::client_config(&trust, tls::ALPN_AGENT, None, transport()).unwrap(),
-        );
-        let conn = tokio::time::timeout(Duration::from_secs(5), async {
-            endpoint.connect(addr, "relay.test").unwrap().await
-        })
-        .await
-        .expect("handshake within 5 s")
-        .unwrap();
+        let (endpoint, conn) = dial(addr, &trust).await;
         let second = endpoint.connect(addr, "relay.test").unwrap();
         let second = tokio::spawn(tokio::time::timeout(Duration::from_millis(1500), second));
         tokio::task::yield_now().await;
@@ -442,28 +486,16 @@ mod tests {
     /// packets larger than a UDP path's.
     #[tokio::test]
     async fn quic_runs_over_tcp_and_tls() {
-        tls::install_crypto_provider();
-        let dir = tempfile::tempdir().unwrap();
-        let bundle = crate::cert::generate_bundle(dir.path(), "relay.test").unwrap();
-        let identity = || Identity {
-            chain: tls::load_certs(&bundle.relay_cert).unwrap(),
-            key: tls::load_key(&bundle.relay_key).unwrap(),
-        };
-        let trust = Trust::Ca(tls::load_certs(&bundle.ca).unwrap());
-        let listener = tokio::net::TcpListener::bind("127.120.0.1:0")
-            .await
-            .unwrap();
+        let Relay {
+            _dir,
+            listener,
+            acceptor,
+            server,
+            trust,
+        } = Relay::listen().await;
         let addr = listener.local_addr().unwrap();
-        let acceptor =
-            tokio_rustls::TlsAcceptor::from(Arc::new(tls::tcp_server_config(identity()).unwrap()));
-        let transport = || Arc::new(transport(quinn::TransportConfig::default()));
-        let server = tls::server_config(identity(), &[tls::ALPN_AGENT], None, transport()).unwrap();
         let relay = tokio::spawn(async move {
-            let (tcp, remote) = listener.accept().await.unwrap();
-            let local = tcp.local_addr().unwrap();
-            let stream = acceptor.accept(tcp).await.unwrap();
-            let (socket, _gone) = super::socket(stream, local, remote);
-            let endpoint = endpoint(socket, Some(server)).unwrap();
+            let endpoint = Relay::accept(listener, acceptor, server).await;
             let conn = endpoint.accept().await.unwrap().await.unwrap();
             let (mut send, mut recv) = conn.accept_bi().await.unwrap();
             let data = recv.read_to_end(8 << 20).await.unwrap();
@@ -471,19 +503,7 @@ mod tests {
             send.finish().unwrap();
             let _ = conn.closed().await;
         });
-        let (socket, _gone) = connect(addr, "relay.test", &trust, Duration::from_secs(5))
-            .await
-            .unwrap();
-        let mut endpoint = endpoint(socket, None).unwrap();
-        endpoint.set_default_client_config(
-            tls::client_config(&trust, tls::ALPN_AGENT, None, transport()).unwrap(),
-        );
-        let conn = tokio::time::timeout(Duration::from_secs(5), async {
-            endpoint.connect(addr, "relay.test").unwrap().await
-        })
-        .await
-        .expect("handshake within 5 s")
-        .unwrap();
+        let (_endpoint, conn) = dial(addr, &trust).await;
         let data: Vec<u8> = (0..4 << 20).map(|i: u32| (i * 7 % 251) as u8).collect();
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
         let (_, echo) = tokio::join!(

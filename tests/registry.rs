@@ -776,16 +776,10 @@ async fn partitioned_member_makes_the_gateway_stale_and_the_relay_refuse() {
     .await;
     // Its lease gauge says so too (the alert `PosternRelayNotRegistered`), although it wrote
     // nothing that failed.
-    wait_for(
-        Duration::from_secs(3),
+    wait_lease_held(
+        relay_admin,
+        0,
         "postern_relay_lease_held 0 on the cut-off relay",
-        || async {
-            let (_, metrics) = admin_get(relay_admin, "/metrics").await;
-            metrics
-                .lines()
-                .any(|l| l == "postern_relay_lease_held 0")
-                .then_some(())
-        },
     )
     .await;
     let (mut agent1, echo1) = setup.agent(1, &[port]).await;
@@ -824,16 +818,10 @@ async fn partitioned_member_makes_the_gateway_stale_and_the_relay_refuse() {
         Duration::from_secs(30),
     )
     .await;
-    wait_for(
-        Duration::from_secs(3),
+    wait_lease_held(
+        relay_admin,
+        1,
         "postern_relay_lease_held 1 once the relay is back",
-        || async {
-            let (_, metrics) = admin_get(relay_admin, "/metrics").await;
-            metrics
-                .lines()
-                .any(|l| l == "postern_relay_lease_held 1")
-                .then_some(())
-        },
     )
     .await;
     wait_for(
@@ -853,6 +841,17 @@ async fn partitioned_member_makes_the_gateway_stale_and_the_relay_refuse() {
     );
     assert!(recovered_age < MAX_STALENESS.as_secs_f64());
     assert!(relay.alive() && gateway.0.alive() && agent1.alive());
+}
+
+/// Waits (3 s at most: the gauge is refreshed every second) until the relay at `admin` exports
+/// `postern_relay_lease_held` = `value`.
+async fn wait_lease_held(admin: SocketAddr, value: u8, what: &str) {
+    let line = format!("postern_relay_lease_held {value}");
+    wait_for(Duration::from_secs(3), what, || async {
+        let (_, metrics) = admin_get(admin, "/metrics").await;
+        metrics.lines().any(|l| l == line).then_some(())
+    })
+    .await;
 }
 
 /// The route keys of `relay` read from one etcd member; `None` when it cannot answer in 3 s.

@@ -786,6 +786,19 @@ enum PeerOutcome {
     Refused(Option<quinn::ConnectionError>, String),
 }
 
+/// The `[peer]` table of a relay with a peer endpoint: `pki`'s CA verifies the peers; no identity
+/// of its own (it dials no peer).
+fn relay_side_peer_config(pki: &Pki) -> PeerConfig {
+    PeerConfig {
+        ca: pki.ca(),
+        identity: None,
+        server_name: "postern-relay".into(),
+        connect_timeout: Duration::from_secs(2),
+        max_streams: 64,
+        transport: PeerConfig::default_transport(),
+    }
+}
+
 /// Dials a relay's peer endpoint with `identity` and sends one `Forward`.
 async fn peer_forward(
     peer: SocketAddr,
@@ -840,14 +853,7 @@ async fn a_gateway_without_a_peer_certificate_cannot_forward_through_a_relay() {
     let agent_ip = ip(net, 0, 10);
     let service = tagged_echo(sa(agent_ip, 0), "behind-relay").await;
     let token = "peer-test-token";
-    let peer_config = PeerConfig {
-        ca: pki.ca(),
-        identity: None,
-        server_name: "postern-relay".into(),
-        connect_timeout: Duration::from_secs(2),
-        max_streams: 64,
-        transport: PeerConfig::default_transport(),
-    };
+    let peer_config = relay_side_peer_config(&pki);
     let relay_config = postern::config::RelayConfig {
         drain_grace: Duration::from_secs(1),
         peer: Some(postern::config::PeerListen {
@@ -998,14 +1004,7 @@ async fn the_peer_endpoint_answers_a_handshake_flood_with_retries() {
     let pki = Pki::new();
     let net = 145;
     let per_source = 4;
-    let peer_config = PeerConfig {
-        ca: pki.ca(),
-        identity: None,
-        server_name: "postern-relay".into(),
-        connect_timeout: Duration::from_secs(2),
-        max_streams: 64,
-        transport: PeerConfig::default_transport(),
-    };
+    let peer_config = relay_side_peer_config(&pki);
     let relay_config = postern::config::RelayConfig {
         max_pending_per_source: per_source,
         peer: Some(postern::config::PeerListen {

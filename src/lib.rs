@@ -16,7 +16,7 @@
 //! The words (agent, relay, gateway, tunnel, session, route, namespace, lease) are defined in
 //! `docs/architecture.md`.
 // No unsafe code, but for one measured need: the ioctl that reads a TCP socket's send queue
-// (`splice::send_queue`; no maintained crate wraps it), without which slow readers were reset.
+// (`splice::limits::send_queue`; no maintained crate wraps it), without which slow readers were reset.
 #![deny(unsafe_code)]
 
 pub mod admin;

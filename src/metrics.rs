@@ -58,8 +58,17 @@ pub struct Outcome {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Reason {
     /// Stream resets: `stalled` (a writer moved nothing while data waited), `stall_limit` (it
-    /// stalled while its client already had its share of stalled streams) or `idle`. Refused
-    /// handshakes: `per_source` or `total`.
+    /// stalled while its client already had its share of stalled streams) or `idle`.
+    pub reason: &'static str,
+}
+
+/// A connection a relay refused before its handshake.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Refusal {
+    /// The relay's port it came to: `agent` (`relay.listen`, tunnels) or `peer`
+    /// (`relay.peer_listen`, gateways).
+    pub endpoint: &'static str,
+    /// The limit it met: `per_source` or `total`.
     pub reason: &'static str,
 }
 
@@ -129,7 +138,7 @@ pub struct Metrics {
     pub relay_tunnels_refused: Counter,
     /// Connections refused before their handshake at the unadmitted-connection limits, by limit
     /// (`per_source` or `total`).
-    pub relay_handshakes_refused: Family<Reason, Counter>,
+    pub relay_handshakes_refused: Family<Refusal, Counter>,
     pub agent_tunnels: Gauge,
     /// Tunnels held, by what carries them (`quic` or `tcp`): the relay's, or the agent's.
     pub relay_tunnels_by_transport: Family<TransportLabel, Gauge>,
@@ -167,9 +176,11 @@ impl Metrics {
         for reason in ["stalled", "stall_limit", "idle"] {
             let _ = stream_resets.get_or_create(&Reason { reason });
         }
-        let relay_handshakes_refused = Family::<Reason, Counter>::default();
-        for reason in ["per_source", "total"] {
-            let _ = relay_handshakes_refused.get_or_create(&Reason { reason });
+        let relay_handshakes_refused = Family::<Refusal, Counter>::default();
+        for endpoint in ["agent", "peer"] {
+            for reason in ["per_source", "total"] {
+                let _ = relay_handshakes_refused.get_or_create(&Refusal { endpoint, reason });
+            }
         }
         Metrics {
             relay_handshakes_refused,
@@ -285,7 +296,7 @@ impl Metrics {
         r.register(
             "relay_handshakes_refused",
             "New connections refused before their handshake because too many are not yet admitted \
-             (relay.max_pending_per_source, relay.max_pending), by limit",
+             (relay.max_pending_per_source, relay.max_pending), by the port they came to and the limit",
             self.relay_handshakes_refused.clone(),
         );
         r.register(

@@ -47,6 +47,8 @@ impl Limit {
 
 /// Unadmitted connections, per source and in total.
 pub struct Pending {
+    /// The port counted here, as the refusal metric names it: `agent` or `peer`.
+    endpoint: &'static str,
     per_source: u32,
     total: u32,
     state: Mutex<State>,
@@ -82,8 +84,10 @@ fn source_key(ip: IpAddr) -> IpAddr {
 }
 
 impl Pending {
-    pub fn new(per_source: u32, total: u32) -> Arc<Self> {
+    /// `endpoint` names the port in `postern_relay_handshakes_refused_total`: `agent` or `peer`.
+    pub fn new(endpoint: &'static str, per_source: u32, total: u32) -> Arc<Self> {
         Arc::new(Pending {
+            endpoint,
             per_source,
             total,
             state: Mutex::new(State::default()),
@@ -154,7 +158,8 @@ impl Pending {
     pub fn refused(&self, remote: std::net::SocketAddr, limit: Limit) {
         crate::metrics::metrics()
             .relay_handshakes_refused
-            .get_or_create(&crate::metrics::Reason {
+            .get_or_create(&crate::metrics::Refusal {
+                endpoint: self.endpoint,
                 reason: limit.as_str(),
             })
             .inc();
@@ -168,6 +173,7 @@ impl Pending {
         {
             tracing::warn!(
                 %remote,
+                endpoint = self.endpoint,
                 limit = limit.as_str(),
                 max_pending = self.total,
                 max_pending_per_source = self.per_source,
@@ -197,7 +203,7 @@ mod tests {
 
     #[test]
     fn counts_per_source_and_in_total_and_releases_on_drop() {
-        let pending = Pending::new(2, 3);
+        let pending = Pending::new("agent", 2, 3);
         let a: IpAddr = "127.130.0.1".parse().unwrap();
         let b: IpAddr = "127.130.0.2".parse().unwrap();
         let a1 = pending.enter(a).unwrap();
@@ -213,8 +219,27 @@ mod tests {
     }
 
     #[test]
+    fn refusals_count_under_their_port() {
+        let count = |endpoint, reason| {
+            crate::metrics::metrics()
+                .relay_handshakes_refused
+                .get_or_create(&crate::metrics::Refusal { endpoint, reason })
+                .get()
+        };
+        let (agent, peer) = (count("agent", "total"), count("peer", "total"));
+        let remote = "127.130.0.3:4433".parse().unwrap();
+        Pending::new("peer", 1, 1).refused(remote, Limit::Total);
+        assert_eq!(count("peer", "total"), peer + 1);
+        assert_eq!(
+            count("agent", "total"),
+            agent,
+            "the agents' port counts only its own"
+        );
+    }
+
+    #[test]
     fn pressure_starts_at_half_of_either_limit() {
-        let pending = Pending::new(4, 6);
+        let pending = Pending::new("agent", 4, 6);
         let a: IpAddr = "127.130.0.1".parse().unwrap();
         let b: IpAddr = "127.130.0.2".parse().unwrap();
         assert!(!pending.under_pressure(a));
@@ -229,7 +254,7 @@ mod tests {
 
     #[test]
     fn ipv6_sources_count_by_slash_64() {
-        let pending = Pending::new(1, 10);
+        let pending = Pending::new("agent", 1, 10);
         let _x = pending.enter("fd00::1".parse().unwrap()).unwrap();
         assert_eq!(
             pending.enter("fd00::ffff:1".parse().unwrap()).err(),

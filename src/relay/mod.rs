@@ -225,8 +225,13 @@ impl Relay {
             credentials: std::sync::RwLock::new(Arc::new(config.agents.clone())),
             tunnel_slots: Arc::new(tokio::sync::Semaphore::new(config.max_tunnels as usize)),
             limit_warned_at: std::sync::atomic::AtomicU64::new(0),
-            pending: admission::Pending::new(config.max_pending_per_source, config.max_pending),
+            pending: admission::Pending::new(
+                "agent",
+                config.max_pending_per_source,
+                config.max_pending,
+            ),
             peer_pending: admission::Pending::new(
+                "peer",
                 config.max_pending_per_source,
                 config.max_pending,
             ),

@@ -963,6 +963,25 @@ fn containerfile_fits_the_repository_and_the_manifests() {
         lines.iter().any(|l| l.contains("libprotobuf-dev")),
         "the build stage needs the protobuf well-known includes (libprotobuf-dev)"
     );
+    // The image is built with a profile Cargo.toml defines, and installs that profile's binary.
+    let build = lines
+        .iter()
+        .find(|l| l.contains("cargo build"))
+        .expect("the build stage runs cargo build");
+    let profile = build
+        .split_whitespace()
+        .skip_while(|w| *w != "--profile")
+        .nth(1)
+        .expect("cargo build --profile NAME");
+    let manifest = std::fs::read_to_string(repo().join("Cargo.toml")).unwrap();
+    assert!(
+        manifest.contains(&format!("[profile.{profile}]")),
+        "Cargo.toml defines no profile {profile}"
+    );
+    assert!(
+        build.contains(&format!("cp target/{profile}/postern ")),
+        "the build installs another profile's binary: {build}"
+    );
     let user = final_stage
         .iter()
         .rev()

@@ -467,7 +467,8 @@ async fn a_source_past_its_pending_limit_is_refused_while_another_agent_connects
     let refusals = || {
         postern::metrics::metrics()
             .relay_handshakes_refused
-            .get_or_create(&postern::metrics::Reason {
+            .get_or_create(&postern::metrics::Refusal {
+                endpoint: "agent",
                 reason: "per_source",
             })
             .get()
@@ -489,7 +490,7 @@ async fn a_source_past_its_pending_limit_is_refused_while_another_agent_connects
     }
     assert!(
         refusals() >= refused_before + 3,
-        "postern_relay_handshakes_refused_total{{reason=\"per_source\"}} did not count the refusals"
+        "postern_relay_handshakes_refused_total{{endpoint=\"agent\",reason=\"per_source\"}} did not count the refusals"
     );
 
     // A legitimate agent, from another source, is admitted while the hostile source is full.

@@ -62,6 +62,14 @@ impl RelayLoad {
         }
     }
 
+    /// Forgets the relays `known` no longer names (gone from the registry) that carry no
+    /// connection now: relay ids come and go with every rollout, and the table would otherwise
+    /// keep one entry for each id ever used.
+    pub fn sweep(&self, known: impl Fn(&str) -> bool) {
+        self.lock()
+            .retain(|relay, entry| entry.streams > 0 || known(relay));
+    }
+
     /// Every relay this process has carried traffic through, with its figures now.
     pub fn snapshot(&self) -> HashMap<String, RelayFigures> {
         self.lock()
@@ -111,6 +119,24 @@ impl Drop for Tracked {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relays_gone_and_idle_are_swept() {
+        let load: &'static RelayLoad = Box::leak(Box::default());
+        let meter = Arc::new(Progress::default());
+        let (gone, busy, known): (Arc<str>, Arc<str>, Arc<str>) = (
+            Arc::from("gone"),
+            Arc::from("gone-busy"),
+            Arc::from("known"),
+        );
+        drop(load.track(&gone, &meter));
+        let _open = load.track(&busy, &meter);
+        drop(load.track(&known, &meter));
+        load.sweep(|id| id == "known");
+        let mut left: Vec<String> = load.snapshot().into_keys().collect();
+        left.sort();
+        assert_eq!(left, ["gone-busy", "known"]);
+    }
 
     #[test]
     fn open_and_finished_connections_both_count() {

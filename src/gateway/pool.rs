@@ -132,6 +132,8 @@ impl PeerPool {
         slots.retain(|id, slot| {
             self.cache.relay(id).is_some() || Arc::strong_count(slot) > 1 || !slot.lock().is_idle()
         });
+        // The front doors' per-relay figures of those relays go with them.
+        super::load::relay_load().sweep(|id| self.cache.relay(id).is_some());
         slots.entry(relay_id.to_string()).or_default().clone()
     }
 

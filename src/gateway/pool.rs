@@ -350,21 +350,33 @@ mod tests {
 
     /// Relay ids come and go (every rollout in Kubernetes): the slot of a relay gone from the
     /// registry is dropped when a new relay's slot is made, unless it still holds something (here
-    /// a down mark in force).
+    /// a down mark in force), and so are its figures in the front doors' load table once it
+    /// carries nothing. (Relay ids of this test only: the load table is the process's.)
     #[tokio::test]
     async fn slots_of_relays_gone_from_the_registry_are_swept() {
         let cache = Arc::new(RouteCache::new());
-        cache.replace(&[], &[relay("relay-1"), relay("relay-2")]);
+        cache.replace(&[], &[relay("swept-1"), relay("swept-2")]);
         let pool = PeerPool::new(&peer_config(), cache.clone()).unwrap();
-        pool.slot("relay-1");
-        pool.slot("relay-2")
+        pool.slot("swept-1");
+        pool.slot("swept-2")
             .lock()
             .mark_down(Duration::from_secs(60));
-        cache.replace(&[], &[relay("relay-3")]);
-        pool.slot("relay-3");
+        let load = super::super::load::relay_load();
+        let meter = Arc::new(crate::splice::Progress::default());
+        drop(load.track(&Arc::from("swept-1"), &meter));
+        let carrying = load.track(&Arc::from("swept-2"), &meter);
+        cache.replace(&[], &[relay("swept-3")]);
+        pool.slot("swept-3");
         let mut held: Vec<String> = pool.slots.lock().unwrap().keys().cloned().collect();
         held.sort();
-        assert_eq!(held, ["relay-2", "relay-3"]);
+        assert_eq!(held, ["swept-2", "swept-3"]);
+        let figures = load.snapshot();
+        assert!(!figures.contains_key("swept-1"), "{figures:?}");
+        assert_eq!(
+            figures["swept-2"].streams, 1,
+            "a relay still carrying keeps its figures"
+        );
+        drop(carrying);
     }
 
     /// A relay whose peer endpoint swallows every datagram (a real UDP socket on loopback that

@@ -98,6 +98,16 @@ async fn echo_rate(proxy: SocketAddr, target: SocketAddr, clients: usize, transf
     (clients as u64 * transfers * SIZE as u64) as f64 / started.elapsed().as_secs_f64()
 }
 
+/// Waits until a load's `done` count reaches `at_least` (each loop of the load counts its
+/// connections there), for at most `within`.
+async fn wait_count(done: &Arc<AtomicU64>, at_least: u64, within: Duration, what: &str) {
+    wait_for(within, what, || {
+        let enough = done.load(Ordering::Relaxed) >= at_least;
+        async move { enough.then_some(()) }
+    })
+    .await;
+}
+
 /// 20 downloads from one client address stop reading a service behind the agent, while 4 other
 /// connections keep echoing through another port of the same agent (a `postern server` and an
 /// agent, shipped default windows and stream deadlines). Before the fix the stalled streams pinned
@@ -391,18 +401,12 @@ async fn cut_agent_path_costs_new_connections_at_most_a_hedge() {
             seen
         }));
     }
-    let completed = |at_least: u64| {
-        let done = done.clone();
-        move || {
-            let enough = done.load(Ordering::Relaxed) >= at_least;
-            async move { enough.then_some(()) }
-        }
-    };
     // The load runs (every client has made a few connections) before the cut.
-    wait_for(
+    wait_count(
+        &done,
+        CLIENTS as u64 * 5,
         QUICK,
         "connections before the cut",
-        completed(CLIENTS as u64 * 5),
     )
     .await;
     path.cut.store(true, Ordering::Relaxed);
@@ -410,10 +414,11 @@ async fn cut_agent_path_costs_new_connections_at_most_a_hedge() {
     // After it, as many connections as about 10 s of this load make: long enough for relay-1's
     // session to outlive the cut and for every demotion to be tested.
     let at_cut = done.load(Ordering::Relaxed);
-    wait_for(
+    wait_count(
+        &done,
+        at_cut + CLIENTS as u64 * 150,
         Duration::from_secs(60),
         "connections after the cut",
-        completed(at_cut + CLIENTS as u64 * 150),
     )
     .await;
     stop.store(true, Ordering::Relaxed);
@@ -551,9 +556,10 @@ async fn cut_peer_path_costs_one_dial_not_the_gateway() {
 
     // (started, waited, error) per connection, from CLIENTS loops of new connections.
     let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
     let mut loops = Vec::new();
     for c in 0..CLIENTS {
-        let stop = stop.clone();
+        let (stop, done) = (stop.clone(), done.clone());
         loops.push(tokio::spawn(async move {
             let mut seen = Vec::new();
             let mut seed = c as u64 * 1_000_000;
@@ -563,14 +569,23 @@ async fn cut_peer_path_costs_one_dial_not_the_gateway() {
                 let result =
                     echo_once(socks5, echo.addr, 4096, seed, Duration::from_secs(15)).await;
                 seen.push((started, started.elapsed(), result.err()));
+                done.fetch_add(1, Ordering::Relaxed);
             }
             seen
         }));
     }
     let load_at = Instant::now();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The load runs (every client has made a few connections) before the cut.
+    wait_count(
+        &done,
+        CLIENTS as u64 * 5,
+        QUICK,
+        "connections before the cut",
+    )
+    .await;
     path.cut.store(true, Ordering::Relaxed);
     let cut_at = Instant::now();
+    // The fault itself lasts CUT: what is measured is the gateway during it.
     tokio::time::sleep(CUT).await;
     stop.store(true, Ordering::Relaxed);
     let handshakes = path.handshakes_since(cut_at);
@@ -899,27 +914,34 @@ async fn agent_does_not_churn_sessions_while_a_relay_is_down() {
 
     // New connections through the gateway all along.
     let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
     let mut loops = Vec::new();
     for c in 0..4u64 {
-        let stop = stop.clone();
+        let (stop, count) = (stop.clone(), count.clone());
         loops.push(tokio::spawn(async move {
             let mut done = Vec::new();
             let mut seed = c * 1_000_000;
+            // Each client opens a connection every 100 ms at most.
+            let mut pace = tokio::time::interval(Duration::from_millis(100));
             while !stop.load(Ordering::Relaxed) {
+                pace.tick().await;
                 seed += 1;
                 let started = Instant::now();
                 let result =
                     echo_once(socks5, echo.addr, 4096, seed, Duration::from_secs(15)).await;
                 done.push((started, result.err()));
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                count.fetch_add(1, Ordering::Relaxed);
             }
             done
         }));
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The load runs (every client has made a few connections) before the kill.
+    wait_count(&count, 4 * 5, QUICK, "connections before the kill").await;
     let sessions_before = w.log("relay-1.log").matches("tunnel up").count();
     relays[1].0.signal("KILL");
     let killed = Instant::now();
+    // What is measured is the agent and relay-1 over WINDOW after the kill (relay-2's lease runs
+    // out within it).
     tokio::time::sleep(WINDOW).await;
     stop.store(true, Ordering::Relaxed);
     let mut done = Vec::new();

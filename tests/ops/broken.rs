@@ -5,6 +5,10 @@
 //! (`kill -9`). Every client must then see a reset (never a clean end after truncated data), the
 //! access log must say `result=aborted` with at least the bytes the client got, and
 //! `postern_gateway_bytes_total{direction="down"}` must count them too.
+//!
+//! The other way round: three uploads, one per door, each client reset (`SO_LINGER` 0) half-way
+//! through its body. The service behind the agent must see a reset too, never a clean end of the
+//! bytes it got.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -259,4 +263,192 @@ async fn a_broken_transfer_is_reset_logged_and_counted_on_every_door() {
         .map(|(_, v)| *v)
         .sum::<f64>();
     assert_eq!(aborted, 3.0, "{metrics}");
+}
+
+/// A service that reads each connection until it ends, and says how: `reached` once a connection
+/// has delivered `UPLOAD_SEEN` bytes, `ended` with the end and the byte count.
+async fn sink(
+    ip: Ipv4Addr,
+    reached: tokio::sync::mpsc::Sender<()>,
+    ended: tokio::sync::mpsc::Sender<(End, u64)>,
+) -> SocketAddr {
+    let listener = TcpListener::bind((ip, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let (reached, ended) = (reached.clone(), ended.clone());
+            tokio::spawn(async move {
+                let mut got = 0u64;
+                let mut told = false;
+                let mut buf = vec![0u8; 256 * 1024];
+                let end = loop {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) => break End::CleanEof,
+                        Ok(n) => got += n as u64,
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                            break End::Reset;
+                        }
+                        Err(e) => panic!("unexpected read error after {got} bytes: {e}"),
+                    }
+                    if !told && got >= UPLOAD_SEEN {
+                        told = true;
+                        let _ = reached.send(()).await;
+                    }
+                };
+                let _ = ended.send((end, got)).await;
+            });
+        }
+    });
+    addr
+}
+
+const UPLOAD_SEEN: u64 = 1024 * 1024;
+
+/// A service that reads one request with a `Content-Length` body, answers `200 ok`, then reads
+/// until the connection ends and says how.
+async fn answer(ip: Ipv4Addr, ended: tokio::sync::mpsc::Sender<End>) -> SocketAddr {
+    let listener = TcpListener::bind((ip, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let ended = ended.clone();
+            tokio::spawn(async move {
+                let head = read_head(&mut tcp).await;
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .expect("a content-length")
+                    .trim()
+                    .parse()
+                    .unwrap();
+                let mut body = vec![0u8; length];
+                tcp.read_exact(&mut body).await.unwrap();
+                tcp.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await
+                    .unwrap();
+                let mut rest = [0u8; 64];
+                let end = match tcp.read(&mut rest).await {
+                    Ok(0) => End::CleanEof,
+                    Ok(n) => panic!("{n} bytes after the request"),
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => End::Reset,
+                    Err(e) => panic!("unexpected read error: {e}"),
+                };
+                let _ = ended.send(end).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_reset_mid_upload_reaches_the_service_as_a_reset() {
+    let w = Workdir::new("upload-reset");
+    let ip = Ipv4Addr::new(127, 81, 0, 1);
+    let text = server_toml(&w, 81, &[], "1s").replace(
+        "socks5 = \"127.0.0.1:0\"",
+        "socks5 = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"",
+    );
+    let config = w.write("server.toml", &text);
+    let (_server, line) =
+        Proc::postern("server", "server", &config, &[], &w.path("server.log")).await;
+    let (socks5, http, admin) = (
+        ready_addr(&line, "socks5"),
+        ready_addr(&line, "http"),
+        ready_addr(&line, "admin"),
+    );
+    let (reached_tx, mut reached) = tokio::sync::mpsc::channel(3);
+    let (ended_tx, mut ended) = tokio::sync::mpsc::channel(3);
+    let target = sink(ip, reached_tx, ended_tx).await;
+    let (answered_tx, mut answered) = tokio::sync::mpsc::channel(1);
+    let whole = answer(ip, answered_tx).await;
+    let agent_config = w.write(
+        "agent.toml",
+        &agent_toml(
+            &w,
+            "agent-upload",
+            &[ready_addr(&line, "relay")],
+            ip,
+            &[target.port(), whole.port()],
+            1,
+            "1s",
+        ),
+    );
+    let (_agent, _) =
+        Proc::postern("agent", "agent", &agent_config, &[], &w.path("agent.log")).await;
+    wait_route(admin, ip).await;
+
+    // A whole exchange ends the upstream stream cleanly: the service sees its connection's end.
+    let mut client = TcpStream::connect(http).await.unwrap();
+    client
+        .write_all(
+            format!("POST http://{whole}/ HTTP/1.1\r\nHost: {whole}\r\nContent-Length: 5\r\n\r\nhello")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let head = read_head(&mut client).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    drop(client);
+    let end = tokio::time::timeout(QUICK, answered.recv())
+        .await
+        .expect("the whole exchange to end at the service")
+        .unwrap();
+    assert_eq!(end, End::CleanEof, "a whole exchange must end cleanly upstream");
+
+    // Each client announces far more body than it sends, so that no framing can end it cleanly.
+    let post = format!("POST / HTTP/1.1\r\nHost: {target}\r\nContent-Length: {BODY}\r\n\r\n");
+    let mut via_socks = socks_connect(socks5, None, target)
+        .await
+        .expect("socks5 connect");
+    via_socks.write_all(post.as_bytes()).await.unwrap();
+    let mut via_connect = TcpStream::connect(http).await.unwrap();
+    via_connect
+        .write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut via_connect).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    via_connect.write_all(post.as_bytes()).await.unwrap();
+    let mut via_absolute = TcpStream::connect(http).await.unwrap();
+    via_absolute
+        .write_all(
+            format!(
+                "POST http://{target}/ HTTP/1.1\r\nHost: {target}\r\nContent-Length: {BODY}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+
+    let chunk = payload(64 * 1024, 5);
+    let mut clients = [via_socks, via_connect, via_absolute];
+    for tcp in clients.iter_mut() {
+        for _ in 0..(2 * UPLOAD_SEEN as usize / chunk.len()) {
+            tcp.write_all(&chunk).await.unwrap();
+        }
+    }
+    for _ in 0..3 {
+        tokio::time::timeout(QUICK, reached.recv())
+            .await
+            .expect("every upload to reach the service")
+            .unwrap();
+    }
+    for tcp in clients {
+        tcp.set_linger(Some(Duration::ZERO)).unwrap();
+        drop(tcp);
+    }
+    for _ in 0..3 {
+        let (end, got) = tokio::time::timeout(Duration::from_secs(30), ended.recv())
+            .await
+            .expect("every upload to end at the service")
+            .unwrap();
+        eprintln!("service: {end:?} after {got} bytes");
+        assert_eq!(
+            end,
+            End::Reset,
+            "a client's reset must reach the service as a reset, not as a clean end after \
+             {got} bytes"
+        );
+        assert!(got < BODY);
+    }
 }

@@ -90,7 +90,7 @@ async fn download(
 }
 
 /// Reads an HTTP response head byte by byte (so that nothing behind it is consumed).
-async fn read_head(tcp: &mut TcpStream) -> String {
+pub(crate) async fn read_head(tcp: &mut TcpStream) -> String {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -316,7 +316,10 @@ async fn answer(ip: Ipv4Addr, ended: tokio::sync::mpsc::Sender<End>) -> SocketAd
                 let head = read_head(&mut tcp).await;
                 let length: usize = head
                     .lines()
-                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .find_map(|l| {
+                        let (name, value) = l.split_once(':')?;
+                        name.eq_ignore_ascii_case("content-length").then_some(value)
+                    })
                     .expect("a content-length")
                     .trim()
                     .parse()
@@ -381,8 +384,10 @@ async fn a_client_reset_mid_upload_reaches_the_service_as_a_reset() {
     let mut client = TcpStream::connect(http).await.unwrap();
     client
         .write_all(
-            format!("POST http://{whole}/ HTTP/1.1\r\nHost: {whole}\r\nContent-Length: 5\r\n\r\nhello")
-                .as_bytes(),
+            format!(
+                "POST http://{whole}/ HTTP/1.1\r\nHost: {whole}\r\nContent-Length: 5\r\n\r\nhello"
+            )
+            .as_bytes(),
         )
         .await
         .unwrap();
@@ -393,7 +398,11 @@ async fn a_client_reset_mid_upload_reaches_the_service_as_a_reset() {
         .await
         .expect("the whole exchange to end at the service")
         .unwrap();
-    assert_eq!(end, End::CleanEof, "a whole exchange must end cleanly upstream");
+    assert_eq!(
+        end,
+        End::CleanEof,
+        "a whole exchange must end cleanly upstream"
+    );
 
     // Each client announces far more body than it sends, so that no framing can end it cleanly.
     let post = format!("POST / HTTP/1.1\r\nHost: {target}\r\nContent-Length: {BODY}\r\n\r\n");

@@ -13,6 +13,7 @@ mod newcomer;
 mod page;
 #[path = "../process/mod.rs"]
 mod process;
+mod proxy;
 mod reload;
 mod support;
 

@@ -11,14 +11,14 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::BodyExt as _;
-use hyper::body::{Frame, SizeHint};
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use quinn::SendStream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::task::TaskTracker;
 
-use super::{lock_current, refusal, strip_hop_by_hop, text, Abort, Body, NotifyEnd};
+use super::{lock_current, refusal, strip_hop_by_hop, text, Abort, Body};
 use crate::gateway::access::Client;
 use crate::gateway::forward::{Opened, Requested, Target};
 use crate::gateway::Front;
@@ -27,7 +27,7 @@ use crate::protocol::{close, Code};
 /// Sends `request` over the opened tunnel stream and answers with the service's response.
 pub(super) async fn carry(
     opened: Opened,
-    upstream_req: Request<NotifyEnd>,
+    upstream_req: Request<Incoming>,
     client: Client,
     target: Target,
     requested: &Requested,
@@ -53,7 +53,13 @@ pub(super) async fn carry(
         None => crate::splice::Watch::new(Some(client.addr.ip())),
     });
     *lock_current(&abort.current) = Some(watch.clone());
-    let mut counted = Counted::new(tokio::io::join(recv, Sending { inner: send, shut: false }));
+    let mut counted = Counted::new(tokio::io::join(
+        recv,
+        Sending {
+            inner: send,
+            shut: false,
+        },
+    ));
     counted.watch = Some(watch.clone());
     let tracked = crate::gateway::load::relay_load().track(&relay_id, &counted.meter);
     let exchange = Arc::new(Exchange {
@@ -66,15 +72,18 @@ pub(super) async fn carry(
         meter: counted.meter.clone(),
         error: std::sync::Mutex::new(None),
     });
-    let (mut sender, conn) =
-        match hyper::client::conn::http1::handshake(TokioIo::new(counted)).await {
-            Ok(pair) => pair,
-            Err(err) => {
-                tracing::debug!(%err, "upstream handshake failed");
-                exchange.fail(err.to_string());
-                return refusal(Code::Internal, requested);
-            }
-        };
+    let (mut sender, conn) = match hyper::client::conn::http1::Builder::new()
+        .preserve_header_case(true)
+        .handshake(TokioIo::new(counted))
+        .await
+    {
+        Ok(pair) => pair,
+        Err(err) => {
+            tracing::debug!(%err, "upstream handshake failed");
+            exchange.fail(err.to_string());
+            return refusal(Code::Internal, requested);
+        }
+    };
     let upstream = exchange.clone();
     let (watching, cut) = (watch.clone(), abort.clone());
     tunnels.spawn(async move {
@@ -97,6 +106,9 @@ pub(super) async fn carry(
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
+            // An intermediary speaks its own version (RFC 9110 §2.5): an HTTP/1.0 service's answer
+            // reaches an HTTP/1.1 client as HTTP/1.1, on a connection kept for the next request.
+            parts.version = hyper::Version::HTTP_11;
             let body = Breakable {
                 inner: body,
                 exchange,
@@ -109,11 +121,22 @@ pub(super) async fn carry(
         Err(err) => {
             tracing::debug!(%err, "upstream request failed");
             exchange.fail(err.to_string());
-            text(
-                StatusCode::BAD_GATEWAY,
-                "bad gateway: the service behind the agent closed the connection",
-            )
+            text(StatusCode::BAD_GATEWAY, upstream_failure(&err))
         }
+    }
+}
+
+/// What a `502` says about an exchange whose response never came.
+fn upstream_failure(err: &hyper::Error) -> &'static str {
+    if err.is_parse_too_large() {
+        "bad gateway: the service's response head is too large (more than 100 header fields, or \
+         about 400 KiB)"
+    } else if err.is_parse() || err.is_parse_status() {
+        "bad gateway: the service's response is not valid HTTP/1.1"
+    } else if err.is_timeout() {
+        "bad gateway: the service's response head did not arrive in time"
+    } else {
+        "bad gateway: the service behind the agent closed the connection"
     }
 }
 
@@ -183,7 +206,6 @@ impl<S> Counted<S> {
     }
 }
 
-
 impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -221,7 +243,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
-
 
 /// One absolute-form request carried through a tunnel, logged once both its upstream connection
 /// and the response body handed to the client are done (whichever ends last drops the last
@@ -322,4 +343,3 @@ where
         self.inner.size_hint()
     }
 }
-

@@ -16,16 +16,14 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 
 use base64::Engine as _;
 use bytes::{Bytes, BytesMut};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt as _, Full};
-use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use hyper::body::{Body as _, Incoming};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -75,7 +73,14 @@ pub async fn serve<S: ClientStream>(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(gateway.config.handshake_timeout)
-        .max_buf_size(gateway.config.max_header_bytes);
+        .max_buf_size(gateway.config.max_header_bytes)
+        // A client may shut its sending side once its request is out and wait for the answer
+        // (`nc -N`, `printf … | socat`): without this hyper took the EOF for the client leaving
+        // and dropped the response, after the request had already gone to the service.
+        .half_close(true)
+        // Header names reach the service as the client wrote them, and the client's as the
+        // service wrote them: legacy services match names case-sensitively more often than not.
+        .preserve_header_case(true);
     let service = {
         let gateway = gateway.clone();
         let tunnels = tunnels.clone();
@@ -133,19 +138,22 @@ async fn handle<S: ClientStream>(
     }
     let has_body = !req.body().is_end_stream();
     let is_connect = req.method() == Method::CONNECT;
-    let body_read = Arc::new(AtomicBool::new(false));
+    let body_taken = AtomicBool::new(false);
     let resp = match credentials(&gateway, &req, addr) {
         Err(resp) => resp,
         Ok(client) if is_connect => connect::<S>(gateway, req, client, &tunnels).await,
-        Ok(client) => forward(gateway, req, client, body_read.clone(), &tunnels, abort).await,
+        Ok(client) => forward(gateway, req, client, &body_taken, &tunnels, abort).await,
     };
     if is_connect {
         // Before hyper writes the answer: a tunnel's first bytes may follow the head at once.
         lock(framer).connect_outcome(resp.status().is_success());
     }
     // A body left unread (a refusal) would have to be drained to reach the next request; closing
-    // is simpler and keeps the client from streaming it for nothing.
-    if has_body && !body_read.load(Ordering::Acquire) {
+    // is simpler and keeps the client from streaming it for nothing. A body an exchange took is
+    // the exchange's: a service may answer before it has read all of it (RFC 9112 §9.3), and the
+    // upload goes on; hyper reads it to its end before the next request, or, if the exchange drops
+    // it, drains it or closes the connection.
+    if has_body && !body_taken.load(Ordering::Acquire) {
         return closing(resp);
     }
     resp
@@ -277,7 +285,7 @@ async fn forward(
     gateway: Arc<Gateway>,
     req: Request<Incoming>,
     client: Client,
-    body_read: Arc<AtomicBool>,
+    body_taken: &AtomicBool,
     tunnels: &TaskTracker,
     abort: Abort,
 ) -> Response<Body> {
@@ -321,12 +329,18 @@ async fn forward(
         .build()
         .unwrap_or_else(|_| Uri::from_static("/"));
     parts.version = hyper::Version::HTTP_11;
-    let body = NotifyEnd {
-        read: body_read,
-        inner: body,
-    };
     let upstream_req = Request::from_parts(parts, body);
-    exchange::carry(opened, upstream_req, client, target, &requested, tunnels, abort).await
+    body_taken.store(true, Ordering::Release);
+    exchange::carry(
+        opened,
+        upstream_req,
+        client,
+        target,
+        &requested,
+        tunnels,
+        abort,
+    )
+    .await
 }
 
 /// A host and port from a request → what to route.
@@ -416,37 +430,6 @@ fn refusal(code: Code, requested: &Requested) -> Response<Body> {
         other => format!("{requested}: {}", other.describe()),
     };
     text(status, &message)
-}
-
-/// A request body that records when it has been read to the end.
-struct NotifyEnd {
-    inner: Incoming,
-    read: Arc<AtomicBool>,
-}
-
-impl hyper::body::Body for NotifyEnd {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let poll = Pin::new(&mut this.inner).poll_frame(cx);
-        if matches!(poll, Poll::Ready(None)) || this.inner.is_end_stream() {
-            this.read.store(true, Ordering::Release);
-        }
-        poll
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
 }
 
 /// The watch of the exchange a client connection is answering (HTTP/1: one at a time), shared by

@@ -1,0 +1,284 @@
+//! The HTTP proxy as clients and services use it, against the real binary: a client that shuts
+//! its sending side after its request still gets the answer; a service that answers before it has
+//! read an upload still gets all of it, byte-exact, and the client's connection stays open; an
+//! HTTP/1.0 service's answer reaches the client as HTTP/1.1 on a kept connection; header names
+//! keep their case both ways; a response head with too many fields is a `502` that says so.
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::broken::read_head;
+use crate::process::*;
+use crate::support::*;
+
+/// Runs `answer` for every connection accepted on a fresh port of `ip`.
+async fn service<F, Fut>(ip: Ipv4Addr, answer: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind((ip, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(answer(tcp));
+        }
+    });
+    addr
+}
+
+/// A request head, or `None` once the connection ends.
+async fn request_head(tcp: &mut TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if tcp.read(&mut byte).await.ok()? == 0 {
+            return None;
+        }
+        head.push(byte[0]);
+    }
+    Some(String::from_utf8_lossy(&head).to_string())
+}
+
+/// The value of header `name` (any case) in `head`.
+fn header(head: &str, name: &str) -> Option<String> {
+    head.lines().find_map(|line| {
+        let (n, v) = line.split_once(':')?;
+        n.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+    })
+}
+
+/// Reads one response (head and `Content-Length` body) from `tcp`.
+async fn response(tcp: &mut TcpStream) -> (String, Vec<u8>) {
+    let head = tokio::time::timeout(QUICK, read_head(tcp))
+        .await
+        .expect("a response head");
+    let length: usize = header(&head, "content-length")
+        .unwrap_or_else(|| panic!("no content-length: {head}"))
+        .parse()
+        .unwrap();
+    let mut body = vec![0u8; length];
+    tokio::time::timeout(QUICK, tcp.read_exact(&mut body))
+        .await
+        .expect("a response body")
+        .unwrap();
+    (head, body)
+}
+
+const UPLOAD: usize = 20 * 1024 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_proxy_keeps_what_clients_and_services_rely_on() {
+    let w = Workdir::new("proxy");
+    let ip = Ipv4Addr::new(127, 82, 0, 1);
+    let text = server_toml(&w, 82, &[], "1s").replace(
+        "socks5 = \"127.0.0.1:0\"",
+        "socks5 = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"",
+    );
+    let config = w.write("server.toml", &text);
+    let (_server, line) =
+        Proc::postern("server", "server", &config, &[], &w.path("server.log")).await;
+    let (http, admin) = (ready_addr(&line, "http"), ready_addr(&line, "admin"));
+
+    // Reads a request and its `Content-Length` body, answers `200 ok` echoing the head it got.
+    let whole = service(ip, |mut tcp| async move {
+        while let Some(head) = request_head(&mut tcp).await {
+            let length: usize = header(&head, "content-length").map_or(0, |v| v.parse().unwrap());
+            let mut body = vec![0u8; length];
+            tcp.read_exact(&mut body).await.unwrap();
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\nX-Reply-Case: kept\r\nContent-Length: {}\r\n\r\n{head}",
+                head.len()
+            );
+            if tcp.write_all(answer.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    // Answers at once, then reads the whole upload and reports its digest.
+    let (digest_tx, mut digest) = tokio::sync::mpsc::channel(1);
+    let early = service(ip, move |mut tcp| {
+        let digest_tx = digest_tx.clone();
+        async move {
+            let Some(head) = request_head(&mut tcp).await else {
+                return;
+            };
+            let length: usize = header(&head, "content-length").unwrap().parse().unwrap();
+            tcp.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nearly\n")
+                .await
+                .unwrap();
+            let mut body = vec![0u8; length];
+            let got = tcp.read_exact(&mut body).await.map(|_| sha256(&body));
+            let _ = digest_tx.send(got.map_err(|e| e.to_string())).await;
+        }
+    })
+    .await;
+    // An HTTP/1.0 service.
+    let old = service(ip, |mut tcp| async move {
+        request_head(&mut tcp).await;
+        let _ = tcp
+            .write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nold")
+            .await;
+    })
+    .await;
+    // A response head with 101 fields.
+    let crowded = service(ip, |mut tcp| async move {
+        request_head(&mut tcp).await;
+        let mut answer = String::from("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n");
+        for i in 0..100 {
+            answer.push_str(&format!("Set-Cookie: c{i}=v\r\n"));
+        }
+        answer.push_str("\r\nok");
+        let _ = tcp.write_all(answer.as_bytes()).await;
+    })
+    .await;
+
+    let ports: Vec<u16> = [whole, early, old, crowded]
+        .iter()
+        .map(|a| a.port())
+        .collect();
+    let agent_config = w.write(
+        "agent.toml",
+        &agent_toml(
+            &w,
+            "agent-proxy",
+            &[ready_addr(&line, "relay")],
+            ip,
+            &ports,
+            1,
+            "1s",
+        ),
+    );
+    let (_agent, _) =
+        Proc::postern("agent", "agent", &agent_config, &[], &w.path("agent.log")).await;
+    wait_route(admin, ip).await;
+
+    // 1. The request, then the client's FIN: the answer still comes, whole.
+    let mut tcp = TcpStream::connect(http).await.unwrap();
+    tcp.write_all(
+        format!(
+            "POST http://{whole}/half HTTP/1.1\r\nHost: {whole}\r\nContent-Length: 3\r\n\r\nabc"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    tcp.shutdown().await.unwrap();
+    let (head, body) = response(&mut tcp).await;
+    assert!(
+        head.starts_with("HTTP/1.1 200"),
+        "half-closed client: {head}"
+    );
+    assert!(
+        String::from_utf8_lossy(&body).starts_with("POST /half HTTP/1.1"),
+        "{body:?}"
+    );
+
+    // 2. Header names keep their case both ways.
+    let mut tcp = TcpStream::connect(http).await.unwrap();
+    tcp.write_all(
+        format!("GET http://{whole}/case HTTP/1.1\r\nHost: {whole}\r\nX-Legacy-Token: abc\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let (head, body) = response(&mut tcp).await;
+    let seen = String::from_utf8_lossy(&body);
+    assert!(
+        seen.contains("\r\nX-Legacy-Token: abc\r\n"),
+        "the service saw: {seen}"
+    );
+    assert!(
+        head.contains("\r\nX-Reply-Case: kept\r\n"),
+        "the client saw: {head}"
+    );
+
+    // 3. An HTTP/1.0 service's answer, as HTTP/1.1 on a connection that serves the next request.
+    tcp.write_all(format!("GET http://{old}/ HTTP/1.1\r\nHost: {old}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let (head, body) = response(&mut tcp).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, b"old");
+    tcp.write_all(format!("GET http://{whole}/next HTTP/1.1\r\nHost: {whole}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let (head, _) = response(&mut tcp).await;
+    assert!(
+        head.starts_with("HTTP/1.1 200"),
+        "after an HTTP/1.0 answer: {head}"
+    );
+
+    // 4. Too many header fields in a response: a 502 that says so.
+    tcp.write_all(format!("GET http://{crowded}/ HTTP/1.1\r\nHost: {crowded}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let (head, body) = response(&mut tcp).await;
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+    assert!(
+        String::from_utf8_lossy(&body).contains("more than 100 header fields"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+
+    // 5. An answer before the upload is read: the upload goes on to its end, byte-exact, and the
+    // connection serves the next request.
+    let upload = payload(UPLOAD, 82);
+    let mut tcp = TcpStream::connect(http).await.unwrap();
+    tcp.write_all(
+        format!(
+            "POST http://{early}/ HTTP/1.1\r\nHost: {early}\r\nContent-Length: {UPLOAD}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let (mut read, mut write) = tcp.into_split();
+    let sending = tokio::spawn(async move {
+        write.write_all(&upload).await.unwrap();
+        write
+    });
+    let head = tokio::time::timeout(QUICK, async {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            read.read_exact(&mut byte).await.unwrap();
+            head.push(byte[0]);
+        }
+        String::from_utf8_lossy(&head).to_string()
+    })
+    .await
+    .expect("the early answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        header(&head, "connection").is_none(),
+        "an early answer must not close the connection: {head}"
+    );
+    let mut early_body = [0u8; 6];
+    read.read_exact(&mut early_body).await.unwrap();
+    assert_eq!(&early_body, b"early\n");
+    let mut write = tokio::time::timeout(QUICK, sending)
+        .await
+        .expect("the upload to go through")
+        .unwrap();
+    let got = tokio::time::timeout(QUICK, digest.recv())
+        .await
+        .expect("the service to read the upload")
+        .unwrap();
+    assert_eq!(
+        got,
+        Ok(sha256(&payload(UPLOAD, 82))),
+        "the service's copy of the upload"
+    );
+    write
+        .write_all(format!("GET http://{whole}/after HTTP/1.1\r\nHost: {whole}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut tcp = read.reunite(write).unwrap();
+    let (head, body) = response(&mut tcp).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "after the upload: {head}");
+    assert!(String::from_utf8_lossy(&body).starts_with("GET /after HTTP/1.1"));
+}

@@ -335,6 +335,22 @@ fn log_refused(front: Front, client: &Client, requested: &Requested, error: &Ope
         reason = code.describe(), cause = error.cause.label(), attempts = error.attempts, "refused");
 }
 
+/// The access log line and count for a client that left while its connection was being opened
+/// (`result=aborted`, the `error` saying so): nothing moved, and no owner answered yet.
+fn log_left(front: Front, client: &Client, requested: &Requested, started: Instant, why: &str) {
+    crate::metrics::metrics()
+        .client_connections
+        .get_or_create(&crate::metrics::FrontResult {
+            front: front.as_str(),
+            result: "aborted",
+        })
+        .inc();
+    tracing::info!(target: "postern::access", client = %client.addr, user = client.user.as_deref().unwrap_or("-"),
+        front = front.as_str(), target = %requested, namespace = %client.namespace, agent_id = "-",
+        relay_id = "-", bytes_up = 0u64, bytes_down = 0u64,
+        duration_ms = started.elapsed().as_millis() as u64, result = "aborted", error = why, "connection");
+}
+
 /// The access log line and count for a client turned away before it named a target: a wrong or
 /// missing password (`unauthorized`), a client address outside the allowlist (`not_allowed`).
 /// `user` is the login the client offered, if any.

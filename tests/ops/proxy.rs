@@ -1,5 +1,7 @@
-//! The HTTP proxy as clients and services use it, against the real binary: a client that shuts
-//! its sending side after its request still gets the answer; a service that answers before it has
+//! The HTTP proxy as clients and services use it, against the real binary: a client that leaves
+//! (or shuts its sending side, as nginx and squid take it by default) before its answer, or in
+//! the middle of it, cancels the exchange: the service sees a reset and the access log says
+//! `aborted` and why; a service that answers before it has
 //! read an upload still gets all of it, byte-exact, and the client's connection stays open; an
 //! HTTP/1.0 service's answer reaches the client as HTTP/1.1 on a kept connection; header names
 //! keep their case both ways; a response head with too many fields is a `502` that says so.
@@ -69,6 +71,53 @@ async fn response(tcp: &mut TcpStream) -> (String, Vec<u8>) {
 
 const UPLOAD: usize = 20 * 1024 * 1024;
 
+/// A service that never answers: its address, a channel told when a request's bytes arrive, and
+/// one told how each connection ended (`eof` or the error kind).
+async fn silent(
+    ip: Ipv4Addr,
+) -> (
+    SocketAddr,
+    tokio::sync::mpsc::Receiver<()>,
+    tokio::sync::mpsc::Receiver<String>,
+) {
+    let (got_tx, got) = tokio::sync::mpsc::channel(1);
+    let (left_tx, left) = tokio::sync::mpsc::channel(1);
+    let addr = service(ip, move |mut tcp| {
+        let (got_tx, left_tx) = (got_tx.clone(), left_tx.clone());
+        async move {
+            let mut rest = vec![0u8; 64 * 1024];
+            let end = loop {
+                match tcp.read(&mut rest).await {
+                    Ok(0) => break "eof".to_string(),
+                    Ok(_) => {
+                        let _ = got_tx.try_send(());
+                    }
+                    Err(e) => break format!("{:?}", e.kind()),
+                }
+            };
+            let _ = left_tx.send(end).await;
+        }
+    })
+    .await;
+    (addr, got, left)
+}
+
+/// Waits for the access-log line of an exchange with `target`: `aborted`, its error `why`.
+async fn wait_aborted(w: &Workdir, target: SocketAddr, why: &str) {
+    let line = wait_for(QUICK, "the exchange's access-log line", || async {
+        w.log("server.log")
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| {
+                v["target"] == "postern::access"
+                    && v["fields"]["target"] == target.to_string().as_str()
+            })
+    })
+    .await;
+    assert_eq!(line["fields"]["result"], "aborted", "{line}");
+    assert_eq!(line["fields"]["error"], why, "{line}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_http_proxy_keeps_what_clients_and_services_rely_on() {
     let w = Workdir::new("proxy");
@@ -78,8 +127,14 @@ async fn the_http_proxy_keeps_what_clients_and_services_rely_on() {
         "socks5 = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"",
     );
     let config = w.write("server.toml", &text);
-    let (_server, line) =
-        Proc::postern("server", "server", &config, &[], &w.path("server.log")).await;
+    let (_server, line) = Proc::postern(
+        "server",
+        "server",
+        &config,
+        &["--log-format", "json"],
+        &w.path("server.log"),
+    )
+    .await;
     let (http, admin) = (ready_addr(&line, "http"), ready_addr(&line, "admin"));
 
     // Reads a request and its `Content-Length` body, answers `200 ok` echoing the head it got.
@@ -116,6 +171,20 @@ async fn the_http_proxy_keeps_what_clients_and_services_rely_on() {
         }
     })
     .await;
+    let (at_once, _, _) = silent(ip).await;
+    let (later, mut got, mut left) = silent(ip).await;
+    // Answers with a body far larger than anyone reads; says how writing it ended.
+    let big = service(ip, move |mut tcp| async move {
+        request_head(&mut tcp).await;
+        let _ = tcp
+            .write_all(
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", 1u64 << 34).as_bytes(),
+            )
+            .await;
+        let chunk = vec![7u8; 64 * 1024];
+        while tcp.write_all(&chunk).await.is_ok() {}
+    })
+    .await;
     // An HTTP/1.0 service.
     let old = service(ip, |mut tcp| async move {
         request_head(&mut tcp).await;
@@ -136,7 +205,7 @@ async fn the_http_proxy_keeps_what_clients_and_services_rely_on() {
     })
     .await;
 
-    let ports: Vec<u16> = [whole, early, old, crowded]
+    let ports: Vec<u16> = [whole, early, old, crowded, at_once, later, big]
         .iter()
         .map(|a| a.port())
         .collect();
@@ -156,26 +225,49 @@ async fn the_http_proxy_keeps_what_clients_and_services_rely_on() {
         Proc::postern("agent", "agent", &agent_config, &[], &w.path("agent.log")).await;
     wait_route(admin, ip).await;
 
-    // 1. The request, then the client's FIN: the answer still comes, whole.
-    let mut tcp = TcpStream::connect(http).await.unwrap();
-    tcp.write_all(
-        format!(
-            "POST http://{whole}/half HTTP/1.1\r\nHost: {whole}\r\nContent-Length: 3\r\n\r\nabc"
+    // 1. A client that shuts its sending side while its request waits for an answer has left, as
+    // a client that closes does: the service's connection is reset, the log says why. At once
+    // (while the stream is being opened), and once the service has the request.
+    for (target, wait_for_service) in [(at_once, false), (later, true)] {
+        let mut tcp = TcpStream::connect(http).await.unwrap();
+        tcp.write_all(
+            format!("GET http://{target}/ HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes(),
         )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    tcp.shutdown().await.unwrap();
-    let (head, body) = response(&mut tcp).await;
-    assert!(
-        head.starts_with("HTTP/1.1 200"),
-        "half-closed client: {head}"
-    );
-    assert!(
-        String::from_utf8_lossy(&body).starts_with("POST /half HTTP/1.1"),
-        "{body:?}"
-    );
+        .await
+        .unwrap();
+        if wait_for_service {
+            tokio::time::timeout(QUICK, got.recv())
+                .await
+                .expect("the request to reach the service");
+        }
+        tcp.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(QUICK, tcp.read_to_end(&mut rest)).await;
+        assert!(
+            rest.is_empty(),
+            "no answer: {:?}",
+            String::from_utf8_lossy(&rest)
+        );
+        wait_aborted(&w, target, "the client left before the answer").await;
+    }
+    let end = tokio::time::timeout(QUICK, left.recv())
+        .await
+        .expect("the service's connection to end")
+        .unwrap();
+    assert_eq!(end, "ConnectionReset", "the service's connection");
+
+    // A client that closes in the middle of a response: the same.
+    let mut tcp = TcpStream::connect(http).await.unwrap();
+    tcp.write_all(format!("GET http://{big}/ HTTP/1.1\r\nHost: {big}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut part = vec![0u8; 1024 * 1024];
+    tokio::time::timeout(QUICK, tcp.read_exact(&mut part))
+        .await
+        .expect("a first MiB")
+        .unwrap();
+    drop(tcp);
+    wait_aborted(&w, big, "the client left before the response ended").await;
 
     // 2. Header names keep their case both ways.
     let mut tcp = TcpStream::connect(http).await.unwrap();

@@ -11,11 +11,12 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::BodyExt as _;
-use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use quinn::SendStream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{lock_current, refusal, strip_hop_by_hop, text, Abort, Body};
@@ -71,6 +72,7 @@ pub(super) async fn carry(
         started: Instant::now(),
         meter: counted.meter.clone(),
         error: std::sync::Mutex::new(None),
+        left: CancellationToken::new(),
     });
     let (mut sender, conn) = match hyper::client::conn::http1::Builder::new()
         .preserve_header_case(true)
@@ -88,6 +90,11 @@ pub(super) async fn carry(
     let (watching, cut) = (watch.clone(), abort.clone());
     tunnels.spawn(async move {
         tokio::select! {
+            // First: once the client has left, hyper's connection must not get to close the
+            // stream cleanly (its request gone, it would shut its side down).
+            biased;
+            // Dropped unfinished, the stream is reset: the service sees the client leave.
+            _ = upstream.left.cancelled() => {}
             ended = conn => if let Err(err) = ended {
                 upstream.fail(err.to_string());
             },
@@ -102,7 +109,13 @@ pub(super) async fn carry(
         watching.finish();
         drop(guard);
     });
-    match sender.send_request(upstream_req).await {
+    // hyper drops this future when the client's connection ends first (a FIN counts: as with
+    // nginx and squid by default, a client that stops sending while its request is in flight has
+    // left); the upstream connection is then dropped, which resets the stream.
+    let waiting = Unanswered(Some(exchange.clone()));
+    let answer = sender.send_request(upstream_req).await;
+    waiting.answered();
+    match answer {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
@@ -110,6 +123,7 @@ pub(super) async fn carry(
             // reaches an HTTP/1.1 client as HTTP/1.1, on a connection kept for the next request.
             parts.version = hyper::Version::HTTP_11;
             let body = Breakable {
+                ended: body.is_end_stream(),
                 inner: body,
                 exchange,
                 abort,
@@ -122,6 +136,26 @@ pub(super) async fn carry(
             tracing::debug!(%err, "upstream request failed");
             exchange.fail(err.to_string());
             text(StatusCode::BAD_GATEWAY, upstream_failure(&err))
+        }
+    }
+}
+
+/// Why an exchange, or an open, ended when hyper dropped the request's future.
+pub(super) const LEFT_BEFORE_ANSWER: &str = "the client left before the answer";
+
+/// Marks its exchange failed unless it was answered: dropped with the request's future.
+struct Unanswered(Option<Arc<Exchange>>);
+
+impl Unanswered {
+    fn answered(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(exchange) = self.0.take() {
+            exchange.left(LEFT_BEFORE_ANSWER);
         }
     }
 }
@@ -259,9 +293,17 @@ struct Exchange {
     meter: Arc<crate::splice::Progress>,
     /// The first failure seen on either side.
     error: std::sync::Mutex<Option<String>>,
+    /// Cancelled when the client left: the upstream connection is dropped, resetting the stream.
+    left: CancellationToken,
 }
 
 impl Exchange {
+    /// The client left before the exchange ended: it fails, and the service's connection is reset.
+    fn left(&self, why: &str) {
+        self.fail(why.to_string());
+        self.left.cancel();
+    }
+
     fn fail(&self, why: String) {
         let mut error = self.error.lock().unwrap_or_else(|e| e.into_inner());
         error.get_or_insert(why);
@@ -302,6 +344,17 @@ struct Breakable<B> {
     /// (it asks once it has room, i.e. once the client has read enough).
     watch: Arc<crate::splice::Watch>,
     handed: bool,
+    /// The whole body went to hyper; dropped before that, the client left mid-response.
+    ended: bool,
+}
+
+impl<B> Drop for Breakable<B> {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.exchange
+                .left("the client left before the response ended");
+        }
+    }
 }
 
 impl<B> hyper::body::Body for Breakable<B>
@@ -324,13 +377,15 @@ where
             Poll::Ready(Some(Ok(_))) => {
                 this.watch.waiting(crate::splice::DOWN);
                 this.handed = true;
+                this.ended = this.inner.is_end_stream();
             }
             Poll::Ready(Some(Err(err))) => {
                 this.exchange
                     .fail(format!("the response body broke off: {err}"));
                 this.abort.request();
             }
-            Poll::Ready(None) | Poll::Pending => {}
+            Poll::Ready(None) => this.ended = true,
+            Poll::Pending => {}
         }
         poll
     }

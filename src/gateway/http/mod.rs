@@ -36,7 +36,7 @@ mod framing;
 use framing::{lock, Framer, Strict};
 
 use super::access::Client;
-use super::forward::Requested;
+use super::forward::{Opened, Requested};
 use super::socks::ClientStream;
 use super::{Front, Gateway};
 use crate::protocol::Code;
@@ -74,10 +74,6 @@ pub async fn serve<S: ClientStream>(
         .timer(TokioTimer::new())
         .header_read_timeout(gateway.config.handshake_timeout)
         .max_buf_size(gateway.config.max_header_bytes)
-        // A client may shut its sending side once its request is out and wait for the answer
-        // (`nc -N`, `printf … | socat`): without this hyper took the EOF for the client leaving
-        // and dropped the response, after the request had already gone to the service.
-        .half_close(true)
         // Header names reach the service as the client wrote them, and the client's as the
         // service wrote them: legacy services match names case-sensitively more often than not.
         .preserve_header_case(true);
@@ -239,12 +235,9 @@ async fn connect<S: ClientStream>(
             "bad request: CONNECT needs host:port",
         );
     };
-    let (target, opened) = match gateway.connect(&client, &requested).await {
+    let (target, opened) = match open(&gateway, &client, &requested).await {
         Ok(ok) => ok,
-        Err(err) => {
-            super::log_refused(Front::Http, &client, &requested, &err);
-            return refusal(err.code(), &requested);
-        }
+        Err(refused) => return refused,
     };
     tunnels.spawn(async move {
         let upgraded = match hyper::upgrade::on(req).await {
@@ -306,12 +299,9 @@ async fn forward(
     else {
         return text(StatusCode::BAD_REQUEST, "bad request: invalid host");
     };
-    let (target, opened) = match gateway.connect(&client, &requested).await {
+    let (target, opened) = match open(&gateway, &client, &requested).await {
         Ok(ok) => ok,
-        Err(err) => {
-            super::log_refused(Front::Http, &client, &requested, &err);
-            return refusal(err.code(), &requested);
-        }
+        Err(refused) => return refused,
     };
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -341,6 +331,50 @@ async fn forward(
         abort,
     )
     .await
+}
+
+/// Opens the tunnel stream for a request, or answers its refusal (logged and counted). A client
+/// whose connection ends while the open runs (hyper then drops this future) is logged and counted
+/// too: it left before the answer.
+async fn open(
+    gateway: &Gateway,
+    client: &Client,
+    requested: &Requested,
+) -> Result<(super::forward::Target, Opened), Response<Body>> {
+    let mut waiting = Opening {
+        client,
+        requested,
+        started: std::time::Instant::now(),
+        done: false,
+    };
+    let result = gateway.connect(client, requested).await;
+    waiting.done = true;
+    result.map_err(|err| {
+        super::log_refused(Front::Http, client, requested, &err);
+        refusal(err.code(), requested)
+    })
+}
+
+/// An open in progress: dropped before it finished, the client left.
+struct Opening<'a> {
+    client: &'a Client,
+    requested: &'a Requested,
+    started: std::time::Instant,
+    done: bool,
+}
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            super::log_left(
+                Front::Http,
+                self.client,
+                self.requested,
+                self.started,
+                exchange::LEFT_BEFORE_ANSWER,
+            );
+        }
+    }
 }
 
 /// A host and port from a request → what to route.

@@ -847,6 +847,9 @@ async fn socks5_password_auth() {
             Auth::Password("alice", "wrong"),
             Auth::Password("mallory", "correct horse"),
             Auth::Password("alice", "correct hors"),
+            // An empty name or password gets its RFC 1929 status too.
+            Auth::Password("alice", ""),
+            Auth::Password("", "correct horse"),
         ] {
             match within(IO, "connect", socks5_connect(server.socks5, &dest, auth)).await {
                 Err(SocksError::AuthFailed(status)) => assert_ne!(status, 0),
@@ -873,7 +876,9 @@ async fn socks5_password_auth() {
 }
 
 /// Without configured users, a client that offers username/password as well as "no auth" (curl
-/// and PySocks do when given credentials) is served without authentication.
+/// and PySocks do when given credentials) is asked for its login, so that `any@namespace` picks
+/// its namespace, and any password is accepted, an empty one included; a client that offers only
+/// "no auth" is served without one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socks5_without_users_serves_clients_offering_password_too() {
     init();
@@ -884,13 +889,27 @@ async fn socks5_without_users_serves_clients_offering_password_too() {
         let _agent = server
             .start_agent("open", &[ip], &[service.addr.port()])
             .await;
-        let got = http_get(
-            server.socks5,
-            &Dest::Ip(service.addr),
+        for auth in [
             Auth::Either("bob", "pw"),
+            Auth::Either("", ""),
+            Auth::Password("bob@default", ""),
+            Auth::None,
+        ] {
+            let got = http_get(server.socks5, &Dest::Ip(service.addr), auth).await;
+            assert_eq!(got, http_response(service.addr), "{auth:?}");
+        }
+        // The login was read: another namespace holds no agent at this address.
+        let mut tcp = TcpStream::connect(server.socks5).await.unwrap();
+        let refused = socks5_handshake(
+            &mut tcp,
+            &Dest::Ip(service.addr),
+            Auth::Either("bob@elsewhere", "pw"),
         )
         .await;
-        assert_eq!(got, http_response(service.addr));
+        assert!(
+            matches!(refused, Err(SocksError::Reply(0x04))),
+            "{refused:?}"
+        );
     })
     .await;
 }

@@ -45,6 +45,9 @@ pub struct Opened {
     pub agent_id: Arc<str>,
     /// Set when the local relay carries the stream: counts it as in flight for its drain.
     pub guard: Option<InFlight>,
+    /// Bytes the client sent right behind its request, read with it: they go first, counted as
+    /// the client's bytes up.
+    pub early: bytes::Bytes,
 }
 
 pub struct Forwarder {
@@ -167,6 +170,7 @@ impl Forwarder {
                     relay_id: local.id().into(),
                     agent_id: "".into(),
                     guard: Some(opened.guard),
+                    early: bytes::Bytes::new(),
                 });
             }
             return Err(OpenError::before_open(Code::NoRoute));
@@ -205,6 +209,7 @@ impl Forwarder {
             relay_id: owner.relay_id,
             agent_id: owner.agent_id,
             guard,
+            early: bytes::Bytes::new(),
         })
     }
 }

@@ -315,7 +315,13 @@ pub(crate) fn client_meter() -> crate::splice::Progress {
 /// code the client was answered with, `cause` what the failover saw (see [`failover::Cause`]),
 /// and `relay_id`/`session_id`/`agent_id` the owner that failed last (`-` when no owner was
 /// tried), with the number of `attempts`.
-fn log_refused(front: Front, client: &Client, requested: &Requested, error: &OpenError) {
+fn log_refused(
+    front: Front,
+    client: &Client,
+    requested: &Requested,
+    started: Instant,
+    error: &OpenError,
+) {
     let code = error.code();
     let (relay_id, session_id, agent_id) = match &error.owner {
         Some(o) => (&*o.relay_id, o.session_id.to_string(), &*o.agent_id),
@@ -331,7 +337,8 @@ fn log_refused(front: Front, client: &Client, requested: &Requested, error: &Ope
     // The same fields as a carried connection's line, so one parser reads both.
     tracing::info!(target: "postern::access", client = %client.addr, user = client.user.as_deref().unwrap_or("-"),
         front = front.as_str(), target = %requested, namespace = %client.namespace, agent_id, relay_id,
-        session_id, bytes_up = 0u64, bytes_down = 0u64, duration_ms = 0u64, result = crate::metrics::code_label(code),
+        session_id, bytes_up = 0u64, bytes_down = 0u64, duration_ms = started.elapsed().as_millis() as u64,
+        result = crate::metrics::code_label(code),
         reason = code.describe(), cause = error.cause.label(), attempts = error.attempts, "refused");
 }
 
@@ -382,15 +389,27 @@ async fn carry_with<F, Fut>(
 {
     let started = Instant::now();
     let Opened {
-        send,
+        mut send,
         recv,
         guard,
         relay_id,
         agent_id,
+        early,
     } = opened;
     let meter = Arc::new(client_meter().for_client(client.addr.ip()));
     let tracked = load::relay_load().track(&relay_id, &meter);
+    let wrote = if early.is_empty() {
+        Ok(())
+    } else {
+        send.write_all(&early)
+            .await
+            .map(|()| meter.add_up(early.len() as u64))
+            .map_err(std::io::Error::from)
+    };
+    // Spliced even when the early bytes could not go: the splice then ends the client's
+    // connection as a broken transfer (with a reset), not with a FIN.
     let result = splice(send, recv, meter.clone()).await.map(|_| ());
+    let result = wrote.and(result);
     drop(tracked);
     drop(guard);
     log_connection(

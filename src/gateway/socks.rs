@@ -5,13 +5,10 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use fast_socks5::server::{
-    AuthMethodSuccessState as _, NoAuthentication, PasswordAuthentication, Socks5ServerProtocol,
-    StandardAuthentication, StandardAuthenticationStarted,
-};
+use fast_socks5::server::Socks5ServerProtocol;
 use fast_socks5::util::target_addr::TargetAddr;
 use fast_socks5::{ReplyError, Socks5Command};
-use tokio::io::{AsyncRead, AsyncWrite, DuplexStream};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, DuplexStream};
 use tokio::net::TcpStream;
 
 use super::access::Client;
@@ -115,10 +112,11 @@ pub async fn serve<S: ClientStream>(gateway: Arc<Gateway>, stream: S, addr: Sock
         TargetAddr::Ip(addr) => Requested::Ip(addr),
         TargetAddr::Domain(name, port) => Requested::Name(name, port),
     };
+    let started = std::time::Instant::now();
     let (target, opened) = match gateway.connect(&client, &requested).await {
         Ok(ok) => ok,
         Err(err) => {
-            super::log_refused(Front::Socks5, &client, &requested, &err);
+            super::log_refused(Front::Socks5, &client, &requested, started, &err);
             let _ = proto.reply_error(&reply_for(err.code())).await;
             return;
         }
@@ -135,13 +133,9 @@ pub async fn serve<S: ClientStream>(gateway: Arc<Gateway>, stream: S, addr: Sock
         }
     };
     // Bytes the client sent right behind its request are already in the buffer: they go first.
-    let early = buffered.buffer().to_vec();
-    let stream = buffered.into_inner();
     let mut opened = opened;
-    if !early.is_empty() && opened.send.write_all(&early).await.is_err() {
-        tracing::debug!(client = %addr, "tunnel stream closed before the client's first bytes");
-        return;
-    }
+    opened.early = bytes::Bytes::copy_from_slice(buffered.buffer());
+    let stream = buffered.into_inner();
     stream.carry(Front::Socks5, client, target, opened).await;
 }
 
@@ -156,71 +150,103 @@ enum Failed {
     Protocol(String),
 }
 
-/// Negotiates authentication. With users configured only username/password is offered. Without,
-/// no-auth is preferred, and a client that offers only username/password (to pick a namespace as
-/// `any@namespace`) is accepted with any password.
+/// Authentication methods (RFC 1928 §3).
+const NO_AUTHENTICATION: u8 = 0x00;
+const USERNAME_PASSWORD: u8 = 0x02;
+const NO_ACCEPTABLE_METHOD: u8 = 0xff;
+/// The username/password sub-negotiation (RFC 1929): its version, and its status bytes.
+const SUBNEGOTIATION: u8 = 0x01;
+const ACCEPTED: u8 = 0x00;
+const REJECTED: u8 = 0x01;
+
+/// Negotiates authentication, here rather than in fast-socks5 so that every login gets its RFC
+/// 1929 status (fast-socks5 closes without one on an empty or non-UTF-8 name or password) and so
+/// that the method follows what the client offers. A client that offers username/password has a
+/// login to give, and picks its namespace with it (`any@namespace`): it is asked for it, users or
+/// not; with users configured nothing else is accepted. A client that offers only no-auth gets it
+/// when there are no users. Without users any password is accepted, an empty one included.
 async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     gateway: &Gateway,
-    stream: S,
+    mut stream: S,
     addr: SocketAddr,
 ) -> Result<(Authenticated<S>, Client), Failed> {
+    let protocol = |e: std::io::Error| Failed::Protocol(e.to_string());
     let requires_password = gateway.access.requires_password();
-    let methods: &[StandardAuthentication] = if requires_password {
-        &[StandardAuthentication::PasswordAuthentication(
-            PasswordAuthentication,
-        )]
+    let mut head = [0u8; 2];
+    stream.read_exact(&mut head).await.map_err(protocol)?;
+    let [version, count] = head;
+    if version != 0x05 {
+        return Err(Failed::Protocol(format!("not SOCKS5 (version {version})")));
+    }
+    let mut offered = vec![0u8; usize::from(count)];
+    stream.read_exact(&mut offered).await.map_err(protocol)?;
+    let method = if offered.contains(&USERNAME_PASSWORD) {
+        USERNAME_PASSWORD
+    } else if !requires_password && offered.contains(&NO_AUTHENTICATION) {
+        NO_AUTHENTICATION
     } else {
-        &[
-            StandardAuthentication::NoAuthentication(NoAuthentication),
-            StandardAuthentication::PasswordAuthentication(PasswordAuthentication),
-        ]
+        NO_ACCEPTABLE_METHOD
     };
-    let started = match Socks5ServerProtocol::start(stream)
-        .negotiate_auth(methods)
-        .await
-    {
-        Ok(started) => started,
-        // A client that offers no method we accept: with users configured, that is a client
-        // without a password.
-        Err(fast_socks5::server::SocksServerError::AuthMethodUnacceptable(_))
-            if requires_password =>
-        {
-            return Err(Failed::Refused {
-                user: None,
-                code: Code::Unauthorized,
-            })
-        }
-        Err(e) => return Err(Failed::Protocol(e.to_string())),
-    };
-    match started {
-        StandardAuthenticationStarted::NoAuthentication(auth) => {
+    stream.write_all(&[0x05, method]).await.map_err(protocol)?;
+    // The stream is authenticated here; fast-socks5 reads the request from it.
+    let authenticated = Socks5ServerProtocol::skip_auth_this_is_not_rfc_compliant;
+    match method {
+        NO_AUTHENTICATION => {
             let client = gateway
                 .access
                 .anonymous(addr)
                 .map_err(|code| Failed::Refused { user: None, code })?;
-            Ok((auth.finish_auth(), client))
+            Ok((authenticated(stream), client))
         }
-        StandardAuthenticationStarted::PasswordAuthentication(auth) => {
-            let (user, password, auth) = auth
-                .read_username_password()
-                .await
-                .map_err(|e| Failed::Protocol(e.to_string()))?;
-            match gateway.access.authenticate(addr, &user, &password) {
-                Ok(client) => Ok((
-                    auth.accept()
+        USERNAME_PASSWORD => {
+            let mut head = [0u8; 2];
+            stream.read_exact(&mut head).await.map_err(protocol)?;
+            let [version, length] = head;
+            if version != SUBNEGOTIATION {
+                return Err(Failed::Protocol(format!(
+                    "username/password version {version}, not {SUBNEGOTIATION}"
+                )));
+            }
+            let mut user = vec![0u8; usize::from(length)];
+            stream.read_exact(&mut user).await.map_err(protocol)?;
+            let mut length = [0u8; 1];
+            stream.read_exact(&mut length).await.map_err(protocol)?;
+            let mut password = vec![0u8; usize::from(length[0])];
+            stream.read_exact(&mut password).await.map_err(protocol)?;
+            let verdict = match (String::from_utf8(user), String::from_utf8(password)) {
+                (Ok(user), Ok(password)) => gateway
+                    .access
+                    .authenticate(addr, &user, &password)
+                    .map_err(|code| (Some(user), code)),
+                // No password is checked: what it is does not matter.
+                (Ok(user), Err(_)) if !requires_password => gateway
+                    .access
+                    .authenticate(addr, &user, "")
+                    .map_err(|code| (Some(user), code)),
+                (user, _) => Err((user.ok(), Code::Unauthorized)),
+            };
+            match verdict {
+                Ok(client) => {
+                    stream
+                        .write_all(&[SUBNEGOTIATION, ACCEPTED])
                         .await
-                        .map_err(|e| Failed::Protocol(e.to_string()))?
-                        .finish_auth(),
-                    client,
-                )),
-                Err(code) => {
-                    let _ = auth.reject().await;
-                    Err(Failed::Refused {
-                        user: Some(user),
-                        code,
-                    })
+                        .map_err(protocol)?;
+                    Ok((authenticated(stream), client))
+                }
+                Err((user, code)) => {
+                    let _ = stream.write_all(&[SUBNEGOTIATION, REJECTED]).await;
+                    Err(Failed::Refused { user, code })
                 }
             }
         }
+        // A client that offers no method we accept: with users configured, that is a client
+        // without a password.
+        _ if requires_password => Err(Failed::Refused {
+            user: None,
+            code: Code::Unauthorized,
+        }),
+        _ => Err(Failed::Protocol(
+            "no acceptable authentication method offered".into(),
+        )),
     }
 }

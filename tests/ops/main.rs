@@ -54,8 +54,32 @@ async fn metrics_pass_promtool_and_count_exactly_the_traffic() {
         sent += s_up;
         received += s_down;
     }
+    // Bytes sent in the same write as the greeting and request count as well.
+    {
+        let std::net::SocketAddr::V4(echo) = s.echo.addr else {
+            unreachable!()
+        };
+        let early = payload(1000, 99);
+        let mut first = vec![5, 1, 0, 5, 1, 0, 1];
+        first.extend_from_slice(&echo.ip().octets());
+        first.extend_from_slice(&echo.port().to_be_bytes());
+        first.extend_from_slice(&early);
+        let mut tcp = tokio::net::TcpStream::connect(s.socks5).await.unwrap();
+        tcp.write_all(&first).await.unwrap();
+        tcp.shutdown().await.unwrap();
+        let mut reply = Vec::new();
+        tokio::time::timeout(QUICK, tcp.read_to_end(&mut reply))
+            .await
+            .expect("the echo")
+            .unwrap();
+        assert_eq!(&reply[..4], &[5, 0, 5, 0], "{reply:?}");
+        // The method choice and the 10-byte reply are the gateway's own, not carried bytes.
+        assert!(reply.ends_with(&early), "the early bytes came back");
+        sent += early.len();
+        received += reply.len() - 12;
+    }
     // The gateway counts a connection when its splice ends, just after the client saw EOF.
-    let n = sizes.len() as f64;
+    let n = sizes.len() as f64 + 1.0;
     let after = wait_for(QUICK, "the ok counter to reach N", || async {
         let m = parse_samples(&scrape().await);
         (get(&m, ok) >= get(&before, ok) + n).then_some(m)

@@ -41,6 +41,8 @@ pub(super) async fn carry(
         guard,
         relay_id,
         agent_id,
+        // Nothing rides with an absolute-form request: hyper reads the body.
+        early: _,
     } = opened;
     // The exchange runs under the limits of a splice: a response the client stops reading (its
     // stream pins up to a stream window of the tunnel's or peer connection's shared window) draws

@@ -258,15 +258,11 @@ async fn connect<S: ClientStream>(
                 early.extend_from_slice(&lock(&strict.framer).take_unread());
                 let stream = strict.inner;
                 let mut opened = opened;
-                if !early.is_empty() && opened.send.write_all(&early).await.is_err() {
-                    tracing::debug!(client = %client.addr, "tunnel stream closed before the client's first bytes");
-                    return;
-                }
+                opened.early = early.freeze();
                 stream.carry(Front::Http, client, target, opened).await;
             }
             Err(upgraded) => {
-                super::carry_io(Front::Http, &client, TokioIo::new(upgraded), target, opened)
-                    .await;
+                super::carry_io(Front::Http, &client, TokioIo::new(upgraded), target, opened).await;
             }
         }
     });
@@ -350,7 +346,7 @@ async fn open(
     let result = gateway.connect(client, requested).await;
     waiting.done = true;
     result.map_err(|err| {
-        super::log_refused(Front::Http, client, requested, &err);
+        super::log_refused(Front::Http, client, requested, waiting.started, &err);
         refusal(err.code(), requested)
     })
 }

@@ -342,6 +342,23 @@ fn log_refused(
         reason = code.describe(), cause = error.cause.label(), attempts = error.attempts, "refused");
 }
 
+/// The access log line and count for a request of a kind the gateway does not serve (a SOCKS5
+/// BIND or UDP ASSOCIATE): counted as `bad_request`, logged with what was asked.
+fn log_unsupported(front: Front, client: &Client, requested: &Requested, command: &str) {
+    crate::metrics::metrics()
+        .client_connections
+        .get_or_create(&crate::metrics::FrontResult {
+            front: front.as_str(),
+            result: crate::metrics::code_label(Code::BadRequest),
+        })
+        .inc();
+    tracing::info!(target: "postern::access", client = %client.addr, user = client.user.as_deref().unwrap_or("-"),
+        front = front.as_str(), target = %requested, namespace = %client.namespace, agent_id = "-",
+        relay_id = "-", bytes_up = 0u64, bytes_down = 0u64, duration_ms = 0u64,
+        result = crate::metrics::code_label(Code::BadRequest),
+        reason = "command not supported (only CONNECT is served)", command, "refused");
+}
+
 /// The access log line and count for a client that left while its connection was being opened
 /// (`result=aborted`, the `error` saying so): nothing moved, and no owner answered yet.
 fn log_left(front: Front, client: &Client, requested: &Requested, started: Instant, why: &str) {

@@ -103,15 +103,15 @@ pub async fn serve<S: ClientStream>(gateway: Arc<Gateway>, stream: S, addr: Sock
             return;
         }
     };
-    if cmd != Socks5Command::TCPConnect {
-        let _ = proto.reply_error(&ReplyError::CommandNotSupported).await;
-        tracing::info!(client = %addr, ?cmd, "socks5 command not supported");
-        return;
-    }
     let requested = match target {
         TargetAddr::Ip(addr) => Requested::Ip(addr),
         TargetAddr::Domain(name, port) => Requested::Name(name, port),
     };
+    if cmd != Socks5Command::TCPConnect {
+        let _ = proto.reply_error(&ReplyError::CommandNotSupported).await;
+        super::log_unsupported(Front::Socks5, &client, &requested, &format!("{cmd:?}"));
+        return;
+    }
     let started = std::time::Instant::now();
     let (target, opened) = match gateway.connect(&client, &requested).await {
         Ok(ok) => ok,

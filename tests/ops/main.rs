@@ -717,7 +717,8 @@ async fn sighup_adds_a_user_without_disturbing_a_transfer_and_refuses_a_bad_conf
 }
 
 /// e. One JSON access-log line per connection (target `postern::access`) with client, user, front,
-/// target, agent, relay, bytes each way, duration and result: 2 carried, 1 refused.
+/// target, agent, relay, bytes each way, duration and result: 2 carried, 1 refused, 1 BIND
+/// (answered "command not supported", logged `bad_request` with the command).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_access_log_line_per_connection() {
     let w = Workdir::new("access");
@@ -733,6 +734,25 @@ async fn one_access_log_line_per_connection() {
         socks_connect(s.socks5, login, s.refused).await.err(),
         Some(0x05)
     );
+    // BIND: the whole exchange in one write (greeting, login, request).
+    {
+        let std::net::SocketAddr::V4(echo) = s.echo.addr else {
+            unreachable!()
+        };
+        let mut bytes = vec![5, 1, 2, 1, 5];
+        bytes.extend_from_slice(b"alice");
+        bytes.extend_from_slice(&[2, b'p', b'w', 5, 2, 0, 1]);
+        bytes.extend_from_slice(&echo.ip().octets());
+        bytes.extend_from_slice(&echo.port().to_be_bytes());
+        let mut tcp = tokio::net::TcpStream::connect(s.socks5).await.unwrap();
+        tcp.write_all(&bytes).await.unwrap();
+        let mut reply = Vec::new();
+        tokio::time::timeout(QUICK, tcp.read_to_end(&mut reply))
+            .await
+            .expect("the BIND reply")
+            .unwrap();
+        assert_eq!(&reply[..6], &[5, 2, 1, 0, 5, 7], "{reply:?}");
+    }
 
     let access = || {
         w.log("server.log")
@@ -741,12 +761,12 @@ async fn one_access_log_line_per_connection() {
             .filter(|v| v["target"] == "postern::access")
             .collect::<Vec<_>>()
     };
-    let lines = wait_for(QUICK, "3 access-log lines", || async {
+    let lines = wait_for(QUICK, "4 access-log lines", || async {
         let lines = access();
-        (lines.len() >= 3).then_some(lines)
+        (lines.len() >= 4).then_some(lines)
     })
     .await;
-    assert_eq!(lines.len(), 3, "{lines:#?}");
+    assert_eq!(lines.len(), 4, "{lines:#?}");
     let fields: Vec<&serde_json::Value> = lines.iter().map(|l| &l["fields"]).collect();
     for f in &fields {
         for key in ["client", "user", "front", "target", "result"] {
@@ -783,7 +803,17 @@ async fn one_access_log_line_per_connection() {
         bytes,
         vec![(a.0 as u64, a.1 as u64), (b.0 as u64, b.1 as u64)]
     );
-    let refused: Vec<&&serde_json::Value> = fields.iter().filter(|f| f["result"] != "ok").collect();
+    let bind: Vec<&&serde_json::Value> = fields
+        .iter()
+        .filter(|f| f["result"] == "bad_request")
+        .collect();
+    assert_eq!(bind.len(), 1, "{fields:#?}");
+    assert_eq!(bind[0]["command"], "TCPBind", "{}", bind[0]);
+    assert_eq!(bind[0]["target"], s.echo.addr.to_string(), "{}", bind[0]);
+    let refused: Vec<&&serde_json::Value> = fields
+        .iter()
+        .filter(|f| f["result"] != "ok" && f["result"] != "bad_request")
+        .collect();
     assert_eq!(refused.len(), 1, "{fields:#?}");
     assert_eq!(
         refused[0]["target"],

@@ -359,6 +359,21 @@ fn log_unsupported(front: Front, client: &Client, requested: &Requested, command
         reason = "command not supported (only CONNECT is served)", command, "refused");
 }
 
+/// The access log line and count for a client that left before its request was routed (its
+/// credentials not yet checked): `target` is what the request named.
+fn log_left_unrouted(front: Front, client: SocketAddr, target: &str, started: Instant, why: &str) {
+    crate::metrics::metrics()
+        .client_connections
+        .get_or_create(&crate::metrics::FrontResult {
+            front: front.as_str(),
+            result: "aborted",
+        })
+        .inc();
+    tracing::info!(target: "postern::access", client = %client, user = "-", front = front.as_str(),
+        target, namespace = "-", agent_id = "-", relay_id = "-", bytes_up = 0u64, bytes_down = 0u64,
+        duration_ms = started.elapsed().as_millis() as u64, result = "aborted", error = why, "connection");
+}
+
 /// The access log line and count for a client that left while its connection was being opened
 /// (`result=aborted`, the `error` saying so): nothing moved, and no owner answered yet.
 fn log_left(front: Front, client: &Client, requested: &Requested, started: Instant, why: &str) {

@@ -104,7 +104,8 @@ async fn silent(
 
 /// Waits for the access-log line of an exchange with `target`: `aborted`, its error `why`.
 async fn wait_aborted(w: &Workdir, target: SocketAddr, why: &str) {
-    let line = wait_for(QUICK, "the exchange's access-log line", || async {
+    let what = format!("the access-log line of the exchange with {target} ({why})");
+    let line = wait_for(QUICK, &what, || async {
         w.log("server.log")
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())

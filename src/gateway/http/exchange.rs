@@ -115,7 +115,16 @@ pub(super) async fn carry(
     // nginx and squid by default, a client that stops sending while its request is in flight has
     // left); the upstream connection is then dropped, which resets the stream.
     let waiting = Unanswered(Some(exchange.clone()));
-    let answer = sender.send_request(upstream_req).await;
+    let answer = tokio::select! {
+        answer = sender.send_request(upstream_req) => answer,
+        () = abort.hung_up() => {
+            // Dropping `waiting` marks the exchange and resets the stream. Nothing is answered:
+            // the client's connection is dropped (with this future) and reset.
+            drop(waiting);
+            abort.now();
+            return std::future::pending().await;
+        }
+    };
     waiting.answered();
     match answer {
         Ok(resp) => {

@@ -86,8 +86,22 @@ pub async fn serve<S: ClientStream>(
             let framer = framer.clone();
             let tunnels = tunnels.clone();
             let abort = abort.clone();
+            // Made with the request, before hyper first polls its future: hyper may drop that
+            // future unpolled when the client's connection ends at once.
+            let unrouted = Unrouted::new(addr, &req);
             async move {
-                Ok::<_, Infallible>(handle::<S>(gateway, req, addr, &framer, tunnels, abort).await)
+                let resp = handle::<S>(
+                    gateway,
+                    req,
+                    addr,
+                    &framer,
+                    tunnels,
+                    abort,
+                    &unrouted.routed,
+                )
+                .await;
+                unrouted.answered();
+                Ok::<_, Infallible>(resp)
             }
         })
     };
@@ -123,6 +137,7 @@ async fn handle<S: ClientStream>(
     framer: &Mutex<Framer>,
     tunnels: TaskTracker,
     abort: Abort,
+    routed: &AtomicBool,
 ) -> Response<Body> {
     let verdict = lock(framer).take_verdict();
     if let Err(reason) = verdict {
@@ -137,8 +152,10 @@ async fn handle<S: ClientStream>(
     let body_taken = AtomicBool::new(false);
     let resp = match credentials(&gateway, &req, addr) {
         Err(resp) => resp,
-        Ok(client) if is_connect => connect::<S>(gateway, req, client, &tunnels).await,
-        Ok(client) => forward(gateway, req, client, &body_taken, &tunnels, abort).await,
+        Ok(client) if is_connect => {
+            connect::<S>(gateway, req, client, &tunnels, &abort, routed).await
+        }
+        Ok(client) => forward(gateway, req, client, &body_taken, &tunnels, abort, routed).await,
     };
     if is_connect {
         // Before hyper writes the answer: a tunnel's first bytes may follow the head at once.
@@ -216,6 +233,8 @@ async fn connect<S: ClientStream>(
     req: Request<Incoming>,
     client: Client,
     tunnels: &TaskTracker,
+    abort: &Abort,
+    routed: &AtomicBool,
 ) -> Response<Body> {
     // Userinfo in a CONNECT authority is refused rather than dropped: nothing in a tunnel could
     // carry it on, so a client sending it is confused about where its credentials go.
@@ -235,7 +254,7 @@ async fn connect<S: ClientStream>(
             "bad request: CONNECT needs host:port",
         );
     };
-    let (target, opened) = match open(&gateway, &client, &requested).await {
+    let (target, opened) = match open(&gateway, &client, &requested, abort, routed).await {
         Ok(ok) => ok,
         Err(refused) => return refused,
     };
@@ -277,6 +296,7 @@ async fn forward(
     body_taken: &AtomicBool,
     tunnels: &TaskTracker,
     abort: Abort,
+    routed: &AtomicBool,
 ) -> Response<Body> {
     let uri = req.uri().clone();
     let Some(authority) = uri.authority().cloned() else {
@@ -295,7 +315,7 @@ async fn forward(
     else {
         return text(StatusCode::BAD_REQUEST, "bad request: invalid host");
     };
-    let (target, opened) = match open(&gateway, &client, &requested).await {
+    let (target, opened) = match open(&gateway, &client, &requested, &abort, routed).await {
         Ok(ok) => ok,
         Err(refused) => return refused,
     };
@@ -336,19 +356,80 @@ async fn open(
     gateway: &Gateway,
     client: &Client,
     requested: &Requested,
+    abort: &Abort,
+    routed: &AtomicBool,
 ) -> Result<(super::forward::Target, Opened), Response<Body>> {
+    // From here on, the open and then the exchange log the request however it ends.
+    routed.store(true, Ordering::Relaxed);
     let mut waiting = Opening {
         client,
         requested,
         started: std::time::Instant::now(),
         done: false,
     };
-    let result = gateway.connect(client, requested).await;
+    let result = tokio::select! {
+        result = gateway.connect(client, requested) => result,
+        // hyper does not always notice a client that leaves while its request waits.
+        () = abort.hung_up() => {
+            // Nothing is answered: the connection is dropped (with this future, whose `waiting`
+            // logs the request) and reset.
+            abort.now();
+            return std::future::pending().await;
+        }
+    };
     waiting.done = true;
     result.map_err(|err| {
         super::log_refused(Front::Http, client, requested, waiting.started, &err);
         refusal(err.code(), requested)
     })
+}
+
+/// A request from the moment hyper has read its head until it is answered or routed (then
+/// [`Opening`] and the exchange log it): dropped before either, its client left, and one access
+/// log line says so, with the target the request named.
+struct Unrouted {
+    client: SocketAddr,
+    target: String,
+    started: std::time::Instant,
+    routed: AtomicBool,
+    answered: bool,
+}
+
+impl Unrouted {
+    fn new(client: SocketAddr, req: &Request<Incoming>) -> Self {
+        Unrouted {
+            client,
+            // Host and port only: never the userinfo an authority may carry.
+            target: match req.uri().authority() {
+                Some(a) => match a.port() {
+                    Some(port) => format!("{}:{port}", a.host()),
+                    None => a.host().to_string(),
+                },
+                None => "-".to_string(),
+            },
+            started: std::time::Instant::now(),
+            routed: AtomicBool::new(false),
+            answered: false,
+        }
+    }
+
+    fn answered(mut self) {
+        self.answered = true;
+    }
+}
+
+impl Drop for Unrouted {
+    fn drop(&mut self) {
+        if !self.answered && !self.routed.load(Ordering::Relaxed) {
+            super::log_left_unrouted(
+                Front::Http,
+                self.client,
+                &self.target,
+                self.started,
+                exchange::LEFT_BEFORE_ANSWER,
+            );
+        }
+    }
 }
 
 /// An open in progress: dropped before it finished, the client left.
@@ -501,6 +582,37 @@ impl Abort {
     fn request(&self) {
         if let Some(socket) = &self.socket {
             let _ = socket.set_linger(Some(std::time::Duration::ZERO));
+        }
+    }
+
+    /// Resolves once the client's connection has ended (its FIN or RST), never otherwise: the
+    /// duplicate socket is watched for the peer's hang-up only, nothing is read from it (hyper
+    /// reads the connection). hyper itself notices a client leaving while its request waits only
+    /// in some states (it reads a busy connection only to find its end, and not after a whole
+    /// request has been read), so an exchange waiting for an answer watches too.
+    async fn hung_up(&self) {
+        let Some(socket) = &self.socket else {
+            return std::future::pending().await;
+        };
+        let watched = socket
+            .try_clone()
+            .and_then(|dup| tokio::net::TcpStream::from_std(dup.into()));
+        let Ok(watched) = watched else {
+            return std::future::pending().await;
+        };
+        let readable = tokio::io::Interest::READABLE;
+        loop {
+            let Ok(ready) = watched.ready(readable).await else {
+                return std::future::pending().await;
+            };
+            if ready.is_read_closed() {
+                return;
+            }
+            // Readable only (a pipelined next request, hyper's to read): forget this readiness
+            // without reading, and wait for the next event.
+            let _ = watched.try_io(readable, || {
+                Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
+            });
         }
     }
 

@@ -342,6 +342,36 @@ fn log_refused(
         reason = code.describe(), cause = error.cause.label(), attempts = error.attempts, "refused");
 }
 
+/// Resolves once a client's connection has ended (its FIN or RST), never otherwise, and never
+/// without a socket to watch: `socket` (the client's, duplicated) is watched for the peer's
+/// hang-up only (EPOLLRDHUP), nothing is read from it, so whoever reads the connection keeps
+/// every byte. A front door waiting on something else (an open, an answer) learns this way that
+/// its client has left.
+pub(crate) async fn hung_up(socket: Option<&socket2::Socket>) {
+    let watched = socket.map(|socket| {
+        socket
+            .try_clone()
+            .and_then(|dup| tokio::net::TcpStream::from_std(dup.into()))
+    });
+    let Some(Ok(watched)) = watched else {
+        return std::future::pending().await;
+    };
+    let readable = tokio::io::Interest::READABLE;
+    loop {
+        let Ok(ready) = watched.ready(readable).await else {
+            return std::future::pending().await;
+        };
+        if ready.is_read_closed() {
+            return;
+        }
+        // Readable only (bytes for the reader): forget this readiness without reading, and
+        // wait for the next event.
+        let _ = watched.try_io(readable, || {
+            Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
+        });
+    }
+}
+
 /// The access log line and count for a request of a kind the gateway does not serve (a SOCKS5
 /// BIND or UDP ASSOCIATE): counted as `bad_request`, logged with what was asked.
 fn log_unsupported(front: Front, client: &Client, requested: &Requested, command: &str) {

@@ -113,6 +113,8 @@ pub async fn serve<S: ClientStream>(gateway: Arc<Gateway>, stream: S, addr: Sock
         return;
     }
     let started = std::time::Instant::now();
+    // A client's FIN while the stream is opened is not taken for leaving: a SOCKS5 client may
+    // send its request and data and shut its side at once, and the splice carries that across.
     let (target, opened) = match gateway.connect(&client, &requested).await {
         Ok(ok) => ok,
         Err(err) => {

@@ -374,4 +374,25 @@ async fn the_http_proxy_keeps_what_clients_and_services_rely_on() {
     let (head, body) = response(&mut tcp).await;
     assert!(head.starts_with("HTTP/1.1 200"), "after the upload: {head}");
     assert!(String::from_utf8_lossy(&body).starts_with("GET /after HTTP/1.1"));
+
+    // 6. A CONNECT is a tunnel: a client that sends its head and its bytes and shuts its side at
+    // once (before the `200`) still gets the `200` and the service's answer.
+    let mut tcp = TcpStream::connect(http).await.unwrap();
+    tcp.write_all(
+        format!(
+            "CONNECT {whole} HTTP/1.1\r\nHost: {whole}\r\n\r\nGET /tunnel HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    tcp.shutdown().await.unwrap();
+    let mut all = Vec::new();
+    tokio::time::timeout(QUICK, tcp.read_to_end(&mut all))
+        .await
+        .expect("the tunnel to end")
+        .unwrap();
+    let all = String::from_utf8_lossy(&all);
+    assert!(all.starts_with("HTTP/1.1 200"), "{all}");
+    assert!(all.contains("\r\n\r\nGET /tunnel HTTP/1.1\r\n"), "{all}");
 }

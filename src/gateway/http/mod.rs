@@ -254,7 +254,18 @@ async fn connect<S: ClientStream>(
             "bad request: CONNECT needs host:port",
         );
     };
-    let (target, opened) = match open(&gateway, &client, &requested, abort, routed).await {
+    // A CONNECT is a tunnel, as a SOCKS5 connection is: a client's FIN before the `200` may be
+    // the end of what it sends, not its leaving, so it is not watched for here.
+    let (target, opened) = match open(
+        &gateway,
+        &client,
+        &requested,
+        std::future::pending(),
+        abort,
+        routed,
+    )
+    .await
+    {
         Ok(ok) => ok,
         Err(refused) => return refused,
     };
@@ -315,7 +326,16 @@ async fn forward(
     else {
         return text(StatusCode::BAD_REQUEST, "bad request: invalid host");
     };
-    let (target, opened) = match open(&gateway, &client, &requested, &abort, routed).await {
+    let (target, opened) = match open(
+        &gateway,
+        &client,
+        &requested,
+        abort.hung_up(),
+        &abort,
+        routed,
+    )
+    .await
+    {
         Ok(ok) => ok,
         Err(refused) => return refused,
     };
@@ -350,12 +370,13 @@ async fn forward(
 }
 
 /// Opens the tunnel stream for a request, or answers its refusal (logged and counted). A client
-/// whose connection ends while the open runs (hyper then drops this future) is logged and counted
-/// too: it left before the answer.
+/// whose connection ends while the open runs (hyper then drops this future, or `hung_up`
+/// resolves) is logged and counted too: it left before the answer.
 async fn open(
     gateway: &Gateway,
     client: &Client,
     requested: &Requested,
+    hung_up: impl std::future::Future<Output = ()>,
     abort: &Abort,
     routed: &AtomicBool,
 ) -> Result<(super::forward::Target, Opened), Response<Body>> {
@@ -370,7 +391,7 @@ async fn open(
     let result = tokio::select! {
         result = gateway.connect(client, requested) => result,
         // hyper does not always notice a client that leaves while its request waits.
-        () = abort.hung_up() => {
+        () = hung_up => {
             // Nothing is answered: the connection is dropped (with this future, whose `waiting`
             // logs the request) and reset.
             abort.now();
@@ -585,35 +606,12 @@ impl Abort {
         }
     }
 
-    /// Resolves once the client's connection has ended (its FIN or RST), never otherwise: the
-    /// duplicate socket is watched for the peer's hang-up only, nothing is read from it (hyper
-    /// reads the connection). hyper itself notices a client leaving while its request waits only
-    /// in some states (it reads a busy connection only to find its end, and not after a whole
-    /// request has been read), so an exchange waiting for an answer watches too.
+    /// Resolves once the client's connection has ended ([`super::hung_up`]). hyper itself
+    /// notices a client leaving while its request waits only in some states (it reads a busy
+    /// connection only to find its end, and not after a whole request has been read), so an
+    /// exchange waiting for an answer watches too.
     async fn hung_up(&self) {
-        let Some(socket) = &self.socket else {
-            return std::future::pending().await;
-        };
-        let watched = socket
-            .try_clone()
-            .and_then(|dup| tokio::net::TcpStream::from_std(dup.into()));
-        let Ok(watched) = watched else {
-            return std::future::pending().await;
-        };
-        let readable = tokio::io::Interest::READABLE;
-        loop {
-            let Ok(ready) = watched.ready(readable).await else {
-                return std::future::pending().await;
-            };
-            if ready.is_read_closed() {
-                return;
-            }
-            // Readable only (a pipelined next request, hyper's to read): forget this readiness
-            // without reading, and wait for the next event.
-            let _ = watched.try_io(readable, || {
-                Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
-            });
-        }
+        super::hung_up(self.socket.as_deref()).await
     }
 
     /// Resets the client connection now, whatever hyper is doing with it: the connection's task

@@ -74,6 +74,39 @@ pub mod close {
     pub const DRAINED: u32 = 5;
 }
 
+/// A stream pair whose open is not answered yet: dropped before [`HalfOpen::opened`] (the
+/// attempt timed out, lost a hedge, or its client left), it is reset and stopped, so the far end
+/// resets the connection it may have dialled for it instead of seeing a clean end. quinn would
+/// finish a dropped stream.
+pub struct HalfOpen(Option<(quinn::SendStream, quinn::RecvStream)>);
+
+impl HalfOpen {
+    pub fn new(send: quinn::SendStream, recv: quinn::RecvStream) -> Self {
+        HalfOpen(Some((send, recv)))
+    }
+
+    /// The streams, to send the open and read its answer on.
+    pub fn streams(&mut self) -> (&mut quinn::SendStream, &mut quinn::RecvStream) {
+        let (send, recv) = self.0.as_mut().expect("a half-open pair until opened");
+        (send, recv)
+    }
+
+    /// The open was answered: the pair is the caller's.
+    pub fn opened(mut self) -> (quinn::SendStream, quinn::RecvStream) {
+        self.0.take().expect("a half-open pair until opened")
+    }
+}
+
+impl Drop for HalfOpen {
+    fn drop(&mut self) {
+        if let Some((mut send, mut recv)) = self.0.take() {
+            let code = quinn::VarInt::from_u32(close::STREAM_ABORTED);
+            let _ = send.reset(code);
+            let _ = recv.stop(code);
+        }
+    }
+}
+
 /// Why a connection could not be opened, shared by every hop so that an agent's answer reaches the
 /// client as the right SOCKS5 reply or HTTP status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

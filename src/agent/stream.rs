@@ -70,6 +70,11 @@ pub async fn serve(mut send: SendStream, mut recv: RecvStream, policy: Policy) {
         .await
         .is_err()
     {
+        // The relay gave up on this open (its client left, its attempt timed out): the service's
+        // connection is reset, never closed as if a client had come and gone cleanly.
+        if let Ok(tcp) = tcp {
+            crate::splice::abort(tcp);
+        }
         return;
     }
     let tcp = match tcp {

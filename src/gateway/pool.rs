@@ -276,15 +276,17 @@ impl PeerPool {
     ) -> Result<(SendStream, RecvStream), Cause> {
         let conn = self.connection(relay_id, last_resort).await?;
         let attempt = async {
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|_| Cause::TunnelClosed)?;
+            let (send, recv) = conn.open_bi().await.map_err(|_| Cause::TunnelClosed)?;
+            let mut pending = protocol::HalfOpen::new(send, recv);
+            let (send, recv) = pending.streams();
             let _ = send.set_priority(protocol::priority::OPENING);
-            protocol::write_message(&mut send, &Message::Forward(forward))
+            protocol::write_message(send, &Message::Forward(forward))
                 .await
                 .map_err(|_| Cause::TunnelClosed)?;
-            match protocol::read_message(&mut recv).await {
+            match protocol::read_message(recv).await {
                 Ok(Message::ForwardResult(OpenResult { code: Code::Ok })) => {
                     let _ = send.set_priority(protocol::priority::DATA);
-                    Ok((send, recv))
+                    Ok(pending.opened())
                 }
                 Ok(Message::ForwardResult(OpenResult { code })) => Err(Cause::from_answer(code)),
                 Ok(_) => Err(Cause::Protocol),

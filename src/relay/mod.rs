@@ -598,14 +598,16 @@ fn tcp_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 /// Opens one stream on `session`'s tunnel and waits for the agent's verdict.
 async fn open_on(session: &Session, target: SocketAddr) -> Result<(SendStream, RecvStream), Code> {
     let attempt = async {
-        let (mut send, mut recv) = session
+        let (send, recv) = session
             .connection
             .open_bi()
             .await
             .map_err(|_| Code::Internal)?;
+        let mut pending = protocol::HalfOpen::new(send, recv);
+        let (send, recv) = pending.streams();
         let _ = send.set_priority(protocol::priority::OPENING);
         protocol::write_message(
-            &mut send,
+            send,
             &Message::Open(Open {
                 target,
                 session_id: session.id,
@@ -613,10 +615,10 @@ async fn open_on(session: &Session, target: SocketAddr) -> Result<(SendStream, R
         )
         .await
         .map_err(|_| Code::Internal)?;
-        match protocol::read_message(&mut recv).await {
+        match protocol::read_message(recv).await {
             Ok(Message::OpenResult(OpenResult { code: Code::Ok })) => {
                 let _ = send.set_priority(protocol::priority::DATA);
-                Ok((send, recv))
+                Ok(pending.opened())
             }
             Ok(Message::OpenResult(OpenResult { code })) => Err(code),
             Ok(_) => Err(Code::BadRequest),

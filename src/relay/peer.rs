@@ -104,6 +104,10 @@ async fn serve_forward(relay: Arc<Relay>, mut send: SendStream, mut recv: RecvSt
         .await
         .is_err()
     {
+        // The gateway gave up on this open: the agent resets the connection it dialled.
+        if let Ok(t) = opened {
+            drop(protocol::HalfOpen::new(t.send, t.recv));
+        }
         return;
     }
     let tunnelled = match opened {

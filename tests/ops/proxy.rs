@@ -172,7 +172,7 @@ async fn the_http_proxy_keeps_what_clients_and_services_rely_on() {
         }
     })
     .await;
-    let (at_once, _, _) = silent(ip).await;
+    let (at_once, _, mut at_once_left) = silent(ip).await;
     let (later, mut got, mut left) = silent(ip).await;
     // Answers with a body far larger than anyone reads; says how writing it ended.
     let big = service(ip, move |mut tcp| async move {
@@ -256,6 +256,16 @@ async fn the_http_proxy_keeps_what_clients_and_services_rely_on() {
         .expect("the service's connection to end")
         .unwrap();
     assert_eq!(end, "ConnectionReset", "the service's connection");
+    // The request that left at once may or may not have been dialled by then (its open was
+    // cancelled); if it was, that connection was reset too, never closed cleanly.
+    if let Ok(Some(end)) =
+        tokio::time::timeout(std::time::Duration::from_secs(2), at_once_left.recv()).await
+    {
+        assert_eq!(
+            end, "ConnectionReset",
+            "the at-once request's service connection"
+        );
+    }
 
     // A client that closes in the middle of a response: the same.
     let mut tcp = TcpStream::connect(http).await.unwrap();

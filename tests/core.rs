@@ -898,6 +898,17 @@ async fn socks5_without_users_serves_clients_offering_password_too() {
             let got = http_get(server.socks5, &Dest::Ip(service.addr), auth).await;
             assert_eq!(got, http_response(service.addr), "{auth:?}");
         }
+        // A Java client's login when it has none configured: the OS user name in ISO-8859-1 and
+        // an empty password. It names no namespace, so it is served in the default one.
+        let mut tcp = TcpStream::connect(server.socks5).await.unwrap();
+        tcp.write_all(&[5, 2, 0, 2, 1, 4, b'j', b'o', b's', 0xE9, 0])
+            .await
+            .unwrap();
+        let mut answer = [0u8; 4];
+        within(IO, "login", tcp.read_exact(&mut answer))
+            .await
+            .unwrap();
+        assert_eq!(answer, [5, 2, 1, 0], "method, then the login's status");
         // The login was read: another namespace holds no agent at this address.
         let mut tcp = TcpStream::connect(server.socks5).await.unwrap();
         let refused = socks5_handshake(

@@ -225,6 +225,13 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
                     .access
                     .authenticate(addr, &user, "")
                     .map_err(|code| (Some(user), code)),
+                // Nor is the name, but for the namespace it may name: Java clients offer
+                // username/password always and send the OS user name, in ISO-8859-1, when none
+                // is configured. Without `@` it names none.
+                (Err(name), _) if !requires_password && !name.as_bytes().contains(&b'@') => gateway
+                    .access
+                    .authenticate(addr, "", "")
+                    .map_err(|code| (None, code)),
                 (user, _) => Err((user.ok(), Code::Unauthorized)),
             };
             match verdict {

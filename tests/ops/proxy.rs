@@ -104,8 +104,15 @@ async fn silent(
 
 /// Waits for the access-log line of an exchange with `target`: `aborted`, its error `why`.
 async fn wait_aborted(w: &Workdir, target: SocketAddr, why: &str) {
-    let what = format!("the access-log line of the exchange with {target} ({why})");
-    let line = wait_for(QUICK, &what, || async {
+    let line = access_line(w, target).await;
+    assert_eq!(line["fields"]["result"], "aborted", "{line}");
+    assert_eq!(line["fields"]["error"], why, "{line}");
+}
+
+/// Waits for the access-log line of the exchange with `target`.
+async fn access_line(w: &Workdir, target: SocketAddr) -> serde_json::Value {
+    let what = format!("the access-log line of the exchange with {target}");
+    wait_for(QUICK, &what, || async {
         w.log("server.log")
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
@@ -114,9 +121,7 @@ async fn wait_aborted(w: &Workdir, target: SocketAddr, why: &str) {
                     && v["fields"]["target"] == target.to_string().as_str()
             })
     })
-    .await;
-    assert_eq!(line["fields"]["result"], "aborted", "{line}");
-    assert_eq!(line["fields"]["error"], why, "{line}");
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -206,7 +211,18 @@ async fn the_http_proxy_keeps_what_clients_and_services_rely_on() {
     })
     .await;
 
-    let ports: Vec<u16> = [whole, early, old, crowded, at_once, later, big]
+    // A chunked response that ends with a trailer field.
+    let trailing = service(ip, |mut tcp| async move {
+        request_head(&mut tcp).await;
+        let _ = tcp
+            .write_all(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n\
+                  5\r\nhello\r\n0\r\nX-Sum: 1\r\n\r\n",
+            )
+            .await;
+    })
+    .await;
+    let ports: Vec<u16> = [whole, early, old, crowded, at_once, later, big, trailing]
         .iter()
         .map(|a| a.port())
         .collect();
@@ -405,4 +421,25 @@ async fn the_http_proxy_keeps_what_clients_and_services_rely_on() {
     let all = String::from_utf8_lossy(&all);
     assert!(all.starts_with("HTTP/1.1 200"), "{all}");
     assert!(all.contains("\r\n\r\nGET /tunnel HTTP/1.1\r\n"), "{all}");
+
+    // 7. A response that ends with trailers is a whole response: logged `ok`.
+    let mut tcp = TcpStream::connect(http).await.unwrap();
+    tcp.write_all(
+        format!("GET http://{trailing}/ HTTP/1.1\r\nHost: {trailing}\r\nTE: trailers\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut all = Vec::new();
+    tokio::time::timeout(QUICK, tcp.read_to_end(&mut all))
+        .await
+        .expect("the response to end")
+        .unwrap();
+    let all = String::from_utf8_lossy(&all);
+    assert!(
+        all.starts_with("HTTP/1.1 200") && all.contains("hello"),
+        "{all}"
+    );
+    let line = access_line(&w, trailing).await;
+    assert_eq!(line["fields"]["result"], "ok", "{line}");
 }

@@ -385,10 +385,12 @@ where
         }
         let poll = Pin::new(&mut this.inner).poll_frame(cx);
         match &poll {
-            Poll::Ready(Some(Ok(_))) => {
+            Poll::Ready(Some(Ok(frame))) => {
                 this.watch.waiting(crate::splice::DOWN);
                 this.handed = true;
-                this.ended = this.inner.is_end_stream();
+                // Trailers end a body: hyper polls no further after them (a chunked body's
+                // `is_end_stream` stays false).
+                this.ended = frame.is_trailers() || this.inner.is_end_stream();
             }
             Poll::Ready(Some(Err(err))) => {
                 this.exchange

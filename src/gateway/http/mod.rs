@@ -256,6 +256,7 @@ async fn connect<S: ClientStream>(
     };
     // A CONNECT is a tunnel, as a SOCKS5 connection is: a client's FIN before the `200` may be
     // the end of what it sends, not its leaving, so it is not watched for here.
+    let started = std::time::Instant::now();
     let (target, opened) = match open(
         &gateway,
         &client,
@@ -273,7 +274,20 @@ async fn connect<S: ClientStream>(
         let upgraded = match hyper::upgrade::on(req).await {
             Ok(upgraded) => upgraded,
             Err(err) => {
+                // The client is gone (the `200` could not be written): its line says so, and
+                // the stream is reset, so the agent resets the connection it dialled.
                 tracing::debug!(client = %client.addr, %err, "CONNECT upgrade failed");
+                drop(crate::protocol::HalfOpen::new(opened.send, opened.recv));
+                super::log_connection(
+                    Front::Http,
+                    &client,
+                    &target,
+                    &opened.relay_id,
+                    &opened.agent_id,
+                    started,
+                    crate::splice::Transferred::default(),
+                    &Err(std::io::Error::other(exchange::LEFT_BEFORE_ANSWER)),
+                );
                 return;
             }
         };

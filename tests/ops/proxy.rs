@@ -222,10 +222,53 @@ async fn the_http_proxy_keeps_what_clients_and_services_rely_on() {
             .await;
     })
     .await;
-    let ports: Vec<u16> = [whole, early, old, crowded, at_once, later, big, trailing]
-        .iter()
-        .map(|a| a.port())
-        .collect();
+    // Reads requests with chunked bodies (trailers included) or none; answers each `200 ok`.
+    let chunked = service(ip, |mut tcp| async move {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let Some(head_end) = find(&buf, b"\r\n\r\n", 0) else {
+                match tcp.read(&mut chunk).await {
+                    Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                    _ => return,
+                }
+                continue;
+            };
+            let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+            let end = if head.contains("transfer-encoding: chunked") {
+                // The last chunk, then the trailer section up to its empty line.
+                match find(&buf, b"\r\n0\r\n", head_end)
+                    .and_then(|last| find(&buf, b"\r\n\r\n", last + 3))
+                {
+                    Some(blank) => blank + 4,
+                    None => {
+                        match tcp.read(&mut chunk).await {
+                            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                            _ => return,
+                        }
+                        continue;
+                    }
+                }
+            } else {
+                head_end + 4
+            };
+            buf.drain(..end);
+            if tcp
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    let ports: Vec<u16> = [
+        whole, early, old, crowded, at_once, later, big, trailing, chunked,
+    ]
+    .iter()
+    .map(|a| a.port())
+    .collect();
     let agent_config = w.write(
         "agent.toml",
         &agent_toml(
@@ -442,4 +485,33 @@ async fn the_http_proxy_keeps_what_clients_and_services_rely_on() {
     );
     let line = access_line(&w, trailing).await;
     assert_eq!(line["fields"]["result"], "ok", "{line}");
+
+    // 8. A request whose chunked body ends with trailers keeps its connection: the next request,
+    // pipelined behind it, is answered too.
+    let mut tcp = TcpStream::connect(http).await.unwrap();
+    tcp.write_all(
+        format!(
+            "POST http://{chunked}/p HTTP/1.1\r\nHost: {chunked}\r\nTransfer-Encoding: chunked\r\n\
+             Trailer: X-Sum\r\n\r\n5\r\nhello\r\n0\r\nX-Sum: 123\r\n\r\n\
+             GET http://{chunked}/g HTTP/1.1\r\nHost: {chunked}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    for request in ["the POST with trailers", "the GET behind it"] {
+        let (head, body) = response(&mut tcp).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{request}: {head}");
+        assert!(header(&head, "connection").is_none(), "{request}: {head}");
+        assert_eq!(body, b"ok", "{request}");
+    }
+}
+
+/// Where `needle` first occurs in `haystack` at or after `from`.
+fn find(haystack: &[u8], needle: &[u8], from: usize) -> Option<usize> {
+    haystack
+        .get(from..)?
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .map(|at| from + at)
 }

@@ -972,9 +972,11 @@ async fn agent_keeps_a_busy_tunnel_whose_pongs_are_late() {
         assert_eq!(code, Code::Ok);
         let traffic = tokio::spawn(async move {
             let upload = async {
+                // A trickle: 1 KiB every 100 ms, paced by an interval.
+                let mut pace = tokio::time::interval(Duration::from_millis(100));
                 for _ in 0..300 {
+                    pace.tick().await;
                     up_send.write_all(&[7u8; 1024]).await?;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Ok::<(), anyhow::Error>(())
             };

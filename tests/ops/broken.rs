@@ -11,11 +11,11 @@
 //! bytes it got.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
 
 use crate::process::*;
 use crate::support::*;
@@ -68,7 +68,7 @@ enum End {
 async fn download(
     mut tcp: TcpStream,
     paused: tokio::sync::mpsc::Sender<()>,
-    go: Arc<tokio::sync::Notify>,
+    go: CancellationToken,
 ) -> (End, u64) {
     let mut got = 0u64;
     let mut buf = vec![0u8; 256 * 1024];
@@ -84,7 +84,8 @@ async fn download(
         if pause && got >= PAUSE_AT as u64 {
             pause = false;
             paused.send(()).await.unwrap();
-            go.notified().await;
+            // Cancelled once: every download passes, whenever it gets here.
+            go.cancelled().await;
         }
     }
 }
@@ -108,40 +109,14 @@ pub(crate) async fn read_head(tcp: &mut TcpStream) -> String {
 async fn a_broken_transfer_is_reset_logged_and_counted_on_every_door() {
     let w = Workdir::new("broken");
     let ip = Ipv4Addr::new(127, 77, 0, 1);
-    let text = server_toml(&w, 77, &[], "1s").replace(
-        "socks5 = \"127.0.0.1:0\"",
-        "socks5 = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"",
-    );
-    let config = w.write("server.toml", &text);
-    let (_server, line) = Proc::postern(
-        "server",
-        "server",
-        &config,
-        &["--log-format", "json"],
-        &w.path("server.log"),
-    )
-    .await;
+    let (_server, line) = server_with_http(&w, 77).await;
     let (socks5, http, admin) = (
         ready_addr(&line, "socks5"),
         ready_addr(&line, "http"),
         ready_addr(&line, "admin"),
     );
     let target = source(ip).await;
-    let agent_config = w.write(
-        "agent.toml",
-        &agent_toml(
-            &w,
-            "agent-broken",
-            &[ready_addr(&line, "relay")],
-            ip,
-            &[target.port()],
-            1,
-            "1s",
-        ),
-    );
-    let (agent, _) =
-        Proc::postern("agent", "agent", &agent_config, &[], &w.path("agent.log")).await;
-    wait_route(admin, ip).await;
+    let agent = routed_agent(&w, &line, "agent-broken", ip, &[target.port()]).await;
 
     let get = format!("GET / HTTP/1.1\r\nHost: {target}\r\n\r\n");
     // SOCKS5.
@@ -166,7 +141,7 @@ async fn a_broken_transfer_is_reset_logged_and_counted_on_every_door() {
         .unwrap();
 
     let (paused_tx, mut paused_rx) = tokio::sync::mpsc::channel(3);
-    let go = Arc::new(tokio::sync::Notify::new());
+    let go = CancellationToken::new();
     let doors = [
         ("socks5", via_socks),
         ("connect", via_connect),
@@ -184,17 +159,7 @@ async fn a_broken_transfer_is_reset_logged_and_counted_on_every_door() {
             .unwrap();
     }
     agent.signal("KILL");
-    go.notify_waiters();
-    // Late arrivals to `notified()` (none expected) would wait; wake them again shortly.
-    let waker = {
-        let go = go.clone();
-        tokio::spawn(async move {
-            for _ in 0..50 {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                go.notify_waiters();
-            }
-        })
-    };
+    go.cancel();
 
     let mut received = std::collections::BTreeMap::new();
     for (door, task) in downloads {
@@ -211,7 +176,6 @@ async fn a_broken_transfer_is_reset_logged_and_counted_on_every_door() {
         assert!(got < BODY, "{door}");
         received.insert(door, got);
     }
-    waker.abort();
 
     // The access log: three `connection` lines, `result=aborted`, bytes at least what arrived.
     let lines: Vec<serde_json::Value> =
@@ -314,14 +278,8 @@ async fn answer(ip: Ipv4Addr, ended: tokio::sync::mpsc::Sender<End>) -> SocketAd
             let ended = ended.clone();
             tokio::spawn(async move {
                 let head = read_head(&mut tcp).await;
-                let length: usize = head
-                    .lines()
-                    .find_map(|l| {
-                        let (name, value) = l.split_once(':')?;
-                        name.eq_ignore_ascii_case("content-length").then_some(value)
-                    })
+                let length: usize = header(&head, "content-length")
                     .expect("a content-length")
-                    .trim()
                     .parse()
                     .unwrap();
                 let mut body = vec![0u8; length];
@@ -347,38 +305,21 @@ async fn answer(ip: Ipv4Addr, ended: tokio::sync::mpsc::Sender<End>) -> SocketAd
 async fn a_client_reset_mid_upload_reaches_the_service_as_a_reset() {
     let w = Workdir::new("upload-reset");
     let ip = Ipv4Addr::new(127, 81, 0, 1);
-    let text = server_toml(&w, 81, &[], "1s").replace(
-        "socks5 = \"127.0.0.1:0\"",
-        "socks5 = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"",
-    );
-    let config = w.write("server.toml", &text);
-    let (_server, line) =
-        Proc::postern("server", "server", &config, &[], &w.path("server.log")).await;
-    let (socks5, http, admin) = (
-        ready_addr(&line, "socks5"),
-        ready_addr(&line, "http"),
-        ready_addr(&line, "admin"),
-    );
+    let (_server, line) = server_with_http(&w, 81).await;
+    let (socks5, http) = (ready_addr(&line, "socks5"), ready_addr(&line, "http"));
     let (reached_tx, mut reached) = tokio::sync::mpsc::channel(3);
     let (ended_tx, mut ended) = tokio::sync::mpsc::channel(3);
     let target = sink(ip, reached_tx, ended_tx).await;
     let (answered_tx, mut answered) = tokio::sync::mpsc::channel(1);
     let whole = answer(ip, answered_tx).await;
-    let agent_config = w.write(
-        "agent.toml",
-        &agent_toml(
-            &w,
-            "agent-upload",
-            &[ready_addr(&line, "relay")],
-            ip,
-            &[target.port(), whole.port()],
-            1,
-            "1s",
-        ),
-    );
-    let (_agent, _) =
-        Proc::postern("agent", "agent", &agent_config, &[], &w.path("agent.log")).await;
-    wait_route(admin, ip).await;
+    let _agent = routed_agent(
+        &w,
+        &line,
+        "agent-upload",
+        ip,
+        &[target.port(), whole.port()],
+    )
+    .await;
 
     // A whole exchange ends the upstream stream cleanly: the service sees its connection's end.
     let mut client = TcpStream::connect(http).await.unwrap();
@@ -443,7 +384,10 @@ async fn a_client_reset_mid_upload_reaches_the_service_as_a_reset() {
             .unwrap();
     }
     for tcp in clients {
-        tcp.set_linger(Some(Duration::ZERO)).unwrap();
+        // SO_LINGER 0: the close sends a RST.
+        socket2::SockRef::from(&tcp)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
         drop(tcp);
     }
     for _ in 0..3 {

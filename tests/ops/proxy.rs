@@ -44,14 +44,6 @@ async fn request_head(tcp: &mut TcpStream) -> Option<String> {
     Some(String::from_utf8_lossy(&head).to_string())
 }
 
-/// The value of header `name` (any case) in `head`.
-fn header(head: &str, name: &str) -> Option<String> {
-    head.lines().find_map(|line| {
-        let (n, v) = line.split_once(':')?;
-        n.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
-    })
-}
-
 /// Reads one response (head and `Content-Length` body) from `tcp`.
 async fn response(tcp: &mut TcpStream) -> (String, Vec<u8>) {
     let head = tokio::time::timeout(QUICK, read_head(tcp))
@@ -128,20 +120,8 @@ async fn access_line(w: &Workdir, target: SocketAddr) -> serde_json::Value {
 async fn the_http_proxy_keeps_what_clients_and_services_rely_on() {
     let w = Workdir::new("proxy");
     let ip = Ipv4Addr::new(127, 82, 0, 1);
-    let text = server_toml(&w, 82, &[], "1s").replace(
-        "socks5 = \"127.0.0.1:0\"",
-        "socks5 = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"",
-    );
-    let config = w.write("server.toml", &text);
-    let (_server, line) = Proc::postern(
-        "server",
-        "server",
-        &config,
-        &["--log-format", "json"],
-        &w.path("server.log"),
-    )
-    .await;
-    let (http, admin) = (ready_addr(&line, "http"), ready_addr(&line, "admin"));
+    let (_server, line) = server_with_http(&w, 82).await;
+    let http = ready_addr(&line, "http");
 
     // Reads a request and its `Content-Length` body, answers `200 ok` echoing the head it got.
     let whole = service(ip, |mut tcp| async move {
@@ -269,21 +249,7 @@ async fn the_http_proxy_keeps_what_clients_and_services_rely_on() {
     .iter()
     .map(|a| a.port())
     .collect();
-    let agent_config = w.write(
-        "agent.toml",
-        &agent_toml(
-            &w,
-            "agent-proxy",
-            &[ready_addr(&line, "relay")],
-            ip,
-            &ports,
-            1,
-            "1s",
-        ),
-    );
-    let (_agent, _) =
-        Proc::postern("agent", "agent", &agent_config, &[], &w.path("agent.log")).await;
-    wait_route(admin, ip).await;
+    let _agent = routed_agent(&w, &line, "agent-proxy", ip, &ports).await;
 
     // 1. A client that shuts its sending side while its request waits for an answer has left, as
     // a client that closes does: the service's connection is reset, the log says why. At once

@@ -399,6 +399,44 @@ pub fn agent_toml(
     agent_role(w, id, relays, ip, ports, redundancy, drain).toml()
 }
 
+/// A `postern server` (memory registry, agents of `127.net.0.0/16`) with its HTTP proxy on as well,
+/// logging JSON to `server.log`, and its `ready` line.
+pub async fn server_with_http(w: &Workdir, net: u8) -> (Proc, String) {
+    let text = server_toml(w, net, &[], "1s").replace(
+        "socks5 = \"127.0.0.1:0\"",
+        "socks5 = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"",
+    );
+    let config = w.write("server.toml", &text);
+    Proc::postern(
+        "server",
+        "server",
+        &config,
+        &["--log-format", "json"],
+        &w.path("server.log"),
+    )
+    .await
+}
+
+/// An agent `id` claiming `ip` and exposing `ports`, tunnelled to the server whose `ready` line
+/// is `line`, once the server routes `ip` to it.
+pub async fn routed_agent(w: &Workdir, line: &str, id: &str, ip: Ipv4Addr, ports: &[u16]) -> Proc {
+    let config = w.write(
+        "agent.toml",
+        &agent_toml(w, id, &[ready_addr(line, "relay")], ip, ports, 1, "1s"),
+    );
+    let (agent, _) = Proc::postern("agent", "agent", &config, &[], &w.path("agent.log")).await;
+    wait_route(ready_addr(line, "admin"), ip).await;
+    agent
+}
+
+/// The value of header `name` (any case) in an HTTP head.
+pub fn header(head: &str, name: &str) -> Option<String> {
+    head.lines().find_map(|line| {
+        let (n, v) = line.split_once(':')?;
+        n.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+    })
+}
+
 /// A server (memory registry) with one agent and its echo service at `127.net.0.1`: the usual
 /// single-process deployment, up and routed.
 pub struct Single {

@@ -99,12 +99,18 @@ impl HalfOpen {
 
 impl Drop for HalfOpen {
     fn drop(&mut self) {
-        if let Some((mut send, mut recv)) = self.0.take() {
-            let code = quinn::VarInt::from_u32(close::STREAM_ABORTED);
-            let _ = send.reset(code);
-            let _ = recv.stop(code);
+        if let Some((send, recv)) = self.0.take() {
+            abandon(send, recv);
         }
     }
+}
+
+/// Resets and stops a stream pair (`STREAM_ABORTED`): the far end sees the connection broken, and
+/// resets whatever it dialled for it, rather than a clean end.
+pub fn abandon(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let code = quinn::VarInt::from_u32(close::STREAM_ABORTED);
+    let _ = send.reset(code);
+    let _ = recv.stop(code);
 }
 
 /// Why a connection could not be opened, shared by every hop so that an agent's answer reaches the

@@ -216,8 +216,6 @@ impl Forwarder {
 
 /// Resets a stream an attempt opened after another attempt already won, so the agent closes the
 /// connection it dialled for it.
-fn discard((mut send, mut recv, _guard): (SendStream, RecvStream, Option<InFlight>)) {
-    let code = quinn::VarInt::from_u32(crate::protocol::close::STREAM_ABORTED);
-    let _ = send.reset(code);
-    let _ = recv.stop(code);
+fn discard((send, recv, _guard): (SendStream, RecvStream, Option<InFlight>)) {
+    crate::protocol::abandon(send, recv);
 }

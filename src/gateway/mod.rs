@@ -278,13 +278,7 @@ fn log_connection(
     result: &std::io::Result<()>,
 ) {
     let label = if result.is_ok() { "ok" } else { "aborted" };
-    crate::metrics::metrics()
-        .client_connections
-        .get_or_create(&crate::metrics::FrontResult {
-            front: front.as_str(),
-            result: label,
-        })
-        .inc();
+    count(front, label);
     let error = match result {
         Ok(()) => None,
         Err(err) => Some(err.to_string()),
@@ -327,13 +321,7 @@ fn log_refused(
         Some(o) => (&*o.relay_id, o.session_id.to_string(), &*o.agent_id),
         None => ("-", "-".to_string(), "-"),
     };
-    crate::metrics::metrics()
-        .client_connections
-        .get_or_create(&crate::metrics::FrontResult {
-            front: front.as_str(),
-            result: crate::metrics::code_label(code),
-        })
-        .inc();
+    count(front, crate::metrics::code_label(code));
     // The same fields as a carried connection's line, so one parser reads both.
     tracing::info!(target: "postern::access", client = %client.addr, user = client.user.as_deref().unwrap_or("-"),
         front = front.as_str(), target = %requested, namespace = %client.namespace, agent_id, relay_id,
@@ -375,13 +363,7 @@ pub(crate) async fn hung_up(socket: Option<&socket2::Socket>) {
 /// The access log line and count for a request of a kind the gateway does not serve (a SOCKS5
 /// BIND or UDP ASSOCIATE): counted as `bad_request`, logged with what was asked.
 fn log_unsupported(front: Front, client: &Client, requested: &Requested, command: &str) {
-    crate::metrics::metrics()
-        .client_connections
-        .get_or_create(&crate::metrics::FrontResult {
-            front: front.as_str(),
-            result: crate::metrics::code_label(Code::BadRequest),
-        })
-        .inc();
+    count(front, crate::metrics::code_label(Code::BadRequest));
     tracing::info!(target: "postern::access", client = %client.addr, user = client.user.as_deref().unwrap_or("-"),
         front = front.as_str(), target = %requested, namespace = %client.namespace, agent_id = "-",
         relay_id = "-", bytes_up = 0u64, bytes_down = 0u64, duration_ms = 0u64,
@@ -389,33 +371,48 @@ fn log_unsupported(front: Front, client: &Client, requested: &Requested, command
         reason = "command not supported (only CONNECT is served)", command, "refused");
 }
 
-/// The access log line and count for a client that left before its request was routed (its
-/// credentials not yet checked): `target` is what the request named.
-fn log_left_unrouted(front: Front, client: SocketAddr, target: &str, started: Instant, why: &str) {
+/// Counts a client connection that ended, under its front door and result.
+fn count(front: Front, result: &'static str) {
     crate::metrics::metrics()
         .client_connections
         .get_or_create(&crate::metrics::FrontResult {
             front: front.as_str(),
-            result: "aborted",
+            result,
         })
         .inc();
-    tracing::info!(target: "postern::access", client = %client, user = "-", front = front.as_str(),
-        target, namespace = "-", agent_id = "-", relay_id = "-", bytes_up = 0u64, bytes_down = 0u64,
-        duration_ms = started.elapsed().as_millis() as u64, result = "aborted", error = why, "connection");
 }
 
-/// The access log line and count for a client that left while its connection was being opened
-/// (`result=aborted`, the `error` saying so): nothing moved, and no owner answered yet.
-fn log_left(front: Front, client: &Client, requested: &Requested, started: Instant, why: &str) {
-    crate::metrics::metrics()
-        .client_connections
-        .get_or_create(&crate::metrics::FrontResult {
-            front: front.as_str(),
-            result: "aborted",
-        })
-        .inc();
-    tracing::info!(target: "postern::access", client = %client.addr, user = client.user.as_deref().unwrap_or("-"),
-        front = front.as_str(), target = %requested, namespace = %client.namespace, agent_id = "-",
+/// Who left, in an access-log line: the client's address, login and namespace once its
+/// credentials are checked; `-` for what is not known yet.
+struct Leaver<'a> {
+    addr: SocketAddr,
+    user: Option<&'a str>,
+    namespace: &'a str,
+}
+
+impl<'a> From<&'a Client> for Leaver<'a> {
+    fn from(client: &'a Client) -> Self {
+        Leaver {
+            addr: client.addr,
+            user: client.user.as_deref(),
+            namespace: &client.namespace,
+        }
+    }
+}
+
+/// The access log line and count for a client that left before its connection was carried
+/// (`result=aborted`, the `error` saying why): while its request waited to be routed, or its
+/// stream to be opened. Nothing moved, and no owner answered yet.
+fn log_left(
+    front: Front,
+    who: Leaver<'_>,
+    target: &dyn std::fmt::Display,
+    started: Instant,
+    why: &str,
+) {
+    count(front, "aborted");
+    tracing::info!(target: "postern::access", client = %who.addr, user = who.user.unwrap_or("-"),
+        front = front.as_str(), target = %target, namespace = who.namespace, agent_id = "-",
         relay_id = "-", bytes_up = 0u64, bytes_down = 0u64,
         duration_ms = started.elapsed().as_millis() as u64, result = "aborted", error = why, "connection");
 }
@@ -424,13 +421,7 @@ fn log_left(front: Front, client: &Client, requested: &Requested, started: Insta
 /// missing password (`unauthorized`), a client address outside the allowlist (`not_allowed`).
 /// `user` is the login the client offered, if any.
 fn log_login_refused(front: Front, client: SocketAddr, user: Option<&str>, code: Code) {
-    crate::metrics::metrics()
-        .client_connections
-        .get_or_create(&crate::metrics::FrontResult {
-            front: front.as_str(),
-            result: crate::metrics::code_label(code),
-        })
-        .inc();
+    count(front, crate::metrics::code_label(code));
     tracing::info!(target: "postern::access", client = %client, user = user.unwrap_or("-"),
         front = front.as_str(), target = "-", namespace = "-", agent_id = "-", relay_id = "-",
         bytes_up = 0u64, bytes_down = 0u64, duration_ms = 0u64, result = crate::metrics::code_label(code),

@@ -106,7 +106,7 @@ async fn serve_forward(relay: Arc<Relay>, mut send: SendStream, mut recv: RecvSt
     {
         // The gateway gave up on this open: the agent resets the connection it dialled.
         if let Ok(t) = opened {
-            drop(protocol::HalfOpen::new(t.send, t.recv));
+            protocol::abandon(t.send, t.recv);
         }
         return;
     }

@@ -277,7 +277,7 @@ async fn connect<S: ClientStream>(
                 // The client is gone (the `200` could not be written): its line says so, and
                 // the stream is reset, so the agent resets the connection it dialled.
                 tracing::debug!(client = %client.addr, %err, "CONNECT upgrade failed");
-                drop(crate::protocol::HalfOpen::new(opened.send, opened.recv));
+                crate::protocol::abandon(opened.send, opened.recv);
                 super::log_connection(
                     Front::Http,
                     &client,
@@ -456,9 +456,15 @@ impl Unrouted {
 impl Drop for Unrouted {
     fn drop(&mut self) {
         if !self.answered && !self.routed.load(Ordering::Relaxed) {
-            super::log_left_unrouted(
+            // Credentials not checked yet: no login or namespace to name.
+            let who = super::Leaver {
+                addr: self.client,
+                user: None,
+                namespace: "-",
+            };
+            super::log_left(
                 Front::Http,
-                self.client,
+                who,
                 &self.target,
                 self.started,
                 exchange::LEFT_BEFORE_ANSWER,
@@ -480,7 +486,7 @@ impl Drop for Opening<'_> {
         if !self.done {
             super::log_left(
                 Front::Http,
-                self.client,
+                self.client.into(),
                 self.requested,
                 self.started,
                 exchange::LEFT_BEFORE_ANSWER,

@@ -34,6 +34,35 @@ fn num(v: &Value, path: &[&str]) -> Option<f64> {
     v.as_f64()
 }
 
+/// Cores a load kept busy: the CPU time of every process on its path (the target included) and
+/// of the client, over the load's wall time (`scripts/bench` adds `cpu` to each result).
+fn cores_busy(v: &Value) -> Option<f64> {
+    let wall = num(v, &["cpu", "wall_s"])?;
+    let cpu = num(v, &["cpu", "processes_s"])? + num(v, &["cpu", "client_s"])?;
+    (wall > 0.0).then_some(cpu / wall)
+}
+
+/// The CPU time of one unit of a load's work: `scale` CPU-seconds per `per` (a rate in the result).
+fn cpu_per(v: &Value, per: &str, scale: f64) -> Option<f64> {
+    let rate = num(v, &[per])?;
+    (rate > 0.0).then_some(cores_busy(v)? * scale / rate)
+}
+
+/// CPU-seconds per GB moved (throughput loads).
+fn cpu_s_per_gb(v: &Value) -> Option<f64> {
+    cpu_per(v, "gbit_per_s", 8.0)
+}
+
+/// CPU microseconds per new connection (connection loads).
+fn cpu_us_per_connection(v: &Value) -> Option<f64> {
+    cpu_per(v, "connections_per_s", 1e6)
+}
+
+/// CPU microseconds per round trip (round-trip loads).
+fn cpu_us_per_round_trip(v: &Value) -> Option<f64> {
+    cpu_per(v, "round_trips_per_s", 1e6)
+}
+
 /// Rows measured on all three paths.
 const PATH_ROWS: &[Row] = &[
     Row {
@@ -138,6 +167,51 @@ const PATH_ROWS: &[Row] = &[
         value: |v| num(v, &["latency", "p999_us"]),
         better: Better::Lower,
         decimals: 1,
+        target: "",
+    },
+    Row {
+        label: "cores busy (every process on the path, the client too), throughput 1 connection",
+        direct_test: None,
+        test: "tput1",
+        value: cores_busy,
+        better: Better::None,
+        decimals: 2,
+        target: "the machine's cores are the ceiling",
+    },
+    Row {
+        label: "CPU-seconds per GB moved (every process, the client too), 1 connection",
+        direct_test: None,
+        test: "tput1",
+        value: cpu_s_per_gb,
+        better: Better::Lower,
+        decimals: 2,
+        target: "",
+    },
+    Row {
+        label: "CPU-seconds per GB moved (every process, the client too), 8 connections",
+        direct_test: None,
+        test: "tput8",
+        value: cpu_s_per_gb,
+        better: Better::Lower,
+        decimals: 2,
+        target: "",
+    },
+    Row {
+        label: "CPU µs per new connection (every process, the client too), 8 workers",
+        direct_test: None,
+        test: "connect8",
+        value: cpu_us_per_connection,
+        better: Better::Lower,
+        decimals: 0,
+        target: "",
+    },
+    Row {
+        label: "CPU µs per round trip (every process, the client too)",
+        direct_test: None,
+        test: "rtt",
+        value: cpu_us_per_round_trip,
+        better: Better::Lower,
+        decimals: 0,
         target: "",
     },
     Row {
@@ -257,6 +331,53 @@ const PEER_COLUMNS: &[PeerColumn] = &[
     },
 ];
 
+/// Where each path's CPU goes, per unit of work, in the same loads as [`PEER_COLUMNS`]: every
+/// process on the path (the target included) and the client.
+const CPU_COLUMNS: &[PeerColumn] = &[
+    PeerColumn {
+        label: "cores busy, 1 conn",
+        test: "tput1",
+        value: cores_busy,
+        better: Better::None,
+        decimals: 2,
+    },
+    PeerColumn {
+        label: "CPU-s per GB, 1 conn",
+        test: "tput1",
+        value: cpu_s_per_gb,
+        better: Better::Lower,
+        decimals: 2,
+    },
+    PeerColumn {
+        label: "CPU-s per GB, 8 conn",
+        test: "tput8",
+        value: cpu_s_per_gb,
+        better: Better::Lower,
+        decimals: 2,
+    },
+    PeerColumn {
+        label: "CPU µs per conn, sequential",
+        test: "connect1",
+        value: cpu_us_per_connection,
+        better: Better::Lower,
+        decimals: 0,
+    },
+    PeerColumn {
+        label: "CPU µs per conn, 8 workers",
+        test: "connect8",
+        value: cpu_us_per_connection,
+        better: Better::Lower,
+        decimals: 0,
+    },
+    PeerColumn {
+        label: "CPU µs per round trip",
+        test: "rtt",
+        value: cpu_us_per_round_trip,
+        better: Better::Lower,
+        decimals: 0,
+    },
+];
+
 /// The rows of the table against the peers: (path in the results, label). The first three are
 /// the machine itself and postern; the rest are the peers postern is compared with.
 const PEER_ROWS: &[(&str, &str)] = &[
@@ -278,6 +399,9 @@ fn versus(ours: Option<f64>, theirs: Option<f64>, better: Better) -> String {
                 Better::Lower => a < b,
                 _ => a > b,
             };
+            if better == Better::None {
+                return format!("{ratio:.2}×");
+            }
             let word = if a == b {
                 "even"
             } else if ahead {
@@ -312,42 +436,73 @@ pub fn peers_table(results: &str) -> anyhow::Result<String> {
         }
         total
     };
-    let mut out = String::from("| path |");
-    for column in PEER_COLUMNS {
-        out.push_str(&format!(" {} |", column.label));
-    }
-    out.push_str(" errors |\n|---|");
-    out.push_str(&"---:|".repeat(PEER_COLUMNS.len() + 1));
-    out.push('\n');
-    for (path, label) in PEER_ROWS {
-        out.push_str(&format!("| {label} |"));
-        for column in PEER_COLUMNS {
-            out.push_str(&format!(
-                " {} |",
-                fmt_value(figure(path, column), column.decimals)
-            ));
+    // One table of columns: a row per path, then postern's co-located figure ÷ each peer's.
+    let render = |columns: &[PeerColumn], with_errors: bool| {
+        let mut out = String::from("| path |");
+        for column in columns {
+            out.push_str(&format!(" {} |", column.label));
         }
-        out.push_str(&format!(" {} |\n", fmt_value(errors(path), 0)));
-    }
-    for (path, label) in &PEER_ROWS[3..] {
-        let name = label.split(" (").next().unwrap_or(label);
-        out.push_str(&format!("| postern server + agent ÷ {name} |"));
-        for column in PEER_COLUMNS {
-            let ratio = versus(
-                figure("colocated", column),
-                figure(path, column),
-                column.better,
-            );
-            out.push_str(&format!(" {ratio} |"));
+        out.push_str(if with_errors {
+            " errors |\n|---|"
+        } else {
+            "\n|---|"
+        });
+        out.push_str(&"---:|".repeat(columns.len() + usize::from(with_errors)));
+        out.push('\n');
+        for (path, label) in PEER_ROWS {
+            out.push_str(&format!("| {label} |"));
+            for column in columns {
+                out.push_str(&format!(
+                    " {} |",
+                    fmt_value(figure(path, column), column.decimals)
+                ));
+            }
+            if with_errors {
+                out.push_str(&format!(" {} |", fmt_value(errors(path), 0)));
+            }
+            out.push('\n');
         }
-        out.push_str(" |\n");
+        for (path, label) in &PEER_ROWS[3..] {
+            let name = label.split(" (").next().unwrap_or(label);
+            out.push_str(&format!("| postern server + agent ÷ {name} |"));
+            for column in columns {
+                let ratio = versus(
+                    figure("colocated", column),
+                    figure(path, column),
+                    column.better,
+                );
+                out.push_str(&format!(" {ratio} |"));
+            }
+            out.push_str(if with_errors { " |\n" } else { "\n" });
+        }
+        out
+    };
+    let mut out = render(PEER_COLUMNS, true);
+    if CPU_COLUMNS
+        .iter()
+        .any(|c| PEER_ROWS.iter().any(|(p, _)| figure(p, c).is_some()))
+    {
+        out.push_str(
+            "\nWhere the CPU goes, in the same loads: the CPU time of every process on the path \
+             (the target included) and of the client, per unit of work; cores busy is that time \
+             over the load's wall time.\n\n",
+        );
+        out.push_str(&render(CPU_COLUMNS, false));
     }
 
-    // Issue 15's targets, each with what this run measured.
+    // Issue 15's targets, each with what this run measured and, where the run recorded CPU
+    // time, what the machine's cores allow.
     let get = |path: &str, test: &str| {
         let column = PEER_COLUMNS.iter().find(|c| c.test == test)?;
         figure(path, column)
     };
+    let cpu = |path: &str, test: &str, value: fn(&Value) -> Option<f64>| {
+        median(found.get(&(path.to_string(), test.to_string()))?, value)
+    };
+    let cores = found
+        .values()
+        .flatten()
+        .find_map(|v| num(v, &["cpu", "cores"]));
     let rtt = |path: &str| {
         let runs = found.get(&(path.to_string(), "rtt".to_string()))?;
         median(runs, |v| num(v, &["latency", "p50_us"]))
@@ -358,66 +513,118 @@ pub fn peers_table(results: &str) -> anyhow::Result<String> {
         None => "not measured",
     };
     let both = |a: Option<f64>, b: Option<f64>| Some((a?, b?));
-    let mut targets: Vec<(String, String, Option<bool>)> = Vec::new();
+    let versus_cpu = |what: &str, test: &str, value: fn(&Value) -> Option<f64>| {
+        both(
+            cpu("colocated", test, value),
+            cpu("rathole-tcp", test, value),
+        )
+        .map_or(String::new(), |(a, b)| {
+            format!("CPU per {what}: {a:.0} µs against rathole TCP's {b:.0} µs")
+        })
+    };
+    struct Target {
+        name: &'static str,
+        measured: String,
+        limit: String,
+        met: Option<bool>,
+    }
+    let mut targets: Vec<Target> = Vec::new();
     let pair = both(rtt("colocated"), rtt("rathole-tcp"));
-    targets.push((
-        "round trip p50 ≤ rathole TCP's".into(),
-        pair.map_or("—".into(), |(a, b)| format!("{a:.1} µs vs {b:.1} µs")),
-        pair.map(|(a, b)| a <= b),
-    ));
+    targets.push(Target {
+        name: "round trip p50 ≤ rathole TCP's",
+        measured: pair.map_or("—".into(), |(a, b)| format!("{a:.1} µs vs {b:.1} µs")),
+        limit: versus_cpu("round trip", "rtt", cpu_us_per_round_trip),
+        met: pair.map(|(a, b)| a <= b),
+    });
     let pair = both(get("colocated", "connect8"), get("rathole-tcp", "connect8"));
-    targets.push((
-        "conn/s with 8 workers ≥ rathole TCP's".into(),
-        pair.map_or("—".into(), |(a, b)| format!("{a:.0} vs {b:.0}")),
-        pair.map(|(a, b)| a >= b),
-    ));
+    targets.push(Target {
+        name: "conn/s with 8 workers ≥ rathole TCP's",
+        measured: pair.map_or("—".into(), |(a, b)| format!("{a:.0} vs {b:.0}")),
+        limit: versus_cpu("connection", "connect8", cpu_us_per_connection),
+        met: pair.map(|(a, b)| a >= b),
+    });
     let ours = get("colocated", "connect1");
     let noise = get("rathole-noise", "connect1");
     let tcp = get("rathole-tcp", "connect1");
-    targets.push((
-        "conn/s sequential ≥ rathole Noise's and ≥ 0.8× rathole TCP's".into(),
-        match (ours, noise, tcp) {
+    targets.push(Target {
+        name: "conn/s sequential ≥ rathole Noise's and ≥ 0.8× rathole TCP's",
+        measured: match (ours, noise, tcp) {
             (Some(a), Some(n), Some(t)) => {
                 format!("{a:.0} vs {n:.0} (Noise) and {:.2}× TCP's {t:.0}", a / t)
             }
             _ => "—".into(),
         },
-        match (ours, noise, tcp) {
+        limit: versus_cpu("connection", "connect1", cpu_us_per_connection),
+        met: match (ours, noise, tcp) {
             (Some(a), Some(n), Some(t)) => Some(a >= n && a >= 0.8 * t),
             _ => None,
         },
-    ));
-    let pair = both(get("colocated", "tput8"), get("colocated", "tput1"));
-    targets.push((
-        "8-connection throughput ≥ 1.3× 1-connection".into(),
-        pair.map_or("—".into(), |(a, b)| format!("{:.2}×", a / b)),
-        pair.map(|(a, b)| a >= 1.3 * b),
-    ));
-    let pair = both(get("twohop", "tput1"), get("colocated", "tput1"));
-    targets.push((
-        "two-hop throughput ≥ 70% of co-located".into(),
-        pair.map_or("—".into(), |(a, b)| format!("{:.0}%", 100.0 * a / b)),
-        pair.map(|(a, b)| a >= 0.7 * b),
-    ));
-    let ours = get("colocated", "tput1");
+    });
+    // With every core busy at the CPU per GB a load actually cost, what could it have moved?
+    let at_full = |path: &str, test: &str| Some(cores? * 8.0 / cpu(path, test, cpu_s_per_gb)?);
+    let one = get("colocated", "tput1");
+    let pair = both(get("colocated", "tput8"), one);
+    targets.push(Target {
+        name: "8-connection throughput ≥ 1.3× 1-connection",
+        measured: pair.map_or("—".into(), |(a, b)| format!("{:.2}×", a / b)),
+        limit: match (
+            at_full("colocated", "tput8"),
+            one,
+            cpu("colocated", "tput1", cores_busy),
+        ) {
+            (Some(full), Some(one), Some(busy)) => format!(
+                "one connection kept {busy:.2} of {:.0} cores busy; with every core busy at the \
+                 8 connections' CPU per GB they would move {full:.2} Gbit/s: {:.2}× one connection",
+                cores.unwrap_or(0.0),
+                full / one
+            ),
+            _ => String::new(),
+        },
+        met: pair.map(|(a, b)| a >= 1.3 * b),
+    });
+    let pair = both(get("twohop", "tput1"), one);
+    targets.push(Target {
+        name: "two-hop throughput ≥ 70% of co-located",
+        measured: pair.map_or("—".into(), |(a, b)| format!("{:.0}%", 100.0 * a / b)),
+        limit: match (at_full("twohop", "tput1"), one) {
+            (Some(full), Some(one)) => format!(
+                "with every core busy at the two-hop path's CPU per GB ({:.2} s, co-located {:.2} s) \
+                 it would move {full:.2} Gbit/s: {:.0}% of co-located",
+                cpu("twohop", "tput1", cpu_s_per_gb).unwrap_or(0.0),
+                cpu("colocated", "tput1", cpu_s_per_gb).unwrap_or(0.0),
+                100.0 * full / one
+            ),
+            _ => String::new(),
+        },
+        met: pair.map(|(a, b)| a >= 0.7 * b),
+    });
     let encrypted: Vec<f64> = ["rathole-noise", "rathole-tls"]
         .iter()
         .filter_map(|p| get(p, "tput1"))
         .collect();
-    targets.push((
-        "1-connection throughput ≥ every encrypted peer's".into(),
-        match (ours, encrypted.iter().copied().reduce(f64::max)) {
+    targets.push(Target {
+        name: "1-connection throughput ≥ every encrypted peer's",
+        measured: match (one, encrypted.iter().copied().reduce(f64::max)) {
             (Some(a), Some(best)) => format!("{a:.2} vs best {best:.2} Gbit/s"),
             _ => "—".into(),
         },
-        match (ours, encrypted.len()) {
+        limit: String::new(),
+        met: match (one, encrypted.len()) {
             (Some(a), 2) => Some(encrypted.iter().all(|&b| a >= b)),
             _ => None,
         },
-    ));
-    out.push_str("\n| target (issue 15) | measured | |\n|---|---|---|\n");
-    for (target, measured, met) in targets {
-        out.push_str(&format!("| {target} | {measured} | {} |\n", check(met)));
+    });
+    out.push_str(
+        "\n| target (issue 15) | measured | | what bounds it in this run |\n|---|---|---|---|\n",
+    );
+    for t in targets {
+        out.push_str(&format!(
+            "| {} | {} | {} | {} |\n",
+            t.name,
+            t.measured,
+            check(t.met),
+            t.limit
+        ));
     }
     Ok(out)
 }
@@ -589,6 +796,7 @@ fn transport_rows<'a>(runs: &impl Fn(&str, &str) -> &'a [Value]) -> String {
         }
         let quic = median(runs("colocated", row.test), row.value);
         let target = match row.test {
+            _ if row.better != Better::Higher => "",
             "tput1" => "≥ co-located over QUIC",
             "tput8" => "> its 1-connection figure",
             _ => "",

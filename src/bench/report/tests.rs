@@ -127,3 +127,84 @@ fn peers_table_compares_postern_with_each_peer_and_fakes_no_missing_one() {
     assert!(row("| conn/s sequential ≥").contains("| **not met** |"));
     assert!(row("| conn/s with 8 workers").contains("| not measured |"));
 }
+
+#[test]
+fn cpu_time_becomes_cost_per_unit_of_work_and_the_ceilings_it_allows() {
+    // 2 cores; each load ran 1 s of wall time.
+    let cpu = |processes: f64, client: f64| {
+        format!(r#""cpu":{{"cores":2,"wall_s":1.0,"client_s":{client},"processes_s":{processes}}}"#)
+    };
+    let lines = [
+        format!(
+            r#"{{"path":"colocated","test":"tput1","result":{{"gbit_per_s":2.0,{}}}}}"#,
+            cpu(1.5, 0.25)
+        ),
+        format!(
+            r#"{{"path":"colocated","test":"tput8","result":{{"gbit_per_s":2.2,{}}}}}"#,
+            cpu(1.65, 0.25)
+        ),
+        format!(
+            r#"{{"path":"twohop","test":"tput1","result":{{"gbit_per_s":1.0,{}}}}}"#,
+            cpu(1.5, 0.1)
+        ),
+        format!(
+            r#"{{"path":"colocated","test":"rtt","result":{{"round_trips_per_s":4000.0,"latency":{{"p50_us":250.0}},{}}}}}"#,
+            cpu(0.8, 0.2)
+        ),
+        format!(
+            r#"{{"path":"rathole-tcp","test":"rtt","result":{{"round_trips_per_s":5000.0,"latency":{{"p50_us":200.0}},{}}}}}"#,
+            cpu(0.4, 0.1)
+        ),
+        // A result without a CPU record (an older results file) gives dashes, not zeros.
+        r#"{"path":"rathole-tcp","test":"tput1","result":{"gbit_per_s":3.0}}"#.to_string(),
+    ]
+    .join("\n");
+
+    let t = table(&lines).unwrap();
+    let row = |t: &str, prefix: &str| {
+        t.lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no row {prefix} in\n{t}"))
+            .to_string()
+    };
+    // (1.5 + 0.25) / 1 s = 1.75 cores; 1.75 CPU-s each second over 0.25 GB = 7 s per GB.
+    assert!(row(&t, "| cores busy").contains("| — | 1.75 | 1.60 | — | — | — |"));
+    assert!(row(
+        &t,
+        "| CPU-seconds per GB moved (every process, the client too), 1 connection"
+    )
+    .contains("| — | 7.00 | 12.80 | — | — | 1.83× |"));
+    // 1 core-second over 4,000 round trips.
+    assert!(row(&t, "| CPU µs per round trip").contains("| — | 250 | — |"));
+
+    let t = peers_table(&lines).unwrap();
+    assert!(t.contains("Where the CPU goes"), "{t}");
+    assert!(row(
+        &t,
+        "| rathole, TCP transport (no encryption) | — | — | — | — | — | 100 |"
+    )
+    .ends_with("| 100 |"));
+    assert!(row(
+        &t,
+        "| postern server + agent ÷ rathole, TCP transport | — | — | — | — | — | 2.50× trails |"
+    )
+    .ends_with("trails |"));
+    let rtt = row(&t, "| round trip p50 ≤ rathole TCP's");
+    assert!(
+        rtt.contains("| 250.0 µs vs 200.0 µs | **not met** | CPU per round trip: 250 µs against rathole TCP's 100 µs |"),
+        "{rtt}"
+    );
+    // 8 connections at 8 × 1.9 / 2.2 = 6.91 CPU-s per GB on 2 cores: 2.32 Gbit/s, 1.16× one.
+    let scaling = row(&t, "| 8-connection throughput ≥ 1.3× 1-connection");
+    assert!(
+        scaling.contains("| 1.10× | **not met** | one connection kept 1.75 of 2 cores busy"),
+        "{scaling}"
+    );
+    assert!(
+        scaling.contains("they would move 2.32 Gbit/s: 1.16× one connection |"),
+        "{scaling}"
+    );
+    // Two-hop at 12.8 CPU-s per GB on 2 cores: 1.25 Gbit/s, 62% of co-located's 2.0.
+    let two = row(&t, "| two-hop throughput ≥ 70% of co-located");
+    assert!(two.contains("| 50% | **not met** | with every core busy at the two-hop path's CPU per GB (12.80 s, co-located 7.00 s) it would move 1.25 Gbit/s: 62% of co-located |"), "{two}");
+}

@@ -13,15 +13,22 @@
 //!   `relay.max_pending` in total, a new one is refused before its TLS handshake;
 //! - once half of either limit is in use, a client must first prove that it receives at its
 //!   address (a stateless QUIC Retry) before it is counted, so handshakes from spoofed addresses,
-//!   which never complete, cannot hold the slots of the address they name or fill the total.
+//!   which never complete, cannot hold the slots of the address they name or fill the total;
+//! - when the total is reached, a connection from a source holding at least two fewer slots than
+//!   the source holding the most takes that source's oldest slot, whose connection is ended: a
+//!   few sources that hold their connections silent (over TCP, before TLS says anything; over QUIC,
+//!   through the hello deadline) cannot keep every other source out. Blocking new agents takes as
+//!   many sources as `relay.max_pending` has slots.
 //!
 //! The peer endpoint is screened by a [`Pending`] of its own with the same limits; a peer
 //! connection counts until its handshake has completed with a peer certificate.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+use tokio_util::sync::CancellationToken;
 
 /// Streams an agent may open on its tunnel: the control stream only (the relay opens the rest).
 pub const AGENT_MAX_STREAMS: u32 = 1;
@@ -60,12 +67,62 @@ pub struct Pending {
 struct State {
     by_source: HashMap<IpAddr, u32>,
     total: u32,
+    /// Every slot held, oldest first (ids grow), with its source and what ends its connection.
+    slots: BTreeMap<u64, (IpAddr, CancellationToken)>,
+    next_id: u64,
 }
 
-/// One unadmitted connection, counted until dropped (admission, or the connection's end).
+impl State {
+    /// Frees a slot for a connection from `source` when the total is reached: the oldest slot of
+    /// the source holding the most, if that source holds at least two more than `source` (after
+    /// the exchange it still holds at least as many). Its connection is told to end.
+    fn evict_for(&mut self, source: IpAddr) -> bool {
+        let own = self.by_source.get(&source).copied().unwrap_or(0);
+        let Some((&heaviest, &held)) = self.by_source.iter().max_by_key(|(_, held)| **held) else {
+            return false;
+        };
+        if held < own + 2 {
+            return false;
+        }
+        let Some(id) = self
+            .slots
+            .iter()
+            .find_map(|(id, (from, _))| (*from == heaviest).then_some(*id))
+        else {
+            return false;
+        };
+        if let Some((from, evict)) = self.slots.remove(&id) {
+            self.release(from);
+            evict.cancel();
+        }
+        true
+    }
+
+    fn release(&mut self, source: IpAddr) {
+        self.total = self.total.saturating_sub(1);
+        if let Some(held) = self.by_source.get_mut(&source) {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                self.by_source.remove(&source);
+            }
+        }
+    }
+}
+
+/// One unadmitted connection, counted until dropped (admission, or the connection's end), or
+/// until the relay takes it back for a source holding fewer ([`Slot::evicted`]).
 pub struct Slot {
     pending: Arc<Pending>,
-    source: IpAddr,
+    id: u64,
+    evict: CancellationToken,
+}
+
+impl Slot {
+    /// Resolves when the relay has taken this slot back for a connection from a source holding
+    /// fewer: the connection should end now.
+    pub async fn evicted(&self) {
+        self.evict.cancelled().await
+    }
 }
 
 /// The key a source is counted under: an IPv4 address, or the /64 of an IPv6 address (one host
@@ -95,22 +152,31 @@ impl Pending {
         })
     }
 
-    /// Counts a new connection from `ip`, or says which limit it would exceed.
+    /// Counts a new connection from `ip`, or says which limit it would exceed. At the total, a
+    /// source holding at least two fewer slots than the source holding the most takes that
+    /// source's oldest slot (counted as a refusal, `evicted`).
     pub fn enter(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Limit> {
         let source = source_key(ip);
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if state.total >= self.total {
-            return Err(Limit::Total);
-        }
-        let held = state.by_source.entry(source).or_insert(0);
-        if *held >= self.per_source {
+        if state.by_source.get(&source).copied().unwrap_or(0) >= self.per_source {
             return Err(Limit::PerSource);
         }
-        *held += 1;
+        if state.total >= self.total {
+            if !state.evict_for(source) {
+                return Err(Limit::Total);
+            }
+            self.count_refusal("evicted");
+        }
+        *state.by_source.entry(source).or_insert(0) += 1;
         state.total += 1;
+        let id = state.next_id;
+        state.next_id += 1;
+        let evict = CancellationToken::new();
+        state.slots.insert(id, (source, evict.clone()));
         Ok(Slot {
             pending: self.clone(),
-            source,
+            id,
+            evict,
         })
     }
 
@@ -154,15 +220,19 @@ impl Pending {
         self.len() == 0
     }
 
-    /// Counts a refusal and warns at most every 10 s.
-    pub fn refused(&self, remote: std::net::SocketAddr, limit: Limit) {
+    fn count_refusal(&self, reason: &'static str) {
         crate::metrics::metrics()
             .relay_handshakes_refused
             .get_or_create(&crate::metrics::Refusal {
                 endpoint: self.endpoint,
-                reason: limit.as_str(),
+                reason,
             })
             .inc();
+    }
+
+    /// Counts a refusal and warns at most every 10 s.
+    pub fn refused(&self, remote: std::net::SocketAddr, limit: Limit) {
+        self.count_refusal(limit.as_str());
         let now = crate::registry::unix_now();
         let last = self.warned_at.load(Ordering::Relaxed);
         if now >= last + 10
@@ -187,12 +257,9 @@ impl Pending {
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut state = self.pending.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.total = state.total.saturating_sub(1);
-        if let Some(held) = state.by_source.get_mut(&self.source) {
-            *held = held.saturating_sub(1);
-            if *held == 0 {
-                state.by_source.remove(&self.source);
-            }
+        // An evicted slot was released when it was taken back.
+        if let Some((source, _)) = state.slots.remove(&self.id) {
+            state.release(source);
         }
     }
 }
@@ -215,7 +282,47 @@ mod tests {
         drop(a1);
         assert_eq!(pending.len(), 2);
         let _a3 = pending.enter(a).unwrap();
+        assert_eq!(pending.enter(a).err(), Some(Limit::PerSource));
+        assert_eq!(pending.enter(b).err(), Some(Limit::Total), "a holds 2, b 1: even enough");
+    }
+
+    #[test]
+    fn a_source_holding_fewer_takes_the_oldest_slot_of_the_source_holding_most() {
+        let evictions = || {
+            crate::metrics::metrics()
+                .relay_handshakes_refused
+                .get_or_create(&crate::metrics::Refusal {
+                    endpoint: "agent",
+                    reason: "evicted",
+                })
+                .get()
+        };
+        let before = evictions();
+        let pending = Pending::new("agent", 4, 4);
+        let a: IpAddr = "127.130.0.1".parse().unwrap();
+        let b: IpAddr = "127.130.0.2".parse().unwrap();
+        let held: Vec<Slot> = (0..4).map(|_| pending.enter(a).unwrap()).collect();
+        let is_evicted = |slot: &Slot| slot.evict.is_cancelled();
+        // b holds none, a all four: b takes a's oldest.
+        let b1 = pending.enter(b).unwrap();
+        assert_eq!(
+            held.iter().map(is_evicted).collect::<Vec<_>>(),
+            [true, false, false, false]
+        );
+        assert_eq!(pending.len(), 4);
+        let _b2 = pending.enter(b).unwrap();
+        assert!(is_evicted(&held[1]));
+        // a 2, b 2: nobody holds two more than b.
+        assert_eq!(pending.enter(b).err(), Some(Limit::Total));
         assert_eq!(pending.enter(a).err(), Some(Limit::Total));
+        assert!(!is_evicted(&b1) && !is_evicted(&held[2]));
+        // An evicted slot ending later releases nothing twice.
+        drop(held);
+        assert_eq!(pending.len(), 2);
+        let _a = pending.enter(a).unwrap();
+        let _c = pending.enter("127.130.0.3".parse().unwrap()).unwrap();
+        assert_eq!(pending.len(), 4);
+        assert!(evictions() >= before + 2);
     }
 
     #[test]

@@ -32,7 +32,14 @@ pub async fn accept_loop(
         let streams = tasks.clone();
         tasks.spawn(async move {
             let remote = incoming.remote_address();
-            let conn = match tokio::time::timeout(super::HANDSHAKE_TIMEOUT, incoming).await {
+            let handshake = tokio::time::timeout(super::HANDSHAKE_TIMEOUT, incoming);
+            let conn = match tokio::select! {
+                done = handshake => done,
+                () = pending.evicted() => {
+                    tracing::info!(%remote, "peer handshake ended: its slot went to a source holding fewer");
+                    return;
+                }
+            } {
                 Ok(Ok(conn)) => conn,
                 Ok(Err(err)) => {
                     tracing::info!(%remote, %err, "peer handshake failed");

@@ -26,6 +26,10 @@ use crate::registry::unix_now;
 mod credentials;
 use credentials::{certificate_name, AgentCertificate};
 
+/// Why a connection not yet admitted was ended to make room for a source holding fewer.
+const EVICTED: &str =
+    "unadmitted connection limit reached: this slot went to a source holding fewer";
+
 /// An admitted agent connection, handed from the admission to the session's run.
 struct Admitted {
     session: Arc<Session>,
@@ -105,9 +109,11 @@ impl Relay {
             let conn = incoming.await.context("QUIC handshake failed")?;
             anyhow::Ok((conn, gone))
         };
-        let (conn, gone) = Box::pin(tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake))
-            .await
-            .context("TCP tunnel handshake timed out")??;
+        let handshake = Box::pin(tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake));
+        let (conn, gone) = tokio::select! {
+            done = handshake => done.context("TCP tunnel handshake timed out")??,
+            () = pending.evicted() => anyhow::bail!(EVICTED),
+        };
         // The TCP connection's end is the tunnel's end: no need to wait for the idle timeout.
         {
             let conn = conn.clone();
@@ -131,10 +137,13 @@ impl Relay {
     ) {
         let remote = incoming.remote_address();
         let served = async {
-            let conn = Box::pin(tokio::time::timeout(HANDSHAKE_TIMEOUT, *incoming))
-                .await
-                .context("QUIC handshake timed out")?
-                .context("QUIC handshake failed")?;
+            let handshake = Box::pin(tokio::time::timeout(HANDSHAKE_TIMEOUT, *incoming));
+            let conn = tokio::select! {
+                done = handshake => done
+                    .context("QUIC handshake timed out")?
+                    .context("QUIC handshake failed")?,
+                () = pending.evicted() => anyhow::bail!(EVICTED),
+            };
             self.serve_connection(conn, crate::tcp_tunnel::Kind::Quic, pending, closed)
                 .await
         };
@@ -176,30 +185,41 @@ impl Relay {
     ) -> anyhow::Result<Option<Admitted>> {
         // One deadline from the handshake to the hello, however the peer splits its silence
         // between opening the control stream and writing on it.
-        let hello_deadline = tokio::time::Instant::now() + protocol::HELLO_TIMEOUT;
-        let (mut send, mut recv) =
-            match tokio::time::timeout_at(hello_deadline, conn.accept_bi()).await {
-                Ok(Ok(streams)) => streams,
-                Ok(Err(err)) => return Err(err).context("control stream"),
-                Err(_) => {
+        let read_hello = async {
+            let hello_deadline = tokio::time::Instant::now() + protocol::HELLO_TIMEOUT;
+            let (send, mut recv) =
+                match tokio::time::timeout_at(hello_deadline, conn.accept_bi()).await {
+                    Ok(Ok(streams)) => streams,
+                    Ok(Err(err)) => return Err(err).context("control stream"),
+                    Err(_) => {
+                        conn.close(close::PROTOCOL.into(), b"no hello within the deadline");
+                        anyhow::bail!("no control stream within the hello timeout");
+                    }
+                };
+            let left = hello_deadline.saturating_duration_since(tokio::time::Instant::now());
+            let hello = match protocol::read_message_timeout(&mut recv, left).await {
+                Ok(Message::Hello(hello)) => hello,
+                Ok(other) => {
+                    conn.close(close::PROTOCOL.into(), b"expected hello");
+                    anyhow::bail!(protocol::Error::unexpected(&other));
+                }
+                Err(protocol::Error::Timeout(_)) => {
                     conn.close(close::PROTOCOL.into(), b"no hello within the deadline");
-                    anyhow::bail!("no control stream within the hello timeout");
+                    anyhow::bail!("no hello within the hello timeout");
+                }
+                Err(err) => {
+                    conn.close(close::PROTOCOL.into(), b"bad hello");
+                    return Err(err).context("reading hello");
                 }
             };
-        let left = hello_deadline.saturating_duration_since(tokio::time::Instant::now());
-        let hello = match protocol::read_message_timeout(&mut recv, left).await {
-            Ok(Message::Hello(hello)) => hello,
-            Ok(other) => {
-                conn.close(close::PROTOCOL.into(), b"expected hello");
-                anyhow::bail!(protocol::Error::unexpected(&other));
-            }
-            Err(protocol::Error::Timeout(_)) => {
-                conn.close(close::PROTOCOL.into(), b"no hello within the deadline");
-                anyhow::bail!("no hello within the hello timeout");
-            }
-            Err(err) => {
-                conn.close(close::PROTOCOL.into(), b"bad hello");
-                return Err(err).context("reading hello");
+            anyhow::Ok((send, recv, hello))
+        };
+        // A slot the relay took back for another source ends the wait (see `admission`).
+        let (mut send, recv, hello) = tokio::select! {
+            read = read_hello => read?,
+            () = pending.evicted() => {
+                conn.close(close::PROTOCOL.into(), EVICTED.as_bytes());
+                anyhow::bail!(EVICTED);
             }
         };
         let span = tracing::info_span!("session", agent_id = %hello.agent_id, remote = %conn.remote_address(), %transport);

@@ -595,3 +595,89 @@ async fn handshakes_that_never_complete_hold_at_most_half_a_sources_slots() {
     drop(conn);
     drop(attempts);
 }
+
+/// A few sources holding their connections silent fill every slot the relay keeps for
+/// connections not yet admitted (`relay.max_pending`): over QUIC through the hello deadline, over
+/// TCP before TLS says anything. A new agent from another source still gets in at once: it takes
+/// the oldest slot of the source holding the most, whose connection the relay ends with a reason,
+/// while the other silent connections are left to their deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_sources_filling_every_pending_slot_do_not_keep_a_new_agent_out() {
+    init();
+    let pki = Pki::new();
+    let net = 146;
+    let stack = Stack::start(&pki, net, 0, GatewayConfig::default(), |relay| {
+        relay.max_pending = 10;
+        relay.max_pending_per_source = 4;
+    })
+    .await;
+    let evictions = || {
+        postern::metrics::metrics()
+            .relay_handshakes_refused
+            .get_or_create(&postern::metrics::Refusal {
+                endpoint: "agent",
+                reason: "evicted",
+            })
+            .get()
+    };
+    let evicted_before = evictions();
+
+    // Source A holds 4 silent QUIC connections, B 3, and C 3 silent TCP connections (no TLS).
+    let a = Hostile::new(ip(net, 70, 1), stack.relay_addr, &stack.trust);
+    let b = Hostile::new(ip(net, 70, 2), stack.relay_addr, &stack.trust);
+    let mut held_a = Vec::new();
+    for _ in 0..4 {
+        held_a.push(a.connect().await);
+    }
+    let mut held_b = Vec::new();
+    for _ in 0..3 {
+        held_b.push(b.connect().await);
+    }
+    let mut held_c = Vec::new();
+    for _ in 0..3 {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.bind(sa(ip(net, 70, 3), 0)).expect("bind");
+        held_c.push(socket.connect(stack.relay_addr).await.expect("TCP connect"));
+    }
+    let relay = stack.relay.clone();
+    wait_until(IO, "every pending slot held", move || {
+        relay.pending_connections() == 10
+    })
+    .await;
+    // Without a slot to take, one more from a source already holding as many is refused.
+    let err = b
+        .try_connect()
+        .await
+        .expect_err("a fourth connection from B while every slot is held");
+    assert!(refused(&err), "{err:?}");
+
+    // A legitimate agent from another source is admitted and carries traffic.
+    let real_ip = ip(net, 1, 2);
+    let service = tagged_echo(sa(real_ip, 0), "real").await;
+    let agent = stack
+        .start_agent(stack.agent("real", "default", &[real_ip], &[service.addr.port()]))
+        .await;
+    let tcp = socks5_connect(stack.socks, &Dest::Ip(service.addr), Auth::None)
+        .await
+        .expect("request through the real agent");
+    expect_echo(tcp, Vec::new(), "real", &pattern(1, 4096)).await;
+
+    // It took A's oldest slot: that connection was ended with the reason, the rest wait for
+    // their deadline.
+    let got = closed_by_relay(&held_a[0], "A's oldest connection").await;
+    assert_eq!(got.0, close::PROTOCOL);
+    assert!(
+        got.1.contains("went to a source holding fewer"),
+        "closed with {got:?}"
+    );
+    for (i, conn) in held_a[1..].iter().chain(&held_b).enumerate() {
+        assert!(
+            conn.close_reason().is_none(),
+            "silent connection {i} was closed too: {:?}",
+            conn.close_reason()
+        );
+    }
+    assert!(evictions() > evicted_before, "the eviction was not counted");
+    assert_eq!(agent.handle.tunnels(), 1);
+    drop(held_c);
+}

@@ -26,6 +26,13 @@ use crate::registry::unix_now;
 mod credentials;
 use credentials::{certificate_name, AgentCertificate};
 
+/// Pings an agent may send at once, and per second after that. An agent pings once per keep-alive
+/// interval (a second by default) or [`protocol::PING_INTERVAL`]; each ping costs the relay's
+/// thread a pong, so one that pings thousands of times a second (a token holder's flood) slows
+/// every other tunnel and client of the relay. Past this it is closed.
+const PING_BURST: f64 = 200.0;
+const PINGS_PER_SECOND: f64 = 100.0;
+
 /// Why a connection not yet admitted was ended to make room for a source holding fewer.
 const EVICTED: &str =
     "unadmitted connection limit reached: this slot went to a source holding fewer";
@@ -418,6 +425,8 @@ impl Relay {
         // relay dials within a tick instead of waiting for its next ping.
         let mut announced = self.live_relays();
         let mut live = self.live.subscribe();
+        // A token bucket of pings (see `PINGS_PER_SECOND`).
+        let (mut allowance, mut refilled) = (PING_BURST, tokio::time::Instant::now());
         loop {
             let msg = tokio::select! {
                 _ = closed.cancelled() => {
@@ -451,6 +460,14 @@ impl Relay {
             };
             match msg {
                 Ok(Message::Ping { nonce }) => {
+                    let now = tokio::time::Instant::now();
+                    let earned = now.duration_since(refilled).as_secs_f64() * PINGS_PER_SECOND;
+                    (allowance, refilled) = ((allowance + earned).min(PING_BURST), now);
+                    if allowance < 1.0 {
+                        conn.close(close::PROTOCOL.into(), b"pings too fast");
+                        anyhow::bail!("the agent pinged faster than {PINGS_PER_SECOND} a second");
+                    }
+                    allowance -= 1.0;
                     announced = self.live_relays();
                     protocol::write_message(
                         send,

@@ -228,7 +228,8 @@ async fn misbehave(hostile: Arc<Hostile>, case: &'static str, token: String, ip:
         "second-stream-after-welcome"
         | "garbage-after-welcome"
         | "hello-again"
-        | "oversized-after-welcome" => {
+        | "oversized-after-welcome"
+        | "ping-flood-after-welcome" => {
             let agent_id = format!("hostile-{}", ip.octets()[3]);
             let (mut send, mut recv) = conn.open_bi().await.expect("control stream");
             send.write_all(&encoded(&Message::Hello(hello(
@@ -269,6 +270,26 @@ async fn misbehave(hostile: Arc<Hostile>, case: &'static str, token: String, ip:
                         .write_all(&raw_frame(protocol::VERSION, MAX_FRAME_LEN as u32 + 1, b""))
                         .await;
                     "bad control frame"
+                }
+                "ping-flood-after-welcome" => {
+                    // Each ping as soon as the last pong is in: thousands a second. The relay
+                    // answers a burst and closes the tunnel.
+                    let mut answered = 0u32;
+                    for nonce in 0..20_000u64 {
+                        let ping = Message::Ping { nonce };
+                        if protocol::write_message(&mut send, &ping).await.is_err() {
+                            break;
+                        }
+                        match protocol::read_message_timeout(&mut recv, IO).await {
+                            Ok(Message::Pong { .. }) => answered += 1,
+                            _ => break,
+                        }
+                    }
+                    assert!(
+                        (200..20_000).contains(&answered),
+                        "{case}: {answered} pings answered"
+                    );
+                    "pings too fast"
                 }
                 _ => {
                     let _ = send
@@ -360,6 +381,7 @@ async fn a_hostile_agent_is_closed_with_a_clear_code_and_the_relay_keeps_serving
         "garbage-after-welcome",
         "hello-again",
         "oversized-after-welcome",
+        "ping-flood-after-welcome",
     ];
     for (i, case) in names.into_iter().enumerate() {
         cases.spawn(misbehave(

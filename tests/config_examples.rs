@@ -809,6 +809,22 @@ fn check_binary_names_semantic_errors() {
     let mut agent = example_table(&fixture, "agent.toml");
     agent.insert("ports".into(), toml::Value::Array(vec!["90-80".into()]));
     assert_rejected(&fixture, "reversed-ports.toml", &agent, &["ports"]);
+
+    // A credential's quota of 0 would admit nothing: leaving it out means no bound.
+    let mut relay = example_table(&fixture, "relay.toml");
+    let credential = section(&mut relay, "relay")
+        .get_mut("agents")
+        .and_then(|a| a.as_array_mut())
+        .and_then(|a| a.first_mut())
+        .and_then(|c| c.as_table_mut())
+        .expect("relay.toml has a credential");
+    credential.insert("max_tunnels".into(), 0.into());
+    assert_rejected(
+        &fixture,
+        "quota-zero.toml",
+        &relay,
+        &["relay.agents[0].max_tunnels", "at least 1"],
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -42,6 +42,10 @@ pub struct AgentCredentialFile {
     pub namespaces: Option<Vec<String>>,
     /// Agent ids (exact, or patterns with `*`) agents holding this token may use.
     pub ids: Option<Vec<String>>,
+    /// Tunnels agents holding this token may hold on one relay at once.
+    pub max_tunnels: Option<u32>,
+    /// Addresses the tunnels of agents holding this token may claim on one relay, in all.
+    pub max_addresses: Option<u32>,
 }
 
 /// One agent credential: a token (stored as its SHA-256) and the address ranges it may claim.
@@ -55,6 +59,20 @@ pub struct AgentCredential {
     /// Agent ids this credential may use: exact ids or patterns where `*` stands for any run of
     /// characters (`web-*`). Empty = any id not held by another credential.
     pub ids: Vec<String>,
+    /// What this credential's tunnels may hold on one relay; unbounded when not set.
+    pub quota: Quota,
+}
+
+/// What one credential's tunnels may hold on one relay (`max_tunnels`, `max_addresses` of a
+/// `[[relay.agents]]` entry), so that the holder of one network's token cannot take the relay's
+/// `max_tunnels`, or its memory and the registry's, from every other network.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Quota {
+    /// Tunnels at once.
+    pub tunnels: Option<u32>,
+    /// Addresses claimed, summed over the tunnels (an agent's two tunnels on one relay count its
+    /// addresses twice).
+    pub addresses: Option<u32>,
 }
 
 impl AgentCredential {
@@ -69,6 +87,7 @@ impl AgentCredential {
             allow,
             namespaces: Vec::new(),
             ids: Vec::new(),
+            quota: Quota::default(),
         }
     }
 
@@ -223,12 +242,27 @@ impl RelayConfig {
             for pattern in &ids {
                 check_id_pattern(pattern, &format!("{key}.ids"))?;
             }
+            for (name, limit) in [
+                ("max_tunnels", a.max_tunnels),
+                ("max_addresses", a.max_addresses),
+            ] {
+                if limit == Some(0) {
+                    return Err(invalid(
+                        &format!("{key}.{name}"),
+                        "must be at least 1 (leave it out for no bound)",
+                    ));
+                }
+            }
             agents.push(AgentCredential {
                 token_sha256: parse_hex32(&a.token_sha256, &format!("{key}.token_sha256"))?,
                 name: a.name,
                 allow: a.allow,
                 namespaces,
                 ids,
+                quota: Quota {
+                    tunnels: a.max_tunnels,
+                    addresses: a.max_addresses,
+                },
             });
         }
         Ok(RelayConfig {

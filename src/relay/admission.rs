@@ -283,7 +283,11 @@ mod tests {
         assert_eq!(pending.len(), 2);
         let _a3 = pending.enter(a).unwrap();
         assert_eq!(pending.enter(a).err(), Some(Limit::PerSource));
-        assert_eq!(pending.enter(b).err(), Some(Limit::Total), "a holds 2, b 1: even enough");
+        assert_eq!(
+            pending.enter(b).err(),
+            Some(Limit::Total),
+            "a holds 2, b 1: even enough"
+        );
     }
 
     #[test]

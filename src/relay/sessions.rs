@@ -70,6 +70,10 @@ pub enum Conflict {
     AgentId,
     /// The agent id already holds [`MAX_TUNNELS_PER_AGENT`] tunnels here.
     TooManyTunnels,
+    /// The credential's tunnels here are at its `max_tunnels`.
+    CredentialTunnels(u32),
+    /// The session's addresses would take the credential's tunnels here past its `max_addresses`.
+    CredentialAddresses { limit: u32, held: u64 },
 }
 
 /// Tunnels one agent id may hold on one relay. An agent keeps one per relay (`redundancy` ≤ 8, each
@@ -86,6 +90,15 @@ struct Inner {
     /// without walking every session (a scan made each Hello cost O(sessions): 10,000 agents
     /// spent a sixth of the relay's CPU comparing strings).
     by_agent: HashMap<(String, String), Vec<u64>>,
+    /// Tunnels and claimed addresses by credential fingerprint, for the credentials' quotas.
+    by_credential: HashMap<String, Held>,
+}
+
+/// What one credential's tunnels hold here.
+#[derive(Default)]
+struct Held {
+    tunnels: u32,
+    addresses: u64,
 }
 
 /// Sessions by id and by `(namespace, ip)`; several sessions may serve one IP (an agent that
@@ -107,10 +120,34 @@ impl SessionTable {
     }
 
     /// Inserts `session` unless it conflicts with a session already here: one of its addresses
-    /// is served by another agent id, or its agent id is held by another credential. Checked and
-    /// inserted under one lock, so two racing hellos cannot both win.
-    pub fn insert_exclusive(&self, session: Arc<Session>) -> Result<(), Conflict> {
+    /// is served by another agent id, its agent id is held by another credential, or its
+    /// credential's tunnels here are at their `quota`. Checked and inserted under one lock, so two
+    /// racing hellos cannot both win.
+    pub fn insert_exclusive(
+        &self,
+        session: Arc<Session>,
+        quota: crate::config::Quota,
+    ) -> Result<(), Conflict> {
         let mut inner = self.write();
+        if let Some(held) = inner.by_credential.get(&session.credential) {
+            if let Some(limit) = quota.tunnels.filter(|limit| held.tunnels >= *limit) {
+                return Err(Conflict::CredentialTunnels(limit));
+            }
+            if let Some(limit) = quota
+                .addresses
+                .filter(|limit| held.addresses + session.ips.len() as u64 > u64::from(*limit))
+            {
+                return Err(Conflict::CredentialAddresses {
+                    limit,
+                    held: held.addresses,
+                });
+            }
+        } else if let Some(limit) = quota
+            .addresses
+            .filter(|limit| session.ips.len() as u64 > u64::from(*limit))
+        {
+            return Err(Conflict::CredentialAddresses { limit, held: 0 });
+        }
         for ip in &session.ips {
             let ids = inner.by_ip.get(&(session.namespace.clone(), *ip));
             if let Some(holder) = ids
@@ -154,6 +191,12 @@ impl SessionTable {
             .entry((session.namespace.clone(), session.agent_id.clone()))
             .or_default()
             .push(session.id);
+        let held = inner
+            .by_credential
+            .entry(session.credential.clone())
+            .or_default();
+        held.tunnels += 1;
+        held.addresses += session.ips.len() as u64;
         inner.by_id.insert(session.id, session);
     }
 
@@ -174,6 +217,13 @@ impl SessionTable {
             ids.retain(|s| *s != id);
             if ids.is_empty() {
                 inner.by_agent.remove(&agent);
+            }
+        }
+        if let Some(held) = inner.by_credential.get_mut(&session.credential) {
+            held.tunnels = held.tunnels.saturating_sub(1);
+            held.addresses = held.addresses.saturating_sub(session.ips.len() as u64);
+            if held.tunnels == 0 {
+                inner.by_credential.remove(&session.credential);
             }
         }
         Some(session)

@@ -312,7 +312,10 @@ impl Relay {
                 live_relays: self.live_relays(),
             };
             // Claims held by this relay's own tunnels, checked and taken under one lock.
-            if let Err(conflict) = self.sessions.insert_exclusive(session.clone()) {
+            if let Err(conflict) = self
+                .sessions
+                .insert_exclusive(session.clone(), admission.quota)
+            {
                 let reject = Reject {
                     code: Code::NotAllowed,
                     reason: match conflict {
@@ -329,6 +332,16 @@ impl Relay {
                             session.agent_id,
                             session.namespace,
                             sessions::MAX_TUNNELS_PER_AGENT
+                        ),
+                        sessions::Conflict::CredentialTunnels(limit) => format!(
+                            "{} holds its maximum of {limit} tunnels on this relay (max_tunnels)",
+                            admission.name
+                        ),
+                        sessions::Conflict::CredentialAddresses { limit, held } => format!(
+                            "{} may claim {limit} addresses on this relay (max_addresses); \
+                             its tunnels hold {held} and this one claims {}",
+                            admission.name,
+                            session.ips.len()
                         ),
                     },
                 };

@@ -8,7 +8,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use postern::cert::Kind;
-use postern::config::{AgentCredential, GatewayConfig, RegistryConfig, RelayConfig, ServerConfig};
+use postern::config::{
+    AgentConfig, AgentCredential, GatewayConfig, Quota, RegistryConfig, RelayConfig, ServerConfig,
+};
 use postern::protocol::{Code, Message};
 use postern::registry::Registry;
 use postern::server::Server;
@@ -379,4 +381,93 @@ fn an_agent_claims_only_its_hosts_addresses_unless_told_otherwise() {
         ..config("203.0.113.7")
     })
     .is_ok());
+}
+
+/// One network's token cannot take a relay from the others: `max_tunnels` and `max_addresses` of
+/// a `[[relay.agents]]` entry bound what its tunnels hold on one relay, whatever agent ids they
+/// use, while another credential's agents are still admitted and routed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credentials_quota_bounds_its_tunnels_and_addresses_on_a_relay() {
+    init();
+    let pki = Pki::new();
+    let net = 147;
+    let capped = token();
+    let range = || vec![format!("127.{net}.0.0/16").parse().unwrap()];
+    let stack = Stack::start(&pki, net, 0, GatewayConfig::default(), |relay| {
+        relay.agents.push(AgentCredential {
+            quota: Quota {
+                tunnels: Some(2),
+                addresses: Some(3),
+            },
+            ..AgentCredential::new("vpc-capped", &capped, range())
+        });
+    })
+    .await;
+    let x = |d: u8| ip(net, 9, d);
+    let capped_agent = |id: &str, ips: &[Ipv4Addr]| AgentConfig {
+        token: capped.as_str().into(),
+        ..stack.agent(id, "default", ips, &[80])
+    };
+    let first = stack.start_agent(capped_agent("flood-1", &[x(1)])).await;
+    let second = stack
+        .start_agent(capped_agent("flood-2", &[x(2), x(3)]))
+        .await;
+
+    // At its 2 tunnels: a third is refused, under any id.
+    assert_rejected(
+        raw_hello(
+            stack.relay_addr,
+            &stack.trust,
+            None,
+            hello("flood-3", &capped, &[x(4)], 80),
+        )
+        .await,
+        Code::NotAllowed,
+        "credential vpc-capped holds its maximum of 2 tunnels on this relay (max_tunnels)",
+    );
+    // Another network's agent is admitted and routed meanwhile.
+    let other_ip = ip(net, 1, 2);
+    let service = http_service(sa(other_ip, 0), "other").await;
+    let _other = stack
+        .start_agent(stack.agent("other", "default", &[other_ip], &[service.addr.port()]))
+        .await;
+    assert_eq!(
+        answered_by(&stack, &Dest::Ip(service.addr), "other").await,
+        20
+    );
+
+    // One tunnel and one address left to the credential: 1 + 3 addresses is past its 3.
+    drop(second);
+    let relay = stack.relay.clone();
+    wait_until(IO, "flood-2's tunnel gone", move || {
+        relay
+            .sessions()
+            .all()
+            .iter()
+            .all(|s| s.agent_id != "flood-2")
+    })
+    .await;
+    assert_rejected(
+        raw_hello(
+            stack.relay_addr,
+            &stack.trust,
+            None,
+            hello("flood-3", &capped, &[x(4), x(5), x(6)], 80),
+        )
+        .await,
+        Code::NotAllowed,
+        "credential vpc-capped may claim 3 addresses on this relay (max_addresses); its tunnels \
+         hold 1 and this one claims 3",
+    );
+    welcomed(
+        raw_hello(
+            stack.relay_addr,
+            &stack.trust,
+            None,
+            hello("flood-3", &capped, &[x(4), x(5)], 80),
+        )
+        .await,
+        "a tunnel within the quota",
+    );
+    drop(first);
 }

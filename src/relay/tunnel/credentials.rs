@@ -21,6 +21,10 @@ pub(super) struct Admission {
     pub(super) token_sha256: Option<[u8; 32]>,
     /// The credential's fingerprint (see [`Session::credential`]).
     pub(super) credential: String,
+    /// The credential's name in the configuration (`[[relay.agents]]`), or the certificate's.
+    pub(super) name: String,
+    /// What the credential's tunnels may hold on this relay.
+    pub(super) quota: crate::config::Quota,
 }
 
 /// A verified agent certificate: what it may claim and under which name.
@@ -97,6 +101,9 @@ impl Relay {
             return Ok(Admission {
                 token_sha256: None,
                 credential: format!("cert:{name}"),
+                name: format!("agent certificate {name}"),
+                // One host's: the per-agent bound (`MAX_TUNNELS_PER_AGENT`) and its IP SANs.
+                quota: crate::config::Quota::default(),
             });
         }
         let digest = ring::digest::digest(&ring::digest::SHA256, hello.token.expose().as_bytes());
@@ -123,6 +130,8 @@ impl Relay {
         Ok(Admission {
             token_sha256: Some(cred.token_sha256),
             credential: cred.fingerprint(),
+            name: format!("credential {}", cred.name),
+            quota: cred.quota,
         })
     }
 

@@ -53,3 +53,39 @@ fn overlapping_credentials_are_warned_about() {
     let b_any = cred("vpc-b", &["10.1.0.0/16"], &[]);
     assert!(overlap_warnings(&[a_only, b_any]).starts_with("\nwarning: "));
 }
+
+#[test]
+fn tokens_that_may_use_any_id_beside_agent_certificates_are_warned_about() {
+    let cred = |name: &str, ids: &[&str], namespaces: &[&str]| AgentCredential {
+        ids: ids.iter().map(|n| n.to_string()).collect(),
+        namespaces: namespaces.iter().map(|n| n.to_string()).collect(),
+        ..AgentCredential::new(name, name, vec!["10.1.0.0/16".parse().unwrap()])
+    };
+    let mut relay = RelayConfig::new(
+        "r",
+        "127.0.0.1:4433".parse().unwrap(),
+        // Never used: the warnings read credentials and namespaces only.
+        crate::tls::Identity {
+            chain: Vec::new(),
+            key: rustls_pki_types::PrivatePkcs8KeyDer::from(Vec::new()).into(),
+        },
+        vec![
+            cred("any-id", &[], &[]),
+            cred("listed", &["web-*"], &[]),
+            cred("elsewhere", &[], &["vpc-b"]),
+        ],
+    );
+    // Without agent certificates there is no certificate name to take.
+    assert_eq!(certificate_id_warnings(&relay), "");
+    relay.agent_ca = Some(Vec::new());
+    let warnings = certificate_id_warnings(&relay);
+    assert_eq!(
+        warnings.lines().filter(|l| !l.is_empty()).count(),
+        1,
+        "{warnings}"
+    );
+    assert!(
+        warnings.contains("relay.agents[0] (any-id) may use any agent id in namespace default"),
+        "{warnings}"
+    );
+}

@@ -620,25 +620,27 @@ pub fn check(path: &Path, role: Option<Role>) -> Result<String, Error> {
         Role::Server => {
             let c = ServerConfig::from_file(parse_toml(&text, path)?)?;
             format!(
-                "server config OK: relay {} on {}, {} agent credential(s), socks5 {}, {}{}{}",
+                "server config OK: relay {} on {}, {} agent credential(s), socks5 {}, {}{}{}{}",
                 c.relay.id,
                 c.relay.listen,
                 c.relay.agents.len(),
                 socks(&c.gateway),
                 registry(&c.registry),
                 overlap_warnings(&c.relay.agents),
+                certificate_id_warnings(&c.relay),
                 listening(c.listeners())
             )
         }
         Role::Relay => {
             let c = RelayRoleConfig::from_file(parse_toml(&text, path)?)?;
             format!(
-                "relay config OK: relay {} on {}, {} agent credential(s), {}{}{}",
+                "relay config OK: relay {} on {}, {} agent credential(s), {}{}{}{}",
                 c.relay.id,
                 c.relay.listen,
                 c.relay.agents.len(),
                 registry(&c.registry),
                 overlap_warnings(&c.relay.agents),
+                certificate_id_warnings(&c.relay),
                 listening(c.listeners())
             )
         }
@@ -687,6 +689,31 @@ fn overlap_warnings(agents: &[AgentCredential]) -> String {
                     }
                 }
             }
+        }
+    }
+    out
+}
+
+/// `postern check`'s warning lines for token credentials that may use any agent id in a
+/// namespace agent certificates join: a certificate binds its agent id to its name, but while
+/// that agent is down such a token's holders can take the id, and its `<id>.<suffix>` name.
+fn certificate_id_warnings(relay: &RelayConfig) -> String {
+    if relay.agent_ca.is_none() {
+        return String::new();
+    }
+    let mut out = String::new();
+    for (i, a) in relay.agents.iter().enumerate() {
+        let shared = relay
+            .agent_cert_namespaces
+            .iter()
+            .find(|n| a.namespaces.is_empty() || a.namespaces.contains(n));
+        if let (true, Some(namespace)) = (a.ids.is_empty(), shared) {
+            out.push_str(&format!(
+                "\nwarning: relay.agents[{i}] ({}) may use any agent id in namespace {namespace}, \
+                 which agent certificates join: while a certificate's agent is down, this token's \
+                 holders can take its id and its name; list the ids the token may use (ids)",
+                a.name
+            ));
         }
     }
     out

@@ -136,6 +136,19 @@ async fn addresses_and_agent_ids_are_exclusive_at_one_relay() {
         .await,
         "an id the token lists",
     );
+    // The ids a credential lists are reserved: a token that may use any id may not take them,
+    // though no agent holds them now.
+    assert_rejected(
+        raw_hello(
+            stack.relay_addr,
+            &stack.trust,
+            None,
+            hello("db-9", &other_token, &[other_ip], port),
+        )
+        .await,
+        Code::NotAllowed,
+        "agent id db-9 is reserved for credential db-hosts (its ids)",
+    );
     // A certificate's agent id is its name.
     let cert = pki.issue(Kind::Agent, "cert-agent", &[IpAddr::V4(cert_ip)]);
     assert_rejected(

@@ -127,6 +127,23 @@ impl Relay {
         }
         let cred = found.ok_or_else(|| reject(Code::Unauthorized, "unknown agent token".into()))?;
         allows(cred, &hello.agent_id, &hello.ips, &hello.namespace)?;
+        // The ids a credential lists are its own: a token that may use any id may not take them
+        // (nor, with them, their `<id>.<suffix>` names), even while their agents are down.
+        if cred.ids.is_empty() {
+            if let Some(owner) = credentials.iter().find(|other| {
+                !other.ids.is_empty()
+                    && other.allows_id(&hello.agent_id)
+                    && (other.namespaces.is_empty() || other.namespaces.contains(&hello.namespace))
+            }) {
+                return Err(reject(
+                    Code::NotAllowed,
+                    format!(
+                        "agent id {} is reserved for credential {} (its ids)",
+                        hello.agent_id, owner.name
+                    ),
+                ));
+            }
+        }
         Ok(Admission {
             token_sha256: Some(cred.token_sha256),
             credential: cred.fingerprint(),

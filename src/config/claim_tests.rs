@@ -55,7 +55,7 @@ fn overlapping_credentials_are_warned_about() {
 }
 
 #[test]
-fn tokens_that_may_use_any_id_beside_agent_certificates_are_warned_about() {
+fn tokens_that_may_use_unlisted_ids_beside_agent_certificates_are_warned_about() {
     let cred = |name: &str, ids: &[&str], namespaces: &[&str]| AgentCredential {
         ids: ids.iter().map(|n| n.to_string()).collect(),
         namespaces: namespaces.iter().map(|n| n.to_string()).collect(),
@@ -71,8 +71,9 @@ fn tokens_that_may_use_any_id_beside_agent_certificates_are_warned_about() {
         },
         vec![
             cred("any-id", &[], &[]),
-            cred("listed", &["web-*"], &[]),
+            cred("listed", &["web-1", "web-2"], &[]),
             cred("elsewhere", &[], &["vpc-b"]),
+            cred("pattern", &["db-*"], &["default"]),
         ],
     );
     // Without agent certificates there is no certificate name to take.
@@ -81,11 +82,14 @@ fn tokens_that_may_use_any_id_beside_agent_certificates_are_warned_about() {
     let warnings = certificate_id_warnings(&relay);
     assert_eq!(
         warnings.lines().filter(|l| !l.is_empty()).count(),
-        1,
+        2,
         "{warnings}"
     );
-    assert!(
-        warnings.contains("relay.agents[0] (any-id) may use any agent id in namespace default"),
-        "{warnings}"
-    );
+    for name in ["relay.agents[0] (any-id)", "relay.agents[3] (pattern)"] {
+        let expected = format!(
+            "{name} may use agent ids it does not list exactly (any id, or a pattern) in \
+             namespace default"
+        );
+        assert!(warnings.contains(&expected), "{warnings}");
+    }
 }

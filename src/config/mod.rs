@@ -694,9 +694,10 @@ fn overlap_warnings(agents: &[AgentCredential]) -> String {
     out
 }
 
-/// `postern check`'s warning lines for token credentials that may use any agent id in a
-/// namespace agent certificates join: a certificate binds its agent id to its name, but while
-/// that agent is down such a token's holders can take the id, and its `<id>.<suffix>` name.
+/// `postern check`'s warning lines for token credentials that may use agent ids they do not list
+/// exactly (any id, or a `*` pattern) in a namespace agent certificates join: a certificate binds
+/// its agent id to its name, but while that agent is down such a token's holders can take the id,
+/// and its `<id>.<suffix>` name (only ids listed exactly are reserved).
 fn certificate_id_warnings(relay: &RelayConfig) -> String {
     if relay.agent_ca.is_none() {
         return String::new();
@@ -707,11 +708,13 @@ fn certificate_id_warnings(relay: &RelayConfig) -> String {
             .agent_cert_namespaces
             .iter()
             .find(|n| a.namespaces.is_empty() || a.namespaces.contains(n));
-        if let (true, Some(namespace)) = (a.ids.is_empty(), shared) {
+        let broad = a.ids.is_empty() || a.ids.iter().any(|id| id.contains('*'));
+        if let (true, Some(namespace)) = (broad, shared) {
             out.push_str(&format!(
-                "\nwarning: relay.agents[{i}] ({}) may use any agent id in namespace {namespace}, \
-                 which agent certificates join: while a certificate's agent is down, this token's \
-                 holders can take its id and its name; list the ids the token may use (ids)",
+                "\nwarning: relay.agents[{i}] ({}) may use agent ids it does not list exactly \
+                 (any id, or a pattern) in namespace {namespace}, which agent certificates join: \
+                 while a certificate's agent is down, this token's holders can take its id and its \
+                 name; list the ids the token may use (ids), or keep it to other namespaces",
                 a.name
             ));
         }

@@ -54,18 +54,22 @@ async fn addresses_and_agent_ids_are_exclusive_at_one_relay() {
     init();
     let pki = Pki::new();
     let net = 71;
-    let (db_token, other_token) = (token(), token());
+    let (db_token, other_token, broad_token) = (token(), token(), token());
     let range = || vec![format!("127.{net}.0.0/16").parse().unwrap()];
     let ca = pki.ca();
     let stack = Stack::start(&pki, net, 0, GatewayConfig::default(), |relay| {
         relay.agent_ca = Some(ca);
         relay.agents.push(AgentCredential {
-            ids: vec!["db-*".into()],
+            ids: vec!["db-*".into(), "ledger".into()],
             ..AgentCredential::new("db-hosts", &db_token, range())
         });
         relay
             .agents
             .push(AgentCredential::new("other-vpc", &other_token, range()));
+        relay.agents.push(AgentCredential {
+            ids: vec!["*".into()],
+            ..AgentCredential::new("broad", &broad_token, range())
+        });
     })
     .await;
     let (web_ip, other_ip, db_ip, cert_ip) =
@@ -136,9 +140,27 @@ async fn addresses_and_agent_ids_are_exclusive_at_one_relay() {
         .await,
         "an id the token lists",
     );
-    // The ids a credential lists are reserved: a token that may use any id may not take them,
-    // though no agent holds them now.
-    assert_rejected(
+    // An id a credential lists exactly is reserved for it: no other token may take it, not one
+    // that may use any id, not one whose pattern covers it, though no agent holds it now. A
+    // pattern reserves nothing: `db-9` (covered by `db-*`) and any id (covered by `*`) stay free.
+    for (token, what) in [
+        (&other_token, "an id-less token"),
+        (&broad_token, "a `*` token"),
+    ] {
+        assert_rejected(
+            raw_hello(
+                stack.relay_addr,
+                &stack.trust,
+                None,
+                hello("ledger", token, &[other_ip], port),
+            )
+            .await,
+            Code::NotAllowed,
+            "agent id ledger is reserved for credential db-hosts (its ids)",
+        );
+        eprintln!("ledger refused to {what}");
+    }
+    welcomed(
         raw_hello(
             stack.relay_addr,
             &stack.trust,
@@ -146,8 +168,7 @@ async fn addresses_and_agent_ids_are_exclusive_at_one_relay() {
             hello("db-9", &other_token, &[other_ip], port),
         )
         .await,
-        Code::NotAllowed,
-        "agent id db-9 is reserved for credential db-hosts (its ids)",
+        "an id only a pattern covers",
     );
     // A certificate's agent id is its name.
     let cert = pki.issue(Kind::Agent, "cert-agent", &[IpAddr::V4(cert_ip)]);

@@ -1649,6 +1649,23 @@ async fn a_reload_that_revokes_a_token_closes_the_tunnels_it_admitted() {
         .wait_routed("default", agent_ip.into(), "revoked")
         .await;
 
+    // A reload that reserves the agent's id for another credential (listed in its `ids`) closes
+    // the tunnel as well: a new hello would be refused.
+    let owner = AgentCredential {
+        ids: vec!["revoked".into()],
+        ..AgentCredential::new(
+            "owner",
+            &postern::config::hex(&rand::random::<[u8; 16]>()),
+            vec![format!("127.{net}.0.0/16").parse().unwrap()],
+        )
+    };
+    assert_eq!(stack.relay.reload_credentials(vec![full.clone(), owner]), 1);
+    wait_until(READY, "the tunnel of the reserved id gone", gone).await;
+    assert_eq!(stack.relay.reload_credentials(vec![full.clone()]), 0);
+    stack
+        .wait_routed("default", agent_ip.into(), "revoked")
+        .await;
+
     assert_eq!(stack.relay.reload_credentials(Vec::new()), 1);
     wait_until(READY, "the revoked tunnel and its route gone", gone).await;
     assert!(

@@ -127,23 +127,7 @@ impl Relay {
         }
         let cred = found.ok_or_else(|| reject(Code::Unauthorized, "unknown agent token".into()))?;
         allows(cred, &hello.agent_id, &hello.ips, &hello.namespace)?;
-        // The ids a credential lists are its own: a token that may use any id may not take them
-        // (nor, with them, their `<id>.<suffix>` names), even while their agents are down.
-        if cred.ids.is_empty() {
-            if let Some(owner) = credentials.iter().find(|other| {
-                !other.ids.is_empty()
-                    && other.allows_id(&hello.agent_id)
-                    && (other.namespaces.is_empty() || other.namespaces.contains(&hello.namespace))
-            }) {
-                return Err(reject(
-                    Code::NotAllowed,
-                    format!(
-                        "agent id {} is reserved for credential {} (its ids)",
-                        hello.agent_id, owner.name
-                    ),
-                ));
-            }
-        }
+        not_reserved(&credentials, cred, &hello.agent_id, &hello.namespace)?;
         Ok(Admission {
             token_sha256: Some(cred.token_sha256),
             credential: cred.fingerprint(),
@@ -225,7 +209,10 @@ impl Relay {
                 code: Code::Unauthorized,
                 reason: "unknown agent token".into(),
             }),
-            Some(cred) => allows(cred, &session.agent_id, &session.ips, &session.namespace),
+            Some(cred) => {
+                allows(cred, &session.agent_id, &session.ips, &session.namespace)?;
+                not_reserved(&credentials, cred, &session.agent_id, &session.namespace)
+            }
         }
     }
 }
@@ -239,6 +226,37 @@ pub(super) fn certificate_name(der: &[u8]) -> Option<String> {
         rcgen::DnValue::PrintableString(s) => Some(s.as_str().to_string()),
         rcgen::DnValue::Ia5String(s) => Some(s.as_str().to_string()),
         _ => None,
+    }
+}
+
+/// Refuses agent id `agent_id` in `namespace` to token credential `cred` when another credential
+/// lists that id exactly in its `ids` (in a namespace it may join): such an id, and with it its
+/// `<id>.<suffix>` name, is that credential's own, even while its agent is down. A pattern
+/// (`web-*`, `*`) reserves nothing, so a broad pattern cannot lock other credentials out; two
+/// credentials listing the same id share it, first come first served.
+fn not_reserved(
+    credentials: &[AgentCredential],
+    cred: &AgentCredential,
+    agent_id: &str,
+    namespace: &str,
+) -> Result<(), Reject> {
+    if cred.ids.iter().any(|id| id == agent_id) {
+        return Ok(());
+    }
+    let owner = credentials.iter().find(|other| {
+        other.token_sha256 != cred.token_sha256
+            && other.ids.iter().any(|id| id == agent_id)
+            && (other.namespaces.is_empty() || other.namespaces.iter().any(|n| n == namespace))
+    });
+    match owner {
+        Some(owner) => Err(Reject {
+            code: Code::NotAllowed,
+            reason: format!(
+                "agent id {agent_id} is reserved for credential {} (its ids)",
+                owner.name
+            ),
+        }),
+        None => Ok(()),
     }
 }
 

@@ -749,6 +749,17 @@ fn check_binary_names_semantic_errors() {
         &agent,
         &["transport.keep_alive", "greater than 0"],
     );
+    // Faster than relays let a tunnel ping.
+    let mut agent = example_table(&fixture, "agent.toml");
+    let mut fast = toml::Table::new();
+    fast.insert("keep_alive".into(), "100ms".into());
+    agent.insert("transport".into(), fast.into());
+    assert_rejected(
+        &fixture,
+        "keep-alive-fast.toml",
+        &agent,
+        &["transport.keep_alive", "at least 250ms"],
+    );
 
     // The tunnel transport keys: `postern check` names them.
     let mut server = example_table(&fixture, "server.toml");

@@ -257,11 +257,27 @@ impl AgentConfig {
                 Some(d) => d.0,
                 None => DEFAULT_QUIC_PROBE_INTERVAL,
             },
-            transport: Transport::from_file(f.transport, "transport")?,
+            transport: {
+                let t = Transport::from_file(f.transport, "transport")?;
+                // A tunnel pings once per keep-alive interval (`tunnel = "auto"`); relays close one
+                // that pings faster than `MIN_AGENT_KEEP_ALIVE` allows.
+                if t.keep_alive < MIN_AGENT_KEEP_ALIVE {
+                    return Err(invalid(
+                        "transport.keep_alive",
+                        "must be at least 250ms on an agent (relays close a tunnel that pings \
+                         more than 4 times a second)",
+                    ));
+                }
+                t
+            },
             admin: admin(f.admin, AGENT_ADMIN_DEFAULT)?,
         })
     }
 }
+
+/// The shortest keep-alive interval an agent may use: its tunnels ping once per interval, and a
+/// relay closes a tunnel that pings more than 4 times a second (after a burst).
+pub const MIN_AGENT_KEEP_ALIVE: Duration = Duration::from_millis(250);
 
 /// The host part of `host:port` / `[v6]:port`.
 pub fn host_of(endpoint: &str) -> &str {

@@ -27,11 +27,14 @@ mod credentials;
 use credentials::{certificate_name, AgentCertificate};
 
 /// Pings an agent may send at once, and per second after that. An agent pings once per keep-alive
-/// interval (a second by default) or [`protocol::PING_INTERVAL`]; each ping costs the relay's
-/// thread a pong, so one that pings thousands of times a second (a token holder's flood) slows
-/// every other tunnel and client of the relay. Past this it is closed.
-const PING_BURST: f64 = 200.0;
-const PINGS_PER_SECOND: f64 = 100.0;
+/// interval (a second by default, at least [`crate::config::MIN_AGENT_KEEP_ALIVE`]) or
+/// [`protocol::PING_INTERVAL`]; each ping costs the relay's thread a pong, so a tunnel pinging
+/// thousands of times a second (a token holder's flood) slows every other tunnel and client of the
+/// relay, and many tunnels pinging far faster than agents do add up. Past this a tunnel is closed.
+/// The burst covers the pings a live agent queues while its tunnel stalls: it gives the tunnel up
+/// after three missed ping periods of [`protocol::PING_INTERVAL`] (60 pings at the fastest).
+const PING_BURST: f64 = 100.0;
+const PINGS_PER_SECOND: f64 = 4.0;
 
 /// Why a connection not yet admitted was ended to make room for a source holding fewer.
 const EVICTED: &str =

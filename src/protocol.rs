@@ -24,6 +24,10 @@ pub use crate::tls::{ALPN_AGENT, ALPN_PEER};
 /// gateway's cache, per tunnel, so a credential's holder must not be able to claim without bound.
 pub const MAX_AGENT_IPS: usize = 1024;
 
+/// The most port ranges one agent may expose (one `Hello`): every route carries them, so without a
+/// bound one tunnel's routes could hold a frame's worth (~30 KB) each.
+pub const MAX_AGENT_PORT_RANGES: usize = 64;
+
 /// Protocol version carried in every frame; a peer speaking another version is refused.
 pub const VERSION: u8 = 1;
 /// Largest accepted frame body. A `Hello` listing a few thousand addresses fits; anything larger is

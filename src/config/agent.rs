@@ -204,6 +204,16 @@ impl AgentConfig {
             .iter()
             .map(|p| p.parse::<PortRange>().map_err(|m| invalid("ports", m)))
             .collect::<Result<Vec<_>, _>>()?;
+        if ports.len() > crate::protocol::MAX_AGENT_PORT_RANGES {
+            return Err(invalid(
+                "ports",
+                format!(
+                    "lists {} ports or ranges; an agent may expose at most {} (use ranges: \"8000-8099\")",
+                    ports.len(),
+                    crate::protocol::MAX_AGENT_PORT_RANGES
+                ),
+            ));
+        }
         let redundancy = f.redundancy.unwrap_or(2);
         if !(1..=8).contains(&redundancy) {
             return Err(invalid("redundancy", "must be 1-8"));

@@ -702,8 +702,8 @@ async fn wait_for_log(relay: &RelayProcess, needles: &[&str]) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A credential's reach is bounded: an agent claims at most `MAX_AGENT_IPS` addresses in a hello,
-// and one agent id holds at most `MAX_TUNNELS_PER_AGENT` tunnels on a relay, so a token holder
+// A credential's reach is bounded: an agent claims at most `MAX_AGENT_IPS` addresses and exposes
+// at most `MAX_AGENT_PORT_RANGES` port ranges in a hello, and one agent id holds at most `MAX_TUNNELS_PER_AGENT` tunnels on a relay, so a token holder
 // cannot make a relay publish routes without end.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -735,6 +735,28 @@ async fn a_token_holder_cannot_claim_addresses_or_tunnels_without_bound() {
             );
         }
         other => panic!("a hello claiming 1025 addresses was not rejected: {other:?}"),
+    }
+    // Every route carries the agent's port ranges: one past their bound is refused too.
+    let ranges: Vec<PortRange> = (0..=protocol::MAX_AGENT_PORT_RANGES as u16)
+        .map(|i| PortRange {
+            start: 1000 + 2 * i,
+            end: 1000 + 2 * i,
+        })
+        .collect();
+    let wide = Hello {
+        ports: ranges,
+        ..hello(&token, &[ip(net, 0, 1)])
+    };
+    match exchange(&agent, relay.agents, &[frame(&Message::Hello(wide))]).await {
+        Ok(Message::Reject(reject)) => {
+            assert_eq!(reject.code, Code::BadRequest, "{reject:?}");
+            assert!(
+                reject.reason.contains("exposes 65 port ranges")
+                    && reject.reason.contains("at most 64"),
+                "{reject:?}"
+            );
+        }
+        other => panic!("a hello exposing 65 port ranges was not rejected: {other:?}"),
     }
     // Every address of the credential's /24 is within the bound: welcomed.
     let all: Vec<Ipv4Addr> = (0..=255u8).map(|d| ip(net, 0, d)).collect();

@@ -61,6 +61,16 @@ impl Relay {
         if hello.ports.is_empty() {
             return Err(reject(Code::BadRequest, "hello exposes no port".into()));
         }
+        if hello.ports.len() > protocol::MAX_AGENT_PORT_RANGES {
+            return Err(reject(
+                Code::BadRequest,
+                format!(
+                    "hello exposes {} port ranges; an agent may expose at most {}",
+                    hello.ports.len(),
+                    protocol::MAX_AGENT_PORT_RANGES
+                ),
+            ));
+        }
         if crate::config::check_agent_id(&hello.agent_id, "agent_id").is_err()
             || crate::config::check_namespace(&hello.namespace, "namespace").is_err()
         {

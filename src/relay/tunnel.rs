@@ -113,10 +113,18 @@ impl Relay {
             let tls = acceptor.accept(tcp).await.context("TLS handshake failed")?;
             let (socket, gone) = crate::tcp_tunnel::socket(tls, local, remote);
             let endpoint = crate::tcp_tunnel::endpoint(socket, Some(self.tcp_server.clone()))?;
-            let incoming = crate::tcp_tunnel::accept_one(&endpoint)
-                .await
-                .context("the TCP connection closed before QUIC")?;
-            let conn = incoming.await.context("QUIC handshake failed")?;
+            // A TCP connection that ends before its QUIC handshake is done frees its slot now,
+            // not at the handshake deadline.
+            let quic = async {
+                let incoming = crate::tcp_tunnel::accept_one(&endpoint)
+                    .await
+                    .context("the TCP connection closed before QUIC")?;
+                incoming.await.context("QUIC handshake failed")
+            };
+            let conn = tokio::select! {
+                conn = quic => conn?,
+                () = gone.cancelled() => anyhow::bail!("the TCP connection closed before QUIC"),
+            };
             anyhow::Ok((conn, gone))
         };
         let handshake = Box::pin(tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake));

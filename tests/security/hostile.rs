@@ -703,3 +703,43 @@ async fn silent_sources_filling_every_pending_slot_do_not_keep_a_new_agent_out()
     assert_eq!(agent.handle.tunnels(), 1);
     drop(held_c);
 }
+
+/// A TCP tunnel connection that completes TLS and then ends, before any QUIC, gives its
+/// unadmitted slot back when it ends, not at the 10 s handshake deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_tunnel_that_ends_before_quic_frees_its_slot_when_it_ends() {
+    init();
+    let pki = Pki::new();
+    let net = 148;
+    let stack = Stack::start(&pki, net, 0, GatewayConfig::default(), |_| {}).await;
+    let mut sockets = Vec::new();
+    for _ in 0..3 {
+        let (socket, _gone) = postern::tcp_tunnel::connect(
+            stack.relay_addr,
+            "localhost",
+            &stack.trust,
+            Duration::from_secs(60),
+        )
+        .await
+        .expect("TCP + TLS to the relay");
+        sockets.push(socket);
+    }
+    let relay = stack.relay.clone();
+    wait_until(IO, "three TCP connections counted", move || {
+        relay.pending_connections() == 3
+    })
+    .await;
+    let ended = Instant::now();
+    drop(sockets);
+    let relay = stack.relay.clone();
+    wait_until(
+        protocol::HELLO_TIMEOUT / 2,
+        "slots given back before the handshake deadline",
+        move || relay.pending_connections() == 0,
+    )
+    .await;
+    eprintln!(
+        "slots back {:?} after the connections ended",
+        ended.elapsed()
+    );
+}

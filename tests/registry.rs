@@ -984,6 +984,16 @@ async fn cluster_through_etcd_with_client_certificates() {
         routed("relay-0")
     })
     .await;
+    // The route is in etcd; the gateway's watch brings it to its cache a moment later (under a
+    // loaded CI machine, later than the first transfer: all ten were once refused with 0x04).
+    wait_for(
+        Duration::from_secs(20),
+        "the gateway to route to the agent",
+        || async {
+            (harness::transfer(socks, echo.addr, 4096, 99).await == Outcome::Ok).then_some(())
+        },
+    )
+    .await;
     let mut outcomes = Vec::new();
     for i in 0..10 {
         outcomes.push(harness::transfer(socks, echo.addr, 64 * 1024, i).await);

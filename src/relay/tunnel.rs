@@ -488,6 +488,10 @@ impl Relay {
                     let earned = now.duration_since(refilled).as_secs_f64() * PINGS_PER_SECOND;
                     (allowance, refilled) = ((allowance + earned).min(PING_BURST), now);
                     if allowance < 1.0 {
+                        tracing::warn!(agent_id = %session.agent_id, namespace = %session.namespace,
+                            credential = %session.credential, remote = %conn.remote_address(),
+                            "tunnel closed: it pinged faster than {PINGS_PER_SECOND} a second \
+                             (after a burst of {PING_BURST}); agents never do");
                         conn.close(close::PROTOCOL.into(), b"pings too fast");
                         anyhow::bail!("the agent pinged faster than {PINGS_PER_SECOND} a second");
                     }

@@ -139,6 +139,8 @@ pub struct RelayStatus {
     pub in_flight: usize,
     pub registered: bool,
     pub draining: bool,
+    /// Each token credential's tunnels and addresses here, beside its quota.
+    pub credentials: Vec<crate::relay::CredentialUse>,
 }
 
 impl AdminState {
@@ -203,6 +205,7 @@ impl AdminState {
                     in_flight: r.in_flight(),
                     registered: r.is_registered(),
                     draining: r.is_draining(),
+                    credentials: r.credential_use(),
                 }),
             routes: cache.map(|c| c.route_count()),
             relays: cache.map(|c| c.relays().len()),

@@ -104,6 +104,19 @@ pub struct Relay {
     peer_pending: Arc<admission::Pending>,
 }
 
+/// One token credential's tunnels and claimed addresses on this relay, beside its quota
+/// (`/api/status`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct CredentialUse {
+    pub name: String,
+    pub tunnels: u32,
+    pub addresses: u64,
+    /// `max_tunnels` of its `[[relay.agents]]` entry; `null`: no bound.
+    pub max_tunnels: Option<u32>,
+    /// `max_addresses`; `null`: no bound.
+    pub max_addresses: Option<u32>,
+}
+
 impl Relay {
     /// Binds the relay's UDP endpoints. `cache` is the registry view this process keeps (shared with
     /// a co-located gateway); the relay uses it to tell agents how many relays are live. `peer`
@@ -321,6 +334,28 @@ impl Relay {
     /// certificate.
     pub fn pending_peer_connections(&self) -> usize {
         self.peer_pending.len()
+    }
+
+    /// What each token credential's tunnels hold on this relay, beside its quota.
+    pub fn credential_use(&self) -> Vec<CredentialUse> {
+        let credentials = self
+            .credentials
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        credentials
+            .iter()
+            .map(|c| {
+                let (tunnels, addresses) = self.sessions.held_by(&c.fingerprint());
+                CredentialUse {
+                    name: c.name.clone(),
+                    tunnels,
+                    addresses,
+                    max_tunnels: c.quota.tunnels,
+                    max_addresses: c.quota.addresses,
+                }
+            })
+            .collect()
     }
 
     /// Streams currently carried.

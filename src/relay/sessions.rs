@@ -229,6 +229,14 @@ impl SessionTable {
         Some(session)
     }
 
+    /// Tunnels and claimed addresses held here by the credential with fingerprint `credential`.
+    pub fn held_by(&self, credential: &str) -> (u32, u64) {
+        self.read()
+            .by_credential
+            .get(credential)
+            .map_or((0, 0), |held| (held.tunnels, held.addresses))
+    }
+
     pub fn get(&self, id: u64) -> Option<Arc<Session>> {
         self.read().by_id.get(&id).cloned()
     }

@@ -447,6 +447,22 @@ async fn a_credentials_quota_bounds_its_tunnels_and_addresses_on_a_relay() {
         .start_agent(capped_agent("flood-2", &[x(2), x(3)]))
         .await;
 
+    // `/api/status` shows what the credential holds beside its quota.
+    let capped_use = stack
+        .relay
+        .credential_use()
+        .into_iter()
+        .find(|c| c.name == "vpc-capped")
+        .expect("the capped credential in the relay's status");
+    assert_eq!(
+        (
+            capped_use.tunnels,
+            capped_use.addresses,
+            capped_use.max_tunnels,
+            capped_use.max_addresses
+        ),
+        (2, 3, Some(2), Some(3))
+    );
     // At its 2 tunnels: a third is refused, under any id.
     assert_rejected(
         raw_hello(

@@ -686,19 +686,12 @@ async fn a_debug_level_relay_never_logs_a_token() {
 
 /// Waits until the relay's log holds every one of `needles`; returns it.
 async fn wait_for_log(relay: &RelayProcess, needles: &[&str]) -> String {
-    let deadline = std::time::Instant::now() + READY;
-    loop {
+    wait_until(READY, &format!("the relay logs {needles:?}"), || {
         let log = relay.log();
-        let missing: Vec<&&str> = needles.iter().filter(|n| !log.contains(**n)).collect();
-        if missing.is_empty() {
-            return log;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the relay never logged {missing:?}:\n{log}"
-        );
-        tokio::time::sleep(POLL).await;
-    }
+        needles.iter().all(|n| log.contains(*n))
+    })
+    .await;
+    relay.log()
 }
 
 // ---------------------------------------------------------------------------------------------

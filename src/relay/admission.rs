@@ -292,15 +292,7 @@ mod tests {
 
     #[test]
     fn a_source_holding_fewer_takes_the_oldest_slot_of_the_source_holding_most() {
-        let evictions = || {
-            crate::metrics::metrics()
-                .relay_handshakes_refused
-                .get_or_create(&crate::metrics::Refusal {
-                    endpoint: "agent",
-                    reason: "evicted",
-                })
-                .get()
-        };
+        let evictions = || count("agent", "evicted");
         let before = evictions();
         let pending = Pending::new("agent", 4, 4);
         let a: IpAddr = "127.130.0.1".parse().unwrap();
@@ -329,14 +321,16 @@ mod tests {
         assert!(evictions() >= before + 2);
     }
 
+    /// `postern_relay_handshakes_refused_total` for `endpoint` and `reason`.
+    fn count(endpoint: &'static str, reason: &'static str) -> u64 {
+        crate::metrics::metrics()
+            .relay_handshakes_refused
+            .get_or_create(&crate::metrics::Refusal { endpoint, reason })
+            .get()
+    }
+
     #[test]
     fn refusals_count_under_their_port() {
-        let count = |endpoint, reason| {
-            crate::metrics::metrics()
-                .relay_handshakes_refused
-                .get_or_create(&crate::metrics::Refusal { endpoint, reason })
-                .get()
-        };
         let (agent, peer) = (count("agent", "total"), count("peer", "total"));
         let remote = "127.130.0.3:4433".parse().unwrap();
         Pending::new("peer", 1, 1).refused(remote, Limit::Total);

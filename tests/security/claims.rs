@@ -83,13 +83,9 @@ async fn addresses_and_agent_ids_are_exclusive_at_one_relay() {
     // Another agent with the same (VPC-wide) token claims the real agent's address: refused, as
     // a hello and as a running agent that keeps redialling.
     assert_rejected(
-        raw_hello(
-            stack.relay_addr,
-            &stack.trust,
-            None,
-            hello("intruder", &stack.token, &[web_ip], port),
-        )
-        .await,
+        stack
+            .say_hello(hello("intruder", &stack.token, &[web_ip], port))
+            .await,
         Code::NotAllowed,
         &format!("address {web_ip} in namespace default is held by agent web"),
     );
@@ -97,47 +93,31 @@ async fn addresses_and_agent_ids_are_exclusive_at_one_relay() {
     let intruder = TestAgent::start(stack.agent("intruder", "default", &[web_ip], &[port]));
     // The agent id of another credential: refused, whatever address it claims.
     assert_rejected(
-        raw_hello(
-            stack.relay_addr,
-            &stack.trust,
-            None,
-            hello("web", &other_token, &[other_ip], port),
-        )
-        .await,
+        stack
+            .say_hello(hello("web", &other_token, &[other_ip], port))
+            .await,
         Code::NotAllowed,
         "agent id web in namespace default is held by another credential",
     );
     // The same id with the same credential is the agent's second tunnel (or its restart).
     welcomed(
-        raw_hello(
-            stack.relay_addr,
-            &stack.trust,
-            None,
-            hello("web", &stack.token, &[web_ip], port),
-        )
-        .await,
+        stack
+            .say_hello(hello("web", &stack.token, &[web_ip], port))
+            .await,
         "the real agent's second tunnel",
     );
     // A token listing its ids may use only those.
     assert_rejected(
-        raw_hello(
-            stack.relay_addr,
-            &stack.trust,
-            None,
-            hello("web-2", &db_token, &[db_ip], port),
-        )
-        .await,
+        stack
+            .say_hello(hello("web-2", &db_token, &[db_ip], port))
+            .await,
         Code::NotAllowed,
         "credential db-hosts may not use agent id web-2",
     );
     welcomed(
-        raw_hello(
-            stack.relay_addr,
-            &stack.trust,
-            None,
-            hello("db-1", &db_token, &[db_ip], port),
-        )
-        .await,
+        stack
+            .say_hello(hello("db-1", &db_token, &[db_ip], port))
+            .await,
         "an id the token lists",
     );
     // An id a credential lists exactly is reserved for it: no other token may take it, not one
@@ -148,26 +128,18 @@ async fn addresses_and_agent_ids_are_exclusive_at_one_relay() {
         (&broad_token, "a `*` token"),
     ] {
         assert_rejected(
-            raw_hello(
-                stack.relay_addr,
-                &stack.trust,
-                None,
-                hello("ledger", token, &[other_ip], port),
-            )
-            .await,
+            stack
+                .say_hello(hello("ledger", token, &[other_ip], port))
+                .await,
             Code::NotAllowed,
             "agent id ledger is reserved for credential db-hosts (its ids)",
         );
         eprintln!("ledger refused to {what}");
     }
     welcomed(
-        raw_hello(
-            stack.relay_addr,
-            &stack.trust,
-            None,
-            hello("db-9", &other_token, &[other_ip], port),
-        )
-        .await,
+        stack
+            .say_hello(hello("db-9", &other_token, &[other_ip], port))
+            .await,
         "an id only a pattern covers",
     );
     // A certificate's agent id is its name.
@@ -465,13 +437,9 @@ async fn a_credentials_quota_bounds_its_tunnels_and_addresses_on_a_relay() {
     );
     // At its 2 tunnels: a third is refused, under any id.
     assert_rejected(
-        raw_hello(
-            stack.relay_addr,
-            &stack.trust,
-            None,
-            hello("flood-3", &capped, &[x(4)], 80),
-        )
-        .await,
+        stack
+            .say_hello(hello("flood-3", &capped, &[x(4)], 80))
+            .await,
         Code::NotAllowed,
         "credential vpc-capped holds its maximum of 2 tunnels on this relay (max_tunnels)",
     );
@@ -498,25 +466,17 @@ async fn a_credentials_quota_bounds_its_tunnels_and_addresses_on_a_relay() {
     })
     .await;
     assert_rejected(
-        raw_hello(
-            stack.relay_addr,
-            &stack.trust,
-            None,
-            hello("flood-3", &capped, &[x(4), x(5), x(6)], 80),
-        )
-        .await,
+        stack
+            .say_hello(hello("flood-3", &capped, &[x(4), x(5), x(6)], 80))
+            .await,
         Code::NotAllowed,
         "credential vpc-capped may claim 3 addresses on this relay (max_addresses); its tunnels \
          hold 1 and this one claims 3",
     );
     welcomed(
-        raw_hello(
-            stack.relay_addr,
-            &stack.trust,
-            None,
-            hello("flood-3", &capped, &[x(4), x(5)], 80),
-        )
-        .await,
+        stack
+            .say_hello(hello("flood-3", &capped, &[x(4), x(5)], 80))
+            .await,
         "a tunnel within the quota",
     );
     drop(first);

@@ -65,6 +65,17 @@ impl Hostile {
 }
 
 /// Whether `err` is the relay refusing a connection before its handshake.
+/// `postern_relay_handshakes_refused_total` on the agents' port for `reason`, in this process.
+fn handshakes_refused(reason: &'static str) -> u64 {
+    postern::metrics::metrics()
+        .relay_handshakes_refused
+        .get_or_create(&postern::metrics::Refusal {
+            endpoint: "agent",
+            reason,
+        })
+        .get()
+}
+
 pub fn refused(err: &quinn::ConnectionError) -> bool {
     matches!(err, quinn::ConnectionError::ConnectionClosed(c)
         if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED)
@@ -486,15 +497,7 @@ async fn a_source_past_its_pending_limit_is_refused_while_another_agent_connects
         relay.max_pending_per_source = per_source;
     })
     .await;
-    let refusals = || {
-        postern::metrics::metrics()
-            .relay_handshakes_refused
-            .get_or_create(&postern::metrics::Refusal {
-                endpoint: "agent",
-                reason: "per_source",
-            })
-            .get()
-    };
+    let refusals = || handshakes_refused("per_source");
     let refused_before = refusals();
 
     let hostile = Hostile::new(ip(net, 66, 1), stack.relay_addr, &stack.trust);
@@ -633,15 +636,7 @@ async fn silent_sources_filling_every_pending_slot_do_not_keep_a_new_agent_out()
         relay.max_pending_per_source = 4;
     })
     .await;
-    let evictions = || {
-        postern::metrics::metrics()
-            .relay_handshakes_refused
-            .get_or_create(&postern::metrics::Refusal {
-                endpoint: "agent",
-                reason: "evicted",
-            })
-            .get()
-    };
+    let evictions = || handshakes_refused("evicted");
     let evicted_before = evictions();
 
     // Source A holds 4 silent QUIC connections, B 3, and C 3 silent TCP connections (no TLS).

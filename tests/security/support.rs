@@ -313,6 +313,13 @@ impl Drop for Stack {
     }
 }
 
+impl Stack {
+    /// [`raw_hello`] to this stack's relay, with a token only (no client certificate).
+    pub async fn say_hello(&self, hello: Hello) -> anyhow::Result<Message> {
+        raw_hello(self.relay_addr, &self.trust, None, hello).await
+    }
+}
+
 /// Dials a relay's agent endpoint (optionally with a client certificate), sends `hello` on the
 /// control stream and returns the relay's answer.
 pub async fn raw_hello(
